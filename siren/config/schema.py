@@ -1,0 +1,261 @@
+"""Typed configuration schema for SIREN.
+
+Every key a config file may hold is a field here. The loader (`siren.config.loader`) validates a merged YAML tree against
+these dataclasses and reports unknown keys (with the nearest valid key) and wrong types (key, value, expected type).
+Component sections (`ssl`, `factorizer`, ...) sit at the top level so that keys such as `ssl.name` and
+`student_ssl.path` read the same in YAML, on the command line and in W&B sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+STAGES = ("codec", "flow", "vocoder", "distill", "adapt")
+COMPONENTS = (
+    "ssl",
+    "student_ssl",
+    "factorizer",
+    "sem_quantizer",
+    "pro_quantizer",
+    "spk_quantizer",
+    "entropy_model",
+    "decoder",
+    "fuser",
+    "flow",
+    "vocoder",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------- audio
+@dataclass
+class AudioConfig:
+    """Signal front end shared by every component: 16 kHz mono, 80-bin log-mel at 50 frames/s (hop 320)."""
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    hop_length: int = 320
+    n_fft: int = 1024
+    win_length: int = 1024
+    f_min: float = 0.0
+    f_max: float = 8000.0
+
+
+# ------------------------------------------------------------------------------------------------------------ components
+@dataclass
+class SSLConfig:
+    """Frozen teacher: a `transformers.HubertModel` loaded with `from_pretrained(name)`; hidden states of `layer`."""
+
+    name: str = ""
+    layer: int = 9
+
+
+@dataclass
+class StudentSSLConfig:
+    """TinyHubert: a small `HubertConfig` + linear head to the teacher's dim. `path` loads a saved one."""
+
+    path: str | None = None
+    hidden_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 384
+    conv_dim: int = 128
+    teacher_dim: int = 768
+
+
+@dataclass
+class FactorizerConfig:
+    input_dim: int = 768
+    hidden_dim: int = 256
+    num_blocks: int = 4
+    num_heads: int = 4
+    kernel_size: int = 15
+    sem_dim: int = 256
+    pro_dim: int = 128
+    spk_dim: int = 256
+    dropout: float = 0.1
+
+
+@dataclass
+class FSQConfig:
+    """ResidualFSQ: in-projection (dim → len(levels)), `num_residual` FSQ levels on the residual, out-projection."""
+
+    levels: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
+    num_residual: int = 1
+
+
+@dataclass
+class PQConfig:
+    """Product quantizer for the speaker embedding: `groups` codebooks of `codebook_size` codes."""
+
+    groups: int = 8
+    codebook_size: int = 256
+
+
+@dataclass
+class EntropyModelConfig:
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    max_len: int = 4096
+    dropout: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    hidden_dim: int = 256
+    num_blocks: int = 4
+    kernel_size: int = 7
+
+
+@dataclass
+class FuserConfig:
+    hidden_dim: int = 256
+    cond_dim: int = 256
+    num_blocks: int = 4
+    kernel_size: int = 7
+
+
+@dataclass
+class FlowConfig:
+    hidden_dim: int = 256
+    num_blocks: int = 6
+    kernel_size: int = 7
+    steps: int = 8
+    solver: Literal["euler", "midpoint"] = "euler"
+    sigma_min: float = 1e-4
+
+
+@dataclass
+class VocoderConfig:
+    dim: int = 512
+    intermediate_dim: int = 1536
+    num_blocks: int = 8
+    n_fft: int = 1280
+
+
+# ------------------------------------------------------------------------------------------------------------- training
+@dataclass
+class DataConfig:
+    train: str = ""
+    val: str = ""
+    segment_seconds: float = 2.0
+    min_seconds: float = 0.5
+    num_workers: int = 0
+    feature_cache: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    log_every: int = 1
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    keep_steps: list[int] = field(default_factory=list)
+    best_metric: str = "train/loss"
+    best_mode: Literal["min", "max"] = "min"
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: float = 1.0
+    max_bad_steps: int = 5
+    codebook_window: int = 50
+    min_free_mb: int = 200
+
+
+@dataclass
+class GroupConfig:
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; each stage reads the ones it uses."""
+
+    mel: float = 1.0
+    commit: float = 0.25
+    entropy: float = 1.0
+    rate: float = 0.0
+    latent: float = 1.0
+    agreement: float = 0.5
+    fm: float = 1.0
+    stft: float = 1.0
+    distill_l1: float = 1.0
+    distill_cos: float = 1.0
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "siren"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    """Checkpoints for the inference path used by samples and verify (the seed's "golden standard" bundle)."""
+
+    flow: str | None = None
+    vocoder: str | None = None
+
+
+@dataclass
+class SamplesConfig:
+    enabled: bool = True
+    num: int = 2
+    max_seconds: float = 4.0
+    utterances: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyConfig:
+    data: str | None = None
+    max_utts: int = 8
+    thresholds: dict[str, float] = field(default_factory=dict)
+    real_clip: str | None = "/usr/share/codec2/raw/speech_orig_16k.wav"
+
+
+# ----------------------------------------------------------------------------------------------------------------- root
+@dataclass
+class SirenConfig:
+    stage: Literal["codec", "flow", "vocoder", "distill", "adapt"] = "codec"
+    run_dir: str = "runs/default"
+    preset: str = ""
+    baseline: str | None = None
+    freeze: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    student_ssl: StudentSSLConfig = field(default_factory=StudentSSLConfig)
+    factorizer: FactorizerConfig = field(default_factory=FactorizerConfig)
+    sem_quantizer: FSQConfig = field(default_factory=FSQConfig)
+    pro_quantizer: FSQConfig = field(default_factory=FSQConfig)
+    spk_quantizer: PQConfig = field(default_factory=PQConfig)
+    entropy_model: EntropyModelConfig = field(default_factory=EntropyModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    fuser: FuserConfig = field(default_factory=FuserConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
