@@ -1,0 +1,6 @@
+"""Typed config schema and the YAML loader (`extends`, dotted overrides, validation with suggestions)."""
+
+from siren.config.loader import ConfigError, dump_config, load_config, to_dict
+from siren.config.schema import COMPONENTS, STAGES, SirenConfig
+
+__all__ = ["COMPONENTS", "STAGES", "ConfigError", "SirenConfig", "dump_config", "load_config", "to_dict"]

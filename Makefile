@@ -1,0 +1,70 @@
+# SIREN — `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := .stamps
+VOICES := flite festival festlex-cmu festlex-poslex festvox-kdlpc16k sox
+STEP ?=
+RUN ?= runs/demo/adapt
+SWEEP ?= launch/sweeps/adapt_lr.yaml
+COUNT ?= 3
+export WANDB_SILENT ?= true
+
+.PHONY: install voices test test-all lint format demo verify bench sweep clean
+
+install: $(STAMP)/install $(STAMP)/voices
+
+$(STAMP)/install: setup.cfg pyproject.toml
+	@mkdir -p $(STAMP)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,sweeps]"
+	@touch $@
+
+# Debian TTS voices for the embedded corpus (and codec2's human clip for verify): apt-get when usable, else the command.
+$(STAMP)/voices:
+	@mkdir -p $(STAMP)
+	@missing=""; for p in flite text2wave sox; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	[ -d /usr/share/festival/voices/english/ked_diphone ] || missing="$$missing ked_diphone"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian voices ($$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2-examples >/dev/null || exit 1; \
+	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2-examples >/dev/null || exit 1; \
+	  else \
+	    echo "missing:$$missing — install with: sudo apt-get install -y $(VOICES) codec2-examples"; exit 1; \
+	  fi; \
+	fi
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+
+test-all: install
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)/install
+	$(BIN)/ruff check siren tests benchmarks
+	$(BIN)/ruff format --check siren tests benchmarks
+
+format: $(STAMP)/install
+	$(BIN)/ruff format siren tests benchmarks
+	$(BIN)/ruff check --fix siren tests benchmarks
+
+demo: install
+	$(BIN)/siren demo
+
+verify: install
+	@if [ -z "$(STEP)" ]; then echo "usage: make verify STEP=N [RUN=$(RUN)]"; exit 2; fi
+	$(BIN)/siren verify --run $(RUN) --step $(STEP) $(VERIFY_ARGS)
+
+sweep: install
+	$(BIN)/siren sweep $(SWEEP) --count $(COUNT)
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(STAMP) runs

@@ -1,0 +1,190 @@
+"""SIREN command line. Heavy libraries (torch, transformers, wandb) are imported inside the commands so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback, exit code 2."""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file (may use `extends:`)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=40")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siren", description="SIREN: train and adapt an ultra-low-bitrate (~200 bit/s) speech codec."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one stage (codec, flow, vocoder, distill, adapt)")
+    _add_config(p)
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the run dir (they are kept)")
+    p.add_argument("--init-from", help="checkpoint URI to load weights from (weights only)")
+    p.add_argument("--init-components", help="comma-separated components to take from --init-from (default: all present)")
+
+    p = sub.add_parser("info", help="parameter count and output rate per component, nominal bit/s")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("corpus", help="build the embedded multi-speaker corpus with the Debian TTS voices")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=200, help="number of utterances")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2)
+
+    p = sub.add_parser("init-ssl", help="save a tiny randomly initialised HuBERT teacher (stand-in for hubert-base)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("features", help="precompute SSL features to the feature cache")
+    _add_config(p)
+    p.add_argument("--manifest", action="append", help="manifest(s) (default: data.train and data.val)")
+    p.add_argument("--out", help="cache root (default: data.feature_cache)")
+    p.add_argument("--model", choices=["ssl", "student_ssl"], default="ssl")
+
+    p = sub.add_parser("profile", help="code statistics of a checkpoint on a reference set (baseline profile)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint URI")
+    p.add_argument("--data", required=True, help="manifest")
+    p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--max-utts", type=int, default=64)
+
+    p = sub.add_parser("verify", help="check an adapted checkpoint against its baseline; exit 0 pass, 1 fail, 2 error")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--step", required=True, type=int)
+    p.add_argument("--data", help="manifest (default: verify.data or data.val of the run)")
+    p.add_argument("--threshold", action="append", default=[], help="override a threshold: NAME=VALUE")
+    p.add_argument("--no-wandb", action="store_true")
+
+    p = sub.add_parser("encode", help="wav → .siren bitstream")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--checkpoint", required=True)
+
+    p = sub.add_parser("decode", help=".siren bitstream → wav")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--checkpoint", help="checkpoint URI (default: the one recorded in the file)")
+    p.add_argument("--pipeline-flow", help="checkpoint with fuser + flow (default: the checkpoint's pipeline.flow)")
+    p.add_argument("--pipeline-vocoder", help="checkpoint with the vocoder (default: pipeline.vocoder)")
+
+    p = sub.add_parser("sweep", help="run a W&B sweep (online) or the same sweep offline with the sweeps engine")
+    p.add_argument("file")
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--offline", action="store_true", help="force the offline engine")
+
+    p = sub.add_parser("demo", help="build the corpus and run every stage on CPU, then verify")
+    p.add_argument("--root", default="runs/demo")
+    p.add_argument("--data", default="data/demo")
+    p.add_argument("--n", type=int, default=160)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = globals()[f"cmd_{args.command.replace('-', '_')}"]
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # known user-facing errors print cleanly; anything else keeps its traceback
+        from siren.errors import USER_ERRORS
+
+        if isinstance(exc, USER_ERRORS):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from siren.train.trainer import train_from_cli
+
+    return train_from_cli(args.config, args.overrides, run_dir=args.run_dir, fresh=args.fresh,
+                          init_from=args.init_from, init_components=args.init_components)
+
+
+def cmd_info(args) -> int:
+    from siren.config import load_config
+    from siren.info import component_info
+
+    info = component_info(load_config(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"preset: {info['preset'] or '(none)'}")
+    print(f"{'component':<16}{'params':>12}  output")
+    for name, row in info["components"].items():
+        print(f"{name:<16}{row['params']:>12,}  {row['rate']}")
+    b = info["bps"]
+    print(f"nominal bit/s: {info['bps_nominal']:.1f} (sem {b['sem']:.1f} + pro {b['pro']:.1f}); "
+          f"speaker {b['spk_bits_per_utterance']:.0f} bit per utterance")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from siren.data.corpus import build_corpus
+
+    summary = build_corpus(args.out, n=args.n, seed=args.seed, jobs=args.jobs)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_init_ssl(args) -> int:
+    from siren.models.ssl import save_tiny_teacher
+
+    print(save_tiny_teacher(args.out, seed=args.seed))
+    return 0
+
+
+def cmd_features(args) -> int:
+    from siren.data.features_cli import run_features
+
+    return run_features(args)
+
+
+def cmd_profile(args) -> int:
+    from siren.metrics.profile import profile_checkpoint
+
+    prof = profile_checkpoint(args.checkpoint, args.data, max_utts=args.max_utts, out=args.out)
+    print(f"wrote {args.out}: {prof['num_utts']} utterances, bps_entropy {prof['bps_entropy']:.1f}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from siren.verify import verify_cli
+
+    return verify_cli(args)
+
+
+def cmd_encode(args) -> int:
+    from siren.coding.bitstream import encode_cli
+
+    return encode_cli(args)
+
+
+def cmd_decode(args) -> int:
+    from siren.coding.bitstream import decode_cli
+
+    return decode_cli(args)
+
+
+def cmd_sweep(args) -> int:
+    from siren.sweep import format_ranking, run_sweep
+
+    trials = run_sweep(args.file, args.count, online=False if args.offline else None)
+    print(format_ranking(trials))
+    return 0 if trials and all(t.get("returncode", 0) == 0 for t in trials) else 1
+
+
+def cmd_demo(args) -> int:
+    from siren.demo import run_demo
+
+    return run_demo(root=args.root, data=args.data, n=args.n)

@@ -1,0 +1,68 @@
+"""Drift of the adapted codes against the baseline (DESIGN §7, §8), on the device.
+
+`drift/<STREAM>/js` — Jensen–Shannon divergence (bits) of the window's code histogram vs the baseline profile's,
+averaged over levels; `drift/<STREAM>/entropy_delta_bits` — entropy(window) − entropy(baseline), averaged over levels;
+`drift/<STREAM>/agreement` — fraction of codes equal to the baseline's codes for the same audio; `drift/bps_delta`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from siren.errors import LayoutMismatch
+from siren.metrics.codebook import entropy_bits
+
+
+def js_divergence_bits(p_counts: torch.Tensor, q_counts: torch.Tensor) -> torch.Tensor:
+    """JS divergence in bits between rows of two count matrices (L, K) → (L,). 0 = identical, 1 = disjoint."""
+    p = p_counts / p_counts.sum(-1, keepdim=True).clamp_min(1)
+    q = q_counts / q_counts.sum(-1, keepdim=True).clamp_min(1)
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (torch.log2(a.clamp_min(1e-30)) - torch.log2(b.clamp_min(1e-30)))).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def agreement(codes: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Fraction of equal codes. codes/ref (B, T, L) or (B, L); mask (B, T) → 0-dim float64 tensor."""
+    eq = (codes == ref).to(torch.float64)
+    if mask is not None:
+        m = mask.to(torch.float64).unsqueeze(-1).expand_as(eq)
+        return (eq * m).sum() / m.sum().clamp_min(1)
+    return eq.mean()
+
+
+def agreement_counts(codes: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(equal, total) as a float64 (2,) tensor, so agreement can be summed across processes before dividing."""
+    eq = (codes == ref).to(torch.float64)
+    if mask is not None:
+        m = mask.to(torch.float64).unsqueeze(-1).expand_as(eq)
+        return torch.stack([(eq * m).sum(), m.sum()])
+    return torch.stack([eq.sum(), torch.tensor(float(eq.numel()), dtype=torch.float64, device=eq.device)])
+
+
+class DriftReference:
+    """Baseline histograms (from the baseline profile) on the device, checked against the live code layout."""
+
+    def __init__(self, profile: dict, layout: dict[str, tuple[int, int]], device: torch.device | str = "cpu"):
+        prof_layout = {s: tuple(v) for s, v in profile["layout"].items()}
+        want = {s: tuple(v) for s, v in layout.items()}
+        if prof_layout != want:
+            raise LayoutMismatch(
+                f"baseline profile code layout {prof_layout} does not match this run's layout {want} "
+                "(streams → (codebook size, levels)); drift would compare different codebooks"
+            )
+        self.layout = want
+        self.hist = {s: torch.tensor(profile["histograms"][s], dtype=torch.float64, device=device) for s in want}
+        self.entropy = {s: entropy_bits(h) for s, h in self.hist.items()}
+        self.bps_entropy = float(profile["bps_entropy"])
+
+    def metrics(self, window_totals: dict[str, torch.Tensor], bps_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for s, counts in window_totals.items():
+            out[f"drift/{s}/js"] = js_divergence_bits(counts, self.hist[s]).mean()
+            out[f"drift/{s}/entropy_delta_bits"] = (entropy_bits(counts) - self.entropy[s]).mean()
+        out["drift/bps_delta"] = bps_entropy.to(torch.float64) - self.bps_entropy
+        return out

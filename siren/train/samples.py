@@ -1,0 +1,145 @@
+"""Audio samples at every checkpoint (DESIGN §9).
+
+A fixed list of eval utterances is rendered through the inference pipeline (factorizer → quantizers → fuser → flow →
+vocoder; `pipeline.flow` and `pipeline.vocoder` name the checkpoints) and written to `step_N/samples/` as wavs and mel
+PNGs; with W&B on, one aligned `wandb.Table` per checkpoint. A pipeline checkpoint that is missing is reported once and
+the samples that need it are skipped — never faked.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("siren")
+SAMPLE_SEED = 1234  # flow noise for samples: fixed, and drawn from its own generator so training RNG is untouched
+
+
+def load_pipeline(trainer, which: str) -> nn.Module | dict[str, nn.Module] | None:
+    """`flow` → {"fuser", "flow"} from `pipeline.flow`; `vocoder` → the vocoder from `pipeline.vocoder`; None if absent."""
+    cache = trainer.__dict__.setdefault("_pipeline", {})
+    if which in cache:
+        return cache[which]
+    from siren.train.stages.common import load_checkpoint
+
+    uri = getattr(trainer.cfg.pipeline, which)
+    own = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}[which]
+    result = None
+    if all(n in trainer.modules for n in own):  # the stage trains these itself: render with the live weights
+        result = trainer.modules["vocoder"] if which == "vocoder" else {n: trainer.modules[n] for n in own}
+    elif uri is None:
+        log.warning("samples: pipeline.%s is not set; samples that need %s are skipped", which, "/".join(own))
+    else:
+        try:
+            ck = load_checkpoint(uri, list(own))
+        except (FileNotFoundError, RuntimeError) as exc:
+            log.warning("samples: pipeline.%s=%s cannot be loaded (%s); samples that need it are skipped", which, uri,
+                        exc)
+        else:
+            for m in ck.modules.values():
+                m.to(trainer.accelerator.device).eval().requires_grad_(False)
+            result = ck.modules["vocoder"] if which == "vocoder" else ck.modules
+    cache[which] = result
+    return result
+
+
+def mel_of(stage, wav: torch.Tensor) -> torch.Tensor:
+    """(N,) → (n_mels, N // hop) log-mel with the stage's front end."""
+    return stage.mel.to(wav.device)(wav[None])[0]
+
+
+def synthesize(trainer, modules, an, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes of an analysis → mel (fuser + flow when available, else the decoder head) → vocoder audio (or None)."""
+    flow = load_pipeline(trainer, "flow")
+    q = (an.sem.quantized, an.pro.quantized, an.spk.quantized)
+    if flow is not None:
+        cond = flow["fuser"](*q)
+        g = torch.Generator(device=cond.device).manual_seed(SAMPLE_SEED)
+        fcfg = trainer.cfg.flow
+        mel = flow["flow"].sample(cond, steps=steps or fcfg.steps, solver=fcfg.solver, generator=g)
+    else:
+        mel = modules["decoder"](*q)
+    vocoder = load_pipeline(trainer, "vocoder")
+    return mel, (vocoder(mel) if vocoder is not None else None)
+
+
+def eval_utterances(cfg) -> list:
+    from siren.data.datasets import speaker_balanced_subset
+    from siren.data.manifest import read_manifest
+
+    utts = read_manifest(cfg.data.val or cfg.data.train)
+    if cfg.samples.utterances:
+        by_id = {u.id: u for u in utts}
+        missing = [i for i in cfg.samples.utterances if i not in by_id]
+        if missing:
+            raise ValueError(f"samples.utterances names ids not in the manifest: {missing}")
+        return [by_id[i] for i in cfg.samples.utterances]
+    return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
+
+
+def load_eval_audio(cfg, utt) -> torch.Tensor:
+    """Whole utterance up to samples.max_seconds, cut to a multiple of 8 SSL frames (2560 samples)."""
+    from siren.data.audio import load_audio
+
+    wav = load_audio(utt.path, cfg.audio.sample_rate)
+    n = min(wav.shape[-1], int(cfg.samples.max_seconds * cfg.audio.sample_rate))
+    return wav[: max(2560, n - n % 2560)]
+
+
+def save_mel_png(path: Path, mel: torch.Tensor, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=80)
+    ax.imshow(mel.detach().float().cpu().numpy(), origin="lower", aspect="auto", vmin=-11.5, vmax=2.0)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("frame (20 ms)", fontsize=7)
+    ax.set_ylabel("mel bin", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
+    from siren.data.audio import save_audio
+
+    cfg = trainer.cfg
+    dev = trainer.accelerator.device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    utts = eval_utterances(cfg)
+    inputs = [(u, load_eval_audio(cfg, u).to(dev)) for u in utts]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        samples = trainer.stage.render(trainer, trainer.modules, inputs)
+    written = []
+    for s in samples:
+        for variant, wav in s.audio.items():
+            p = out_dir / f"{s.id}_{variant}.wav"
+            save_audio(p, wav.detach().float().cpu(), cfg.audio.sample_rate)
+            written.append(p)
+        for variant, mel in s.mels.items():
+            p = out_dir / f"{s.id}_{variant}.png"
+            save_mel_png(p, mel, f"{s.id} {variant} (step {step})")
+            written.append(p)
+    if trainer.tracker.media_enabled and samples:  # building media costs time: only when W&B is on
+        import wandb
+
+        variants = sorted({v for s in samples for v in (*s.audio, *s.mels)}, key=_variant_order)
+        columns = ["id"] + [f"audio/{v}" for v in variants] + [f"mel/{v}" for v in variants]
+        table = wandb.Table(columns=columns)
+        for s in samples:
+            row = [s.id]
+            row += [wandb.Audio(str(out_dir / f"{s.id}_{v}.wav")) if v in s.audio else None for v in variants]
+            row += [wandb.Image(str(out_dir / f"{s.id}_{v}.png")) if v in s.mels else None for v in variants]
+            table.add_data(*row)
+        trainer.tracker.log_media({"samples": table}, step)
+    return written
+
+
+def _variant_order(v: str) -> tuple[int, str]:
+    order = {"original": 0, "adapted": 1, "baseline": 2}
+    return (order.get(v, 3), v)

@@ -1,0 +1,253 @@
+"""`adapt`: retrain the factorizer on student (TinyHubert) features under a frozen decoder, quantizers and entropy model.
+
+This is the seed guide's constrained adaptation. The baseline (`baseline:` URI, a `codec` checkpoint) provides the
+factorizer's starting weights, the frozen quantizers/entropy model/decoder, and the teacher path (`ssl` + baseline
+factorizer) whose latents and codes are cached once per baseline fingerprint. Loss = mel L1 through the frozen decoder
++ latent match to the teacher's pre-quantization latents + code agreement (student's quantized values vs the teacher
+codes' values, through the frozen quantizers) + optional rate term under the frozen entropy model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from siren.errors import LayoutMismatch, SirenError
+from siren.models.builders import nominal_bps
+from siren.train.stages.base import Sample, Stage, StepOutput
+from siren.train.stages.common import (
+    PRO_HOP,
+    SEM_HOP,
+    analyse,
+    code_layout,
+    entropy_rate,
+    frame_mask,
+    load_checkpoint,
+    masked_l1,
+    masked_mse,
+    stream_masks,
+)
+
+log = logging.getLogger("siren")
+
+CODEC_PARTS = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"]
+TEACHER_KEYS = ("sem_latent", "pro_latent", "spk_latent", "sem_codes", "pro_codes", "spk_codes")
+
+
+def baseline_fingerprint(meta: dict) -> str:
+    """One fingerprint for a whole baseline checkpoint: sha256 over its per-component fingerprints."""
+    return hashlib.sha256(json.dumps(meta["fingerprints"], sort_keys=True).encode()).hexdigest()
+
+
+def load_student(cfg) -> nn.Module:
+    """`student_ssl.path`: a `save_pretrained` TinyHubert dir, or a checkpoint URI of a `distill` run."""
+    from siren.models.student_ssl import TinyHubert
+
+    path = cfg.student_ssl.path
+    if not path:
+        raise SirenError("adapt needs student_ssl.path: a distill run (runs/.../distill) or a saved TinyHubert dir")
+    p = Path(path)
+    if p.is_dir() and (p / "hubert").is_dir():
+        return TinyHubert.from_pretrained(p)
+    return load_checkpoint(path, ["student_ssl"]).modules["student_ssl"]
+
+
+class TeacherCache:
+    """Teacher-path latents and codes per utterance (full length), on disk under a baseline-fingerprint key."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mem: dict[str, dict[str, torch.Tensor]] = {}
+
+    def path(self, utt_id: str) -> Path:
+        return self.root / f"{utt_id}.safetensors"
+
+    def get(self, utt_id: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        if utt_id not in self.mem:
+            p = self.path(utt_id)
+            if not p.is_file():
+                raise SirenError(f"teacher cache entry missing: {p}")
+            try:
+                self.mem[utt_id] = load_file(str(p))
+            except Exception as exc:
+                raise SirenError(f"teacher cache entry {p} is corrupt ({exc}); delete it to recompute") from exc
+        return self.mem[utt_id]
+
+    def fill(self, stage: AdaptStage, modules: dict[str, nn.Module], utterances, sample_rate: int, device) -> int:
+        from safetensors.torch import save_file
+        from tqdm import tqdm
+
+        from siren.data.audio import load_audio
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        todo = [u for u in utterances if not self.path(u.id).is_file()]
+        for u in tqdm(todo, desc="teacher cache", disable=not todo, leave=False):
+            wav = load_audio(u.path, sample_rate).to(device)
+            with torch.no_grad():
+                t = stage.teacher(modules, wav[None])
+            tensors = {k: v[0].detach().cpu().contiguous() for k, v in t.items()}
+            tmp = self.path(u.id).with_suffix(".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(self.path(u.id))
+        return len(todo)
+
+    def batch(self, ids: list[str], offsets: torch.Tensor, n_sem: int, n_pro: int, device) -> dict[str, torch.Tensor]:
+        """Crop each utterance's cached tensors to the training segment; pad past the end and mark it invalid."""
+        out: dict[str, list] = {k: [] for k in (*TEACHER_KEYS, "sem_valid", "pro_valid")}
+        for utt_id, off in zip(ids, offsets.tolist(), strict=True):
+            t = self.get(utt_id)
+            for stream, hop, n in (("sem", SEM_HOP, n_sem), ("pro", PRO_HOP, n_pro)):
+                start = off // hop
+                for kind in ("latent", "codes"):
+                    x = t[f"{stream}_{kind}"][start : start + n]
+                    pad = n - x.shape[0]
+                    if pad > 0:
+                        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+                    out[f"{stream}_{kind}"].append(x)
+                valid = torch.zeros(n, dtype=torch.bool)
+                valid[: max(0, min(n, t[f"{stream}_codes"].shape[0] - start))] = True
+                out[f"{stream}_valid"].append(valid)
+            out["spk_latent"].append(t["spk_latent"])
+            out["spk_codes"].append(t["spk_codes"])
+        return {k: torch.stack(v).to(device) for k, v in out.items()}
+
+
+class AdaptStage(Stage):
+    name = "adapt"
+    components = ("ssl", "student_ssl", "teacher_factorizer", *CODEC_PARTS)
+    default_trainable = ("factorizer",)
+    required_frozen = ("ssl", "student_ssl", "teacher_factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
+                       "entropy_model", "decoder")
+
+    def build(self) -> dict[str, nn.Module]:
+        from siren.models.mel import MelSpectrogram
+
+        if not self.cfg.baseline:
+            raise SirenError("adapt needs `baseline:` — the URI of a codec checkpoint (run dir, step dir or wandb:...)")
+        base = load_checkpoint(self.cfg.baseline, ["ssl", *CODEC_PARTS], ssl_cfg_from=self.cfg)
+        self.base_cfg = base.cfg
+        self.baseline_uri = self.cfg.baseline
+        self.baseline_fingerprint = baseline_fingerprint(base.meta)
+        if base.meta.get("stage") != "codec":
+            raise SirenError(f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one")
+        student = load_student(self.cfg)
+        fact = base.modules["factorizer"]
+        in_dim = fact.input_dim if hasattr(fact, "input_dim") else self.base_cfg.factorizer.input_dim
+        if student.dim != in_dim:
+            raise LayoutMismatch(f"student_ssl outputs {student.dim}-d features but the baseline factorizer takes {in_dim}")
+        a = self.cfg.audio
+        self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        mods = {"ssl": base.modules["ssl"], "student_ssl": student, "teacher_factorizer": fact,
+                "factorizer": copy.deepcopy(fact)}  # the student side starts from the baseline's weights
+        for n in CODEC_PARTS[1:]:
+            mods[n] = base.modules[n]
+        return mods
+
+    def code_layout(self, modules):
+        return code_layout(modules)
+
+    def nominal_bps(self) -> float:
+        return nominal_bps(self.base_cfg)["total"]
+
+    # The two analysis paths ------------------------------------------------------------------------------------------
+    def teacher(self, modules, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher path (ssl → baseline factorizer → frozen quantizers) on full utterances (1, N)."""
+        teacher_mods = {**modules, "factorizer": modules["teacher_factorizer"]}
+        an = analyse(teacher_mods, modules["ssl"](wav))
+        return {"sem_latent": an.fact.sem, "pro_latent": an.fact.pro, "spk_latent": an.fact.spk,
+                "sem_codes": an.sem.codes, "pro_codes": an.pro.codes, "spk_codes": an.spk.codes}
+
+    def student(self, modules, wav: torch.Tensor):
+        with torch.no_grad():
+            feats = modules["student_ssl"](wav)
+        return analyse(modules, feats)
+
+    def setup(self, trainer) -> None:
+        from siren.data.manifest import read_manifest
+        from siren.metrics.drift import DriftReference
+        from siren.metrics.profile import load_or_compute_profile
+
+        acc = trainer.accelerator
+        root = Path(self.cfg.data.feature_cache or trainer.run_dir / "cache")
+        self.cache = TeacherCache(root / f"teacher-{self.baseline_fingerprint[:16]}")
+        utts = list(trainer.dataset.utterances)
+        if trainer.is_main:
+            n = self.cache.fill(self, trainer.modules, utts, self.cfg.audio.sample_rate, acc.device)
+            log.info("teacher cache %s: %d computed, %d reused", self.cache.root, n, len(utts) - n)
+        ref_manifest = self.cfg.data.val or self.cfg.data.train
+        profile = load_or_compute_profile(
+            trainer.run_dir / "baseline_profile.json", trainer, read_manifest(ref_manifest), self
+        )
+        self.drift_ref = DriftReference(profile, self.code_layout(trainer.modules), acc.device)
+
+    def profile_modules(self, modules) -> dict[str, nn.Module]:
+        """The baseline's own analysis path, for the baseline profile."""
+        return {**modules, "factorizer": modules["teacher_factorizer"], "features": modules["ssl"]}
+
+    # Per step ----------------------------------------------------------------------------------------------------------
+    def step(self, modules, batch) -> StepOutput:
+        w = self.cfg.loss
+        wav, lengths = batch["wav"], batch["lengths"]
+        an = self.student(modules, wav)
+        mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
+        mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
+        mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
+        n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
+        t = self.cache.batch(batch["ids"], batch["offsets"], n_sem, n_pro, wav.device)
+        masks = stream_masks(lengths, an)
+        masks = {"sem": masks["sem"] & t["sem_valid"], "pro": masks["pro"] & t["pro_valid"]}
+        q = {s: modules[f"{s}_quantizer"] for s in ("sem", "pro", "spk")}
+        terms = {
+            "mel": masked_l1(mel_hat, mel, mel_mask),
+            "latent": masked_mse(an.fact.sem, t["sem_latent"], masks["sem"])
+            + masked_mse(an.fact.pro, t["pro_latent"], masks["pro"])
+            + masked_mse(an.fact.spk, t["spk_latent"], None),
+            "agreement": masked_mse(an.sem.quantized, q["sem"].decode_codes(t["sem_codes"]), masks["sem"])
+            + masked_mse(an.pro.quantized, q["pro"].decode_codes(t["pro_codes"]), masks["pro"])
+            + masked_mse(an.spk.quantized, q["spk"].decode_codes(t["spk_codes"]), None),
+        }
+        ent = modules["entropy_model"](
+            {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
+        )
+        bits, seconds = entropy_rate(ent, masks)
+        terms["entropy"] = ent.loss.detach()  # logged; the codes are discrete, so it cannot be a gradient path
+        loss = w.mel * terms["mel"] + w.latent * terms["latent"] + w.agreement * terms["agreement"]
+        from siren.metrics.drift import agreement_counts
+
+        ratios = {"rate/bps_entropy": (bits, seconds)}
+        for s, ref, m in (("sem", t["sem_codes"], masks["sem"]), ("pro", t["pro_codes"], masks["pro"]),
+                          ("spk", t["spk_codes"], None)):
+            eq, tot = agreement_counts(getattr(an, s).codes, ref, m)
+            ratios[f"drift/{s}/agreement"] = (eq, tot)
+        return StepOutput(
+            loss=loss,
+            terms=terms,
+            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+            ratios=ratios,
+        )
+
+    # Samples -----------------------------------------------------------------------------------------------------------
+    def render(self, trainer, modules, utterances) -> list[Sample]:
+        from siren.train.samples import mel_of, synthesize
+
+        out = []
+        for utt, wav in utterances:
+            audio, mels = {"original": wav}, {"original": mel_of(self, wav)}
+            an = self.student(modules, wav[None])
+            teacher_mods = {**modules, "factorizer": modules["teacher_factorizer"]}
+            bn = analyse(teacher_mods, modules["ssl"](wav[None]))
+            for variant, x in (("adapted", an), ("baseline", bn)):
+                mel, audio_out = synthesize(trainer, modules, x)
+                mels[variant] = mel[0]
+                if audio_out is not None:
+                    audio[variant] = audio_out[0]
+            out.append(Sample(id=utt.id, audio=audio, mels=mels))
+        return out

@@ -1,0 +1,83 @@
+"""`codec` (baseline): train factorizer, quantizers, entropy model and decoder on frozen SSL features.
+
+Loss = mel L1 through the decoder + commitment + entropy-model cross-entropy on detached codes (+ optional rate term).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from siren.models.builders import build_component, nominal_bps
+from siren.train.stages.base import Sample, Stage, StepOutput
+from siren.train.stages.common import analyse, code_layout, entropy_rate, frame_mask, masked_l1, stream_masks
+
+
+class CodecStage(Stage):
+    name = "codec"
+    components = ("ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder")
+    default_trainable = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder")
+    required_frozen = ("ssl",)
+
+    def build(self) -> dict[str, nn.Module]:
+        from siren.models.mel import MelSpectrogram
+
+        a = self.cfg.audio
+        self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        ssl = build_component("ssl", self.cfg)
+        mods = {"ssl": ssl}
+        for n in self.components[1:]:
+            mods[n] = build_component(n, self.cfg, ssl_dim=ssl.dim)
+        return mods
+
+    def code_layout(self, modules):
+        return code_layout(modules)
+
+    def nominal_bps(self) -> float:
+        return nominal_bps(self.cfg)["total"]
+
+    def features(self, modules, wav: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return modules["ssl"](wav)
+
+    def step(self, modules, batch) -> StepOutput:
+        w = self.cfg.loss
+        wav, lengths = batch["wav"], batch["lengths"]
+        an = analyse(modules, self.features(modules, wav))
+        mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
+        mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
+        mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
+        masks = stream_masks(lengths, an)
+        ent = modules["entropy_model"](
+            {"sem": an.sem.codes.detach(), "pro": an.pro.codes.detach()},
+            {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)},
+        )
+        terms = {
+            "mel": masked_l1(mel_hat, mel, mel_mask),
+            "commit": an.sem.commit_loss + an.pro.commit_loss + an.spk.commit_loss,
+            "entropy": ent.loss,
+        }
+        loss = w.mel * terms["mel"] + w.commit * terms["commit"] + w.entropy * terms["entropy"]
+        bits, seconds = entropy_rate(ent, masks)
+        return StepOutput(
+            loss=loss,
+            terms=terms,
+            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+            ratios={"rate/bps_entropy": (bits, seconds)},
+        )
+
+    def render(self, trainer, modules, utterances) -> list[Sample]:
+        """Decoder mel → pipeline vocoder (if configured); the original audio and mels always."""
+        from siren.train.samples import load_pipeline, mel_of
+
+        vocoder = load_pipeline(trainer, "vocoder")
+        out = []
+        for utt, wav in utterances:
+            an = analyse(modules, self.features(modules, wav[None]))
+            mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
+            audio = {"original": wav}
+            mels = {"original": mel_of(self, wav), "decoder": mel_hat[0]}
+            if vocoder is not None:
+                audio["decoder"] = vocoder(mel_hat)[0]
+            out.append(Sample(id=utt.id, audio=audio, mels=mels))
+        return out

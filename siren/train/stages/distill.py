@@ -1,0 +1,43 @@
+"""`distill`: train TinyHubert (`student_ssl`) to reproduce the teacher's configured layer (DistilHuBERT-style).
+
+Loss = L1 + (1 − cosine similarity) between the student's head output and the teacher's hidden states, per frame.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from siren.errors import LayoutMismatch
+from siren.models.builders import build_component
+from siren.train.stages.base import Stage, StepOutput
+from siren.train.stages.common import frame_mask
+
+
+class DistillStage(Stage):
+    name = "distill"
+    components = ("ssl", "student_ssl")
+    default_trainable = ("student_ssl",)
+    required_frozen = ("ssl",)
+
+    def build(self) -> dict[str, nn.Module]:
+        ssl = build_component("ssl", self.cfg)
+        student = build_component("student_ssl", self.cfg)
+        if student.dim != ssl.dim:
+            raise LayoutMismatch(f"student_ssl.teacher_dim={student.dim} but the teacher's features are {ssl.dim}-d")
+        return {"ssl": ssl, "student_ssl": student}
+
+    def step(self, modules, batch) -> StepOutput:
+        wav, lengths = batch["wav"], batch["lengths"]
+        with torch.no_grad():
+            target = modules["ssl"](wav)
+        pred = modules["student_ssl"](wav)
+        T = min(pred.shape[1], target.shape[1])
+        pred, target = pred[:, :T], target[:, :T]
+        m = frame_mask(lengths, self.cfg.audio.hop_length, T).to(pred.dtype)
+        denom = m.sum().clamp_min(1)
+        l1 = ((pred - target).abs().mean(-1) * m).sum() / denom
+        cos = (F.cosine_similarity(pred, target, dim=-1) * m).sum() / denom
+        w = self.cfg.loss
+        return StepOutput(loss=w.distill_l1 * l1 + w.distill_cos * (1 - cos), terms={"l1": l1, "cos": cos})

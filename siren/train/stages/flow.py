@@ -1,0 +1,69 @@
+"""`flow`: train fuser + conditional flow matching on the frozen codes of a `codec` baseline (`baseline:` URI)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from siren.errors import SirenError
+from siren.models.builders import build_component, nominal_bps
+from siren.train.stages.adapt import baseline_fingerprint
+from siren.train.stages.base import Sample, Stage, StepOutput
+from siren.train.stages.common import analyse, code_layout, load_checkpoint, stream_masks
+
+FROZEN_CODEC = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"]
+
+
+class FlowStage(Stage):
+    name = "flow"
+    components = ("ssl", *FROZEN_CODEC, "fuser", "flow")
+    default_trainable = ("fuser", "flow")
+    required_frozen = ("ssl", *FROZEN_CODEC)
+
+    def build(self) -> dict[str, nn.Module]:
+        from siren.models.mel import MelSpectrogram
+
+        if not self.cfg.baseline:
+            raise SirenError("the flow stage needs `baseline:` — the URI of the codec checkpoint whose codes it reads")
+        base = load_checkpoint(self.cfg.baseline, ["ssl", *FROZEN_CODEC], ssl_cfg_from=self.cfg)
+        self.base_cfg = base.cfg
+        self.baseline_uri, self.baseline_fingerprint = self.cfg.baseline, baseline_fingerprint(base.meta)
+        # Fuser/flow are built with the baseline's latent dims, so they read exactly its quantized latents.
+        build_cfg = self.cfg
+        build_cfg.factorizer = base.cfg.factorizer
+        a = self.cfg.audio
+        self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        return {**base.modules, "fuser": build_component("fuser", build_cfg), "flow": build_component("flow", build_cfg)}
+
+    def code_layout(self, modules):
+        return code_layout(modules)
+
+    def nominal_bps(self) -> float:
+        return nominal_bps(self.base_cfg)["total"]
+
+    def step(self, modules, batch) -> StepOutput:
+        wav, lengths = batch["wav"], batch["lengths"]
+        with torch.no_grad():
+            an = analyse(modules, modules["ssl"](wav))
+        cond = modules["fuser"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
+        mel = self.mel.to(wav.device)(wav)[..., : cond.shape[1]]
+        fm = modules["flow"].loss(mel, cond)
+        masks = stream_masks(lengths, an)
+        return StepOutput(
+            loss=self.cfg.loss.fm * fm,
+            terms={"fm": fm},
+            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+        )
+
+    def render(self, trainer, modules, utterances) -> list[Sample]:
+        from siren.train.samples import mel_of, synthesize
+
+        out = []
+        for utt, wav in utterances:
+            an = analyse(modules, modules["ssl"](wav[None]))
+            mel, audio = synthesize(trainer, modules, an)
+            s = Sample(id=utt.id, audio={"original": wav}, mels={"original": mel_of(self, wav), "flow": mel[0]})
+            if audio is not None:
+                s.audio["flow"] = audio[0]
+            out.append(s)
+        return out

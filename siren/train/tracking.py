@@ -1,0 +1,167 @@
+"""Tracking (DESIGN §7): every logged step goes to `RUN/metrics.jsonl` and to W&B with the same keys.
+
+W&B runs online when the user is logged in and `WANDB_MODE` does not say otherwise, offline otherwise, and not at all when
+disabled. W&B failing (at init or mid-run) prints a warning and training goes on with metrics.jsonl. Non-main ranks get a
+`NullTracker` (rank-aware by construction: only the main process writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("siren")
+
+
+def wandb_mode(requested: str) -> str:
+    """Resolve `tracking.mode` (`auto` → online if logged in and WANDB_MODE allows it, else offline)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if requested == "disabled" or env == "disabled":
+        return "disabled"
+    if requested in ("online", "offline"):
+        return requested
+    if env in ("offline", "dryrun"):
+        return "offline"
+    if env == "online":
+        return "online"
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Drop lines logged after `last_step` (a killed run logs past its last checkpoint); returns how many were dropped."""
+    path = Path(path)
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("step", 0) <= last_step]
+    if len(keep) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+    return len(rows) - len(keep)
+
+
+class NullTracker:
+    """What non-main ranks get: every call is a no-op."""
+
+    run = None
+    run_id: str | None = None
+    mode = "disabled"
+    project: str | None = None
+    entity: str | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_media(self, payload: dict[str, Any], step: int) -> None:
+        pass
+
+    @property
+    def media_enabled(self) -> bool:
+        return False
+
+    def finish(self) -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """metrics.jsonl + W&B for the main process."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        project: str,
+        entity: str | None,
+        mode: str,
+        run_name: str,
+        group: str | None,
+        tags: list[str],
+        config: dict,
+        job_type: str,
+        resume_id: str | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.project, self.entity = project, entity
+        self.mode = wandb_mode(mode)
+        self.run = None
+        self.run_id = resume_id
+        self._jsonl = open(self.metrics_path, "a")
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=project,
+                entity=entity,
+                name=run_name,
+                group=group,
+                tags=tags or None,
+                config=config,
+                job_type=job_type,
+                dir=str(self.run_dir),
+                mode=self.mode,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+            self.run_id = self.run.id
+            self.entity = self.entity or (self.run.entity if self.mode == "online" else None)
+        except Exception as exc:  # W&B must never stop training (DESIGN §7)
+            self._disable(f"wandb.init failed: {exc!r}")
+
+    def _disable(self, why: str) -> None:
+        warnings.warn(f"W&B disabled, metrics continue in {self.metrics_path}: {why}", stacklevel=2)
+        log.warning("W&B disabled: %s", why)
+        self.run = None
+        self.mode = "disabled"
+
+    @property
+    def media_enabled(self) -> bool:
+        return self.run is not None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, **{k: (v if math.isfinite(v) else repr(v)) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self.run is not None:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as exc:  # losing W&B mid-run never stops training
+                self._disable(f"wandb log failed at step {step}: {exc!r}")
+
+    def log_media(self, payload: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(payload, step=step)
+            except Exception as exc:
+                self._disable(f"wandb media log failed at step {step}: {exc!r}")
+
+    def finish(self) -> None:
+        self._jsonl.close()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as exc:
+                log.warning("wandb finish failed: %r", exc)
+            self.run = None
