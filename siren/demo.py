@@ -1,0 +1,130 @@
+"""`siren demo` (`make demo`): the whole pipeline on the embedded corpus, on a CPU, then verify.
+
+Order: vocoder (depends on nothing, so every later checkpoint's samples are audible) → codec → flow → distill → adapt →
+verify. Each stage runs as `python -m siren train --config configs/demo/<stage>.yaml` in a subprocess (its log in
+`RUN/train.log`) while this process shows a progress bar from `RUN/metrics.jsonl`. A stage whose latest checkpoint is
+already at `train.max_steps` is skipped; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("vocoder", "codec", "flow", "distill", "adapt")
+
+
+def _progress(run_dir: Path, total: int, proc: subprocess.Popen, desc: str) -> None:
+    from tqdm import tqdm
+
+    metrics = run_dir / "metrics.jsonl"
+    with tqdm(total=total, desc=f"{desc:<8}", unit="step", dynamic_ncols=True) as bar:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if metrics.is_file():
+                lines = metrics.read_text().splitlines()
+                if lines:
+                    last = json.loads(lines[-1])
+                    bar.n = last.get("step", 0)
+                    bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}")
+                    bar.refresh()
+        if metrics.is_file() and metrics.read_text().strip():
+            bar.n = json.loads(metrics.read_text().splitlines()[-1]).get("step", bar.n)
+            bar.refresh()
+
+
+def _run_stage(stage: str, env: dict) -> dict:
+    from siren.config import load_config
+    from siren.train.checkpoint import latest_step
+    from siren.train.tracking import read_metrics
+
+    cfg_path = Path("configs/demo") / f"{stage}.yaml"
+    cfg = load_config(cfg_path)
+    run_dir = Path(cfg.run_dir)
+    done = (latest_step(run_dir) or 0) >= cfg.train.max_steps if run_dir.exists() else False
+    t0 = time.perf_counter()
+    if done:
+        print(f"{stage:<8} already finished ({cfg.train.max_steps} steps) — skipped")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "siren", "train", "--config", str(cfg_path)],
+                                    stdout=logf, stderr=subprocess.STDOUT, env=env)
+            _progress(run_dir, cfg.train.max_steps, proc, stage)
+        if proc.returncode != 0:
+            tail = (run_dir / "train.log").read_text().splitlines()[-25:]
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); last lines of {run_dir}/train.log:\n"
+                               + "\n".join(tail))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    return {"stage": stage, "run_dir": str(run_dir), "steps": last.get("step", 0), "loss": last.get("train/loss"),
+            "wall_s": time.perf_counter() - t0, "skipped": done, "last": last}
+
+
+def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> int:
+    from siren.data.corpus import build_corpus
+    from siren.models.ssl import save_tiny_teacher
+    from siren.train.checkpoint import latest_step
+
+    if not Path("configs/demo/codec.yaml").is_file():
+        raise FileNotFoundError("run `siren demo` from the SIREN repository root (configs/demo/ not found)")
+    t_start = time.perf_counter()
+    env = dict(os.environ)
+    env.setdefault("WANDB_SILENT", "true")
+    print(f"== corpus: {data} ({n} utterances, Debian TTS voices)")
+    summary = build_corpus(data, n=n, seed=0)
+    print(f"   {summary.get('num_train', '?')} train / {summary.get('num_val', '?')} val utterances, "
+          f"speakers: {', '.join(summary.get('speakers', []))}")
+    teacher = Path(data) / "tiny_hubert"
+    if not (teacher / "config.json").is_file():
+        save_tiny_teacher(teacher, seed=0)
+        print(f"== teacher: tiny random HuBERT saved to {teacher} (stand-in for facebook/hubert-base-ls960)")
+    results = []
+    for stage in STAGES:
+        results.append(_run_stage(stage, env))
+
+    # Verify the newest adapt checkpoint against its baseline.
+    adapt_run = Path(root) / "adapt"
+    step = latest_step(adapt_run)
+    print(f"== verify {adapt_run} step {step}")
+    v = subprocess.run([sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
+                       env=env, capture_output=True, text=True)
+    report_path = adapt_run / "verify" / f"step_{step}" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if v.returncode == 2 or report is None:
+        print(v.stdout[-3000:], v.stderr[-3000:])
+        raise RuntimeError("verify failed with an error")
+
+    print("\n== summary")
+    print(f"{'stage':<9}{'steps':>7}{'final loss':>12}{'wall s':>9}")
+    for r in results:
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], float) else "-"
+        print(f"{r['stage']:<9}{r['steps']:>7}{loss:>12}{r['wall_s']:>9.1f}{'  (skipped: done)' if r['skipped'] else ''}")
+    last = results[-1]["last"]
+    print(f"adapt: agreement sem {last.get('drift/sem/agreement', float('nan')):.3f} / pro "
+          f"{last.get('drift/pro/agreement', float('nan')):.3f} / spk {last.get('drift/spk/agreement', float('nan')):.3f}"
+          f", entropy drift sem {last.get('drift/sem/entropy_delta_bits', float('nan')):+.3f} bits, "
+          f"bit/s {last.get('rate/bps_entropy', float('nan')):.1f} (nominal {last.get('rate/bps_nominal', 0):.1f}), "
+          f"frozen/ok {last.get('frozen/ok')}")
+    m = report["metrics"]
+    print(f"verify step {step}: {'PASS' if report['passed'] else 'FAIL'} — agreement sem {m['agreement/sem']:.3f}, "
+          f"bitstream {m['bps_real/adapted']:.1f} bit/s (baseline {m['bps_real/baseline']:.1f}), mel L1 vs truth "
+          f"{m['mel_l1/adapted_vs_truth']:.3f} (baseline {m['mel_l1/baseline_vs_truth']:.3f}, silence "
+          f"{m['mel_l1/silence_vs_truth']:.3f}, noise {m['mel_l1/noise_vs_truth']:.3f})")
+    print(f"   report: {report_path.with_suffix('.md')}")
+    print("\n== where things are")
+    for r in results:
+        rd = Path(r["run_dir"])
+        s = latest_step(rd)
+        if s is not None and (rd / "checkpoints" / f"step_{s}" / "samples").is_dir():
+            print(f"   samples {r['stage']:<8} {rd / 'checkpoints' / f'step_{s}' / 'samples'}")
+    offline = sorted(Path(root).glob("*/wandb/offline-run-*"))
+    if offline:
+        print(f"   W&B offline runs: {len(offline)} under {root}/*/wandb/ — upload with:")
+        print(f"     wandb sync {root}/*/wandb/offline-run-*")
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    return 0

@@ -1,0 +1,36 @@
+"""`siren info`: parameter count and output rate per component, and the preset's nominal bit/s."""
+
+from __future__ import annotations
+
+from siren.config.schema import SirenConfig
+
+
+def component_info(cfg: SirenConfig) -> dict:
+    """Builds every component except `ssl` (counted from its config when it is a local dir or not at all)."""
+    from siren.models.builders import build_component, component_rates, nominal_bps
+
+    rates = component_rates(cfg)
+    components = {}
+    for name in ("ssl", "student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
+                 "entropy_model", "decoder", "fuser", "flow", "vocoder"):
+        if name == "ssl" and not cfg.ssl.name:
+            components[name] = {"params": 0, "rate": rates.get(name, ""), "note": "ssl.name not set"}
+            continue
+        if name == "student_ssl" and cfg.student_ssl.path:
+            cfg = _without_student_path(cfg)
+        try:
+            module = build_component(name, cfg)
+        except (OSError, ValueError) as exc:  # e.g. hub id that cannot be reached: report, do not invent numbers
+            components[name] = {"params": 0, "rate": rates.get(name, ""), "note": f"not built: {exc}"}
+            continue
+        components[name] = {"params": sum(p.numel() for p in module.parameters()), "rate": rates.get(name, "")}
+    bps = nominal_bps(cfg)
+    return {"preset": cfg.preset, "components": components, "bps": bps, "bps_nominal": bps["total"]}
+
+
+def _without_student_path(cfg: SirenConfig) -> SirenConfig:
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.student_ssl.path = None  # count the architecture the config describes
+    return cfg

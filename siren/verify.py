@@ -1,0 +1,296 @@
+"""`siren verify --run RUN --step N` (DESIGN §10): does the adapted checkpoint still speak the baseline's code language?
+
+Loads `step_N` of an `adapt` run and the baseline named in its meta.json, runs both analysis paths on the eval set and
+reports code agreement per stream/level, JS and entropy deltas, entropy-model and real-bitstream bit/s, and mel distances
+of the full pipeline's output. Thresholds (`verify.thresholds`, `min/<metric>` or `max/<metric>`) decide pass/fail.
+Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, layout mismatch, bad threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from siren.errors import LayoutMismatch, SirenError
+
+log = logging.getLogger("siren")
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+
+class VerifyError(SirenError):
+    pass
+
+
+def _load(run: Path, step: int):
+    from siren.artifacts import CheckpointNotFound
+    from siren.train.checkpoint import list_steps, read_meta, step_dir
+    from siren.train.stages.adapt import baseline_fingerprint
+    from siren.train.stages.common import load_checkpoint
+
+    sd = step_dir(run, step)
+    if not (sd / "meta.json").is_file():
+        steps = list_steps(run)
+        raise VerifyError(f"{sd} does not exist or is incomplete; saved steps in {run}: "
+                          f"{', '.join(map(str, steps)) or 'none'}")
+    meta = read_meta(sd)
+    if meta["stage"] != "adapt":
+        raise VerifyError(f"{sd} is a {meta['stage']!r} checkpoint; verify checks an adapt checkpoint against its baseline")
+    base_uri = (meta.get("baseline") or {}).get("uri")
+    if not base_uri:
+        raise VerifyError(f"{sd}/meta.json names no baseline")
+    adapted = load_checkpoint(str(sd), ["student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
+                                        "entropy_model", "decoder"])
+    try:
+        base = load_checkpoint(base_uri, ["ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
+                                          "entropy_model", "decoder"], ssl_cfg_from=adapted.cfg)
+    except (CheckpointNotFound, FileNotFoundError) as exc:
+        raise VerifyError(f"the baseline {base_uri} recorded in {sd}/meta.json cannot be found: {exc}") from exc
+    want = meta["baseline"].get("fingerprint")
+    if want and baseline_fingerprint(base.meta) != want:
+        raise VerifyError(f"the baseline at {base_uri} is not the one step {step} was trained against "
+                          f"(fingerprint {baseline_fingerprint(base.meta)[:12]} ≠ {want[:12]})")
+    for m in (*adapted.modules.values(), *base.modules.values()):
+        m.eval().requires_grad_(False)
+    adapted.modules["features"] = adapted.modules["student_ssl"]
+    base.modules["features"] = base.modules["ssl"]
+    return adapted, base
+
+
+def _pipeline(cfg):
+    from siren.train.stages.common import load_checkpoint
+
+    out = {}
+    for which, names in (("flow", ["fuser", "flow"]), ("vocoder", ["vocoder"])):
+        uri = getattr(cfg.pipeline, which)
+        if uri:
+            mods = load_checkpoint(uri, names).modules
+            for m in mods.values():
+                m.eval().requires_grad_(False)
+            out.update(mods)
+    return out
+
+
+def _render(pipe: dict, modules: dict, an, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q = (an.sem.quantized, an.pro.quantized, an.spk.quantized)
+    if "flow" in pipe:
+        g = torch.Generator().manual_seed(0)
+        mel = pipe["flow"].sample(pipe["fuser"](*q), steps=cfg.flow.steps, solver=cfg.flow.solver, generator=g)
+    else:
+        mel = modules["decoder"](*q)
+    return mel, (pipe["vocoder"](mel) if "vocoder" in pipe else None)
+
+
+def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: dict[str, float] | None = None,
+               use_wandb: bool = True) -> dict:
+    from siren.coding.bitstream import encode_codes
+    from siren.data.audio import load_audio, save_audio
+    from siren.data.manifest import Utterance, read_manifest
+    from siren.metrics.codebook import entropy_bits, histogram, level_names
+    from siren.metrics.drift import js_divergence_bits
+    from siren.models.mel import MelSpectrogram
+    from siren.train.samples import save_mel_png
+    from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
+
+    run = Path(run)
+    adapted, base = _load(run, step)
+    cfg = adapted.cfg
+    la, lb = code_layout(adapted.modules), code_layout(base.modules)
+    if la != lb:
+        raise LayoutMismatch(f"code layouts differ: adapted {la} vs baseline {lb}")
+    th = dict(cfg.verify.thresholds)
+    th.update(thresholds or {})
+    manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
+    utts = read_manifest(manifest)[: cfg.verify.max_utts]
+    if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
+        utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
+    pipe = _pipeline(cfg)
+    a = cfg.audio
+    mel_fn = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+    out_dir = run / "verify" / f"step_{step}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    hist = {w: {s: 0 for s in la} for w in ("adapted", "baseline")}
+    eq = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
+    tot = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
+    bits = {"adapted": 0.0, "baseline": 0.0}
+    real_bits = {"adapted": 0.0, "baseline": 0.0}
+    header_bits = {"adapted": 0.0, "baseline": 0.0}
+    seconds = 0.0
+    dist = {"adapted_vs_truth": [], "baseline_vs_truth": [], "adapted_vs_baseline": [], "silence_vs_truth": [],
+            "noise_vs_truth": []}
+    per_utt = []
+    for i, u in enumerate(utts):
+        wav = load_audio(u.path, a.sample_rate)
+        n = wav.shape[-1] - wav.shape[-1] % 2560
+        if n < 2560:
+            continue
+        wav = wav[None, :n]
+        lengths = torch.tensor([n])
+        truth = mel_fn(wav)
+        res = {}
+        with torch.no_grad():
+            for w, ck in (("adapted", adapted), ("baseline", base)):
+                an = analyse(ck.modules, ck.modules["features"](wav))
+                masks = stream_masks(lengths, an)
+                ent = ck.modules["entropy_model"]({"sem": an.sem.codes, "pro": an.pro.codes},
+                                                  {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)})
+                b, sec = entropy_rate(ent, masks)
+                bits[w] += float(b)
+                enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n, a.sample_rate)
+                real_bits[w] += 8 * len(enc.data)
+                header_bits[w] += enc.header_bits
+                for s in la:
+                    codes = getattr(an, s).codes
+                    hist[w][s] = hist[w][s] + histogram(codes, masks.get(s), la[s][0])
+                mel, audio = _render(pipe, ck.modules, an, cfg)
+                res[w] = (an, mel, audio)
+            seconds += float(sec)
+        for s in la:
+            ca, cb = getattr(res["adapted"][0], s).codes, getattr(res["baseline"][0], s).codes
+            ca = ca if ca.dim() == 3 else ca[:, None]
+            cb = cb if cb.dim() == 3 else cb[:, None]
+            eq[s] += (ca == cb).to(torch.float64).sum(dim=(0, 1))
+            tot[s] += ca.shape[0] * ca.shape[1]
+        T = min(truth.shape[-1], res["adapted"][1].shape[-1])
+        tr = truth[..., :T]
+        ma, mb = res["adapted"][1][..., :T], res["baseline"][1][..., :T]
+        silence = torch.full_like(tr, float(tr.min()))
+        noise = mel_fn(torch.randn(1, n, generator=torch.Generator().manual_seed(i)) * wav.std())[..., :T]
+        d = {"adapted_vs_truth": (ma - tr).abs().mean(), "baseline_vs_truth": (mb - tr).abs().mean(),
+             "adapted_vs_baseline": (ma - mb).abs().mean(), "silence_vs_truth": (silence - tr).abs().mean(),
+             "noise_vs_truth": (noise - tr).abs().mean()}
+        for k, v in d.items():
+            dist[k].append(float(v))
+        per_utt.append({"id": u.id, **{k: float(v) for k, v in d.items()}})
+        if i < 4 or u.id == "real_human_codec2":
+            save_audio(out_dir / f"{u.id}_original.wav", wav[0], a.sample_rate)
+            save_mel_png(out_dir / f"{u.id}_original.png", tr[0], f"{u.id} original")
+            for w in ("adapted", "baseline"):
+                if res[w][2] is not None:
+                    save_audio(out_dir / f"{u.id}_{w}.wav", res[w][2][0], a.sample_rate)
+                save_mel_png(out_dir / f"{u.id}_{w}.png", res[w][1][0, :, :T], f"{u.id} {w}")
+    if seconds == 0:
+        raise VerifyError(f"no usable utterance in {manifest}")
+
+    metrics: dict[str, float] = {}
+    for s in la:
+        for j, name in enumerate(level_names(s, la[s][1])):
+            metrics[f"agreement/{s}/{name}"] = float(eq[s][j] / tot[s][j])
+        metrics[f"agreement/{s}"] = float(eq[s].sum() / tot[s].sum())
+        metrics[f"js/{s}"] = float(js_divergence_bits(hist["adapted"][s], hist["baseline"][s]).mean())
+        metrics[f"entropy_delta_bits/{s}"] = float((entropy_bits(hist["adapted"][s]) -
+                                                    entropy_bits(hist["baseline"][s])).mean())
+    for w in ("adapted", "baseline"):
+        metrics[f"bps_entropy/{w}"] = bits[w] / seconds
+        metrics[f"bps_real/{w}"] = real_bits[w] / seconds
+        metrics[f"bps_real_payload/{w}"] = (real_bits[w] - header_bits[w]) / seconds
+    metrics["bps_ratio"] = metrics["bps_entropy/adapted"] / max(metrics["bps_entropy/baseline"], 1e-9)
+    for k, v in dist.items():
+        metrics[f"mel_l1/{k}"] = sum(v) / len(v)
+    metrics.update(_optional_quality(out_dir))
+
+    checks, problems = [], []
+    for key, limit in sorted(th.items()):
+        kind, _, name = key.partition("/")
+        if kind not in ("min", "max") or name not in metrics:
+            problems.append(f"threshold `{key}`: expected min/<metric> or max/<metric> with a metric among "
+                            f"{', '.join(sorted(metrics))}")
+            continue
+        ok = metrics[name] >= limit if kind == "min" else metrics[name] <= limit
+        checks.append({"threshold": key, "limit": limit, "value": metrics[name], "ok": bool(ok)})
+    if problems:
+        raise VerifyError("; ".join(problems))
+    passed = all(c["ok"] for c in checks)
+    report = {"run": str(run), "step": step, "baseline": adapted.meta["baseline"], "eval_set": manifest,
+              "num_utts": len(per_utt), "seconds": seconds, "metrics": metrics, "checks": checks,
+              "passed": passed, "pipeline": sorted(pipe), "per_utterance": per_utt,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(format_report(report))
+    if use_wandb:
+        _log_wandb(report, adapted, run, step)
+    return report
+
+
+def _optional_quality(out_dir: Path) -> dict[str, float]:
+    """DNSMOS / WER / speaker similarity / PESQ / STOI need the `eval` extra; without it they are reported absent."""
+    import importlib.util
+
+    missing = [m for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        log.info("verify: eval extra not installed (%s missing): DNSMOS/WER/speaker/PESQ/STOI not computed",
+                 ", ".join(missing))
+        return {}
+    from siren.metrics.quality import quality_metrics
+
+    return quality_metrics(out_dir)
+
+
+def format_report(r: dict) -> str:
+    m = r["metrics"]
+    lines = [f"# SIREN verify — {r['run']} step {r['step']}", "",
+             f"**{'PASS' if r['passed'] else 'FAIL'}** on {r['num_utts']} utterances ({r['seconds']:.1f} s of codes) "
+             f"from `{r['eval_set']}`; baseline `{r['baseline'].get('uri')}`; pipeline: {', '.join(r['pipeline']) or 'decoder head only'}",
+             "", "| check | value | limit | ok |", "|---|---:|---:|:-:|"]
+    for c in r["checks"]:
+        lines.append(f"| {c['threshold']} | {c['value']:.4f} | {c['limit']:.4f} | {'✓' if c['ok'] else '✗'} |")
+    lines += ["", "| metric | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(m.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
+    from siren.train.tracking import wandb_mode
+
+    try:
+        import wandb
+
+        cfg = adapted.cfg
+        mode = wandb_mode(cfg.tracking.mode)
+        if mode == "disabled":
+            return
+        wb = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, job_type="verify",
+                        name=f"verify-{run.name}-step_{step}", dir=str(run / "verify"), mode=mode,
+                        group=cfg.tracking.group, config={"run": str(run), "step": step},
+                        settings=wandb.Settings(console="off", x_disable_stats=True))
+        from siren.artifacts import use_checkpoint_artifact
+
+        uri = (adapted.meta.get("baseline") or {}).get("uri")
+        if uri:
+            use_checkpoint_artifact(wb, uri)
+        wb.summary.update({f"verify/{k}": v for k, v in report["metrics"].items()})
+        wb.summary["verify/passed"] = int(report["passed"])
+        wb.finish()
+    except Exception as exc:  # the report on disk is the result; W&B is a copy of it
+        log.warning("verify: W&B logging failed: %r", exc)
+
+
+def verify_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    thresholds = {}
+    for t in args.threshold:
+        if "=" not in t:
+            print(f"error: --threshold {t!r} is not NAME=VALUE", flush=True)
+            return EXIT_ERROR
+        k, v = t.split("=", 1)
+        try:
+            thresholds[k] = float(v)
+        except ValueError:
+            print(f"error: --threshold {k}: {v!r} is not a number")
+            return EXIT_ERROR
+    try:
+        report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb)
+    except (SirenError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return EXIT_ERROR
+    print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
+    print(f"report: {Path(args.run) / 'verify' / f'step_{args.step}' / 'report.md'}")
+    return EXIT_PASS if report["passed"] else EXIT_FAIL
+
+
+__all__ = ["run_verify", "verify_cli", "EXIT_PASS", "EXIT_FAIL", "EXIT_ERROR"]

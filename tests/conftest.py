@@ -1,0 +1,55 @@
+"""Shared fixtures: hermetic W&B (offline, everything under the test's tmp dir), a tiny teacher and a tiny corpus."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def hermetic_wandb(tmp_path, monkeypatch):
+    wb = tmp_path / "_wandb"
+    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_CONFIG_DIR", "config"), ("SIREN_ARTIFACT_CACHE", "artifacts")):
+        (wb / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(wb / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(wb / "no-netrc"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A 24-utterance corpus from the Debian voices (built once per session)."""
+    from siren.data.corpus import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "c"
+    build_corpus(out, n=24, seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    from siren.models.ssl import save_tiny_teacher
+
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny_hubert", seed=0)
+
+
+@pytest.fixture
+def subprocess_env(hermetic_wandb) -> dict:
+    """Environment for `python -m siren` subprocesses: hermetic W&B (set above), the repo on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def siren_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "siren", *args]
