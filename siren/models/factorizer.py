@@ -42,7 +42,9 @@ class Factorizer(nn.Module):
         self.input_dim, self.sem_dim, self.pro_dim, self.spk_dim = input_dim, sem_dim, pro_dim, spk_dim
         self.input_norm = nn.LayerNorm(input_dim)
         self.input_proj = nn.Linear(input_dim, hidden_dim)
-        self.blocks = nn.ModuleList(ConformerBlock(hidden_dim, num_heads, kernel_size, dropout) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            ConformerBlock(hidden_dim, num_heads, kernel_size, dropout) for _ in range(num_blocks)
+        )
         self.norm = nn.LayerNorm(hidden_dim)
         # Semantic: one strided conv (kernel 2, stride 2) → exact ÷2, then a per-frame projection.
         self.sem_down = nn.Conv1d(hidden_dim, hidden_dim, kernel_size=2, stride=2)

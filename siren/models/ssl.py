@@ -25,8 +25,9 @@ def load_hubert_strict(name_or_dir: str | Path, what: str) -> HubertModel:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{what}: {path} exists but has no config.json (not a save_pretrained dir); "
-                                    f"{HOW_TO_CREATE}")
+            raise FileNotFoundError(
+                f"{what}: {path} exists but has no config.json (not a save_pretrained dir); {HOW_TO_CREATE}"
+            )
         source = str(path)
     elif _looks_like_hub_id(name):
         source = name
@@ -39,8 +40,10 @@ def load_hubert_strict(name_or_dir: str | Path, what: str) -> HubertModel:
     missing = list(info.get("missing_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
     if missing or mismatched:
-        raise RuntimeError(f"{what}: {source} does not hold a complete HubertModel (missing {missing}, "
-                           f"mismatched {mismatched}); refusing to use randomly initialised weights")
+        raise RuntimeError(
+            f"{what}: {source} does not hold a complete HubertModel (missing {missing}, "
+            f"mismatched {mismatched}); refusing to use randomly initialised weights"
+        )
     return model.eval()
 
 

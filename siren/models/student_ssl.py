@@ -65,8 +65,10 @@ class TinyHubert(nn.Module):
         """Strict load of a dir written by `save_pretrained`; anything missing is an error naming the file."""
         root = Path(path)
         if not root.is_dir():
-            raise FileNotFoundError(f"student_ssl: {root} is not a directory; save one with TinyHubert.save_pretrained "
-                                    "or train it with the `distill` stage")
+            raise FileNotFoundError(
+                f"student_ssl: {root} is not a directory; save one with TinyHubert.save_pretrained "
+                "or train it with the `distill` stage"
+            )
         for name in ("hubert", HEAD_FILE, META_FILE):
             if not (root / name).exists():
                 raise FileNotFoundError(f"student_ssl: {root / name} is missing (not a TinyHubert.save_pretrained dir)")

@@ -1,0 +1,46 @@
+"""Test helpers: tiny configs for every stage on the session corpus, and subprocess runs of `siren train`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from siren.config.loader import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_overrides(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) -> list[str]:
+    ov = {
+        "stage": stage,
+        "run_dir": str(run_dir),
+        "data.train": str(corpus / "train.jsonl"),
+        "data.val": str(corpus / "val.jsonl"),
+        "data.segment_seconds": 1.0,
+        "ssl.name": str(teacher),
+        "train.batch_size": 4,
+        "train.max_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.min_free_mb": 1,
+        "samples.num": 1,
+        "samples.max_seconds": 1.0,
+        "pipeline.flow": None,
+        "pipeline.vocoder": None,
+        "student_ssl.path": None,
+        "tracking.mode": "offline",
+    }
+    ov.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in ov.items()]
+
+
+def stage_config(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra):
+    return load_config(ROOT / "configs/demo/base.yaml", stage_overrides(stage, corpus, teacher, run_dir, **extra))
+
+
+def siren_train(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "siren", "train", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, **kw)

@@ -1,0 +1,69 @@
+"""`adapt` with 2 processes on CPU through `accelerate launch` (gloo): one run, rank 0 writes, counts merged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, stage_config, stage_overrides
+from safetensors.torch import load_file
+
+from siren.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def baseline_and_student(corpus_dir, teacher_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
+    try:
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec",
+                             **{"train.max_steps": 2, "samples.enabled": "false"})).fit()
+    finally:
+        mp.undo()
+    from siren.models.student_ssl import TinyHubert
+
+    torch.manual_seed(0)
+    TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(root / "student")
+    return root
+
+
+def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subprocess_env):
+    root = baseline_and_student
+    run = root / "adapt_ddp"
+    batch = 4
+    args = stage_overrides("adapt", corpus_dir, teacher_dir, run, baseline=str(root / "codec"),
+                           **{"student_ssl.path": str(root / "student"), "train.max_steps": 4,
+                              "train.checkpoint_every": 2, "train.batch_size": batch, "samples.enabled": "false"})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch/accelerate/cpu_ddp.yaml"), "-m", "siren", "train", "--config",
+           str(ROOT / "configs/demo/base.yaml"), *args]
+    r = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "terminate called" not in r.stderr
+
+    # One run directory, one W&B run, only rank 0 wrote metrics (no duplicated steps).
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    meta = json.loads((run / "checkpoints" / "step_4" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert all(x["frozen/ok"] == 1.0 for x in rows)
+
+    # Frozen fingerprints intact: the checkpoint's frozen tensors equal the baseline's.
+    base = root / "codec" / "checkpoints" / "step_2" / "components"
+    for name in ("decoder", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"):
+        a = load_file(base / f"{name}.safetensors")
+        b = load_file(run / "checkpoints" / "step_4" / "components" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # Codebook counts are the sum over ranks: every utterance gives one speaker code per group, so one step's
+    # merged spk histogram holds batch_size × 2 processes codes per group.
+    window = torch.load(run / "checkpoints" / "step_4" / "trainer" / "codebook_window.pt")
+    spk = window["buffers"]["spk"]  # (window, groups, K)
+    per_step = spk.sum(-1)[: window["pos"]]
+    assert torch.all(per_step == batch * 2), per_step

@@ -1,0 +1,182 @@
+"""The trainer on tiny presets: codec → adapt, contract metric keys, frozen guarantees end to end, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, stage_config, stage_overrides
+from safetensors.torch import load_file
+
+from siren.errors import FrozenViolation
+from siren.train.tracking import read_metrics
+from siren.train.trainer import Trainer
+
+FROZEN_IN_ADAPT = ["decoder", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"]
+
+
+@pytest.fixture(scope="module")
+def codec_run(corpus_dir, teacher_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "codec"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("SIREN_ARTIFACT_CACHE", str(run.parent / "artifacts"))
+    try:
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6,
+                                                                        "train.checkpoint_every": 3})).fit()
+    finally:
+        mp.undo()
+    return run
+
+
+def contract_keys(stage: str) -> set[str]:
+    keys = {"train/loss", "train/grad_norm", "train/step_time_s", "frozen/ok", "rate/bps_nominal", "rate/bps_entropy"}
+    for s, levels in (("sem", ["l0"]), ("pro", ["l0"]), ("spk", ["g0", "g1", "g2", "g3"])):
+        for lv in levels:
+            keys |= {f"codebook/{s}/{lv}/{k}" for k in ("usage", "perplexity", "dead")}
+        if stage == "adapt":
+            keys |= {f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits", "agreement")}
+    if stage == "adapt":
+        keys.add("drift/bps_delta")
+    return keys
+
+
+def test_codec_run_layout_and_metrics(codec_run):
+    rows = read_metrics(codec_run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        missing = contract_keys("codec") - set(r)
+        assert not missing, missing
+        assert any(k.startswith("train/lr/") for k in r)
+    assert (codec_run / "checkpoints" / "latest").read_text().strip() == "step_6"
+    meta = json.loads((codec_run / "checkpoints" / "step_6" / "meta.json").read_text())
+    assert meta["stage"] == "codec" and meta["frozen"] == ["ssl"] and meta["wandb"]["id"]
+    assert (codec_run / "checkpoints" / "step_6" / "samples").is_dir()
+    assert list((codec_run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, teacher_dir, tmp_path):
+    run = tmp_path / "adapt"
+    student = tmp_path / "student"
+    from siren.models.student_ssl import TinyHubert
+
+    torch.manual_seed(0)
+    TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(student)
+    cfg = stage_config("adapt", corpus_dir, teacher_dir, run, baseline=str(codec_run),
+                       **{"student_ssl.path": str(student), "train.max_steps": 4})
+    Trainer(cfg).fit()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 4
+    for r in rows:
+        missing = contract_keys("adapt") - set(r)
+        assert not missing, missing
+        assert r["frozen/ok"] == 1.0
+        assert 0.0 <= r["drift/sem/agreement"] <= 1.0
+    base = codec_run / "checkpoints" / "step_6" / "components"
+    mine = run / "checkpoints" / "step_4" / "components"
+    for name in FROZEN_IN_ADAPT:
+        a, b = load_file(base / f"{name}.safetensors"), load_file(mine / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    fa = load_file(base / "factorizer.safetensors")
+    fb = load_file(mine / "factorizer.safetensors")
+    assert any(not torch.equal(fa[k], fb[k]) for k in fa)  # the factorizer did train
+    meta = json.loads((run / "checkpoints" / "step_4" / "meta.json").read_text())
+    assert set(FROZEN_IN_ADAPT) <= set(meta["frozen"]) and meta["trainable"] == ["factorizer"]
+    assert meta["baseline"]["uri"] == str(codec_run) and meta["baseline"]["fingerprint"]
+    prof = json.loads((run / "baseline_profile.json").read_text())
+    assert prof["baseline_fingerprint"] == meta["baseline"]["fingerprint"]
+
+
+def test_frozen_weight_changed_during_training_is_a_hard_error(codec_run, corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run",
+                       **{"trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
+                          "train.max_steps": 4, "train.checkpoint_every": 4})
+    trainer = Trainer(cfg)
+    assert "decoder" in trainer.plan.frozen
+    step = trainer.stage.step
+    calls = {"n": 0}
+
+    def tampering_step(modules, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(modules["decoder"].parameters()).add_(1e-3)
+        return step(modules, batch)
+
+    trainer.stage.step = tampering_step
+    with pytest.raises(FrozenViolation, match="decoder"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "step_4").exists()  # nothing is saved past the violation
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    ov = {"train.max_steps": 14, "train.checkpoint_every": 4, "samples.enabled": "false"}
+
+    def cmd(run: Path) -> list[str]:
+        return [sys.executable, "-m", "siren", "train", "--config", str(ROOT / "configs/demo/base.yaml"),
+                *stage_overrides("codec", corpus_dir, teacher_dir, run, **ov)]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(run), env=subprocess_env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoints" / "step_4" / "meta.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "checkpoints" / "step_14").exists()
+    run_id = (run / "wandb_run_id").read_text()
+    resumed = subprocess.run(cmd(run), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    b = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 15))
+    for ra, rb in zip(a, b, strict=True):
+        for k in ra:
+            if k.startswith(("train/loss", "train/mel", "train/commit", "train/entropy", "train/grad_norm",
+                             "codebook/", "rate/bps_entropy")):
+                assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+    meta = json.loads((run / "checkpoints" / "step_14" / "meta.json").read_text())
+    assert meta["wandb"]["id"] == run_id  # the same W&B run continues
+    wa = load_file(tmp_path / "ref" / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
+    wb = load_file(run / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_unwritable_run_dir_fails_before_training(corpus_dir, teacher_dir, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        run = blocker / "run"  # a path under a regular file cannot be created, even by root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        run = ro / "run"
+    from siren.errors import SirenError
+
+    with pytest.raises(SirenError, match="not writable"):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, run))
+
+
+def test_disk_space_checked_before_training(corpus_dir, teacher_dir, tmp_path):
+    from siren.errors import SirenError
+
+    with pytest.raises(SirenError, match="free"):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "r", **{"train.min_free_mb": 10**9}))
