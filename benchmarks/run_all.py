@@ -49,8 +49,13 @@ def cfg_for(stage: str, corpus: Path, teacher: Path, run: Path, **extra):
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import stage_config
 
-    return stage_config(stage, corpus, teacher, run, **{"samples.enabled": "false", "data.segment_seconds": 2.0,
-                                                        "train.batch_size": 8, **extra})
+    return stage_config(
+        stage,
+        corpus,
+        teacher,
+        run,
+        **{"samples.enabled": "false", "data.segment_seconds": 2.0, "train.batch_size": 8, **extra},
+    )
 
 
 def bench_trainer_overhead(corpus: Path, teacher: Path, work: Path, steps: int = 30) -> dict:
@@ -154,8 +159,14 @@ def bench_bitstream(corpus: Path, teacher: Path, work: Path) -> dict:
         estimate += enc.estimate_bits
         header += enc.header_bits
         seconds += enc.seconds
-    return {"payload_over_estimate": payload / estimate, "header_bits_per_file": header / 1, "seconds": seconds,
-            "payload_bps": payload / seconds, "estimate_bps": estimate / seconds, "run": run}
+    return {
+        "payload_over_estimate": payload / estimate,
+        "header_bits_per_file": header / 1,
+        "seconds": seconds,
+        "payload_bps": payload / seconds,
+        "estimate_bps": estimate / seconds,
+        "run": run,
+    }
 
 
 def bench_codec_speed(preset: str, corpus: Path, teacher: Path, work: Path) -> dict:
@@ -178,8 +189,16 @@ def bench_codec_speed(preset: str, corpus: Path, teacher: Path, work: Path) -> d
         cfg.ssl.name = str(teacher)
         ssl = build_component("ssl", cfg)
     mods = {"features": ssl}
-    for n in ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "fuser", "flow",
-              "vocoder"):
+    for n in (
+        "factorizer",
+        "sem_quantizer",
+        "pro_quantizer",
+        "spk_quantizer",
+        "entropy_model",
+        "fuser",
+        "flow",
+        "vocoder",
+    ):
         mods[n] = build_component(n, cfg, ssl_dim=ssl.dim)
     for m in mods.values():
         m.eval()
@@ -194,8 +213,11 @@ def bench_codec_speed(preset: str, corpus: Path, teacher: Path, work: Path) -> d
             enc_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             sem, pro, spk, _ = decode_codes(mods, enc.data)
-            lat = (mods["sem_quantizer"].decode_codes(sem), mods["pro_quantizer"].decode_codes(pro),
-                   mods["spk_quantizer"].decode_codes(spk))
+            lat = (
+                mods["sem_quantizer"].decode_codes(sem),
+                mods["pro_quantizer"].decode_codes(pro),
+                mods["spk_quantizer"].decode_codes(spk),
+            )
             mel = mods["flow"].sample(mods["fuser"](*lat), steps=8, solver="euler")
             mods["vocoder"](mel)
             dec_t.append(time.perf_counter() - t)
@@ -216,12 +238,18 @@ def main() -> int:
         speed = {p: bench_codec_speed(p, corpus, teacher, work) for p in ("tiny", "ultra200bps")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
-        ("trainer step ÷ bare PyTorch loop (codec tiny, batch 8 × 2 s, metrics every step, W&B offline)",
-         f"{tr['trainer_over_bare']:.3f}", "≤ 1.03"),
+        (
+            "trainer step ÷ bare PyTorch loop (codec tiny, batch 8 × 2 s, metrics every step, W&B offline)",
+            f"{tr['trainer_over_bare']:.3f}",
+            "≤ 1.03",
+        ),
         ("per-step codebook + drift metrics ÷ step time", f"{100 * tr['metrics_frac']:.2f} %", "≤ 1 %"),
-        ("bitstream payload ÷ entropy-model estimate (eval set, "
-         f"{bs['seconds']:.0f} s; header+CRC {bs['header_bits_per_file'] / max(1, 1):.0f} bits total apart)",
-         f"{bs['payload_over_estimate']:.4f}", "≤ 1.01"),
+        (
+            "bitstream payload ÷ entropy-model estimate (eval set, "
+            f"{bs['seconds']:.0f} s; header+CRC {bs['header_bits_per_file'] / max(1, 1):.0f} bits total apart)",
+            f"{bs['payload_over_estimate']:.4f}",
+            "≤ 1.01",
+        ),
         ("data loader throughput ÷ training consumption", f"{ld['loader_over_consumption']:.1f}", "≫ 1"),
     ]
     for p, s in speed.items():
@@ -229,9 +257,14 @@ def main() -> int:
         rows.append((f"decode speed, {p}, 8 flow steps, 1 thread (× real time)", f"{s['decode_xrt']:.1f}", "—"))
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}"
-    text = [f"\n## {date} — commit {commit.strip()} — {machine}", "", "Command: `make bench` "
-            f"(median of {REPEATS} repeats, ratios measured side by side; {time.time() - t0:.0f} s)", "",
-            "| figure | value | goal |", "|---|---:|---|"]
+    text = [
+        f"\n## {date} — commit {commit.strip()} — {machine}",
+        "",
+        f"Command: `make bench` (median of {REPEATS} repeats, ratios measured side by side; {time.time() - t0:.0f} s)",
+        "",
+        "| figure | value | goal |",
+        "|---|---:|---|",
+    ]
     text += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out = ROOT / "BENCHMARKS.md"
     if not out.exists():

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the run dir (they are kept)")
     p.add_argument("--init-from", help="checkpoint URI to load weights from (weights only)")
-    p.add_argument("--init-components", help="comma-separated components to take from --init-from (default: all present)")
+    p.add_argument(
+        "--init-components", help="comma-separated components to take from --init-from (default: all present)"
+    )
 
     p = sub.add_parser("info", help="parameter count and output rate per component, nominal bit/s")
     _add_config(p)
@@ -107,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args) -> int:
     from siren.train.trainer import train_from_cli
 
-    return train_from_cli(args.config, args.overrides, run_dir=args.run_dir, fresh=args.fresh,
-                          init_from=args.init_from, init_components=args.init_components)
+    return train_from_cli(
+        args.config,
+        args.overrides,
+        run_dir=args.run_dir,
+        fresh=args.fresh,
+        init_from=args.init_from,
+        init_components=args.init_components,
+    )
 
 
 def cmd_info(args) -> int:
@@ -124,8 +132,10 @@ def cmd_info(args) -> int:
     for name, row in info["components"].items():
         print(f"{name:<16}{row['params']:>12,}  {row['rate']}")
     b = info["bps"]
-    print(f"nominal bit/s: {info['bps_nominal']:.1f} (sem {b['sem']:.1f} + pro {b['pro']:.1f}); "
-          f"speaker {b['spk_bits_per_utterance']:.0f} bit per utterance")
+    print(
+        f"nominal bit/s: {info['bps_nominal']:.1f} (sem {b['sem']:.1f} + pro {b['pro']:.1f}); "
+        f"speaker {b['spk_bits_per_utterance']:.0f} bit per utterance"
+    )
     return 0
 
 

@@ -52,17 +52,29 @@ def _run_stage(stage: str, env: dict) -> dict:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "siren", "train", "--config", str(cfg_path)],
-                                    stdout=logf, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "siren", "train", "--config", str(cfg_path)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             _progress(run_dir, cfg.train.max_steps, proc, stage)
         if proc.returncode != 0:
             tail = (run_dir / "train.log").read_text().splitlines()[-25:]
-            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); last lines of {run_dir}/train.log:\n"
-                               + "\n".join(tail))
+            raise RuntimeError(
+                f"stage {stage} failed (exit {proc.returncode}); last lines of {run_dir}/train.log:\n" + "\n".join(tail)
+            )
     rows = read_metrics(run_dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
-    return {"stage": stage, "run_dir": str(run_dir), "steps": last.get("step", 0), "loss": last.get("train/loss"),
-            "wall_s": time.perf_counter() - t0, "skipped": done, "last": last}
+    return {
+        "stage": stage,
+        "run_dir": str(run_dir),
+        "steps": last.get("step", 0),
+        "loss": last.get("train/loss"),
+        "wall_s": time.perf_counter() - t0,
+        "skipped": done,
+        "last": last,
+    }
 
 
 def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> int:
@@ -77,8 +89,10 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> 
     env.setdefault("WANDB_SILENT", "true")
     print(f"== corpus: {data} ({n} utterances, Debian TTS voices)")
     summary = build_corpus(data, n=n, seed=0)
-    print(f"   {summary.get('num_train', '?')} train / {summary.get('num_val', '?')} val utterances, "
-          f"speakers: {', '.join(summary.get('speakers', []))}")
+    print(
+        f"   {summary.get('num_train', '?')} train / {summary.get('num_val', '?')} val utterances, "
+        f"speakers: {', '.join(summary.get('speakers', []))}"
+    )
     teacher = Path(data) / "tiny_hubert"
     if not (teacher / "config.json").is_file():
         save_tiny_teacher(teacher, seed=0)
@@ -91,8 +105,12 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> 
     adapt_run = Path(root) / "adapt"
     step = latest_step(adapt_run)
     print(f"== verify {adapt_run} step {step}")
-    v = subprocess.run([sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
-                       env=env, capture_output=True, text=True)
+    v = subprocess.run(
+        [sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     report_path = adapt_run / "verify" / f"step_{step}" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if v.returncode == 2 or report is None:
@@ -103,18 +121,24 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> 
     print(f"{'stage':<9}{'steps':>7}{'final loss':>12}{'wall s':>9}")
     for r in results:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], float) else "-"
-        print(f"{r['stage']:<9}{r['steps']:>7}{loss:>12}{r['wall_s']:>9.1f}{'  (skipped: done)' if r['skipped'] else ''}")
+        print(
+            f"{r['stage']:<9}{r['steps']:>7}{loss:>12}{r['wall_s']:>9.1f}{'  (skipped: done)' if r['skipped'] else ''}"
+        )
     last = results[-1]["last"]
-    print(f"adapt: agreement sem {last.get('drift/sem/agreement', float('nan')):.3f} / pro "
-          f"{last.get('drift/pro/agreement', float('nan')):.3f} / spk {last.get('drift/spk/agreement', float('nan')):.3f}"
-          f", entropy drift sem {last.get('drift/sem/entropy_delta_bits', float('nan')):+.3f} bits, "
-          f"bit/s {last.get('rate/bps_entropy', float('nan')):.1f} (nominal {last.get('rate/bps_nominal', 0):.1f}), "
-          f"frozen/ok {last.get('frozen/ok')}")
+    print(
+        f"adapt: agreement sem {last.get('drift/sem/agreement', float('nan')):.3f} / pro "
+        f"{last.get('drift/pro/agreement', float('nan')):.3f} / spk {last.get('drift/spk/agreement', float('nan')):.3f}"
+        f", entropy drift sem {last.get('drift/sem/entropy_delta_bits', float('nan')):+.3f} bits, "
+        f"bit/s {last.get('rate/bps_entropy', float('nan')):.1f} (nominal {last.get('rate/bps_nominal', 0):.1f}), "
+        f"frozen/ok {last.get('frozen/ok')}"
+    )
     m = report["metrics"]
-    print(f"verify step {step}: {'PASS' if report['passed'] else 'FAIL'} — agreement sem {m['agreement/sem']:.3f}, "
-          f"bitstream {m['bps_real/adapted']:.1f} bit/s (baseline {m['bps_real/baseline']:.1f}), mel L1 vs truth "
-          f"{m['mel_l1/adapted_vs_truth']:.3f} (baseline {m['mel_l1/baseline_vs_truth']:.3f}, silence "
-          f"{m['mel_l1/silence_vs_truth']:.3f}, noise {m['mel_l1/noise_vs_truth']:.3f})")
+    print(
+        f"verify step {step}: {'PASS' if report['passed'] else 'FAIL'} — agreement sem {m['agreement/sem']:.3f}, "
+        f"bitstream {m['bps_real/adapted']:.1f} bit/s (baseline {m['bps_real/baseline']:.1f}), mel L1 vs truth "
+        f"{m['mel_l1/adapted_vs_truth']:.3f} (baseline {m['mel_l1/baseline_vs_truth']:.3f}, silence "
+        f"{m['mel_l1/silence_vs_truth']:.3f}, noise {m['mel_l1/noise_vs_truth']:.3f})"
+    )
     print(f"   report: {report_path.with_suffix('.md')}")
     print("\n== where things are")
     for r in results:

@@ -23,8 +23,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from siren.data.manifest import ManifestError
     from siren.models.io import StrictLoadError
 
-    return (SirenError, ConfigError, ManifestError, AudioError, CorpusError, CheckpointNotFound, StrictLoadError,
-            FileNotFoundError)
+    return (
+        SirenError,
+        ConfigError,
+        ManifestError,
+        AudioError,
+        CorpusError,
+        CheckpointNotFound,
+        StrictLoadError,
+        FileNotFoundError,
+    )
 
 
 def __getattr__(name: str):

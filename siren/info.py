@@ -11,8 +11,19 @@ def component_info(cfg: SirenConfig) -> dict:
 
     rates = component_rates(cfg)
     components = {}
-    for name in ("ssl", "student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
-                 "entropy_model", "decoder", "fuser", "flow", "vocoder"):
+    for name in (
+        "ssl",
+        "student_ssl",
+        "factorizer",
+        "sem_quantizer",
+        "pro_quantizer",
+        "spk_quantizer",
+        "entropy_model",
+        "decoder",
+        "fuser",
+        "flow",
+        "vocoder",
+    ):
         if name == "ssl" and not cfg.ssl.name:
             components[name] = {"params": 0, "rate": rates.get(name, ""), "note": "ssl.name not set"}
             continue

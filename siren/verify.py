@@ -34,25 +34,35 @@ def _load(run: Path, step: int):
     sd = step_dir(run, step)
     if not (sd / "meta.json").is_file():
         steps = list_steps(run)
-        raise VerifyError(f"{sd} does not exist or is incomplete; saved steps in {run}: "
-                          f"{', '.join(map(str, steps)) or 'none'}")
+        raise VerifyError(
+            f"{sd} does not exist or is incomplete; saved steps in {run}: {', '.join(map(str, steps)) or 'none'}"
+        )
     meta = read_meta(sd)
     if meta["stage"] != "adapt":
-        raise VerifyError(f"{sd} is a {meta['stage']!r} checkpoint; verify checks an adapt checkpoint against its baseline")
+        raise VerifyError(
+            f"{sd} is a {meta['stage']!r} checkpoint; verify checks an adapt checkpoint against its baseline"
+        )
     base_uri = (meta.get("baseline") or {}).get("uri")
     if not base_uri:
         raise VerifyError(f"{sd}/meta.json names no baseline")
-    adapted = load_checkpoint(str(sd), ["student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
-                                        "entropy_model", "decoder"])
+    adapted = load_checkpoint(
+        str(sd),
+        ["student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"],
+    )
     try:
-        base = load_checkpoint(base_uri, ["ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
-                                          "entropy_model", "decoder"], ssl_cfg_from=adapted.cfg)
+        base = load_checkpoint(
+            base_uri,
+            ["ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"],
+            ssl_cfg_from=adapted.cfg,
+        )
     except (CheckpointNotFound, FileNotFoundError) as exc:
         raise VerifyError(f"the baseline {base_uri} recorded in {sd}/meta.json cannot be found: {exc}") from exc
     want = meta["baseline"].get("fingerprint")
     if want and baseline_fingerprint(base.meta) != want:
-        raise VerifyError(f"the baseline at {base_uri} is not the one step {step} was trained against "
-                          f"(fingerprint {baseline_fingerprint(base.meta)[:12]} ≠ {want[:12]})")
+        raise VerifyError(
+            f"the baseline at {base_uri} is not the one step {step} was trained against "
+            f"(fingerprint {baseline_fingerprint(base.meta)[:12]} ≠ {want[:12]})"
+        )
     for m in (*adapted.modules.values(), *base.modules.values()):
         m.eval().requires_grad_(False)
     adapted.modules["features"] = adapted.modules["student_ssl"]
@@ -84,8 +94,13 @@ def _render(pipe: dict, modules: dict, an, cfg) -> tuple[torch.Tensor, torch.Ten
     return mel, (pipe["vocoder"](mel) if "vocoder" in pipe else None)
 
 
-def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: dict[str, float] | None = None,
-               use_wandb: bool = True) -> dict:
+def run_verify(
+    run: str | Path,
+    step: int,
+    data: str | None = None,
+    thresholds: dict[str, float] | None = None,
+    use_wandb: bool = True,
+) -> dict:
     from siren.coding.bitstream import encode_codes
     from siren.data.audio import load_audio, save_audio
     from siren.data.manifest import Utterance, read_manifest
@@ -120,8 +135,13 @@ def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: 
     real_bits = {"adapted": 0.0, "baseline": 0.0}
     header_bits = {"adapted": 0.0, "baseline": 0.0}
     seconds = 0.0
-    dist = {"adapted_vs_truth": [], "baseline_vs_truth": [], "adapted_vs_baseline": [], "silence_vs_truth": [],
-            "noise_vs_truth": []}
+    dist = {
+        "adapted_vs_truth": [],
+        "baseline_vs_truth": [],
+        "adapted_vs_baseline": [],
+        "silence_vs_truth": [],
+        "noise_vs_truth": [],
+    }
     per_utt = []
     for i, u in enumerate(utts):
         wav = load_audio(u.path, a.sample_rate)
@@ -136,8 +156,9 @@ def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: 
             for w, ck in (("adapted", adapted), ("baseline", base)):
                 an = analyse(ck.modules, ck.modules["features"](wav))
                 masks = stream_masks(lengths, an)
-                ent = ck.modules["entropy_model"]({"sem": an.sem.codes, "pro": an.pro.codes},
-                                                  {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)})
+                ent = ck.modules["entropy_model"](
+                    {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
+                )
                 b, sec = entropy_rate(ent, masks)
                 bits[w] += float(b)
                 enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n, a.sample_rate)
@@ -160,9 +181,13 @@ def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: 
         ma, mb = res["adapted"][1][..., :T], res["baseline"][1][..., :T]
         silence = torch.full_like(tr, float(tr.min()))
         noise = mel_fn(torch.randn(1, n, generator=torch.Generator().manual_seed(i)) * wav.std())[..., :T]
-        d = {"adapted_vs_truth": (ma - tr).abs().mean(), "baseline_vs_truth": (mb - tr).abs().mean(),
-             "adapted_vs_baseline": (ma - mb).abs().mean(), "silence_vs_truth": (silence - tr).abs().mean(),
-             "noise_vs_truth": (noise - tr).abs().mean()}
+        d = {
+            "adapted_vs_truth": (ma - tr).abs().mean(),
+            "baseline_vs_truth": (mb - tr).abs().mean(),
+            "adapted_vs_baseline": (ma - mb).abs().mean(),
+            "silence_vs_truth": (silence - tr).abs().mean(),
+            "noise_vs_truth": (noise - tr).abs().mean(),
+        }
         for k, v in d.items():
             dist[k].append(float(v))
         per_utt.append({"id": u.id, **{k: float(v) for k, v in d.items()}})
@@ -182,8 +207,9 @@ def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: 
             metrics[f"agreement/{s}/{name}"] = float(eq[s][j] / tot[s][j])
         metrics[f"agreement/{s}"] = float(eq[s].sum() / tot[s].sum())
         metrics[f"js/{s}"] = float(js_divergence_bits(hist["adapted"][s], hist["baseline"][s]).mean())
-        metrics[f"entropy_delta_bits/{s}"] = float((entropy_bits(hist["adapted"][s]) -
-                                                    entropy_bits(hist["baseline"][s])).mean())
+        metrics[f"entropy_delta_bits/{s}"] = float(
+            (entropy_bits(hist["adapted"][s]) - entropy_bits(hist["baseline"][s])).mean()
+        )
     for w in ("adapted", "baseline"):
         metrics[f"bps_entropy/{w}"] = bits[w] / seconds
         metrics[f"bps_real/{w}"] = real_bits[w] / seconds
@@ -197,18 +223,30 @@ def run_verify(run: str | Path, step: int, data: str | None = None, thresholds: 
     for key, limit in sorted(th.items()):
         kind, _, name = key.partition("/")
         if kind not in ("min", "max") or name not in metrics:
-            problems.append(f"threshold `{key}`: expected min/<metric> or max/<metric> with a metric among "
-                            f"{', '.join(sorted(metrics))}")
+            problems.append(
+                f"threshold `{key}`: expected min/<metric> or max/<metric> with a metric among "
+                f"{', '.join(sorted(metrics))}"
+            )
             continue
         ok = metrics[name] >= limit if kind == "min" else metrics[name] <= limit
         checks.append({"threshold": key, "limit": limit, "value": metrics[name], "ok": bool(ok)})
     if problems:
         raise VerifyError("; ".join(problems))
     passed = all(c["ok"] for c in checks)
-    report = {"run": str(run), "step": step, "baseline": adapted.meta["baseline"], "eval_set": manifest,
-              "num_utts": len(per_utt), "seconds": seconds, "metrics": metrics, "checks": checks,
-              "passed": passed, "pipeline": sorted(pipe), "per_utterance": per_utt,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report = {
+        "run": str(run),
+        "step": step,
+        "baseline": adapted.meta["baseline"],
+        "eval_set": manifest,
+        "num_utts": len(per_utt),
+        "seconds": seconds,
+        "metrics": metrics,
+        "checks": checks,
+        "passed": passed,
+        "pipeline": sorted(pipe),
+        "per_utterance": per_utt,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(format_report(report))
     if use_wandb:
@@ -220,11 +258,14 @@ def _optional_quality(out_dir: Path) -> dict[str, float]:
     """DNSMOS / WER / speaker similarity / PESQ / STOI need the `eval` extra; without it they are reported absent."""
     import importlib.util
 
-    missing = [m for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos") if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        log.info("verify: eval extra not installed (%s missing): DNSMOS/WER/speaker/PESQ/STOI not computed",
-                 ", ".join(missing))
+        log.info(
+            "verify: eval extra not installed (%s missing): DNSMOS/WER/speaker/PESQ/STOI not computed",
+            ", ".join(missing),
+        )
         return {}
     from siren.metrics.quality import quality_metrics
 
@@ -233,10 +274,15 @@ def _optional_quality(out_dir: Path) -> dict[str, float]:
 
 def format_report(r: dict) -> str:
     m = r["metrics"]
-    lines = [f"# SIREN verify — {r['run']} step {r['step']}", "",
-             f"**{'PASS' if r['passed'] else 'FAIL'}** on {r['num_utts']} utterances ({r['seconds']:.1f} s of codes) "
-             f"from `{r['eval_set']}`; baseline `{r['baseline'].get('uri')}`; pipeline: {', '.join(r['pipeline']) or 'decoder head only'}",
-             "", "| check | value | limit | ok |", "|---|---:|---:|:-:|"]
+    lines = [
+        f"# SIREN verify — {r['run']} step {r['step']}",
+        "",
+        f"**{'PASS' if r['passed'] else 'FAIL'}** on {r['num_utts']} utterances ({r['seconds']:.1f} s of codes) "
+        f"from `{r['eval_set']}`; baseline `{r['baseline'].get('uri')}`; pipeline: {', '.join(r['pipeline']) or 'decoder head only'}",
+        "",
+        "| check | value | limit | ok |",
+        "|---|---:|---:|:-:|",
+    ]
     for c in r["checks"]:
         lines.append(f"| {c['threshold']} | {c['value']:.4f} | {c['limit']:.4f} | {'✓' if c['ok'] else '✗'} |")
     lines += ["", "| metric | value |", "|---|---:|"]
@@ -254,10 +300,17 @@ def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
         mode = wandb_mode(cfg.tracking.mode)
         if mode == "disabled":
             return
-        wb = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity, job_type="verify",
-                        name=f"verify-{run.name}-step_{step}", dir=str(run / "verify"), mode=mode,
-                        group=cfg.tracking.group, config={"run": str(run), "step": step},
-                        settings=wandb.Settings(console="off", x_disable_stats=True))
+        wb = wandb.init(
+            project=cfg.tracking.project,
+            entity=cfg.tracking.entity,
+            job_type="verify",
+            name=f"verify-{run.name}-step_{step}",
+            dir=str(run / "verify"),
+            mode=mode,
+            group=cfg.tracking.group,
+            config={"run": str(run), "step": step},
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
         from siren.artifacts import use_checkpoint_artifact
 
         uri = (adapted.meta.get("baseline") or {}).get("uri")

@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def hermetic_wandb(tmp_path, monkeypatch):
     wb = tmp_path / "_wandb"
-    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                     ("WANDB_CONFIG_DIR", "config"), ("SIREN_ARTIFACT_CACHE", "artifacts")):
+    for var, sub in (
+        ("WANDB_DIR", "dir"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("SIREN_ARTIFACT_CACHE", "artifacts"),
+    ):
         (wb / sub).mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv(var, str(wb / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")

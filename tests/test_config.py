@@ -73,16 +73,18 @@ def test_repo_configs_validate():
 
 def test_cli_typo_error_is_clean(tmp_path):
     p = write(tmp_path / "c.yaml", "extends: %s\nfactorizer:\n  hiden_dim: 3\n" % (ROOT / "configs/model/tiny.yaml"))
-    r = subprocess.run([sys.executable, "-m", "siren", "info", "--config", str(p)], capture_output=True, text=True,
-                       cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "siren", "info", "--config", str(p)], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 2
     assert "factorizer.hidden_dim" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_help_imports_no_heavy_library():
     # `siren --help` stays fast because torch/transformers/wandb are imported inside the commands only.
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "siren", "--help"], capture_output=True, text=True,
-                       cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "siren", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 0 and "train" in r.stdout
     imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "wandb", "accelerate", "torchaudio"}, imported

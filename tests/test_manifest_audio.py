@@ -28,8 +28,10 @@ def write_wav(path: Path, data: np.ndarray, sr: int = 16000, subtype: str = "PCM
 # ------------------------------------------------------------------------------------------------------------ manifest
 def test_manifest_round_trip_relative_paths(tmp_path):
     (tmp_path / "wavs").mkdir()
-    utts = [Utterance("a", str(tmp_path / "wavs" / "a.wav"), 1.5, "s1", "hello there"),
-            Utterance("b", "/elsewhere/b.wav", 2.0, "s2")]
+    utts = [
+        Utterance("a", str(tmp_path / "wavs" / "a.wav"), 1.5, "s1", "hello there"),
+        Utterance("b", "/elsewhere/b.wav", 2.0, "s2"),
+    ]
     m = write_manifest(tmp_path / "m.jsonl", utts)
     lines = [json.loads(x) for x in m.read_text().splitlines()]
     assert lines[0]["path"] == "wavs/a.wav"  # inside the manifest dir → relative
@@ -52,9 +54,13 @@ def test_manifest_id_defaults_to_stem(tmp_path):
 
 @pytest.mark.parametrize(
     "second_line, needle",
-    [("{not json", "invalid JSON"), ('{"path": "b.wav", "speaker": "s"}', "duration"),
-     ('{"path": "b.wav", "duration": "long", "speaker": "s"}', "duration"), ("[1, 2]", "JSON object"),
-     ('{"id": "a", "path": "c.wav", "duration": 1, "speaker": "s"}', "duplicate id")],
+    [
+        ("{not json", "invalid JSON"),
+        ('{"path": "b.wav", "speaker": "s"}', "duration"),
+        ('{"path": "b.wav", "duration": "long", "speaker": "s"}', "duration"),
+        ("[1, 2]", "JSON object"),
+        ('{"id": "a", "path": "c.wav", "duration": 1, "speaker": "s"}', "duplicate id"),
+    ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, second_line, needle):
     p = tmp_path / "bad.jsonl"
@@ -129,8 +135,13 @@ def _short(p: Path) -> Path:
 
 @pytest.mark.parametrize(
     "make, reason",
-    [(_empty, "empty"), (_corrupt, "unreadable"), (_nan, "non-finite"), (_short, "too short"),
-     (lambda p: p, "not found")],
+    [
+        (_empty, "empty"),
+        (_corrupt, "unreadable"),
+        (_nan, "non-finite"),
+        (_short, "too short"),
+        (lambda p: p, "not found"),
+    ],
     ids=["empty", "corrupt", "nan", "short", "missing"],
 )
 def test_bad_audio_raises_naming_file(tmp_path, make, reason):

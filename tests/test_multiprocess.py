@@ -21,8 +21,11 @@ def baseline_and_student(corpus_dir, teacher_dir, tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
     try:
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec",
-                             **{"train.max_steps": 2, "samples.enabled": "false"})).fit()
+        Trainer(
+            stage_config(
+                "codec", corpus_dir, teacher_dir, root / "codec", **{"train.max_steps": 2, "samples.enabled": "false"}
+            )
+        ).fit()
     finally:
         mp.undo()
     from siren.models.student_ssl import TinyHubert
@@ -36,12 +39,33 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
     root = baseline_and_student
     run = root / "adapt_ddp"
     batch = 4
-    args = stage_overrides("adapt", corpus_dir, teacher_dir, run, baseline=str(root / "codec"),
-                           **{"student_ssl.path": str(root / "student"), "train.max_steps": 4,
-                              "train.checkpoint_every": 2, "train.batch_size": batch, "samples.enabled": "false"})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch/accelerate/cpu_ddp.yaml"), "-m", "siren", "train", "--config",
-           str(ROOT / "configs/demo/base.yaml"), *args]
+    args = stage_overrides(
+        "adapt",
+        corpus_dir,
+        teacher_dir,
+        run,
+        baseline=str(root / "codec"),
+        **{
+            "student_ssl.path": str(root / "student"),
+            "train.max_steps": 4,
+            "train.checkpoint_every": 2,
+            "train.batch_size": batch,
+            "samples.enabled": "false",
+        },
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
+        "-m",
+        "siren",
+        "train",
+        "--config",
+        str(ROOT / "configs/demo/base.yaml"),
+        *args,
+    ]
     r = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "terminate called" not in r.stderr

@@ -29,8 +29,9 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("SIREN_ARTIFACT_CACHE", str(run.parent / "artifacts"))
     try:
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6,
-                                                                        "train.checkpoint_every": 3})).fit()
+        Trainer(
+            stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6, "train.checkpoint_every": 3})
+        ).fit()
     finally:
         mp.undo()
     return run
@@ -69,8 +70,14 @@ def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, 
 
     torch.manual_seed(0)
     TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(student)
-    cfg = stage_config("adapt", corpus_dir, teacher_dir, run, baseline=str(codec_run),
-                       **{"student_ssl.path": str(student), "train.max_steps": 4})
+    cfg = stage_config(
+        "adapt",
+        corpus_dir,
+        teacher_dir,
+        run,
+        baseline=str(codec_run),
+        **{"student_ssl.path": str(student), "train.max_steps": 4},
+    )
     Trainer(cfg).fit()
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 4
@@ -95,9 +102,17 @@ def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, 
 
 
 def test_frozen_weight_changed_during_training_is_a_hard_error(codec_run, corpus_dir, teacher_dir, tmp_path):
-    cfg = stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run",
-                       **{"trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
-                          "train.max_steps": 4, "train.checkpoint_every": 4})
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{
+            "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
+            "train.max_steps": 4,
+            "train.checkpoint_every": 4,
+        },
+    )
     trainer = Trainer(cfg)
     assert "decoder" in trainer.plan.frozen
     step = trainer.stage.step
@@ -128,14 +143,22 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     ov = {"train.max_steps": 14, "train.checkpoint_every": 4, "samples.enabled": "false"}
 
     def cmd(run: Path) -> list[str]:
-        return [sys.executable, "-m", "siren", "train", "--config", str(ROOT / "configs/demo/base.yaml"),
-                *stage_overrides("codec", corpus_dir, teacher_dir, run, **ov)]
+        return [
+            sys.executable,
+            "-m",
+            "siren",
+            "train",
+            "--config",
+            str(ROOT / "configs/demo/base.yaml"),
+            *stage_overrides("codec", corpus_dir, teacher_dir, run, **ov),
+        ]
 
     ref = subprocess.run(cmd(tmp_path / "ref"), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(run), env=subprocess_env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd(run), env=subprocess_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _wait_for(run / "checkpoints" / "step_4" / "meta.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -149,8 +172,17 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     assert [r["step"] for r in b] == list(range(1, 15))
     for ra, rb in zip(a, b, strict=True):
         for k in ra:
-            if k.startswith(("train/loss", "train/mel", "train/commit", "train/entropy", "train/grad_norm",
-                             "codebook/", "rate/bps_entropy")):
+            if k.startswith(
+                (
+                    "train/loss",
+                    "train/mel",
+                    "train/commit",
+                    "train/entropy",
+                    "train/grad_norm",
+                    "codebook/",
+                    "rate/bps_entropy",
+                )
+            ):
                 assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
     meta = json.loads((run / "checkpoints" / "step_14" / "meta.json").read_text())
     assert meta["wandb"]["id"] == run_id  # the same W&B run continues

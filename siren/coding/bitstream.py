@@ -67,8 +67,14 @@ def _stream_probs(entropy_model: nn.Module, stream: str, codes: torch.Tensor, t:
     return p / p.sum(-1, keepdims=True)
 
 
-def encode_codes(modules: dict[str, nn.Module], sem: torch.Tensor, pro: torch.Tensor, spk: torch.Tensor,
-                 num_samples: int, sample_rate: int = 16000) -> Encoded:
+def encode_codes(
+    modules: dict[str, nn.Module],
+    sem: torch.Tensor,
+    pro: torch.Tensor,
+    spk: torch.Tensor,
+    num_samples: int,
+    sample_rate: int = 16000,
+) -> Encoded:
     """sem (1, Ts, L), pro (1, Tp, L), spk (1, G) → bytes."""
     import constriction
 
@@ -84,13 +90,29 @@ def encode_codes(modules: dict[str, nn.Module], sem: torch.Tensor, pro: torch.Te
             estimate -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
     payload = enc.get_compressed().astype("<u4").tobytes()
     K_spk = modules["spk_quantizer"].codebook_size
-    head = _HEAD.pack(MAGIC, VERSION, sem.shape[2], pro.shape[2], spk.shape[1], model_id(modules), sem.shape[1],
-                      pro.shape[1], num_samples)
-    body = head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + struct.pack("<I", len(payload) // 4)
+    head = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        sem.shape[2],
+        pro.shape[2],
+        spk.shape[1],
+        model_id(modules),
+        sem.shape[1],
+        pro.shape[1],
+        num_samples,
+    )
+    body = (
+        head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + struct.pack("<I", len(payload) // 4)
+    )
     body += payload
     data = body + struct.pack("<I", zlib.crc32(body))
-    return Encoded(data=data, header_bits=8 * (len(data) - len(payload)), payload_bits=8 * len(payload),
-                   estimate_bits=estimate, seconds=num_samples / sample_rate)
+    return Encoded(
+        data=data,
+        header_bits=8 * (len(data) - len(payload)),
+        payload_bits=8 * len(payload),
+        estimate_bits=estimate,
+        seconds=num_samples / sample_rate,
+    )
 
 
 def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -208,8 +230,9 @@ def checkpoint_for(data: bytes) -> str:
     return json.loads(p.read_text())["checkpoint"]
 
 
-def decode_file(in_path: str, out_path: str, uri: str | None = None, flow_uri: str | None = None,
-                vocoder_uri: str | None = None) -> dict:
+def decode_file(
+    in_path: str, out_path: str, uri: str | None = None, flow_uri: str | None = None, vocoder_uri: str | None = None
+) -> dict:
     from siren.data.audio import save_audio
     from siren.train.stages.common import load_checkpoint
 
@@ -218,7 +241,11 @@ def decode_file(in_path: str, out_path: str, uri: str | None = None, flow_uri: s
     ck = load_codec(uri, with_decoder=True)
     sem, pro, spk, num_samples = decode_codes(ck.modules, data)
     q = ck.modules
-    lat = (q["sem_quantizer"].decode_codes(sem), q["pro_quantizer"].decode_codes(pro), q["spk_quantizer"].decode_codes(spk))
+    lat = (
+        q["sem_quantizer"].decode_codes(sem),
+        q["pro_quantizer"].decode_codes(pro),
+        q["spk_quantizer"].decode_codes(spk),
+    )
     flow_uri = flow_uri or ck.cfg.pipeline.flow
     vocoder_uri = vocoder_uri or ck.cfg.pipeline.vocoder
     if not vocoder_uri:
@@ -228,8 +255,9 @@ def decode_file(in_path: str, out_path: str, uri: str | None = None, flow_uri: s
         if flow_uri:
             fl = load_checkpoint(flow_uri, ["fuser", "flow"]).modules
             g = torch.Generator().manual_seed(0)
-            mel = fl["flow"].sample(fl["fuser"].eval()(*lat), steps=ck.cfg.flow.steps, solver=ck.cfg.flow.solver,
-                                    generator=g)
+            mel = fl["flow"].sample(
+                fl["fuser"].eval()(*lat), steps=ck.cfg.flow.steps, solver=ck.cfg.flow.solver, generator=g
+            )
             path = "fuser+flow"
         else:
             mel = q["decoder"](*lat)
@@ -241,9 +269,11 @@ def decode_file(in_path: str, out_path: str, uri: str | None = None, flow_uri: s
 
 def encode_cli(args) -> int:
     enc = encode_file(args.input, args.output, args.checkpoint)
-    print(f"{args.output}: {len(enc.data)} bytes for {enc.seconds:.2f} s = {enc.bps:.1f} bit/s "
-          f"(payload {enc.payload_bps:.1f} bit/s, entropy-model estimate {enc.estimate_bits / enc.seconds:.1f} bit/s, "
-          f"header {enc.header_bits} bits)")
+    print(
+        f"{args.output}: {len(enc.data)} bytes for {enc.seconds:.2f} s = {enc.bps:.1f} bit/s "
+        f"(payload {enc.payload_bps:.1f} bit/s, entropy-model estimate {enc.estimate_bits / enc.seconds:.1f} bit/s, "
+        f"header {enc.header_bits} bits)"
+    )
     return 0
 
 

@@ -45,7 +45,9 @@ class CodebookWindow:
             raise ValueError(f"train.codebook_window must be >= 1, got {window}")
         self.layout = dict(layout)
         self.window = window
-        self.buffers = {s: torch.zeros(window, L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()}
+        self.buffers = {
+            s: torch.zeros(window, L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()
+        }
         self.pos = 0
 
     def push(self, counts: dict[str, torch.Tensor]) -> None:

@@ -17,8 +17,9 @@ from siren.errors import LayoutMismatch
 from siren.metrics.codebook import entropy_bits, histogram
 
 
-def compute_profile(modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu",
-                    max_utts: int | None = None) -> dict:
+def compute_profile(
+    modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu", max_utts: int | None = None
+) -> dict:
     """modules: `features` (ssl or student), factorizer, quantizers, entropy_model. Full utterances, one at a time."""
     from siren.data.audio import load_audio
     from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
@@ -32,8 +33,9 @@ def compute_profile(modules: dict[str, nn.Module], utterances, sample_rate: int,
             an = analyse(modules, modules["features"](wav[None]))
             lengths = torch.tensor([wav.shape[-1]], device=device)
             masks = stream_masks(lengths, an)
-            ent = modules["entropy_model"]({"sem": an.sem.codes, "pro": an.pro.codes},
-                                           {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)})
+            ent = modules["entropy_model"](
+                {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
+            )
             bits, seconds = entropy_rate(ent, masks)
         for s in ("sem", "pro"):
             hists[s] += histogram(getattr(an, s).codes, masks[s], layout[s][0]).cpu()
@@ -56,8 +58,9 @@ def load_or_compute_profile(path: Path, trainer, utterances, stage) -> dict:
     acc = trainer.accelerator
     layout = {s: list(v) for s, v in stage.code_layout(trainer.modules).items()}
     if trainer.is_main and not path.is_file():
-        prof = compute_profile(stage.profile_modules(trainer.modules), utterances, trainer.cfg.audio.sample_rate,
-                               acc.device)
+        prof = compute_profile(
+            stage.profile_modules(trainer.modules), utterances, trainer.cfg.audio.sample_rate, acc.device
+        )
         prof["baseline_fingerprint"] = stage.baseline_fingerprint
         prof["baseline_uri"] = stage.baseline_uri
         tmp = path.with_name(path.name + ".tmp")
@@ -66,20 +69,21 @@ def load_or_compute_profile(path: Path, trainer, utterances, stage) -> dict:
     acc.wait_for_everyone()
     prof = json.loads(path.read_text())
     if prof.get("baseline_fingerprint") != stage.baseline_fingerprint:
-        raise LayoutMismatch(f"{path} was computed for another baseline (fingerprint "
-                             f"{str(prof.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
-                             "use a new run dir or --fresh")
+        raise LayoutMismatch(
+            f"{path} was computed for another baseline (fingerprint "
+            f"{str(prof.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
+            "use a new run dir or --fresh"
+        )
     if prof["layout"] != layout:
         raise LayoutMismatch(f"{path} has code layout {prof['layout']}, this run has {layout}")
     return prof
 
 
 def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | None = None) -> dict:
-    from siren.data.manifest import read_manifest
-    from siren.train.stages.common import load_checkpoint
-
-    from siren.train.checkpoint import read_meta
     from siren.artifacts import resolve_checkpoint
+    from siren.data.manifest import read_manifest
+    from siren.train.checkpoint import read_meta
+    from siren.train.stages.common import load_checkpoint
 
     meta = read_meta(resolve_checkpoint(uri))
     feat = "student_ssl" if meta["stage"] == "adapt" else "ssl"

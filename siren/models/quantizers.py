@@ -121,12 +121,12 @@ class ResidualFSQ(nn.Module):
             residual = residual - q.detach()
             total = total + q
             codes.append(idx)
-        # Pull the projection towards the grid it is quantized to (the grid itself has no parameters).
-        commit = F.mse_loss(z, total.detach())
+        # FSQ needs no commitment term: the grid is fixed and the bound keeps z in range. A term pulling z towards its
+        # grid point pulls everything towards the centre code at initialisation and collapses the codebook.
         return QuantizedResult(
             quantized=self.out_proj(total),
             codes=torch.stack(codes, dim=-1),
-            commit_loss=commit,
+            commit_loss=z.new_zeros(()),
             metrics={"quant_error": (z - total).detach().abs().mean()},
         )
 

@@ -79,9 +79,7 @@ class Registry:
         return mod.get_submodule(sub) if sub else mod
 
     # --------------------------------------------------------------------------------------------------------- freeze
-    def apply(
-        self, trainable: Iterable[str], freeze: Iterable[str], required_frozen: Iterable[str] = ()
-    ) -> FreezePlan:
+    def apply(self, trainable: Iterable[str], freeze: Iterable[str], required_frozen: Iterable[str] = ()) -> FreezePlan:
         """Make `trainable` components trainable, everything else frozen, then freeze `freeze` (also inside trainable
         components). `required_frozen` (the stage's own list) may not be made trainable."""
         trainable_paths = [p for pat in trainable for p in self.resolve(pat)]
@@ -168,8 +166,14 @@ class Registry:
         out = []
         for pat, (g_lr, g_wd) in groups.items():
             ps = [params[n] for n, g in assigned.items() if g == pat]
-            out.append({"name": pat, "params": ps, "lr": lr if g_lr is None else g_lr,
-                        "weight_decay": weight_decay if g_wd is None else g_wd})
+            out.append(
+                {
+                    "name": pat,
+                    "params": ps,
+                    "lr": lr if g_lr is None else g_lr,
+                    "weight_decay": weight_decay if g_wd is None else g_wd,
+                }
+            )
         rest = [p for n, p in params.items() if n not in assigned]
         if rest:
             out.append({"name": "default", "params": rest, "lr": lr, "weight_decay": weight_decay})

@@ -36,8 +36,9 @@ def load_pipeline(trainer, which: str) -> nn.Module | dict[str, nn.Module] | Non
         try:
             ck = load_checkpoint(uri, list(own))
         except (FileNotFoundError, RuntimeError) as exc:
-            log.warning("samples: pipeline.%s=%s cannot be loaded (%s); samples that need it are skipped", which, uri,
-                        exc)
+            log.warning(
+                "samples: pipeline.%s=%s cannot be loaded (%s); samples that need it are skipped", which, uri, exc
+            )
         else:
             for m in ck.modules.values():
                 m.to(trainer.accelerator.device).eval().requires_grad_(False)

@@ -135,7 +135,9 @@ class Trainer:
         # Freezing (DESIGN §5): the registry decides what trains; everything else is pinned frozen.
         self.registry = Registry(self.modules)
         trainable = cfg.trainable or list(self.stage.default_trainable)
-        self.plan = self.registry.apply(trainable, [*self.stage.required_frozen, *cfg.freeze], self.stage.required_frozen)
+        self.plan = self.registry.apply(
+            trainable, [*self.stage.required_frozen, *cfg.freeze], self.stage.required_frozen
+        )
         for m in self.modules.values():
             m.to(acc.device)
         self.frozen_ok = 1.0
@@ -152,8 +154,9 @@ class Trainer:
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
 
         self.dataset = self._build_dataset()
-        self.batches = ShardedBatches(len(self.dataset), cfg.train.batch_size, acc.num_processes,
-                                      acc.process_index, cfg.train.seed)
+        self.batches = ShardedBatches(
+            len(self.dataset), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed
+        )
         self.layout = self.stage.code_layout(self.modules)
         self.window = CodebookWindow(self.layout, cfg.train.codebook_window, acc.device) if self.layout else None
 
@@ -194,8 +197,9 @@ class Trainer:
         d, sr = self.cfg.data, self.cfg.audio.sample_rate
         if not d.train:
             raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
-        return AudioDataset(read_manifest(d.train), sr, int(d.segment_seconds * sr), int(d.min_seconds * sr),
-                            seed=self.cfg.train.seed)
+        return AudioDataset(
+            read_manifest(d.train), sr, int(d.segment_seconds * sr), int(d.min_seconds * sr), seed=self.cfg.train.seed
+        )
 
     def _make_tracker(self):
         if not self.is_main:
@@ -209,9 +213,18 @@ class Trainer:
         resume_id = self.resume_meta.get("wandb", {}).get("id")
         if resume_id is None and (self.run_dir / "wandb_run_id").is_file():
             resume_id = (self.run_dir / "wandb_run_id").read_text().strip()
-        tracker = Tracker(self.run_dir, project=t.project, entity=t.entity, mode=t.mode, run_name=self.run_name,
-                          group=t.group, tags=t.tags, config=to_dict(self.cfg), job_type=self.stage.name,
-                          resume_id=resume_id)
+        tracker = Tracker(
+            self.run_dir,
+            project=t.project,
+            entity=t.entity,
+            mode=t.mode,
+            run_name=self.run_name,
+            group=t.group,
+            tags=t.tags,
+            config=to_dict(self.cfg),
+            job_type=self.stage.name,
+            resume_id=resume_id,
+        )
         if tracker.run_id:
             (self.run_dir / "wandb_run_id").write_text(tracker.run_id)
         return tracker
@@ -270,8 +283,12 @@ class Trainer:
                 bad_in_row = 0
             else:
                 bad_in_row += 1
-                log.warning("step %d: non-finite loss/grad (%s), update skipped (%d in a row)",
-                            step + 1, metrics["train/loss"], bad_in_row)
+                log.warning(
+                    "step %d: non-finite loss/grad (%s), update skipped (%d in a row)",
+                    step + 1,
+                    metrics["train/loss"],
+                    bad_in_row,
+                )
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
@@ -302,8 +319,9 @@ class Trainer:
 
         self.dataset.set_epoch(epoch)
         batches = self.batches.epoch(epoch)[start:]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=self.cfg.data.num_workers)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.cfg.data.num_workers
+        )
         return iter(loader)
 
     def _reduce_metrics(self, out: StepOutput, grad_norm) -> tuple[torch.Tensor, list[str]]:
@@ -314,11 +332,14 @@ class Trainer:
         parts = [torch.stack([v.to(torch.float64) for v in scalars.values()]) / acc.num_processes]
         ratio_names = list(out.ratios)
         if ratio_names:
-            parts.append(torch.stack([torch.stack([n.to(torch.float64), d.to(torch.float64)])
-                                      for n, d in out.ratios.values()]).reshape(-1))
+            parts.append(
+                torch.stack(
+                    [torch.stack([n.to(torch.float64), d.to(torch.float64)]) for n, d in out.ratios.values()]
+                ).reshape(-1)
+            )
         hist_shapes = []
         if self.window is not None:
-            for s, (K, L) in self.layout.items():
+            for s, (K, _levels) in self.layout.items():
                 codes, mask = out.codes[s]
                 h = histogram(codes.detach(), mask, K)
                 hist_shapes.append((s, h.shape))
@@ -366,7 +387,9 @@ class Trainer:
         final = None
         if self.is_main:
             if self.window is not None:
-                torch.save({"buffers": self.window.buffers, "pos": self.window.pos}, tmp / "trainer" / "codebook_window.pt")
+                torch.save(
+                    {"buffers": self.window.buffers, "pos": self.window.pos}, tmp / "trainer" / "codebook_window.pt"
+                )
             ckpt.save_components(tmp, self._saved_modules())
             is_best = self._update_best(step, metrics)
             meta = self._meta(step, metrics)
@@ -400,8 +423,12 @@ class Trainer:
             "trainable": self.plan.trainable_components,
             "code_layout": {k: list(v) for k, v in self.layout.items()},
             "baseline": {"uri": self.stage.baseline_uri, "fingerprint": self.stage.baseline_fingerprint},
-            "wandb": {"id": self.tracker.run_id, "project": self.tracker.project, "entity": self.tracker.entity,
-                      "mode": self.tracker.mode},
+            "wandb": {
+                "id": self.tracker.run_id,
+                "project": self.tracker.project,
+                "entity": self.tracker.entity,
+                "mode": self.tracker.mode,
+            },
             "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
             "best": self.best,
             "version": __version__,
@@ -428,8 +455,9 @@ class Trainer:
         name = artifact_name(self.stage.name, self.run_name)
         index_checkpoint(step_path, self.tracker.entity, self.cfg.tracking.project, name, aliases)
         if self.tracker.run is not None:
-            log_checkpoint_artifact(self.tracker.run, step_path, name, aliases,
-                                    {"step": step, "stage": self.stage.name})
+            log_checkpoint_artifact(
+                self.tracker.run, step_path, name, aliases, {"step": step, "stage": self.stage.name}
+            )
 
     def finish(self) -> None:
         acc = self.accelerator
@@ -448,13 +476,21 @@ class _nullcontext:
         return False
 
 
-def train_from_cli(config: str, overrides: list[str], *, run_dir: str | None = None, fresh: bool = False,
-                   init_from: str | None = None, init_components: str | None = None) -> int:
+def train_from_cli(
+    config: str,
+    overrides: list[str],
+    *,
+    run_dir: str | None = None,
+    fresh: bool = False,
+    init_from: str | None = None,
+    init_components: str | None = None,
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, fresh=fresh, init_from=init_from,
-                      init_components=init_components.split(",") if init_components else None)
+    trainer = Trainer(
+        cfg, fresh=fresh, init_from=init_from, init_components=init_components.split(",") if init_components else None
+    )
     last = trainer.fit()
     if trainer.is_main:
         keys = [k for k in ("train/loss", "drift/sem/agreement", "rate/bps_entropy", "frozen/ok") if k in last]

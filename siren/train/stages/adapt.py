@@ -54,8 +54,19 @@ def load_student(cfg) -> nn.Module:
         raise SirenError("adapt needs student_ssl.path: a distill run (runs/.../distill) or a saved TinyHubert dir")
     p = Path(path)
     if p.is_dir() and (p / "hubert").is_dir():
-        return TinyHubert.from_pretrained(p)
-    return load_checkpoint(path, ["student_ssl"]).modules["student_ssl"]
+        student = TinyHubert.from_pretrained(p)
+    else:
+        student = load_checkpoint(path, ["student_ssl"]).modules["student_ssl"]
+    describe_student(cfg, student)
+    return student
+
+
+def describe_student(cfg, student) -> None:
+    """Record the loaded student's real architecture in the run's config, so its checkpoints rebuild it exactly."""
+    hc = student.hubert.config
+    s = cfg.student_ssl
+    s.hidden_size, s.num_layers, s.num_heads = hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads
+    s.intermediate_size, s.conv_dim, s.teacher_dim = hc.intermediate_size, hc.conv_dim[0], student.dim
 
 
 class TeacherCache:
@@ -124,8 +135,16 @@ class AdaptStage(Stage):
     name = "adapt"
     components = ("ssl", "student_ssl", "teacher_factorizer", *CODEC_PARTS)
     default_trainable = ("factorizer",)
-    required_frozen = ("ssl", "student_ssl", "teacher_factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer",
-                       "entropy_model", "decoder")
+    required_frozen = (
+        "ssl",
+        "student_ssl",
+        "teacher_factorizer",
+        "sem_quantizer",
+        "pro_quantizer",
+        "spk_quantizer",
+        "entropy_model",
+        "decoder",
+    )
 
     def build(self) -> dict[str, nn.Module]:
         from siren.models.mel import MelSpectrogram
@@ -137,16 +156,24 @@ class AdaptStage(Stage):
         self.baseline_uri = self.cfg.baseline
         self.baseline_fingerprint = baseline_fingerprint(base.meta)
         if base.meta.get("stage") != "codec":
-            raise SirenError(f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one")
+            raise SirenError(
+                f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one"
+            )
         student = load_student(self.cfg)
         fact = base.modules["factorizer"]
         in_dim = fact.input_dim if hasattr(fact, "input_dim") else self.base_cfg.factorizer.input_dim
         if student.dim != in_dim:
-            raise LayoutMismatch(f"student_ssl outputs {student.dim}-d features but the baseline factorizer takes {in_dim}")
+            raise LayoutMismatch(
+                f"student_ssl outputs {student.dim}-d features but the baseline factorizer takes {in_dim}"
+            )
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
-        mods = {"ssl": base.modules["ssl"], "student_ssl": student, "teacher_factorizer": fact,
-                "factorizer": copy.deepcopy(fact)}  # the student side starts from the baseline's weights
+        mods = {
+            "ssl": base.modules["ssl"],
+            "student_ssl": student,
+            "teacher_factorizer": fact,
+            "factorizer": copy.deepcopy(fact),
+        }  # the student side starts from the baseline's weights
         for n in CODEC_PARTS[1:]:
             mods[n] = base.modules[n]
         return mods
@@ -162,8 +189,14 @@ class AdaptStage(Stage):
         """Teacher path (ssl → baseline factorizer → frozen quantizers) on full utterances (1, N)."""
         teacher_mods = {**modules, "factorizer": modules["teacher_factorizer"]}
         an = analyse(teacher_mods, modules["ssl"](wav))
-        return {"sem_latent": an.fact.sem, "pro_latent": an.fact.pro, "spk_latent": an.fact.spk,
-                "sem_codes": an.sem.codes, "pro_codes": an.pro.codes, "spk_codes": an.spk.codes}
+        return {
+            "sem_latent": an.fact.sem,
+            "pro_latent": an.fact.pro,
+            "spk_latent": an.fact.spk,
+            "sem_codes": an.sem.codes,
+            "pro_codes": an.pro.codes,
+            "spk_codes": an.spk.codes,
+        }
 
     def student(self, modules, wav: torch.Tensor):
         with torch.no_grad():
@@ -223,14 +256,21 @@ class AdaptStage(Stage):
         from siren.metrics.drift import agreement_counts
 
         ratios = {"rate/bps_entropy": (bits, seconds)}
-        for s, ref, m in (("sem", t["sem_codes"], masks["sem"]), ("pro", t["pro_codes"], masks["pro"]),
-                          ("spk", t["spk_codes"], None)):
+        for s, ref, m in (
+            ("sem", t["sem_codes"], masks["sem"]),
+            ("pro", t["pro_codes"], masks["pro"]),
+            ("spk", t["spk_codes"], None),
+        ):
             eq, tot = agreement_counts(getattr(an, s).codes, ref, m)
             ratios[f"drift/{s}/agreement"] = (eq, tot)
         return StepOutput(
             loss=loss,
             terms=terms,
-            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+            codes={
+                "sem": (an.sem.codes, masks["sem"]),
+                "pro": (an.pro.codes, masks["pro"]),
+                "spk": (an.spk.codes, None),
+            },
             ratios=ratios,
         )
 

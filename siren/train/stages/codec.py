@@ -62,7 +62,11 @@ class CodecStage(Stage):
         return StepOutput(
             loss=loss,
             terms=terms,
-            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+            codes={
+                "sem": (an.sem.codes, masks["sem"]),
+                "pro": (an.pro.codes, masks["pro"]),
+                "spk": (an.spk.codes, None),
+            },
             ratios={"rate/bps_entropy": (bits, seconds)},
         )
 

@@ -107,12 +107,16 @@ def load_checkpoint(uri: str, names: list[str], *, ssl_cfg_from: SirenConfig | N
     cfg = config_from_dict(meta["config"])
     if ssl_cfg_from is not None:
         cfg.ssl = ssl_cfg_from.ssl
+    # Weights come from this checkpoint: build the student from its recorded architecture, not from its source path.
+    cfg.student_ssl.path = None
     stored = set(available_components(path))
     want = [n for n in names if n != "ssl"]
     missing = [n for n in want if n not in stored]
     if missing:
-        raise SirenError(f"checkpoint {path} (stage {meta.get('stage')}) has no {', '.join(missing)}; it holds "
-                         f"{', '.join(sorted(stored))}")
+        raise SirenError(
+            f"checkpoint {path} (stage {meta.get('stage')}) has no {', '.join(missing)}; it holds "
+            f"{', '.join(sorted(stored))}"
+        )
     modules: dict[str, nn.Module] = {}
     if "ssl" in names:
         modules["ssl"] = build_component("ssl", cfg)

@@ -33,7 +33,11 @@ class FlowStage(Stage):
         build_cfg.factorizer = base.cfg.factorizer
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
-        return {**base.modules, "fuser": build_component("fuser", build_cfg), "flow": build_component("flow", build_cfg)}
+        return {
+            **base.modules,
+            "fuser": build_component("fuser", build_cfg),
+            "flow": build_component("flow", build_cfg),
+        }
 
     def code_layout(self, modules):
         return code_layout(modules)
@@ -52,7 +56,11 @@ class FlowStage(Stage):
         return StepOutput(
             loss=self.cfg.loss.fm * fm,
             terms={"fm": fm},
-            codes={"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)},
+            codes={
+                "sem": (an.sem.codes, masks["sem"]),
+                "pro": (an.pro.codes, masks["pro"]),
+                "spk": (an.spk.codes, None),
+            },
         )
 
     def render(self, trainer, modules, utterances) -> list[Sample]:

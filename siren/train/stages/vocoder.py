@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from siren.models.builders import build_component
@@ -33,8 +32,9 @@ class VocoderStage(Stage):
         n = min(wav_hat.shape[-1], wav.shape[-1])
         stft = multi_resolution_stft_loss(wav_hat[:, :n], wav[:, :n])
         mel_hat = mel_fn(wav_hat[:, :n])
-        mel_l1 = masked_l1(mel_hat, mel[..., : mel_hat.shape[-1]],
-                           frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1]))
+        mel_l1 = masked_l1(
+            mel_hat, mel[..., : mel_hat.shape[-1]], frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
+        )
         w = self.cfg.loss
         return StepOutput(loss=w.stft * stft + w.mel * mel_l1, terms={"stft": stft, "mel": mel_l1})
 
@@ -44,6 +44,11 @@ class VocoderStage(Stage):
         out = []
         for utt, wav in utterances:
             wav_hat = modules["vocoder"](mel_of(self, wav)[None])[0]
-            out.append(Sample(id=utt.id, audio={"original": wav, "vocoded": wav_hat},
-                              mels={"original": mel_of(self, wav), "vocoded": mel_of(self, wav_hat)}))
+            out.append(
+                Sample(
+                    id=utt.id,
+                    audio={"original": wav, "vocoded": wav_hat},
+                    mels={"original": mel_of(self, wav), "vocoded": mel_of(self, wav_hat)},
+                )
+            )
         return out
