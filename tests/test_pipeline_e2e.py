@@ -1,0 +1,144 @@
+"""Tiny end-to-end run of every stage (vocoder → codec → flow → distill → adapt), then verify, encode/decode and the
+`wandb:` URI resolved through the local artifact index."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import ROOT, stage_config
+
+from siren.coding.bitstream import BitstreamError, decode_codes, encode_codes, load_codec
+from siren.data.audio import load_audio
+from siren.data.manifest import read_manifest
+from siren.train.stages.common import analyse
+from siren.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def pipeline(corpus_dir, teacher_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
+    common = {"train.max_steps": 4, "train.checkpoint_every": 4, "pipeline.vocoder": str(root / "vocoder")}
+    try:
+        Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **{**common, "train.max_steps": 30,
+                                                                                   "train.checkpoint_every": 30})).fit()
+        Trainer(stage_config("flow", corpus_dir, teacher_dir, root / "flow", baseline=str(root / "codec"),
+                             **common)).fit()
+        Trainer(stage_config("distill", corpus_dir, teacher_dir, root / "distill", **common)).fit()
+        # The baseline is named by its W&B artifact URI and resolved through the local index written on save.
+        Trainer(stage_config("adapt", corpus_dir, teacher_dir, root / "adapt", baseline="wandb:local/siren-demo/codec-codec:latest",
+                             **{**common, "student_ssl.path": str(root / "distill"), "pipeline.flow": str(root / "flow"),
+                                "train.checkpoint_every": 2})).fit()
+    finally:
+        mp.undo()
+    return root
+
+
+def test_every_stage_wrote_checkpoints_and_samples(pipeline):
+    for stage in ("vocoder", "codec", "flow", "distill", "adapt"):
+        latest = (pipeline / stage / "checkpoints" / "latest").read_text().strip()
+        meta = json.loads((pipeline / stage / "checkpoints" / latest / "meta.json").read_text())
+        assert meta["stage"] == stage
+    samples = pipeline / "adapt" / "checkpoints" / "step_4" / "samples"
+    names = {p.name for p in samples.iterdir()}
+    ids = {n.rsplit("_", 1)[0] for n in names}
+    for i in ids:  # aligned: original, adapted and baseline audio + mel images for each clip
+        for v in ("original", "adapted", "baseline"):
+            assert f"{i}_{v}.wav" in names and f"{i}_{v}.png" in names
+    wav, sr = sf.read(samples / f"{sorted(ids)[0]}_adapted.wav")
+    assert sr == 16000 and wav.ndim == 1 and np.isfinite(wav).all() and np.abs(wav).max() > 0
+    assert (pipeline / "adapt" / "checkpoints" / "step_2" / "samples").is_dir()  # samples at every checkpoint
+
+
+def test_adapt_meta_records_resolved_baseline(pipeline):
+    meta = json.loads((pipeline / "adapt" / "checkpoints" / "step_4" / "meta.json").read_text())
+    assert meta["baseline"]["uri"].startswith("wandb:local/siren-demo/codec-codec")
+    assert meta["baseline"]["fingerprint"]
+
+
+def _verify(pipeline, *extra, env):
+    return subprocess.run([sys.executable, "-m", "siren", "verify", "--run", str(pipeline / "adapt"), *extra],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_verify_exit_codes(pipeline, subprocess_env):
+    subprocess_env["SIREN_ARTIFACT_CACHE"] = str(pipeline / "artifacts")
+    r = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", env=subprocess_env)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    report = json.loads((pipeline / "adapt" / "verify" / "step_4" / "report.json").read_text())
+    for key in ("agreement/sem", "agreement/sem/l0", "js/sem", "entropy_delta_bits/sem", "bps_entropy/adapted",
+                "bps_real/adapted", "bps_real/baseline", "mel_l1/adapted_vs_truth", "mel_l1/adapted_vs_baseline"):
+        assert key in report["metrics"], key
+    assert (pipeline / "adapt" / "verify" / "step_4" / "report.md").is_file()
+    loose = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", "--threshold",
+                    "max/bps_ratio=100", "--threshold", "max/js/sem=1", "--threshold", "min/agreement/pro=0",
+                    "--threshold", "max/entropy_delta_bits/sem=100", "--no-wandb", env=subprocess_env)
+    assert loose.returncode == 0, loose.stdout
+    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb",
+                     env=subprocess_env)
+    assert strict.returncode == 1 and "FAIL" in strict.stdout
+    missing = _verify(pipeline, "--step", "999", "--no-wandb", env=subprocess_env)
+    assert missing.returncode == 2 and "step_999" in missing.stdout and "saved steps" in missing.stdout
+    bad = _verify(pipeline, "--step", "4", "--threshold", "min/nonsense=1", "--no-wandb", env=subprocess_env)
+    assert bad.returncode == 2 and "nonsense" in bad.stdout
+
+
+def test_bitstream_round_trip_size_and_errors(pipeline, corpus_dir):
+    ck = load_codec(str(pipeline / "codec"))
+    utt = max(read_manifest(corpus_dir / "val.jsonl"), key=lambda u: u.duration)
+    wav = load_audio(utt.path)
+    n = wav.shape[-1] - wav.shape[-1] % 2560
+    with torch.no_grad():
+        an = analyse(ck.modules, ck.modules["features"](wav[None, :n]))
+    enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n)
+    sem, pro, spk, num = decode_codes(ck.modules, enc.data)
+    assert torch.equal(sem, an.sem.codes) and torch.equal(pro, an.pro.codes) and torch.equal(spk, an.spk.codes)
+    assert num == n
+    # Real size: payload within 1 % of the entropy estimate plus the coder's final flush (at most two 32-bit words).
+    assert enc.payload_bits <= enc.estimate_bits * 1.01 + 64
+    assert len(enc.data) * 8 == enc.header_bits + enc.payload_bits
+    with pytest.raises(BitstreamError, match="truncated"):
+        decode_codes(ck.modules, enc.data[:-7])
+    flipped = bytearray(enc.data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with pytest.raises(BitstreamError, match="corrupted"):
+        decode_codes(ck.modules, bytes(flipped))
+    # adapt shares the baseline's frozen quantizers and entropy model, so its model id is the same; another model is
+    # one whose code-defining weights differ.
+    other = load_codec(str(pipeline / "adapt"))
+    decode_codes(other.modules, enc.data)
+    with torch.no_grad():
+        next(other.modules["sem_quantizer"].parameters()).add_(0.01)
+    with pytest.raises(BitstreamError, match="another model"):
+        decode_codes(other.modules, enc.data)
+
+
+def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
+    utt = read_manifest(corpus_dir / "val.jsonl")[0]
+    out = tmp_path / "x.siren"
+    r = subprocess.run([sys.executable, "-m", "siren", "encode", utt.path, str(out), "--checkpoint",
+                        str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT, env=subprocess_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "bit/s" in r.stdout
+    wav_out = tmp_path / "y.wav"
+    r = subprocess.run([sys.executable, "-m", "siren", "decode", str(out), str(wav_out), "--checkpoint",
+                        str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT, env=subprocess_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    y, sr = sf.read(wav_out)
+    assert sr == 16000 and len(y) > 0 and np.isfinite(y).all()
+    garbage = tmp_path / "g.siren"
+    garbage.write_bytes(b"\x00" * 100)
+    r = subprocess.run([sys.executable, "-m", "siren", "decode", str(garbage), str(tmp_path / "z.wav"),
+                        "--checkpoint", str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT,
+                       env=subprocess_env)
+    assert r.returncode == 2 and "not a SIREN bitstream" in r.stderr
+    assert not (tmp_path / "z.wav").exists()
