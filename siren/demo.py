@@ -30,7 +30,7 @@ def _progress(run_dir: Path, total: int, proc: subprocess.Popen, desc: str) -> N
                 if lines:
                     last = json.loads(lines[-1])
                     bar.n = last.get("step", 0)
-                    bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}")
+                    bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}", refresh=False)
                     bar.refresh()
         if metrics.is_file() and metrics.read_text().strip():
             bar.n = json.loads(metrics.read_text().splitlines()[-1]).get("step", bar.n)
@@ -144,7 +144,7 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> 
     for r in results:
         rd = Path(r["run_dir"])
         s = latest_step(rd)
-        if s is not None and (rd / "checkpoints" / f"step_{s}" / "samples").is_dir():
+        if s is not None and any((rd / "checkpoints" / f"step_{s}" / "samples").glob("*.wav")):
             print(f"   samples {r['stage']:<8} {rd / 'checkpoints' / f'step_{s}' / 'samples'}")
     offline = sorted(Path(root).glob("*/wandb/offline-run-*"))
     if offline:

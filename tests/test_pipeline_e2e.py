@@ -29,15 +29,35 @@ def pipeline(corpus_dir, teacher_dir, tmp_path_factory):
     common = {"train.max_steps": 4, "train.checkpoint_every": 4, "pipeline.vocoder": str(root / "vocoder")}
     try:
         Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **{**common, "train.max_steps": 30,
-                                                                                   "train.checkpoint_every": 30})).fit()
-        Trainer(stage_config("flow", corpus_dir, teacher_dir, root / "flow", baseline=str(root / "codec"),
-                             **common)).fit()
+        Trainer(
+            stage_config(
+                "codec",
+                corpus_dir,
+                teacher_dir,
+                root / "codec",
+                **{**common, "train.max_steps": 30, "train.checkpoint_every": 30},
+            )
+        ).fit()
+        Trainer(
+            stage_config("flow", corpus_dir, teacher_dir, root / "flow", baseline=str(root / "codec"), **common)
+        ).fit()
         Trainer(stage_config("distill", corpus_dir, teacher_dir, root / "distill", **common)).fit()
         # The baseline is named by its W&B artifact URI and resolved through the local index written on save.
-        Trainer(stage_config("adapt", corpus_dir, teacher_dir, root / "adapt", baseline="wandb:local/siren-demo/codec-codec:latest",
-                             **{**common, "student_ssl.path": str(root / "distill"), "pipeline.flow": str(root / "flow"),
-                                "train.checkpoint_every": 2})).fit()
+        Trainer(
+            stage_config(
+                "adapt",
+                corpus_dir,
+                teacher_dir,
+                root / "adapt",
+                baseline="wandb:local/siren-demo/codec-codec:latest",
+                **{
+                    **common,
+                    "student_ssl.path": str(root / "distill"),
+                    "pipeline.flow": str(root / "flow"),
+                    "train.checkpoint_every": 2,
+                },
+            )
+        ).fit()
     finally:
         mp.undo()
     return root
@@ -66,8 +86,13 @@ def test_adapt_meta_records_resolved_baseline(pipeline):
 
 
 def _verify(pipeline, *extra, env):
-    return subprocess.run([sys.executable, "-m", "siren", "verify", "--run", str(pipeline / "adapt"), *extra],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "siren", "verify", "--run", str(pipeline / "adapt"), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_verify_exit_codes(pipeline, subprocess_env):
@@ -75,16 +100,38 @@ def test_verify_exit_codes(pipeline, subprocess_env):
     r = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", env=subprocess_env)
     assert r.returncode in (0, 1), r.stdout + r.stderr
     report = json.loads((pipeline / "adapt" / "verify" / "step_4" / "report.json").read_text())
-    for key in ("agreement/sem", "agreement/sem/l0", "js/sem", "entropy_delta_bits/sem", "bps_entropy/adapted",
-                "bps_real/adapted", "bps_real/baseline", "mel_l1/adapted_vs_truth", "mel_l1/adapted_vs_baseline"):
+    for key in (
+        "agreement/sem",
+        "agreement/sem/l0",
+        "js/sem",
+        "entropy_delta_bits/sem",
+        "bps_entropy/adapted",
+        "bps_real/adapted",
+        "bps_real/baseline",
+        "mel_l1/adapted_vs_truth",
+        "mel_l1/adapted_vs_baseline",
+    ):
         assert key in report["metrics"], key
     assert (pipeline / "adapt" / "verify" / "step_4" / "report.md").is_file()
-    loose = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", "--threshold",
-                    "max/bps_ratio=100", "--threshold", "max/js/sem=1", "--threshold", "min/agreement/pro=0",
-                    "--threshold", "max/entropy_delta_bits/sem=100", "--no-wandb", env=subprocess_env)
+    loose = _verify(
+        pipeline,
+        "--step",
+        "4",
+        "--threshold",
+        "min/agreement/sem=0.0",
+        "--threshold",
+        "max/bps_ratio=100",
+        "--threshold",
+        "max/js/sem=1",
+        "--threshold",
+        "min/agreement/pro=0",
+        "--threshold",
+        "max/entropy_delta_bits/sem=100",
+        "--no-wandb",
+        env=subprocess_env,
+    )
     assert loose.returncode == 0, loose.stdout
-    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb",
-                     env=subprocess_env)
+    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb", env=subprocess_env)
     assert strict.returncode == 1 and "FAIL" in strict.stdout
     missing = _verify(pipeline, "--step", "999", "--no-wandb", env=subprocess_env)
     assert missing.returncode == 2 and "step_999" in missing.stdout and "saved steps" in missing.stdout
@@ -125,20 +172,43 @@ def test_bitstream_round_trip_size_and_errors(pipeline, corpus_dir):
 def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
     utt = read_manifest(corpus_dir / "val.jsonl")[0]
     out = tmp_path / "x.siren"
-    r = subprocess.run([sys.executable, "-m", "siren", "encode", utt.path, str(out), "--checkpoint",
-                        str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT, env=subprocess_env)
+    r = subprocess.run(
+        [sys.executable, "-m", "siren", "encode", utt.path, str(out), "--checkpoint", str(pipeline / "adapt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "bit/s" in r.stdout
     wav_out = tmp_path / "y.wav"
-    r = subprocess.run([sys.executable, "-m", "siren", "decode", str(out), str(wav_out), "--checkpoint",
-                        str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT, env=subprocess_env)
+    r = subprocess.run(
+        [sys.executable, "-m", "siren", "decode", str(out), str(wav_out), "--checkpoint", str(pipeline / "adapt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     y, sr = sf.read(wav_out)
     assert sr == 16000 and len(y) > 0 and np.isfinite(y).all()
     garbage = tmp_path / "g.siren"
     garbage.write_bytes(b"\x00" * 100)
-    r = subprocess.run([sys.executable, "-m", "siren", "decode", str(garbage), str(tmp_path / "z.wav"),
-                        "--checkpoint", str(pipeline / "adapt")], capture_output=True, text=True, cwd=ROOT,
-                       env=subprocess_env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "siren",
+            "decode",
+            str(garbage),
+            str(tmp_path / "z.wav"),
+            "--checkpoint",
+            str(pipeline / "adapt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env,
+    )
     assert r.returncode == 2 and "not a SIREN bitstream" in r.stderr
     assert not (tmp_path / "z.wav").exists()

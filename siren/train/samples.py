@@ -111,12 +111,13 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
 
     cfg = trainer.cfg
     dev = trainer.accelerator.device
-    out_dir.mkdir(parents=True, exist_ok=True)
     utts = eval_utterances(cfg)
     inputs = [(u, load_eval_audio(cfg, u).to(dev)) for u in utts]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         samples = trainer.stage.render(trainer, trainer.modules, inputs)
     written = []
+    if samples:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for s in samples:
         for variant, wav in s.audio.items():
             p = out_dir / f"{s.id}_{variant}.wav"

@@ -154,6 +154,7 @@ class Trainer:
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
 
         self.dataset = self._build_dataset()
+        self.bad_files: set[str] = set(self.dataset.skipped)
         self.batches = ShardedBatches(
             len(self.dataset), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed
         )
@@ -204,7 +205,8 @@ class Trainer:
     def _make_tracker(self):
         if not self.is_main:
             return NullTracker()
-        if self.resume_step:
+        # A killed run may have logged past its last checkpoint (or before any): keep the history consistent.
+        if (self.run_dir / "metrics.jsonl").is_file():
             dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_step)
             if dropped:
                 log.info("dropped %d metrics.jsonl lines logged after step %d", dropped, self.resume_step)
@@ -267,6 +269,7 @@ class Trainer:
                 if it is None or epoch != epoch_of_it:
                     it, epoch_of_it = self._iterator(epoch, pos), epoch
                 batch = {key: (v.to(acc.device) if torch.is_tensor(v) else v) for key, v in next(it).items()}
+                self.bad_files.update(batch.get("replaced", ()))
                 sync = k == cfg.train.grad_accum - 1
                 ctx = acc.no_sync(self.core) if not sync and acc.num_processes > 1 else _nullcontext()
                 with ctx:
@@ -296,6 +299,7 @@ class Trainer:
             t_prev = now
             metrics["train/skipped_step"] = 0.0 if finite else 1.0
             metrics["frozen/ok"] = self.frozen_ok
+            metrics["data/skipped"] = float(len(self.bad_files))  # excluded up front + failed at load (this rank)
             for name, g in zip(self.group_names, self.optimizer.param_groups, strict=True):
                 metrics[f"train/lr/{name}"] = g["lr"]
             if self.stage.nominal_bps() is not None:
@@ -391,6 +395,8 @@ class Trainer:
                     {"buffers": self.window.buffers, "pos": self.window.pos}, tmp / "trainer" / "codebook_window.pt"
                 )
             ckpt.save_components(tmp, self._saved_modules())
+            if os.environ.get("SIREN_FAULT_CHECKPOINT_DELAY_S"):  # fault injection for the kill-during-write test
+                time.sleep(float(os.environ["SIREN_FAULT_CHECKPOINT_DELAY_S"]))
             is_best = self._update_best(step, metrics)
             meta = self._meta(step, metrics)
             self._render_samples(tmp / "samples", step)
@@ -433,6 +439,7 @@ class Trainer:
             "best": self.best,
             "version": __version__,
             "world_size": self.accelerator.num_processes,
+            "data": {"skipped": sorted(self.bad_files)},
         }
 
     def _render_samples(self, out_dir: Path, step: int) -> None:

@@ -1,0 +1,244 @@
+"""Reliability: kills at random moments and during a checkpoint write, bad audio, NaN losses, W&B failures."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import ROOT, stage_config, stage_overrides
+from safetensors.torch import load_file
+
+from siren.data.manifest import read_manifest, write_manifest
+from siren.train.tracking import read_metrics
+from siren.train.trainer import Trainer, TrainingAborted
+
+OV = {"train.max_steps": 40, "train.checkpoint_every": 8, "samples.enabled": "false"}
+
+
+def _cmd(corpus, teacher, run: Path, **extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "siren",
+        "train",
+        "--config",
+        str(ROOT / "configs/demo/base.yaml"),
+        *stage_overrides("codec", corpus, teacher, run, **{**OV, **extra}),
+    ]
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run / "checkpoints" / f"step_{step}" / "components").glob("*.safetensors")):
+        out.update({f"{f.stem}.{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = subprocess.run(
+        _cmd(corpus_dir, teacher_dir, run),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    rng = random.Random(7)
+    run = tmp_path / "run"
+    for _ in range(3):  # SIGKILL at random moments, resume each time
+        proc = subprocess.Popen(
+            _cmd(corpus_dir, teacher_dir, run),
+            cwd=ROOT,
+            env=subprocess_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        t0 = time.time()
+        while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.02)  # training has started (imports and set-up take a few seconds)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for p in (run / "checkpoints").glob("step_*") if (run / "checkpoints").exists() else []:
+            assert (p / "meta.json").is_file()  # a visible step dir is always complete
+    r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _weights(reference_run, 40), _weights(run, 40)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")]
+    assert losses == [x["train/loss"] for x in read_metrics(reference_run / "metrics.jsonl")]
+
+
+def test_kill_during_checkpoint_write_resumes_from_last_complete(
+    reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env
+):
+    run = tmp_path / "run"
+    env = {**subprocess_env, "SIREN_FAULT_CHECKPOINT_DELAY_S": "30"}  # hold the write of step_8 open
+    proc = subprocess.Popen(
+        _cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    partial = run / "checkpoints" / ".tmp-step_8" / "components"
+    t0 = time.time()
+    while not (partial.is_dir() and any(partial.glob("*.safetensors"))):
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "latest").exists()  # the interrupted write never became a checkpoint
+    assert not (run / "checkpoints" / "step_8").exists()
+    r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial dir was cleaned up
+    a, b = _weights(reference_run, 40), _weights(run, 40)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bad_manifest(corpus: Path, out: Path) -> tuple[Path, int]:
+    good = read_manifest(corpus / "train.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+    sr = 16000
+    bad = {}
+    (out / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 20)
+    bad["corrupt"] = out / "corrupt.wav"
+    (out / "empty.wav").write_bytes(b"")
+    bad["empty"] = out / "empty.wav"
+    sf.write(out / "full.wav", np.random.default_rng(0).normal(0, 0.1, sr * 2).astype("float32"), sr)
+    data = (out / "full.wav").read_bytes()
+    (out / "truncated.wav").write_bytes(data[:60])
+    bad["truncated"] = out / "truncated.wav"
+    nan = np.random.default_rng(1).normal(0, 0.1, sr * 2).astype("float32")
+    nan[100:200] = np.nan
+    sf.write(out / "nan.wav", nan, sr, subtype="FLOAT")
+    bad["nan"] = out / "nan.wav"
+    sf.write(out / "short.wav", np.zeros(800, dtype="float32"), sr)
+    bad["short"] = out / "short.wav"
+    bad["missing"] = out / "does_not_exist.wav"
+    # Wrong sample rate and stereo are converted (resampled / mixed down), as the loader promises, not skipped.
+    sf.write(out / "sr8k.wav", np.random.default_rng(2).normal(0, 0.1, 8000 * 2).astype("float32"), 8000)
+    sf.write(out / "stereo.wav", np.random.default_rng(3).normal(0, 0.1, (sr * 2, 2)).astype("float32"), sr)
+    from siren.data.manifest import Utterance
+
+    extra = [Utterance(id=k, path=str(p), duration=2.0, speaker="bad") for k, p in bad.items()]
+    extra += [Utterance(id=k, path=str(out / f"{k}.wav"), duration=2.0, speaker="conv") for k in ("sr8k", "stereo")]
+    path = out / "train.jsonl"
+    write_manifest(path, good + extra)
+    return path, len(bad)
+
+
+def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher_dir, tmp_path):
+    manifest, n_bad = _bad_manifest(corpus_dir, tmp_path / "bad")
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{
+            "data.train": str(manifest),
+            "train.max_steps": 8,
+            "train.checkpoint_every": 8,
+            "samples.enabled": "false",
+            "train.batch_size": 8,
+        },
+    )
+    tr = Trainer(cfg)
+    assert len(tr.dataset.skipped) == n_bad - 1  # all but the NaN file are caught by the header probe
+    tr.fit()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 8 and all(np.isfinite(r["train/loss"]) for r in rows)
+    assert rows[-1]["data/skipped"] == n_bad  # the NaN file was met during the epoch, replaced and counted
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_8" / "meta.json").read_text())
+    assert any(p.endswith("nan.wav") for p in meta["data"]["skipped"])
+
+
+def test_nan_loss_step_is_skipped_then_run_aborts(corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 10, "train.checkpoint_every": 100, "train.max_bad_steps": 3, "samples.enabled": "false"},
+    )
+    tr = Trainer(cfg)
+    step = tr.stage.step
+    calls = {"n": 0}
+    before = {}
+
+    def poisoned(modules, batch):
+        calls["n"] += 1
+        out = step(modules, batch)
+        if calls["n"] == 2:
+            before.update({k: v.clone() for k, v in modules["decoder"].state_dict().items()})
+        if calls["n"] >= 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr.stage.step = poisoned
+    with pytest.raises(TrainingAborted, match="max_bad_steps=3"):
+        tr.fit()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["train/skipped_step"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    after = tr.modules["decoder"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps did not touch the weights
+
+
+def test_wandb_init_failure_does_not_stop_training(corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    import wandb
+
+    def boom(*a, **k):
+        raise RuntimeError("no W&B for you")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false"},
+    )
+    with pytest.warns(UserWarning, match="W&B disabled"):
+        Trainer(cfg).fit()
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
+
+
+def test_wandb_failing_mid_run_does_not_stop_training(corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 4, "train.checkpoint_every": 4, "samples.enabled": "false"},
+    )
+    tr = Trainer(cfg)
+    assert tr.tracker.run is not None
+    real_log = tr.tracker.run.log
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("lost W&B")
+        return real_log(*a, **k)
+
+    tr.tracker.run.log = flaky
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tr.fit()
+    assert any("lost W&B" in str(x.message) for x in w)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
