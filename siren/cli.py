@@ -130,7 +130,8 @@ def cmd_info(args) -> int:
     print(f"preset: {info['preset'] or '(none)'}")
     print(f"{'component':<16}{'params':>12}  output")
     for name, row in info["components"].items():
-        print(f"{name:<16}{row['params']:>12,}  {row['rate']}")
+        params = f"{row['params']:>12,}" if row["params"] is not None else f"{'-':>12}"
+        print(f"{name:<16}{params}  {row['rate']}" + (f"  ({row['note']})" if row.get("note") else ""))
     b = info["bps"]
     print(
         f"nominal bit/s: {info['bps_nominal']:.1f} (sem {b['sem']:.1f} + pro {b['pro']:.1f}); "

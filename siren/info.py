@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from siren.config.schema import SirenConfig
+from pathlib import Path
+
+from siren.config.schema import COMPONENTS, SirenConfig
 
 
 def component_info(cfg: SirenConfig) -> dict:
@@ -24,8 +26,10 @@ def component_info(cfg: SirenConfig) -> dict:
         "flow",
         "vocoder",
     ):
-        if name == "ssl" and not cfg.ssl.name:
-            components[name] = {"params": 0, "rate": rates.get(name, ""), "note": "ssl.name not set"}
+        if name == "ssl" and not Path(cfg.ssl.name or "-").is_dir():
+            # A hub id is only fetched at training time; `info` never goes to the network.
+            note = f"not counted: {cfg.ssl.name!r} is not a local dir" if cfg.ssl.name else "ssl.name not set"
+            components[name] = {"params": None, "rate": rates.get(name, ""), "note": note}
             continue
         if name == "student_ssl" and cfg.student_ssl.path:
             cfg = _without_student_path(cfg)

@@ -61,6 +61,7 @@ def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
 def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env):
     rng = random.Random(7)
     run = tmp_path / "run"
+    killed_mid_run = 0
     for _ in range(3):  # SIGKILL at random moments, resume each time
         proc = subprocess.Popen(
             _cmd(corpus_dir, teacher_dir, run),
@@ -75,6 +76,7 @@ def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, tea
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed_mid_run += proc.returncode == -signal.SIGKILL
         for p in (run / "checkpoints").glob("step_*") if (run / "checkpoints").exists() else []:
             assert (p / "meta.json").is_file()  # a visible step dir is always complete
     r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)

@@ -212,3 +212,36 @@ def test_disk_space_checked_before_training(corpus_dir, teacher_dir, tmp_path):
 
     with pytest.raises(SirenError, match="free"):
         Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "r", **{"train.min_free_mb": 10**9}))
+
+
+def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    cache = tmp_path / "cache"
+    ov = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"data.feature_cache": str(cache)})
+    r = subprocess.run(
+        [sys.executable, "-m", "siren", "features", "--config", str(ROOT / "configs/demo/base.yaml"), *ov],
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (key_dir,) = [p for p in cache.iterdir() if p.is_dir()]
+    meta = json.loads((key_dir / "meta.json").read_text())
+    assert meta["layer"] == 3 and meta["dim"] == 64
+    n_files = len(list(key_dir.glob("*.safetensors")))
+    assert n_files == 24  # train + val of the session corpus
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"data.feature_cache": str(cache), "train.max_steps": 2, "samples.enabled": "false"},
+    )
+    tr = Trainer(cfg)
+    batch = next(tr._iterator(0, 0))
+    cached = tr.stage.feats(tr.modules["ssl"], batch)
+    with torch.no_grad():
+        live = tr.modules["ssl"](batch["wav"])
+    assert cached.shape == live.shape
+    tr.fit()
+    assert len(list(key_dir.glob("*.safetensors"))) == n_files  # nothing recomputed

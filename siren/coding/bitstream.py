@@ -1,10 +1,12 @@
 """The real bitstream (DESIGN §11): a small header + semantic/prosody codes range-coded with the entropy model.
 
-File layout (little endian)::
+File layout (little endian), 13 bytes + speaker codes of overhead::
 
-    magic "SRN1" | version u8 | levels_sem u8 | levels_pro u8 | spk_groups u8 | model id (16 bytes)
-    | n_sem u16 | n_pro u16 | num_samples u32 | spk codes (groups × ceil(log2 K) bits, byte-padded)
-    | payload words u32 | payload (u32 words from constriction's range coder) | crc32 u32 over all previous bytes
+    magic "SR" | version u8 | model id (4 bytes) | n_sem u16 | spk codes (groups × ceil(log2 K) bits, byte-padded)
+    | payload (u32 words from constriction's range coder) | crc32 u32 over all previous bytes
+
+Everything else is derived: levels and codebook sizes from the model, prosody frames = n_sem / 4 (the factorizer cuts
+to whole 8-frame blocks), samples = n_sem × 640.
 
 The model id is sha256 over the fingerprints of the quantizers and the entropy model — the components that define the
 "code language" — so a file made by another model is rejected, never decoded into garbage. Probabilities come from the
@@ -29,9 +31,10 @@ from torch import nn
 from siren.errors import SirenError
 from siren.models.io import fingerprint
 
-MAGIC = b"SRN1"
+MAGIC = b"SR"
 VERSION = 1
-_HEAD = struct.Struct("<4sBBBB16sHHI")
+_HEAD = struct.Struct("<2sB4sH")
+SEM_HOP = 640
 
 
 class BitstreamError(SirenError):
@@ -40,7 +43,7 @@ class BitstreamError(SirenError):
 
 def model_id(modules: dict[str, nn.Module]) -> bytes:
     fps = {n: fingerprint(modules[n]) for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")}
-    return hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:16]
+    return hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:4]
 
 
 @dataclass
@@ -75,7 +78,8 @@ def encode_codes(
     num_samples: int,
     sample_rate: int = 16000,
 ) -> Encoded:
-    """sem (1, Ts, L), pro (1, Tp, L), spk (1, G) → bytes."""
+    """sem (1, Ts, L), pro (1, Tp = Ts / 4, L), spk (1, G) → bytes. `num_samples` (the input's length) only sets the
+    duration that bit/s figures are computed over; the decoder renders Ts × 640 samples."""
     import constriction
 
     fam = constriction.stream.model.Categorical(perfect=False)
@@ -89,22 +93,11 @@ def encode_codes(
             enc.encode(symbols, fam, probs)
             estimate -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
     payload = enc.get_compressed().astype("<u4").tobytes()
+    if pro.shape[1] * 4 != sem.shape[1]:
+        raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
     K_spk = modules["spk_quantizer"].codebook_size
-    head = _HEAD.pack(
-        MAGIC,
-        VERSION,
-        sem.shape[2],
-        pro.shape[2],
-        spk.shape[1],
-        model_id(modules),
-        sem.shape[1],
-        pro.shape[1],
-        num_samples,
-    )
-    body = (
-        head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + struct.pack("<I", len(payload) // 4)
-    )
-    body += payload
+    head = _HEAD.pack(MAGIC, VERSION, model_id(modules), sem.shape[1])
+    body = head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + payload
     data = body + struct.pack("<I", zlib.crc32(body))
     return Encoded(
         data=data,
@@ -116,19 +109,23 @@ def encode_codes(
 
 
 def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), num_samples. Raises BitstreamError on any inconsistency."""
+    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), samples the codes cover (Ts × 640).
+    Raises BitstreamError on any inconsistency."""
     import constriction
 
-    if len(data) < _HEAD.size + 8:
-        raise BitstreamError(f"file is truncated: {len(data)} bytes, shorter than the {_HEAD.size + 8}-byte header")
+    if len(data) < _HEAD.size + 4:
+        raise BitstreamError(f"file is truncated: {len(data)} bytes, shorter than the {_HEAD.size + 4}-byte frame")
     body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-    magic, version, l_sem, l_pro, groups, mid, n_sem, n_pro, num_samples = _HEAD.unpack_from(body)
+    magic, version, mid, n_sem = _HEAD.unpack_from(body)
     if magic != MAGIC:
         raise BitstreamError(f"not a SIREN bitstream (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise BitstreamError(f"bitstream version {version} is not supported (this SIREN reads version {VERSION})")
     if zlib.crc32(body) != crc:
         raise BitstreamError("bitstream is corrupted or truncated (CRC mismatch)")
+    l_sem, l_pro = modules["sem_quantizer"].num_levels, modules["pro_quantizer"].num_levels
+    groups = modules["spk_quantizer"].num_codebooks
+    n_pro, num_samples = n_sem // 4, n_sem * SEM_HOP
     if mid != model_id(modules):
         raise BitstreamError(
             f"bitstream was made by another model (model id {mid.hex()}, this checkpoint is {model_id(modules).hex()})"
@@ -139,9 +136,7 @@ def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tens
     spk_bytes = math.ceil(groups * nbits / 8)
     spk = _unpack_bits(body[off : off + spk_bytes], nbits, groups)
     off += spk_bytes
-    (n_words,) = struct.unpack_from("<I", body, off)
-    off += 4
-    if off + 4 * n_words != len(body):
+    if (len(body) - off) % 4:
         raise BitstreamError("bitstream length does not match its header (truncated or padded file)")
     words = np.frombuffer(body[off:], dtype="<u4").astype(np.uint32)
     dec = constriction.stream.queue.RangeDecoder(words)
@@ -221,9 +216,9 @@ def encode_file(wav_path: str, out_path: str, uri: str) -> Encoded:
 
 
 def checkpoint_for(data: bytes) -> str:
-    if len(data) < _HEAD.size or data[:4] != MAGIC:
+    if len(data) < _HEAD.size or data[:2] != MAGIC:
         raise BitstreamError("not a SIREN bitstream")
-    mid = _HEAD.unpack_from(data)[5].hex()
+    mid = _HEAD.unpack_from(data)[2].hex()
     p = _model_registry() / f"{mid}.json"
     if not p.is_file():
         raise BitstreamError(f"no local checkpoint is known for model id {mid}; pass --checkpoint URI")

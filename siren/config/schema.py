@@ -187,7 +187,6 @@ class LossConfig:
     mel: float = 1.0
     commit: float = 0.25
     entropy: float = 1.0
-    rate: float = 0.0
     latent: float = 1.0
     agreement: float = 0.5
     fm: float = 1.0

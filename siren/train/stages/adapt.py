@@ -4,7 +4,7 @@ This is the seed guide's constrained adaptation. The baseline (`baseline:` URI, 
 factorizer's starting weights, the frozen quantizers/entropy model/decoder, and the teacher path (`ssl` + baseline
 factorizer) whose latents and codes are cached once per baseline fingerprint. Loss = mel L1 through the frozen decoder
 + latent match to the teacher's pre-quantization latents + code agreement (student's quantized values vs the teacher
-codes' values, through the frozen quantizers) + optional rate term under the frozen entropy model.
+codes' values, through the frozen quantizers). The frozen entropy model scores the student's codes (logged as bit/s and drift); codes are discrete, so it is not a gradient path.
 """
 
 from __future__ import annotations

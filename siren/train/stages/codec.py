@@ -1,6 +1,6 @@
 """`codec` (baseline): train factorizer, quantizers, entropy model and decoder on frozen SSL features.
 
-Loss = mel L1 through the decoder + commitment + entropy-model cross-entropy on detached codes (+ optional rate term).
+Loss = mel L1 through the decoder + commitment + entropy-model cross-entropy on detached codes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from torch import nn
 
 from siren.models.builders import build_component, nominal_bps
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import analyse, code_layout, entropy_rate, frame_mask, masked_l1, stream_masks
+from siren.train.stages.common import (
+    FrozenFeatures,
+    analyse,
+    code_layout,
+    entropy_rate,
+    frame_mask,
+    masked_l1,
+    stream_masks,
+)
 
 
 class CodecStage(Stage):
@@ -36,6 +44,10 @@ class CodecStage(Stage):
     def nominal_bps(self) -> float:
         return nominal_bps(self.cfg)["total"]
 
+    def setup(self, trainer) -> None:
+        self.feats = FrozenFeatures(self.cfg)
+        self.feats.setup(trainer, trainer.modules["ssl"])
+
     def features(self, modules, wav: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return modules["ssl"](wav)
@@ -43,7 +55,7 @@ class CodecStage(Stage):
     def step(self, modules, batch) -> StepOutput:
         w = self.cfg.loss
         wav, lengths = batch["wav"], batch["lengths"]
-        an = analyse(modules, self.features(modules, wav))
+        an = analyse(modules, self.feats(modules["ssl"], batch))
         mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
         mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
         mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])

@@ -84,6 +84,43 @@ def entropy_rate(ent, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return bits.to(torch.float64), seconds
 
 
+class FrozenFeatures:
+    """Frozen SSL features for a batch: computed on the fly, or cropped from the feature cache when
+    `data.feature_cache` is set (filled once at set-up, keyed by the model's fingerprint and layer)."""
+
+    def __init__(self, cfg: SirenConfig):
+        self.cfg = cfg
+        self.cache = None
+
+    def setup(self, trainer, module: nn.Module) -> None:
+        root = self.cfg.data.feature_cache
+        if not root:
+            return
+        from siren.data.features_cli import open_cache
+
+        self.cache = open_cache(self.cfg, module, root)
+        if trainer.is_main:
+            with torch.no_grad():
+                n = self.cache.compute(
+                    lambda w: module(w), list(trainer.dataset.utterances), self.cfg.audio.sample_rate, progress=True
+                )
+            log.info("feature cache %s: %d computed", self.cache.dir, n)
+        trainer.accelerator.wait_for_everyone()
+
+    def __call__(self, module: nn.Module, batch: dict) -> torch.Tensor:
+        """(B, T, D) for batch["wav"] (B, N)."""
+        wav = batch["wav"]
+        if self.cache is None:
+            with torch.no_grad():
+                return module(wav)
+        T = module.num_frames(wav.shape[-1])
+        hop = self.cfg.audio.hop_length
+        feats = [
+            self.cache.crop(i, int(o) // hop, T) for i, o in zip(batch["ids"], batch["offsets"].tolist(), strict=True)
+        ]
+        return torch.stack(feats).to(wav.device)
+
+
 # ------------------------------------------------------------------------------------------------- checkpoint loading
 @dataclass
 class LoadedCheckpoint:

@@ -9,7 +9,7 @@ from siren.errors import SirenError
 from siren.models.builders import build_component, nominal_bps
 from siren.train.stages.adapt import baseline_fingerprint
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import analyse, code_layout, load_checkpoint, stream_masks
+from siren.train.stages.common import FrozenFeatures, analyse, code_layout, load_checkpoint, stream_masks
 
 FROZEN_CODEC = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"]
 
@@ -45,10 +45,14 @@ class FlowStage(Stage):
     def nominal_bps(self) -> float:
         return nominal_bps(self.base_cfg)["total"]
 
+    def setup(self, trainer) -> None:
+        self.feats = FrozenFeatures(self.cfg)
+        self.feats.setup(trainer, trainer.modules["ssl"])
+
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
         with torch.no_grad():
-            an = analyse(modules, modules["ssl"](wav))
+            an = analyse(modules, self.feats(modules["ssl"], batch))
         cond = modules["fuser"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
         mel = self.mel.to(wav.device)(wav)[..., : cond.shape[1]]
         fm = modules["flow"].loss(mel, cond)
