@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siren.config.schema import COMPONENTS, SirenConfig
+from siren.config.schema import SirenConfig
 
 
 def component_info(cfg: SirenConfig) -> dict:
