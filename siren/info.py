@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siren.config.schema import SirenConfig
+from siren.config.schema import COMPONENTS, SirenConfig
 
 
 def component_info(cfg: SirenConfig) -> dict:
@@ -13,19 +13,7 @@ def component_info(cfg: SirenConfig) -> dict:
 
     rates = component_rates(cfg)
     components = {}
-    for name in (
-        "ssl",
-        "student_ssl",
-        "factorizer",
-        "sem_quantizer",
-        "pro_quantizer",
-        "spk_quantizer",
-        "entropy_model",
-        "decoder",
-        "fuser",
-        "flow",
-        "vocoder",
-    ):
+    for name in COMPONENTS:
         if name == "ssl" and not Path(cfg.ssl.name or "-").is_dir():
             # A hub id is only fetched at training time; `info` never goes to the network.
             note = f"not counted: {cfg.ssl.name!r} is not a local dir" if cfg.ssl.name else "ssl.name not set"
@@ -36,7 +24,7 @@ def component_info(cfg: SirenConfig) -> dict:
         try:
             module = build_component(name, cfg)
         except (OSError, ValueError) as exc:  # e.g. hub id that cannot be reached: report, do not invent numbers
-            components[name] = {"params": 0, "rate": rates.get(name, ""), "note": f"not built: {exc}"}
+            components[name] = {"params": None, "rate": rates.get(name, ""), "note": f"not built: {exc}"}
             continue
         components[name] = {"params": sum(p.numel() for p in module.parameters()), "rate": rates.get(name, "")}
     bps = nominal_bps(cfg)
