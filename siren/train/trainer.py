@@ -106,6 +106,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
+        self.init_from = init_from
         self.run_dir = Path(cfg.run_dir)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without it, launched CPU ranks do not join one gloo group
@@ -229,6 +230,18 @@ class Trainer:
         )
         if tracker.run_id:
             (self.run_dir / "wandb_run_id").write_text(tracker.run_id)
+        # Lineage: online, every checkpoint this run consumes is declared with use_artifact (no-op offline).
+        from siren.artifacts import use_checkpoint_artifact
+
+        consumed = [
+            self.cfg.baseline,
+            self.cfg.pipeline.flow,
+            self.cfg.pipeline.vocoder,
+            self.cfg.student_ssl.path,
+            self.init_from,
+        ]
+        for uri in filter(None, consumed):
+            use_checkpoint_artifact(tracker.run, uri)
         return tracker
 
     @property
@@ -268,7 +281,8 @@ class Trainer:
                 epoch, pos = divmod(micro, self.batches.num_batches)
                 if it is None or epoch != epoch_of_it:
                     it, epoch_of_it = self._iterator(epoch, pos), epoch
-                batch = {key: (v.to(acc.device) if torch.is_tensor(v) else v) for key, v in next(it).items()}
+                # Audio goes to the device; bookkeeping (offsets, indices) stays on the host: reading it is no sync.
+                batch = {key: (v.to(acc.device) if key in ("wav", "lengths") else v) for key, v in next(it).items()}
                 self.bad_files.update(batch.get("replaced", ()))
                 sync = k == cfg.train.grad_accum - 1
                 ctx = acc.no_sync(self.core) if not sync and acc.num_processes > 1 else _nullcontext()

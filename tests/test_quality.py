@@ -1,0 +1,178 @@
+"""Quality metrics: the edit distance always; PESQ/STOI/speaker/WER/DNSMOS only where the `eval` extra is installed."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from siren.metrics.quality import (
+    METRICS,
+    SYSTEMS,
+    edit_distance,
+    find_utterances,
+    quality_metrics,
+    word_error_rate,
+)
+
+EVAL_LIBS = ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos", "onnxruntime")
+TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."
+
+
+# ---- pure parts: always run -------------------------------------------------------------------------------------
+
+
+def test_edit_distance_known_values():
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3
+    assert edit_distance("abc", "") == 3
+    assert edit_distance("flaw", "lawn") == 2
+    assert edit_distance("a b c".split(), "a b c".split()) == 0
+
+
+def test_edit_distance_invariants_against_brute_force():
+    rng = random.Random(0)
+
+    def brute(a: str, b: str) -> int:
+        # shortest edit script by breadth-first search over strings (tiny alphabet and lengths keep it cheap)
+        frontier, seen, d = {a}, {a}, 0
+        while b not in frontier:
+            nxt = set()
+            for s in frontier:
+                for i in range(len(s) + 1):
+                    for c in "ab":
+                        nxt.add(s[:i] + c + s[i:])
+                    if i < len(s):
+                        nxt.add(s[:i] + s[i + 1 :])
+                        for c in "ab":
+                            nxt.add(s[:i] + c + s[i + 1 :])
+            frontier = nxt - seen
+            seen |= nxt
+            d += 1
+        return d
+
+    for _ in range(40):
+        a = "".join(rng.choice("ab") for _ in range(rng.randint(0, 4)))
+        b = "".join(rng.choice("ab") for _ in range(rng.randint(0, 4)))
+        d = edit_distance(a, b)
+        assert d == brute(a, b) == edit_distance(b, a)
+        assert abs(len(a) - len(b)) <= d <= max(len(a), len(b))
+    words = ["x", "y", "z"]
+    for a, b, c in itertools.product([("x",), ("x", "y"), ("z", "y", "x"), ()], repeat=3):
+        assert edit_distance(a, c) <= edit_distance(a, b) + edit_distance(b, c)
+    assert edit_distance(words, words) == 0
+
+
+def test_word_error_rate():
+    assert word_error_rate("the cat sat", "the cat sat") == 0.0
+    assert word_error_rate("the cat sat", "the dog sat") == pytest.approx(1 / 3)
+    assert word_error_rate("a b c", "a x c d") == pytest.approx(2 / 3)  # one substitution, one insertion
+    assert word_error_rate("a b", "") == 1.0
+    assert word_error_rate("a", "b c d") == 3.0  # insertions can push WER above 1
+    assert word_error_rate("  the   cat ", "the cat") == 0.0  # whitespace is only a separator
+    with pytest.raises(ValueError, match="empty"):
+        word_error_rate("", "anything")
+
+
+def test_find_utterances_skips_incomplete(tmp_path):
+    for name in ("u1_original", "u1_adapted", "u1_baseline", "u_2_original", "u_2_adapted", "u3_original"):
+        (tmp_path / f"{name}.wav").touch()
+    assert [u.id for u in find_utterances(tmp_path)] == ["u1"]
+    u = find_utterances(tmp_path)[0]
+    assert (u.original.name, u.adapted.name, u.baseline.name) == (
+        "u1_original.wav",
+        "u1_adapted.wav",
+        "u1_baseline.wav",
+    )
+
+
+def test_no_coded_audio_is_empty_and_no_originals_raises(tmp_path):
+    (tmp_path / "u1_original.wav").touch()
+    assert quality_metrics(tmp_path) == {}
+    with pytest.raises(FileNotFoundError, match="_original.wav"):
+        quality_metrics(tmp_path / "nowhere")
+    with pytest.raises(KeyError, match="unknown metric"):
+        quality_metrics(tmp_path, metrics=("pesq", "mosnet"))
+
+
+def test_import_loads_no_eval_library():
+    code = (
+        "import sys, siren.metrics.quality; "
+        f"print(sorted(m for m in {EVAL_LIBS + ('torch', 'soundfile')!r} if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+
+
+# ---- with the eval extra ----------------------------------------------------------------------------------------
+
+
+def _speech(path) -> np.ndarray:
+    import soundfile as sf
+
+    if shutil.which("flite") is None or shutil.which("sox") is None:
+        pytest.skip("flite and sox are needed to synthesise test speech")
+    raw = path.parent / "flite_raw.wav"
+    subprocess.run(["flite", "-voice", "slt", "-t", TEXT, "-o", str(raw)], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)], check=True)
+    wav, sr = sf.read(str(path), dtype="float32")
+    assert sr == 16000 and wav.ndim == 1 and len(wav) > 3 * sr
+    return wav
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """One out_dir scored once: `same` (adapted = original, baseline = white noise), `mute` (adapted = original,
+    baseline = silence), `novoc` (original only). Returns the metrics dict."""
+    for lib in EVAL_LIBS:
+        pytest.importorskip(lib)
+    import soundfile as sf
+
+    d = tmp_path_factory.mktemp("quality")
+    speech = _speech(d / "same_original.wav")
+    noise = np.random.default_rng(0).standard_normal(len(speech)).astype(np.float32) * speech.std()
+    sf.write(d / "same_adapted.wav", speech, 16000, subtype="PCM_16")
+    sf.write(d / "same_baseline.wav", np.clip(noise, -1, 1), 16000, subtype="PCM_16")
+    for name, wav in (("mute_original", speech), ("mute_adapted", speech[:-100]), ("mute_baseline", 0 * speech)):
+        sf.write(d / f"{name}.wav", wav, 16000, subtype="PCM_16")  # mute_adapted: a vocoder a partial hop short
+    sf.write(d / "novoc_original.wav", speech, 16000, subtype="PCM_16")
+    return quality_metrics(d)
+
+
+def test_keys(scored):
+    expected = {f"quality/{m}/{s}" for m in METRICS for s in SYSTEMS} | {f"quality/{m}/failed" for m in METRICS}
+    assert set(scored) == expected | {"quality/num_utts"}
+    assert scored["quality/num_utts"] == 2  # novoc has no coded audio
+    assert all(np.isfinite(v) for v in scored.values())
+
+
+def test_identical_audio_scores_near_perfect(scored):
+    assert scored["quality/pesq/adapted"] > 4.0
+    assert scored["quality/stoi/adapted"] > 0.99
+    assert scored["quality/spk_sim/adapted"] > 0.99
+    assert scored["quality/wer/adapted"] == 0.0
+    assert scored["quality/dnsmos/adapted"] > 2.5
+
+
+def test_noise_and_silence_score_much_lower(scored):
+    # the baseline averages are over the noise utterance (and silence where the library can score it)
+    assert scored["quality/pesq/baseline"] < 1.5
+    assert scored["quality/stoi/baseline"] < 0.6
+    assert scored["quality/spk_sim/baseline"] < 0.8
+    assert scored["quality/wer/baseline"] > 0.8
+    assert scored["quality/dnsmos/baseline"] < scored["quality/dnsmos/adapted"] - 1.0
+
+
+def test_failures_are_counted_not_averaged(scored):
+    # silence: PESQ finds no utterance and resemblyzer has nothing to embed -> counted once each, not scored as 0
+    assert scored["quality/pesq/failed"] == 1
+    assert scored["quality/spk_sim/failed"] == 1
+    # STOI, WER and DNSMOS give real (low) scores on silence
+    assert scored["quality/stoi/failed"] == 0
+    assert scored["quality/wer/failed"] == 0
+    assert scored["quality/dnsmos/failed"] == 0
