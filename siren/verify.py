@@ -259,7 +259,9 @@ def _optional_quality(out_dir: Path) -> dict[str, float]:
     import importlib.util
 
     missing = [
-        m for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos") if importlib.util.find_spec(m) is None
+        m
+        for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos", "onnxruntime")
+        if importlib.util.find_spec(m) is None
     ]
     if missing:
         log.info(
