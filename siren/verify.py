@@ -8,6 +8,7 @@ Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, la
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import time
@@ -118,6 +119,7 @@ def run_verify(
         raise LayoutMismatch(f"code layouts differ: adapted {la} vs baseline {lb}")
     th = dict(cfg.verify.thresholds)
     th.update(thresholds or {})
+    check_thresholds(th, expected_metrics(la))  # before the expensive part: a typo fails at once
     manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
     utts = read_manifest(manifest)[: cfg.verify.max_utts]
     if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
@@ -219,19 +221,14 @@ def run_verify(
         metrics[f"mel_l1/{k}"] = sum(v) / len(v)
     metrics.update(_optional_quality(out_dir))
 
-    checks, problems = [], []
+    checks = []
     for key, limit in sorted(th.items()):
         kind, _, name = key.partition("/")
-        if kind not in ("min", "max") or name not in metrics:
-            problems.append(
-                f"threshold `{key}`: expected min/<metric> or max/<metric> with a metric among "
-                f"{', '.join(sorted(metrics))}"
-            )
+        if name not in metrics:  # e.g. an eval-extra metric when the extra is not installed: a failed check
+            checks.append({"threshold": key, "limit": limit, "value": None, "ok": False, "missing": True})
             continue
         ok = metrics[name] >= limit if kind == "min" else metrics[name] <= limit
         checks.append({"threshold": key, "limit": limit, "value": metrics[name], "ok": bool(ok)})
-    if problems:
-        raise VerifyError("; ".join(problems))
     passed = all(c["ok"] for c in checks)
     report = {
         "run": str(run),
@@ -252,6 +249,37 @@ def run_verify(
     if use_wandb:
         _log_wandb(report, adapted, run, step)
     return report
+
+
+def expected_metrics(layout: dict[str, tuple[int, int]]) -> set[str]:
+    """Names of the metrics a report holds (quality/* only with the eval extra)."""
+    from siren.metrics.codebook import level_names
+
+    names = {"bps_ratio"}
+    for s, (_, L) in layout.items():
+        names |= {f"agreement/{s}", f"js/{s}", f"entropy_delta_bits/{s}"}
+        names |= {f"agreement/{s}/{lv}" for lv in level_names(s, L)}
+    for w in ("adapted", "baseline"):
+        names |= {f"bps_entropy/{w}", f"bps_real/{w}", f"bps_real_payload/{w}"}
+    names |= {
+        f"mel_l1/{k}"
+        for k in ("adapted_vs_truth", "baseline_vs_truth", "adapted_vs_baseline", "silence_vs_truth", "noise_vs_truth")
+    }
+    for m in ("pesq", "stoi", "spk_sim", "wer", "dnsmos"):
+        names |= {f"quality/{m}/adapted", f"quality/{m}/baseline", f"quality/{m}/failed"}
+    return names
+
+
+def check_thresholds(th: dict[str, float], known: set[str]) -> None:
+    problems = []
+    for key in sorted(th):
+        kind, _, name = key.partition("/")
+        if kind not in ("min", "max") or name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean `{kind}/{close[0]}`?" if close else f"; metrics: {', '.join(sorted(known))}"
+            problems.append(f"threshold `{key}` is not min/<metric> or max/<metric> with a known metric{hint}")
+    if problems:
+        raise VerifyError("; ".join(problems))
 
 
 def _optional_quality(out_dir: Path) -> dict[str, float]:
@@ -286,7 +314,8 @@ def format_report(r: dict) -> str:
         "|---|---:|---:|:-:|",
     ]
     for c in r["checks"]:
-        lines.append(f"| {c['threshold']} | {c['value']:.4f} | {c['limit']:.4f} | {'✓' if c['ok'] else '✗'} |")
+        value = "not computed" if c["value"] is None else f"{c['value']:.4f}"
+        lines.append(f"| {c['threshold']} | {value} | {c['limit']:.4f} | {'✓' if c['ok'] else '✗'} |")
     lines += ["", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(m.items())]
     return "\n".join(lines) + "\n"

@@ -54,6 +54,8 @@ def pipeline(corpus_dir, teacher_dir, tmp_path_factory):
                     **common,
                     "student_ssl.path": str(root / "distill"),
                     "pipeline.flow": str(root / "flow"),
+                    "verify.max_utts": 2,
+                    "verify.real_clip": None,
                     "train.checkpoint_every": 2,
                 },
             )
