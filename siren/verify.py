@@ -339,6 +339,7 @@ def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
             dir=str(run / "verify"),
             mode=mode,
             group=cfg.tracking.group,
+            reinit="create_new",
             config={"run": str(run), "step": step},
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )

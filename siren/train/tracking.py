@@ -123,6 +123,7 @@ class Tracker(NullTracker):
                 mode=self.mode,
                 id=resume_id,
                 resume="allow" if resume_id else None,
+                reinit="create_new",  # never hand back another (e.g. abandoned) run of this process
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
             self.run_id = self.run.id
@@ -133,6 +134,11 @@ class Tracker(NullTracker):
     def _disable(self, why: str) -> None:
         warnings.warn(f"W&B disabled, metrics continue in {self.metrics_path}: {why}", stacklevel=2)
         log.warning("W&B disabled: %s", why)
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=1)
+            except Exception as exc:  # already broken: nothing more to do than to let go of it
+                log.warning("wandb finish after failure also failed: %r", exc)
         self.run = None
         self.mode = "disabled"
 
