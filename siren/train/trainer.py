@@ -318,19 +318,69 @@ class Trainer:
                 metrics[f"train/lr/{name}"] = g["lr"]
             if self.stage.nominal_bps() is not None:
                 metrics["rate/bps_nominal"] = self.stage.nominal_bps()
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
+            if is_ckpt:
+                metrics.update(self.evaluate())
             last = metrics
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or is_ckpt:
                 self.tracker.log(metrics, step)
             if bad_in_row >= cfg.train.max_bad_steps:
                 raise TrainingAborted(
                     f"aborting: {bad_in_row} consecutive steps with a non-finite loss or gradient (train.max_bad_steps="
                     f"{cfg.train.max_bad_steps}); last loss {metrics['train/loss']}; check the learning rate and data"
                 )
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            if is_ckpt:
                 self.save(step, metrics)
         self.registry.check_frozen()
         self.finish()
         return last
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 4) -> dict[str, float]:
+        """`eval/loss` and `eval/<term>` on the first batches of the val set (uncropped start, fixed order).
+
+        Runs with every module in eval mode and on a forked RNG, so it never changes the training trajectory."""
+        from siren.data.datasets import AudioDataset, collate
+        from siren.data.manifest import read_manifest
+
+        d, sr = self.cfg.data, self.cfg.audio.sample_rate
+        if not d.val:
+            return {}
+        if getattr(self, "_val", None) is None:
+            self._val = AudioDataset(
+                read_manifest(d.val),
+                sr,
+                int(d.segment_seconds * sr),
+                int(d.min_seconds * sr),
+                seed=self.cfg.train.seed,
+                train=False,
+            )
+        bs = self.cfg.train.batch_size
+        n = min(max_batches, max(1, len(self._val) // bs))
+        was = [m.training for m in self.core.modules()]
+        self.core.eval()
+        sums: dict[str, float] = {}
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for b in range(n):
+                    items = [self._val[i] for i in range(b * bs, min(len(self._val), (b + 1) * bs))]
+                    batch = {
+                        k: (v.to(self.accelerator.device) if k in ("wav", "lengths") else v)
+                        for k, v in collate(items).items()
+                    }
+                    out = self.stage.step(self.modules, batch)
+                    vals = {"eval/loss": out.loss, **{f"eval/{k}": v for k, v in out.terms.items()}}
+                    for k, (num, den) in out.ratios.items():  # e.g. eval/drift/sem/agreement on held-out audio
+                        vals[f"eval/{k}/num"], vals[f"eval/{k}/den"] = num, den
+                    host = torch.stack([v.detach().to(torch.float64) for v in vals.values()]).tolist()
+                    for k, v in zip(vals, host, strict=True):
+                        sums[k] = sums.get(k, 0.0) + (v if k.endswith(("/num", "/den")) else v / n)
+        finally:
+            for m, t in zip(self.core.modules(), was, strict=True):
+                m.training = t
+        for k in [k[:-4] for k in sums if k.endswith("/num")]:
+            sums[k] = sums.pop(k + "/num") / max(sums.pop(k + "/den"), 1e-12)
+        return sums
 
     def _iterator(self, epoch: int, start: int):
         from siren.data.datasets import collate

@@ -211,7 +211,10 @@ class AdaptStage(Stage):
         acc = trainer.accelerator
         root = Path(self.cfg.data.feature_cache or trainer.run_dir / "cache")
         self.cache = TeacherCache(root / f"teacher-{self.baseline_fingerprint[:16]}")
-        utts = list(trainer.dataset.utterances)
+        utts = list(trainer.dataset.utterances)  # + the val set, which `Trainer.evaluate` reads
+        if self.cfg.data.val:
+            known = {u.id for u in utts}
+            utts += [u for u in read_manifest(self.cfg.data.val) if u.id not in known]
         if trainer.is_main:
             n = self.cache.fill(self, trainer.modules, utts, self.cfg.audio.sample_rate, acc.device)
             log.info("teacher cache %s: %d computed, %d reused", self.cache.root, n, len(utts) - n)
