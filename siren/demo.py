@@ -77,7 +77,7 @@ def _run_stage(stage: str, env: dict) -> dict:
     }
 
 
-def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 160) -> int:
+def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 400) -> int:
     from siren.data.corpus import build_corpus
     from siren.models.ssl import save_tiny_teacher
     from siren.train.checkpoint import latest_step
