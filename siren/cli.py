@@ -188,10 +188,9 @@ def cmd_decode(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from siren.sweep import format_ranking, run_sweep
+    from siren.sweep import run_sweep
 
-    trials = run_sweep(args.file, args.count, online=False if args.offline else None)
-    print(format_ranking(trials))
+    trials = run_sweep(args.file, args.count, online=False if args.offline else None)  # prints the ranked table
     return 0 if trials and all(t.get("returncode", 0) == 0 for t in trials) else 1
 
 
