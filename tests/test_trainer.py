@@ -245,3 +245,20 @@ def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_
     assert cached.shape == live.shape
     tr.fit()
     assert len(list(key_dir.glob("*.safetensors"))) == n_files  # nothing recomputed
+
+
+def test_offline_wandb_run_holds_the_same_history(codec_run):
+    (run_dir,) = list((codec_run / "wandb").glob("offline-run-*"))
+    wandb_bin = Path(sys.executable).with_name("wandb")
+    r = subprocess.run(
+        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)["summary"]
+    last = read_metrics(codec_run / "metrics.jsonl")[-1]
+    assert summary["_step"] == last["step"] == 6
+    for key in ("train/loss", "codebook/sem/l0/usage", "rate/bps_entropy", "frozen/ok"):
+        assert summary[key] == last[key], key
