@@ -3,7 +3,7 @@
 Figures (goal in brackets):
   1. trainer step time (all per-step metrics, W&B offline) ÷ bare PyTorch loop, same model/batch/optimizer [≤ 1.03]
   2. per-step codebook + drift metric time ÷ step time [≤ 1 %]
-  3. bitstream payload bytes ÷ entropy-model estimate on the eval set [≤ 1.01], header reported apart
+  3. bitstream bytes ÷ entropy-model estimate on the eval set [≤ 1.01]: one stream and per file; header apart
   4. encode / decode speed in × real time, 1 CPU thread, `tiny` and `ultra200bps` presets (8 flow steps)
   5. data loader throughput ÷ training consumption [≫ 1]
 """
@@ -139,17 +139,28 @@ def bench_loader(corpus: Path, teacher: Path, work: Path) -> dict:
 
 
 def bench_bitstream(corpus: Path, teacher: Path, work: Path) -> dict:
-    from siren.coding.bitstream import encode_codes, load_codec
+    """Real bytes vs the entropy model's estimate on the eval set, with a codec trained for 300 steps.
+
+    Two figures: per file (each utterance its own .siren payload, so each pays the range coder's final flush) and one
+    continuous stream of all utterances (the coder's own efficiency). The fixed header is reported apart.
+    """
+    import constriction
+    import numpy as np
+
+    from siren.coding.bitstream import _stream_probs, encode_codes, load_codec
     from siren.data.audio import load_audio
     from siren.data.manifest import read_manifest
     from siren.train.stages.common import analyse
     from siren.train.trainer import Trainer
 
     run = work / "codec_bits"
-    Trainer(cfg_for("codec", corpus, teacher, run, **{"train.max_steps": 40, "train.checkpoint_every": 40})).fit()
+    Trainer(cfg_for("codec", corpus, teacher, run, **{"train.max_steps": 300, "train.checkpoint_every": 300})).fit()
     ck = load_codec(str(run))
+    fam = constriction.stream.model.Categorical(perfect=False)
+    stream = constriction.stream.queue.RangeEncoder()
     payload = estimate = header = seconds = 0.0
-    for u in read_manifest(corpus / "val.jsonl") + read_manifest(corpus / "train.jsonl")[:8]:
+    files = 0
+    for u in read_manifest(corpus / "val.jsonl"):
         wav = load_audio(u.path)
         n = wav.shape[-1] - wav.shape[-1] % 2560
         with torch.no_grad():
@@ -159,13 +170,20 @@ def bench_bitstream(corpus: Path, teacher: Path, work: Path) -> dict:
         estimate += enc.estimate_bits
         header += enc.header_bits
         seconds += enc.seconds
+        files += 1
+        for name, codes in (("sem", an.sem.codes), ("pro", an.pro.codes)):
+            for t in range(codes.shape[1]):
+                probs = _stream_probs(ck.modules["entropy_model"], name, codes, t)
+                stream.encode(codes[0, t].numpy().astype(np.int32), fam, probs)
+    stream_bits = 32 * len(stream.get_compressed())
     return {
         "payload_over_estimate": payload / estimate,
-        "header_bits_per_file": header / 1,
+        "stream_over_estimate": stream_bits / estimate,
+        "header_bits_per_file": header / files,
         "seconds": seconds,
-        "payload_bps": payload / seconds,
+        "files": files,
         "estimate_bps": estimate / seconds,
-        "run": run,
+        "flush_bits_per_file": (payload - estimate) / files,
     }
 
 
@@ -245,11 +263,18 @@ def main() -> int:
         ),
         ("per-step codebook + drift metrics ÷ step time", f"{100 * tr['metrics_frac']:.2f} %", "≤ 1 %"),
         (
-            "bitstream payload ÷ entropy-model estimate (eval set, "
-            f"{bs['seconds']:.0f} s; header+CRC {bs['header_bits_per_file'] / max(1, 1):.0f} bits total apart)",
+            f"bitstream ÷ entropy-model estimate, one continuous stream (eval set: {bs['files']} files, "
+            f"{bs['seconds']:.0f} s, estimate {bs['estimate_bps']:.0f} bit/s)",
+            f"{bs['stream_over_estimate']:.4f}",
+            "≤ 1.01",
+        ),
+        (
+            f"bitstream payload ÷ estimate, per file (each file pays the coder's final flush: "
+            f"{bs['flush_bits_per_file']:.0f} bits/file on average)",
             f"{bs['payload_over_estimate']:.4f}",
             "≤ 1.01",
         ),
+        ("fixed header + CRC per file (reported apart)", f"{bs['header_bits_per_file']:.0f} bits", "—"),
         ("data loader throughput ÷ training consumption", f"{ld['loader_over_consumption']:.1f}", "≫ 1"),
     ]
     for p, s in speed.items():

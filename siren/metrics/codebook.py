@@ -48,26 +48,45 @@ class CodebookWindow:
         self.buffers = {
             s: torch.zeros(window, L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()
         }
+        # Running window totals: add the new step, subtract the evicted one; a step costs O(L·K), not O(window·L·K).
+        # Counts are integers in float64, so the running sums are exact (and equal after a resume).
+        self.running = {s: torch.zeros(L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()}
         self.pos = 0
 
     def push(self, counts: dict[str, torch.Tensor]) -> None:
         slot = self.pos % self.window
         for s, buf in self.buffers.items():
+            self.running[s] += counts[s] - buf[slot]
             buf[slot] = counts[s]
         self.pos += 1
 
+    def load(self, buffers: dict[str, torch.Tensor], pos: int) -> None:
+        """Restore a saved window (resume); the running totals are rebuilt from the buffers."""
+        for s in self.buffers:
+            self.buffers[s].copy_(buffers[s])
+            self.running[s] = self.buffers[s].sum(0)
+        self.pos = pos
+
     def totals(self) -> dict[str, torch.Tensor]:
         """Counts over the window, per stream (L, K)."""
-        return {s: buf.sum(0) for s, buf in self.buffers.items()}
+        return self.running
+
+    def names(self) -> list[str]:
+        """Metric names in the order of `vector()`."""
+        out = []
+        for s, (_, L) in self.layout.items():
+            for kind in ("usage", "perplexity", "dead"):
+                out += [f"codebook/{s}/{lv}/{kind}" for lv in level_names(s, L)]
+        return out
+
+    def vector(self) -> torch.Tensor:
+        """All codebook metrics as one float64 vector (few ops per stream: it runs every step)."""
+        parts = []
+        for s, counts in self.running.items():
+            K = self.layout[s][0]
+            seen = (counts > 0).sum(-1).to(torch.float64)
+            parts += [seen / K, torch.exp2(entropy_bits(counts)), K - seen]
+        return torch.cat(parts)
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for s, counts in self.totals().items():
-            K, L = self.layout[s]
-            seen = (counts > 0).sum(-1).to(torch.float64)
-            ppl = torch.exp2(entropy_bits(counts))
-            for i, name in enumerate(level_names(s, L)):
-                out[f"codebook/{s}/{name}/usage"] = seen[i] / K
-                out[f"codebook/{s}/{name}/perplexity"] = ppl[i]
-                out[f"codebook/{s}/{name}/dead"] = K - seen[i]
-        return out
+        return dict(zip(self.names(), self.vector().unbind(), strict=True))

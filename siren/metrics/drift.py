@@ -15,6 +15,7 @@ from siren.metrics.codebook import entropy_bits
 
 def js_divergence_bits(p_counts: torch.Tensor, q_counts: torch.Tensor) -> torch.Tensor:
     """JS divergence in bits between rows of two count matrices (L, K) → (L,). 0 = identical, 1 = disjoint."""
+    p_counts, q_counts = p_counts.to(torch.float64), q_counts.to(torch.float64)
     p = p_counts / p_counts.sum(-1, keepdim=True).clamp_min(1)
     q = q_counts / q_counts.sum(-1, keepdim=True).clamp_min(1)
     m = 0.5 * (p + q)
@@ -59,10 +60,19 @@ class DriftReference:
         self.entropy = {s: entropy_bits(h) for s, h in self.hist.items()}
         self.bps_entropy = float(profile["bps_entropy"])
 
+    def names(self) -> list[str]:
+        out = [f"drift/{s}/{k}" for s in self.layout for k in ("js", "entropy_delta_bits")]
+        return out + ["drift/bps_delta"]
+
+    def vector(self, window_totals: dict[str, torch.Tensor], bps_entropy: torch.Tensor) -> torch.Tensor:
+        """Drift metrics as one float64 vector in the order of `names()`."""
+        parts = []
+        for s in self.layout:
+            counts = window_totals[s]
+            parts.append(js_divergence_bits(counts, self.hist[s]).mean())
+            parts.append((entropy_bits(counts) - self.entropy[s]).mean())
+        parts.append(bps_entropy.to(torch.float64).reshape(()) - self.bps_entropy)
+        return torch.stack(parts)
+
     def metrics(self, window_totals: dict[str, torch.Tensor], bps_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        for s, counts in window_totals.items():
-            out[f"drift/{s}/js"] = js_divergence_bits(counts, self.hist[s]).mean()
-            out[f"drift/{s}/entropy_delta_bits"] = (entropy_bits(counts) - self.entropy[s]).mean()
-        out["drift/bps_delta"] = bps_entropy.to(torch.float64) - self.bps_entropy
-        return out
+        return dict(zip(self.names(), self.vector(window_totals, bps_entropy).unbind(), strict=True))

@@ -260,9 +260,7 @@ class Trainer:
         path = ckpt.step_dir(self.run_dir, self.resume_step) / "trainer" / "codebook_window.pt"
         if self.window is not None and path.is_file():
             state = torch.load(path, map_location=self.accelerator.device)
-            for s in self.window.buffers:
-                self.window.buffers[s].copy_(state["buffers"][s])
-            self.window.pos = state["pos"]
+            self.window.load(state["buffers"], state["pos"])
 
     # --------------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -415,11 +413,15 @@ class Trainer:
         vec = torch.cat([p.to(dev) for p in parts])
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="sum")
-        i = len(scalars)
-        result = {k: vec[j] for j, k in enumerate(scalars)}
-        for j, name in enumerate(ratio_names):
-            result[name] = vec[i + 2 * j] / vec[i + 2 * j + 1].clamp_min(1e-12)
-        i += 2 * len(ratio_names)
+        # Everything below stays vectorised: a handful of tensor ops per step, one cat, no per-metric tensors.
+        n_s, n_r = len(scalars), len(ratio_names)
+        names = list(scalars) + ratio_names
+        outs = [vec[:n_s]]
+        if n_r:
+            pairs = vec[n_s : n_s + 2 * n_r].view(n_r, 2)
+            ratios = pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)
+            outs.append(ratios)
+        i = n_s + 2 * n_r
         if self.window is not None:
             counts = {}
             for s, shape in hist_shapes:
@@ -427,18 +429,16 @@ class Trainer:
                 counts[s] = vec[i : i + n].view(shape)
                 i += n
             self.window.push(counts)
-            result.update(self.window.metrics())
-            result.update(self.stage_metrics(result))
-        result["train/grad_norm"] = grad_norm.detach().to(torch.float64).reshape(()).to(dev)
-        names = list(result)
-        return torch.stack([result[n].to(torch.float64).to(dev) for n in names]), names
-
-    def stage_metrics(self, result: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Drift against the baseline profile, when the stage has one (adapt)."""
-        ref = getattr(self.stage, "drift_ref", None)
-        if ref is None:
-            return {}
-        return ref.metrics(self.window.totals(), result["rate/bps_entropy"])
+            names += self.window.names()
+            outs.append(self.window.vector())
+            ref = getattr(self.stage, "drift_ref", None)
+            if ref is not None:  # drift against the baseline profile (adapt)
+                bps = ratios[ratio_names.index("rate/bps_entropy")]
+                names += ref.names()
+                outs.append(ref.vector(self.window.totals(), bps))
+        names.append("train/grad_norm")
+        outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(dev))
+        return torch.cat(outs), names
 
     # --------------------------------------------------------------------------------------------------- checkpoints
     def save(self, step: int, metrics: dict[str, float]) -> Path | None:

@@ -32,6 +32,7 @@ class CodecStage(Stage):
 
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        self.feats = FrozenFeatures(self.cfg)  # on the fly until `setup` attaches the feature cache
         ssl = build_component("ssl", self.cfg)
         mods = {"ssl": ssl}
         for n in self.components[1:]:
@@ -45,7 +46,6 @@ class CodecStage(Stage):
         return nominal_bps(self.cfg)["total"]
 
     def setup(self, trainer) -> None:
-        self.feats = FrozenFeatures(self.cfg)
         self.feats.setup(trainer, trainer.modules["ssl"])
 
     def features(self, modules, wav: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ class FlowStage(Stage):
         build_cfg.factorizer = base.cfg.factorizer
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        self.feats = FrozenFeatures(self.cfg)  # on the fly until `setup` attaches the feature cache
         return {
             **base.modules,
             "fuser": build_component("fuser", build_cfg),
@@ -46,7 +47,6 @@ class FlowStage(Stage):
         return nominal_bps(self.base_cfg)["total"]
 
     def setup(self, trainer) -> None:
-        self.feats = FrozenFeatures(self.cfg)
         self.feats.setup(trainer, trainer.modules["ssl"])
 
     def step(self, modules, batch) -> StepOutput:

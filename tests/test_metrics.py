@@ -1,0 +1,70 @@
+"""Codebook window and drift metrics: invariants against brute-force computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from siren.errors import LayoutMismatch
+from siren.metrics.codebook import CodebookWindow, entropy_bits, histogram
+from siren.metrics.drift import DriftReference, agreement_counts, js_divergence_bits
+
+
+def test_histogram_counts_only_valid_frames():
+    codes = torch.tensor([[[0], [1], [1], [2]]])  # (B=1, T=4, L=1)
+    mask = torch.tensor([[True, True, True, False]])
+    h = histogram(codes, mask, 3)
+    assert h.tolist() == [[1.0, 2.0, 0.0]]
+
+
+def test_window_running_totals_equal_brute_force_and_survive_reload():
+    g = torch.Generator().manual_seed(0)
+    layout = {"sem": (9, 2), "spk": (4, 3)}
+    w = CodebookWindow(layout, window=3)
+    history = []
+    for _ in range(7):
+        counts = {s: torch.randint(0, 5, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()}
+        history.append(counts)
+        w.push(counts)
+        for s in layout:
+            brute = sum(c[s] for c in history[-3:])
+            assert torch.equal(w.totals()[s], brute)
+    metrics = w.metrics()
+    K = 9
+    seen = (w.totals()["sem"][0] > 0).sum().item()
+    assert metrics["codebook/sem/l0/usage"].item() == seen / K
+    assert metrics["codebook/sem/l0/dead"].item() == K - seen
+    p = w.totals()["sem"][0] / w.totals()["sem"][0].sum()
+    ppl = math.exp(-sum(x * math.log(x) for x in p.tolist() if x > 0))
+    assert metrics["codebook/sem/l0/perplexity"].item() == pytest.approx(ppl)
+    assert set(metrics) >= {"codebook/spk/g2/usage", "codebook/sem/l1/dead"}
+    w2 = CodebookWindow(layout, window=3)
+    w2.load(w.buffers, w.pos)
+    assert all(torch.equal(w2.totals()[s], w.totals()[s]) for s in layout)
+
+
+def test_js_and_entropy_bounds():
+    a = torch.tensor([[5.0, 5.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0, 3.0, 3.0]])
+    assert js_divergence_bits(a, a).item() == pytest.approx(0.0, abs=1e-12)
+    assert js_divergence_bits(a, b).item() == pytest.approx(1.0)
+    assert entropy_bits(a).item() == pytest.approx(1.0)
+
+
+def test_agreement_counts():
+    codes = torch.tensor([[[1], [2], [3]]])
+    ref = torch.tensor([[[1], [0], [3]]])
+    eq, tot = agreement_counts(codes, ref, torch.tensor([[True, True, False]]))
+    assert (eq.item(), tot.item()) == (1.0, 2.0)
+
+
+def test_drift_reference_rejects_other_layout():
+    profile = {"layout": {"sem": [81, 1]}, "histograms": {"sem": [[1.0] * 81]}, "bps_entropy": 100.0}
+    with pytest.raises(LayoutMismatch, match="layout"):
+        DriftReference(profile, {"sem": (81, 2)})
+    ref = DriftReference(profile, {"sem": (81, 1)})
+    m = ref.metrics({"sem": torch.tensor([[1.0] * 81])}, torch.tensor(90.0))
+    assert m["drift/sem/js"].item() == pytest.approx(0.0, abs=1e-12)
+    assert m["drift/bps_delta"].item() == pytest.approx(-10.0)
