@@ -31,6 +31,7 @@ from siren.train.stages.common import (
     load_checkpoint,
     masked_l1,
     masked_mse,
+    stream_codes,
     stream_masks,
 )
 
@@ -269,11 +270,7 @@ class AdaptStage(Stage):
         return StepOutput(
             loss=loss,
             terms=terms,
-            codes={
-                "sem": (an.sem.codes, masks["sem"]),
-                "pro": (an.pro.codes, masks["pro"]),
-                "spk": (an.spk.codes, None),
-            },
+            codes=stream_codes(an, masks),
             ratios=ratios,
         )
 

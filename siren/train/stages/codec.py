@@ -17,6 +17,7 @@ from siren.train.stages.common import (
     entropy_rate,
     frame_mask,
     masked_l1,
+    stream_codes,
     stream_masks,
 )
 
@@ -74,11 +75,7 @@ class CodecStage(Stage):
         return StepOutput(
             loss=loss,
             terms=terms,
-            codes={
-                "sem": (an.sem.codes, masks["sem"]),
-                "pro": (an.pro.codes, masks["pro"]),
-                "spk": (an.spk.codes, None),
-            },
+            codes=stream_codes(an, masks),
             ratios={"rate/bps_entropy": (bits, seconds)},
         )
 

@@ -77,6 +77,11 @@ def stream_masks(lengths: torch.Tensor, an: Analysis) -> dict[str, torch.Tensor]
     }
 
 
+def stream_codes(an: Analysis, masks: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The codes a step reports for codebook metrics: stream → (codes, valid-frame mask or None for speaker codes)."""
+    return {"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)}
+
+
 def entropy_rate(ent, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(bits, seconds) over valid frames of the sem and pro streams, as sums (so they can be reduced across ranks)."""
     bits = sum((ent.bits[s] * masks[s].to(ent.bits[s].dtype)).sum() for s in ("sem", "pro"))

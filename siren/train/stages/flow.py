@@ -9,7 +9,7 @@ from siren.errors import SirenError
 from siren.models.builders import build_component, nominal_bps
 from siren.train.stages.adapt import baseline_fingerprint
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import FrozenFeatures, analyse, code_layout, load_checkpoint, stream_masks
+from siren.train.stages.common import FrozenFeatures, analyse, code_layout, load_checkpoint, stream_codes, stream_masks
 
 FROZEN_CODEC = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"]
 
@@ -60,11 +60,7 @@ class FlowStage(Stage):
         return StepOutput(
             loss=self.cfg.loss.fm * fm,
             terms={"fm": fm},
-            codes={
-                "sem": (an.sem.codes, masks["sem"]),
-                "pro": (an.pro.codes, masks["pro"]),
-                "spk": (an.spk.codes, None),
-            },
+            codes=stream_codes(an, masks),
         )
 
     def render(self, trainer, modules, utterances) -> list[Sample]:
