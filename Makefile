@@ -58,7 +58,9 @@ demo: install
 
 verify: install
 	@if [ -z "$(STEP)" ]; then echo "usage: make verify STEP=N [RUN=$(RUN)]"; exit 2; fi
-	$(BIN)/siren verify --run $(RUN) --step $(STEP) $(VERIFY_ARGS)
+	@# make reports any failure as its own status 2: print siren's code (0 pass, 1 fail, 2 error) first.
+	@$(BIN)/siren verify --run $(RUN) --step $(STEP) $(VERIFY_ARGS); rc=$$?; \
+	echo "siren verify exit code: $$rc ($$( [ $$rc = 0 ] && echo pass || ([ $$rc = 1 ] && echo fail || echo error)))"; exit $$rc
 
 sweep: install
 	$(BIN)/siren sweep $(SWEEP) --count $(COUNT)
