@@ -262,3 +262,18 @@ def test_offline_wandb_run_holds_the_same_history(codec_run):
     assert summary["_step"] == last["step"] == 6
     for key in ("train/loss", "codebook/sem/l0/usage", "rate/bps_entropy", "frozen/ok"):
         assert summary[key] == last[key], key
+
+
+def test_init_from_loads_weights_only(codec_run, corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.max_steps": 1})
+    tr = Trainer(cfg, init_from=str(codec_run), init_components=["decoder", "entropy_model"])
+    assert tr.resume_step == 0  # weights only: the step, optimizer and history start fresh
+    saved = load_file(codec_run / "checkpoints" / "step_6" / "components" / "decoder.safetensors")
+    live = tr.modules["decoder"].state_dict()
+    assert all(torch.equal(saved[k], live[k]) for k in saved)
+    fact = load_file(codec_run / "checkpoints" / "step_6" / "components" / "factorizer.safetensors")
+    assert any(not torch.equal(fact[k], tr.modules["factorizer"].state_dict()[k]) for k in fact)  # not selected
+    from siren.errors import SirenError
+
+    with pytest.raises(SirenError, match="vocoder"):
+        Trainer(cfg, init_from=str(codec_run), init_components=["vocoder"])
