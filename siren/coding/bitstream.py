@@ -3,7 +3,7 @@
 File layout (little endian), 13 bytes + speaker codes of overhead::
 
     magic "SR" | version u8 | model id (4 bytes) | n_sem u16 | spk codes (groups × ceil(log2 K) bits, byte-padded)
-    | payload (constriction range coder output, trailing flush bytes trimmed) | crc32 u32 over all previous bytes
+    | payload (u32 words from constriction's range coder) | crc32 u32 over all previous bytes
 
 Everything else is derived: levels and codebook sizes from the model, prosody frames = n_sem / 4 (the factorizer cuts
 to whole 8-frame blocks), samples = n_sem × 640.
@@ -86,15 +86,13 @@ def encode_codes(
     enc = constriction.stream.queue.RangeEncoder()
     em = modules["entropy_model"]
     estimate = 0.0
-    coded: list[tuple[np.ndarray, np.ndarray]] = []
     for stream, codes in (("sem", sem), ("pro", pro)):
         for t in range(codes.shape[1]):
             probs = _stream_probs(em, stream, codes, t)
             symbols = codes[0, t].cpu().numpy().astype(np.int32)
             enc.encode(symbols, fam, probs)
-            coded.append((symbols, probs))
             estimate -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
-    payload = _shortest_payload(enc.get_compressed().astype("<u4").tobytes(), coded)
+    payload = enc.get_compressed().astype("<u4").tobytes()
     if pro.shape[1] * 4 != sem.shape[1]:
         raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
     K_spk = modules["spk_quantizer"].codebook_size
@@ -138,7 +136,10 @@ def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tens
     spk_bytes = math.ceil(groups * nbits / 8)
     spk = _unpack_bits(body[off : off + spk_bytes], nbits, groups)
     off += spk_bytes
-    dec = constriction.stream.queue.RangeDecoder(_words(body[off:]))
+    if (len(body) - off) % 4:
+        raise BitstreamError("bitstream length does not match its header (truncated or padded file)")
+    words = np.frombuffer(body[off:], dtype="<u4").astype(np.uint32)
+    dec = constriction.stream.queue.RangeDecoder(words)
     fam = constriction.stream.model.Categorical(perfect=False)
     em = modules["entropy_model"]
     out = {}
@@ -149,31 +150,6 @@ def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tens
             codes[0, t] = torch.from_numpy(np.asarray(dec.decode(fam, probs), dtype=np.int64))
         out[stream] = codes
     return out["sem"], out["pro"], torch.tensor([spk], dtype=torch.long), num_samples
-
-
-def _words(payload: bytes) -> np.ndarray:
-    """Payload bytes → u32 words for the range decoder: zero-padded to whole words plus two zero words, so trailing
-    bytes the encoder left out (see `_shortest_payload`) read as zeros."""
-    padded = payload + b"\x00" * (-len(payload) % 4 + 8)
-    return np.frombuffer(padded, dtype="<u4").astype(np.uint32)
-
-
-def _shortest_payload(full: bytes, coded: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """Drop trailing bytes of the coder's final flush while the stream still decodes to exactly the same symbols
-    (the decoder reads missing bytes as zeros). Checked by decoding with the very probabilities used to encode."""
-    import constriction
-
-    fam = constriction.stream.model.Categorical(perfect=False)
-
-    def decodes(candidate: bytes) -> bool:
-        dec = constriction.stream.queue.RangeDecoder(_words(candidate))
-        return all(np.array_equal(np.asarray(dec.decode(fam, probs)), symbols) for symbols, probs in coded)
-
-    best = full
-    for cut in range(1, min(8, len(full)) + 1):
-        if decodes(full[:-cut]):
-            best = full[:-cut]
-    return best
 
 
 def _pack_bits(values: list[int], nbits: int) -> bytes:
