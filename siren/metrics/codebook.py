@@ -37,56 +37,99 @@ def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
 
 
+class PaddedLayout:
+    """All levels of all streams as rows of one (R, Kmax) matrix (shorter codebooks zero-padded), so per-step metrics
+    are a handful of tensor ops for every stream at once instead of a handful per stream and level."""
+
+    def __init__(self, layout: Layout, device: torch.device | str = "cpu"):
+        self.layout = dict(layout)
+        self.kmax = max(K for K, _ in layout.values())
+        self.rows = [(s, lv) for s, (_, L) in layout.items() for lv in level_names(s, L)]
+        self.starts: dict[str, int] = {}
+        row_k, flat_idx, r = [], [], 0
+        for s, (K, L) in layout.items():
+            self.starts[s] = r
+            for _ in range(L):
+                row_k.append(K)
+                flat_idx += [r * self.kmax + k for k in range(K)]
+                r += 1
+        self.row_k = torch.tensor(row_k, dtype=torch.float64, device=device)  # (R,)
+        self.flat_idx = torch.tensor(flat_idx, dtype=torch.long, device=device)  # flat stream-major → padded
+        # (S, R) averaging matrix: per-stream mean over that stream's rows.
+        self.stream_mean = torch.zeros(len(layout), r, dtype=torch.float64, device=device)
+        for i, (st, (_, L)) in enumerate(layout.items()):
+            self.stream_mean[i, self.starts[st] : self.starts[st] + L] = 1.0 / L
+
+    def pad_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Concatenated per-stream (L, K) histograms, flattened → (R, Kmax)."""
+        out = torch.zeros(len(self.rows) * self.kmax, dtype=torch.float64, device=flat.device)
+        return out.index_copy_(0, self.flat_idx, flat.to(torch.float64)).view(len(self.rows), self.kmax)
+
+    def pad(self, counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.pad_flat(torch.cat([counts[s].reshape(-1).to(torch.float64) for s in self.layout]))
+
+    def unpad(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(..., R, Kmax) → stream → (..., L, K) views."""
+        return {s: matrix[..., self.starts[s] : self.starts[s] + L, :K] for s, (K, L) in self.layout.items()}
+
+
 class CodebookWindow:
-    """Ring buffer of the last `window` steps' histograms per stream; all tensors stay on `device`."""
+    """Ring buffer of the last `window` steps' code counts; all tensors stay on `device`.
+
+    Running window totals are kept by adding the new step and subtracting the evicted one (counts are integers in
+    float64, so the sums are exact and equal after a resume), so a step costs O(R·Kmax), not O(window·R·Kmax).
+    """
 
     def __init__(self, layout: Layout, window: int, device: torch.device | str = "cpu"):
         if window < 1:
             raise ValueError(f"train.codebook_window must be >= 1, got {window}")
         self.layout = dict(layout)
+        self.padded = PaddedLayout(layout, device)
         self.window = window
-        self.buffers = {
-            s: torch.zeros(window, L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()
-        }
-        # Running window totals: add the new step, subtract the evicted one; a step costs O(L·K), not O(window·L·K).
-        # Counts are integers in float64, so the running sums are exact (and equal after a resume).
-        self.running = {s: torch.zeros(L, K, dtype=torch.float64, device=device) for s, (K, L) in layout.items()}
+        R, kmax = len(self.padded.rows), self.padded.kmax
+        self.buf = torch.zeros(window, R, kmax, dtype=torch.float64, device=device)
+        self.running = torch.zeros(R, kmax, dtype=torch.float64, device=device)
         self.pos = 0
 
-    def push(self, counts: dict[str, torch.Tensor]) -> None:
+    def push_flat(self, flat: torch.Tensor) -> None:
+        """One step's counts, as the concatenation of the streams' flattened (L, K) histograms."""
+        padded = self.padded.pad_flat(flat)
         slot = self.pos % self.window
-        for s, buf in self.buffers.items():
-            self.running[s] += counts[s] - buf[slot]
-            buf[slot] = counts[s]
+        self.running += padded - self.buf[slot]
+        self.buf[slot] = padded
         self.pos += 1
+
+    def push(self, counts: dict[str, torch.Tensor]) -> None:
+        self.push_flat(torch.cat([counts[s].reshape(-1) for s in self.layout]))
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Per-stream view of the ring buffer: stream → (window, L, K)."""
+        return self.padded.unpad(self.buf)
+
+    def state(self) -> dict:
+        return {"buffers": {s: b.clone() for s, b in self.buffers.items()}, "pos": self.pos}
 
     def load(self, buffers: dict[str, torch.Tensor], pos: int) -> None:
         """Restore a saved window (resume); the running totals are rebuilt from the buffers."""
-        for s in self.buffers:
-            self.buffers[s].copy_(buffers[s])
-            self.running[s] = self.buffers[s].sum(0)
+        for w in range(self.window):
+            self.buf[w] = self.padded.pad({s: buffers[s][w] for s in self.layout})
+        self.running = self.buf.sum(0)
         self.pos = pos
 
     def totals(self) -> dict[str, torch.Tensor]:
         """Counts over the window, per stream (L, K)."""
-        return self.running
+        return self.padded.unpad(self.running)
 
     def names(self) -> list[str]:
         """Metric names in the order of `vector()`."""
-        out = []
-        for s, (_, L) in self.layout.items():
-            for kind in ("usage", "perplexity", "dead"):
-                out += [f"codebook/{s}/{lv}/{kind}" for lv in level_names(s, L)]
-        return out
+        return [f"codebook/{s}/{lv}/{kind}" for kind in ("usage", "perplexity", "dead") for s, lv in self.padded.rows]
 
     def vector(self) -> torch.Tensor:
-        """All codebook metrics as one float64 vector (few ops per stream: it runs every step)."""
-        parts = []
-        for s, counts in self.running.items():
-            K = self.layout[s][0]
-            seen = (counts > 0).sum(-1).to(torch.float64)
-            parts += [seen / K, torch.exp2(entropy_bits(counts)), K - seen]
-        return torch.cat(parts)
+        """All codebook metrics of all streams as one float64 vector (a few ops per step in total)."""
+        seen = (self.running > 0).sum(-1).to(torch.float64)
+        k = self.padded.row_k
+        return torch.cat([seen / k, torch.exp2(entropy_bits(self.running)), k - seen])
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names(), self.vector().unbind(), strict=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from siren.errors import LayoutMismatch
-from siren.metrics.codebook import entropy_bits
+from siren.metrics.codebook import PaddedLayout, entropy_bits
 
 
 def js_divergence_bits(p_counts: torch.Tensor, q_counts: torch.Tensor) -> torch.Tensor:
@@ -56,23 +56,24 @@ class DriftReference:
                 "(streams → (codebook size, levels)); drift would compare different codebooks"
             )
         self.layout = want
-        self.hist = {s: torch.tensor(profile["histograms"][s], dtype=torch.float64, device=device) for s in want}
-        self.entropy = {s: entropy_bits(h) for s, h in self.hist.items()}
+        self.padded = PaddedLayout(want, device)
+        hist = {s: torch.tensor(profile["histograms"][s], dtype=torch.float64, device=device) for s in want}
+        self.hist = self.padded.pad(hist)  # (R, Kmax)
+        self.entropy = entropy_bits(self.hist)  # (R,)
         self.bps_entropy = float(profile["bps_entropy"])
 
     def names(self) -> list[str]:
-        out = [f"drift/{s}/{k}" for s in self.layout for k in ("js", "entropy_delta_bits")]
-        return out + ["drift/bps_delta"]
+        return [f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits") for s in self.layout] + ["drift/bps_delta"]
 
-    def vector(self, window_totals: dict[str, torch.Tensor], bps_entropy: torch.Tensor) -> torch.Tensor:
-        """Drift metrics as one float64 vector in the order of `names()`."""
-        parts = []
-        for s in self.layout:
-            counts = window_totals[s]
-            parts.append(js_divergence_bits(counts, self.hist[s]).mean())
-            parts.append((entropy_bits(counts) - self.entropy[s]).mean())
-        parts.append(bps_entropy.to(torch.float64).reshape(()) - self.bps_entropy)
-        return torch.stack(parts)
+    def vector(self, window_running: torch.Tensor, bps_entropy: torch.Tensor) -> torch.Tensor:
+        """Drift metrics in the order of `names()`; `window_running` is the window's padded (R, Kmax) totals."""
+        per_row = torch.stack(
+            [js_divergence_bits(window_running, self.hist), entropy_bits(window_running) - self.entropy]
+        )
+        per_stream = per_row @ self.padded.stream_mean.T  # (2, S): mean over each stream's levels
+        bps = (bps_entropy.to(torch.float64).reshape(1) - self.bps_entropy).to(per_stream.device)
+        return torch.cat([per_stream.reshape(-1), bps])
 
     def metrics(self, window_totals: dict[str, torch.Tensor], bps_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names(), self.vector(window_totals, bps_entropy).unbind(), strict=True))
+        vec = self.vector(self.padded.pad(window_totals), bps_entropy)
+        return dict(zip(self.names(), vec.unbind(), strict=True))

@@ -403,13 +403,10 @@ class Trainer:
                     [torch.stack([n.to(torch.float64), d.to(torch.float64)]) for n, d in out.ratios.values()]
                 ).reshape(-1)
             )
-        hist_shapes = []
         if self.window is not None:
             for s, (K, _levels) in self.layout.items():
                 codes, mask = out.codes[s]
-                h = histogram(codes.detach(), mask, K)
-                hist_shapes.append((s, h.shape))
-                parts.append(h.reshape(-1))
+                parts.append(histogram(codes.detach(), mask, K).reshape(-1))
         vec = torch.cat([p.to(dev) for p in parts])
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="sum")
@@ -423,19 +420,14 @@ class Trainer:
             outs.append(ratios)
         i = n_s + 2 * n_r
         if self.window is not None:
-            counts = {}
-            for s, shape in hist_shapes:
-                n = shape.numel()
-                counts[s] = vec[i : i + n].view(shape)
-                i += n
-            self.window.push(counts)
+            self.window.push_flat(vec[i:])  # the streams' histograms, concatenated in layout order
             names += self.window.names()
             outs.append(self.window.vector())
             ref = getattr(self.stage, "drift_ref", None)
             if ref is not None:  # drift against the baseline profile (adapt)
                 bps = ratios[ratio_names.index("rate/bps_entropy")]
                 names += ref.names()
-                outs.append(ref.vector(self.window.totals(), bps))
+                outs.append(ref.vector(self.window.running, bps))
         names.append("train/grad_norm")
         outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(dev))
         return torch.cat(outs), names
@@ -455,9 +447,7 @@ class Trainer:
         final = None
         if self.is_main:
             if self.window is not None:
-                torch.save(
-                    {"buffers": self.window.buffers, "pos": self.window.pos}, tmp / "trainer" / "codebook_window.pt"
-                )
+                torch.save(self.window.state(), tmp / "trainer" / "codebook_window.pt")
             ckpt.save_components(tmp, self._saved_modules())
             if os.environ.get("SIREN_FAULT_CHECKPOINT_DELAY_S"):  # fault injection for the kill-during-write test
                 time.sleep(float(os.environ["SIREN_FAULT_CHECKPOINT_DELAY_S"]))
