@@ -68,3 +68,17 @@ def test_drift_reference_rejects_other_layout():
     m = ref.metrics({"sem": torch.tensor([[1.0] * 81])}, torch.tensor(90.0))
     assert m["drift/sem/js"].item() == pytest.approx(0.0, abs=1e-12)
     assert m["drift/bps_delta"].item() == pytest.approx(-10.0)
+
+
+def test_stream_histograms_equal_per_stream_histograms():
+    from siren.metrics.codebook import stream_histograms
+
+    g = torch.Generator().manual_seed(1)
+    layout = {"sem": (81, 2), "pro": (81, 1), "spk": (16, 4)}
+    codes = {
+        "sem": (torch.randint(0, 81, (3, 10, 2), generator=g), torch.rand(3, 10, generator=g) > 0.3),
+        "pro": (torch.randint(0, 81, (3, 3, 1), generator=g), torch.rand(3, 3, generator=g) > 0.3),
+        "spk": (torch.randint(0, 16, (3, 4), generator=g), None),
+    }
+    want = torch.cat([histogram(c, m, layout[s][0]).reshape(-1) for s, (c, m) in codes.items()])
+    assert torch.equal(stream_histograms(layout, codes), want)

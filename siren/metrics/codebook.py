@@ -31,6 +31,21 @@ def histogram(codes: torch.Tensor, mask: torch.Tensor | None, codebook_size: int
     return counts.view(L, codebook_size).to(torch.float64)
 
 
+def stream_histograms(layout: Layout, codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """Every stream's per-level histogram with one bincount: the concatenation, in layout order, of the flattened
+    (L, K) count matrices that `histogram` gives per stream → (Σ L·K,) float64."""
+    flat, base = [], 0
+    for s, (K, L) in layout.items():
+        c, mask = codes[s]
+        c = c.detach()
+        if c.dim() == 2:
+            c = c.unsqueeze(1)
+        idx = c + (torch.arange(L, device=c.device) * K + base)
+        flat.append((idx[mask.bool()] if mask is not None else idx).reshape(-1))
+        base += L * K
+    return torch.bincount(torch.cat(flat), minlength=base).to(torch.float64)
+
+
 def entropy_bits(counts: torch.Tensor) -> torch.Tensor:
     """Entropy in bits of each row of a count matrix (..., K) → (...)."""
     p = counts / counts.sum(-1, keepdim=True).clamp_min(1)

@@ -23,7 +23,7 @@ from siren import __version__
 from siren.config.loader import dump_config, load_config, to_dict
 from siren.config.schema import SirenConfig
 from siren.errors import SirenError
-from siren.metrics.codebook import CodebookWindow, histogram
+from siren.metrics.codebook import CodebookWindow, stream_histograms
 from siren.models.io import fingerprint
 from siren.train import checkpoint as ckpt
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
@@ -404,9 +404,7 @@ class Trainer:
                 ).reshape(-1)
             )
         if self.window is not None:
-            for s, (K, _levels) in self.layout.items():
-                codes, mask = out.codes[s]
-                parts.append(histogram(codes.detach(), mask, K).reshape(-1))
+            parts.append(stream_histograms(self.layout, out.codes))
         vec = torch.cat([p.to(dev) for p in parts])
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="sum")
