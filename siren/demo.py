@@ -37,13 +37,28 @@ def _progress(run_dir: Path, total: int, proc: subprocess.Popen, desc: str) -> N
             bar.refresh()
 
 
-def _run_stage(stage: str, env: dict) -> dict:
+def stage_overrides(stage: str, root: str, data: str) -> list[str]:
+    """Point a demo config at `--root` (runs) and `--data` (corpus + teacher), so both flags mean what they say."""
+    return [
+        f"run_dir={root}/{stage}",
+        f"data.train={data}/train.jsonl",
+        f"data.val={data}/val.jsonl",
+        f"ssl.name={data}/tiny_hubert",
+        f"pipeline.flow={root}/flow",
+        f"pipeline.vocoder={root}/vocoder",
+        *([f"baseline={root}/codec"] if stage in ("flow", "adapt") else []),
+        *([f"student_ssl.path={root}/distill"] if stage == "adapt" else []),
+    ]
+
+
+def _run_stage(stage: str, env: dict, root: str, data: str) -> dict:
     from siren.config import load_config
     from siren.train.checkpoint import latest_step
     from siren.train.tracking import read_metrics
 
     cfg_path = Path("configs/demo") / f"{stage}.yaml"
-    cfg = load_config(cfg_path)
+    overrides = stage_overrides(stage, root, data)
+    cfg = load_config(cfg_path, overrides)
     run_dir = Path(cfg.run_dir)
     done = (latest_step(run_dir) or 0) >= cfg.train.max_steps if run_dir.exists() else False
     t0 = time.perf_counter()
@@ -53,7 +68,7 @@ def _run_stage(stage: str, env: dict) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "siren", "train", "--config", str(cfg_path)],
+                [sys.executable, "-m", "siren", "train", "--config", str(cfg_path), *overrides],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -99,7 +114,7 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 400) -> 
         print(f"== teacher: tiny random HuBERT saved to {teacher} (stand-in for facebook/hubert-base-ls960)")
     results = []
     for stage in STAGES:
-        results.append(_run_stage(stage, env))
+        results.append(_run_stage(stage, env, root, data))
 
     # Verify the newest adapt checkpoint against its baseline.
     adapt_run = Path(root) / "adapt"
