@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the corpus and run every stage on CPU, then verify")
     p.add_argument("--root", default="runs/demo")
     p.add_argument("--data", default="data/demo")
-    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--n", type=int, default=800)
     return parser
 
 

@@ -92,7 +92,7 @@ def _run_stage(stage: str, env: dict, root: str, data: str) -> dict:
     }
 
 
-def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 400) -> int:
+def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> int:
     from siren.data.corpus import build_corpus
     from siren.models.ssl import save_tiny_teacher
     from siren.train.checkpoint import latest_step
