@@ -53,6 +53,8 @@ def subprocess_env(hermetic_wandb) -> dict:
     """Environment for `python -m siren` subprocesses: hermetic W&B (set above), the repo on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
+    if env.get("SIREN_TEST_DISABLE"):  # a negative control: the subprocess switches the mechanism off at start-up
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "controls"), str(ROOT)])
     return env
 
 

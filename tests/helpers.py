@@ -45,3 +45,12 @@ def siren_train(args: list[str], env: dict | None = None, **kw) -> subprocess.Co
     return subprocess.run(
         [sys.executable, "-m", "siren", "train", *args], env=env, cwd=ROOT, capture_output=True, text=True, **kw
     )
+
+
+def with_fault(env: dict, fault: str) -> dict:
+    """`env` for a subprocess that injects a test-only fault at start-up (tests/mechanisms.py FAULTS)."""
+    return {
+        **env,
+        "SIREN_TEST_FAULT": fault,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "controls"), str(ROOT)]),
+    }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,14 +14,16 @@ import time
 import warnings
 from pathlib import Path
 
+import mechanisms
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, stage_config, stage_overrides
+from helpers import ROOT, stage_config, stage_overrides, with_fault
 from safetensors.torch import load_file
 
 from siren.data.manifest import read_manifest, write_manifest
+from siren.errors import FrozenViolation, SirenError
 from siren.train.tracking import read_metrics
 from siren.train.trainer import Trainer, TrainingAborted
 
@@ -58,31 +63,44 @@ def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
     return run
 
 
+def _latest(run: Path) -> int:
+    f = run / "checkpoints" / "latest"
+    return int(f.read_text().strip().removeprefix("step_")) if f.is_file() else 0
+
+
 def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env):
     rng = random.Random(7)
     run = tmp_path / "run"
-    killed_mid_run = 0
-    for _ in range(3):  # SIGKILL at random moments, resume each time
+    resumed_from = []
+    # Three SIGKILLs at random moments: after a random checkpoint of the remaining run, plus a random delay.
+    targets = sorted(rng.sample([0, 8, 16, 24], 3))
+    for target in targets:
+        resumed_from.append(_latest(run))
         proc = subprocess.Popen(
             _cmd(corpus_dir, teacher_dir, run),
             cwd=ROOT,
             env=subprocess_env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         t0 = time.time()
-        while not (run / "metrics.jsonl").is_file() and proc.poll() is None and time.time() - t0 < 120:
-            time.sleep(0.02)  # training has started (imports and set-up take a few seconds)
-        time.sleep(rng.uniform(0.0, 1.5))
+        while not ((run / "metrics.jsonl").is_file() and _latest(run) >= target):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.time() - t0 < 180, "timed out waiting for the run to reach its kill point"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        killed_mid_run += proc.returncode == -signal.SIGKILL
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
         for p in (run / "checkpoints").glob("step_*") if (run / "checkpoints").exists() else []:
             assert (p / "meta.json").is_file()  # a visible step dir is always complete
+    resumed_from.append(_latest(run))
+    assert 0 < resumed_from[-1] < 40, resumed_from  # the last run resumed mid-way, not from scratch
     r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = _weights(reference_run, 40), _weights(run, 40)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     losses = [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")]
     assert losses == [x["train/loss"] for x in read_metrics(reference_run / "metrics.jsonl")]
 
@@ -91,25 +109,26 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(
     reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env
 ):
     run = tmp_path / "run"
-    env = {**subprocess_env, "SIREN_FAULT_CHECKPOINT_DELAY_S": "30"}  # hold the write of step_8 open
+    env = with_fault(subprocess_env, "slow_checkpoint_write:16")  # hold the write of step 16 open
     proc = subprocess.Popen(
-        _cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    partial = run / "checkpoints" / ".tmp-step_8" / "components"
     t0 = time.time()
-    while not (partial.is_dir() and any(partial.glob("*.safetensors"))):
-        assert proc.poll() is None and time.time() - t0 < 120
+    # Wait until step 16's weights are being written (wherever the writer puts them), then kill mid-write.
+    while not list((run / "checkpoints").glob("*step_16*/components/*.safetensors")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 120, "timed out waiting for the checkpoint write"
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "checkpoints" / "latest").exists()  # the interrupted write never became a checkpoint
-    assert not (run / "checkpoints" / "step_8").exists()
+    assert _latest(run) == 8  # the newest complete checkpoint; the interrupted one never became one
+    assert not (run / "checkpoints" / "step_16").exists()
     r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial dir was cleaned up
     a, b = _weights(reference_run, 40), _weights(run, 40)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
 
 def _bad_manifest(corpus: Path, out: Path) -> tuple[Path, int]:
@@ -169,7 +188,8 @@ def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher
     assert any(p.endswith("nan.wav") for p in meta["data"]["skipped"])
 
 
-def test_nan_loss_step_is_skipped_then_run_aborts(corpus_dir, teacher_dir, tmp_path):
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_loss_step_is_skipped_then_run_aborts(corpus_dir, teacher_dir, tmp_path, poison):
     cfg = stage_config(
         "codec",
         corpus_dir,
@@ -188,7 +208,7 @@ def test_nan_loss_step_is_skipped_then_run_aborts(corpus_dir, teacher_dir, tmp_p
         if calls["n"] == 2:
             before.update({k: v.clone() for k, v in modules["decoder"].state_dict().items()})
         if calls["n"] >= 2:
-            out.loss = out.loss * float("nan")
+            out.loss = out.loss * poison
         return out
 
     tr.stage.step = poisoned
@@ -244,3 +264,107 @@ def test_wandb_failing_mid_run_does_not_stop_training(corpus_dir, teacher_dir, t
         tr.fit()
     assert any("lost W&B" in str(x.message) for x in w)
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_frozen_weight_changed_during_training_is_a_hard_error(corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{
+            "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
+            "train.max_steps": 4,
+            "train.checkpoint_every": 4,
+        },
+    )
+    trainer = Trainer(cfg)
+    assert "decoder" in trainer.plan.frozen
+    step = trainer.stage.step
+    calls = {"n": 0}
+
+    def tampering_step(modules, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(modules["decoder"].parameters()).add_(1e-3)
+        return step(modules, batch)
+
+    trainer.stage.step = tampering_step
+    with pytest.raises(FrozenViolation, match="decoder"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "step_4").exists()  # nothing is saved past the violation
+
+
+def test_unwritable_run_dir_fails_before_training(corpus_dir, teacher_dir, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        run = blocker / "run"  # a path under a regular file cannot be created, even by root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        run = ro / "run"
+    with pytest.raises(SirenError, match="not writable"):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, run))
+
+
+def test_disk_space_checked_before_training(corpus_dir, teacher_dir, tmp_path):
+    with pytest.raises(SirenError, match="free"):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "r", **{"train.min_free_mb": 10**9}))
+
+
+# ------------------------------------------------------------------------------------------------ negative controls
+# Every test above, rerun with the mechanism it tests switched off (tests/mechanisms.py), must fail, and fail on its own
+# check: (test, mechanism, pattern the failure must match).
+CONTROLS = [
+    (
+        "test_random_kills_resume_to_identical_weights",
+        "resume_trainer_state",
+        r"AssertionError: resumed weights differ",
+    ),
+    (
+        "test_kill_during_checkpoint_write_resumes_from_last_complete",
+        "atomic_checkpoint",
+        r"AssertionError: assert 16 == 8",
+    ),
+    ("test_bad_audio_is_skipped_counted_and_training_continues", "bad_audio_skip", r"LibsndfileError|Error opening"),
+    ("test_nonfinite_loss_step_is_skipped_then_run_aborts", "nonfinite_step_skip", r"DID NOT RAISE"),
+    ("test_wandb_init_failure_does_not_stop_training", "wandb_guard", r"RuntimeError: no W&B for you|DID NOT WARN"),
+    ("test_wandb_failing_mid_run_does_not_stop_training", "wandb_guard", r"ConnectionError: lost W&B"),
+    ("test_frozen_weight_changed_during_training_is_a_hard_error", "frozen_check", r"DID NOT RAISE"),
+    (
+        "test_unwritable_run_dir_fails_before_training",
+        "run_dir_preflight",
+        r"DID NOT RAISE|NotADirectoryError|FileExistsError|PermissionError",
+    ),
+    ("test_disk_space_checked_before_training", "run_dir_preflight", r"DID NOT RAISE"),
+]
+
+
+def test_every_reliability_test_has_a_control():
+    tests = {n for n, f in globals().items() if n.startswith("test_") and callable(f) and n not in _NOT_CONTROLLED}
+    assert tests == {t for t, _, _ in CONTROLS}
+
+
+_NOT_CONTROLLED = {"test_every_reliability_test_has_a_control", "test_fails_with_mechanism_disabled"}
+
+
+@pytest.mark.parametrize(
+    "test_name, mechanism, failure", CONTROLS, ids=[f"{t[5:]}-without-{m}" for t, m, _ in CONTROLS]
+)
+def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
+    monkeypatch.setenv(mechanisms.ENV, mechanism)  # reaches `python -m siren` subprocesses via tests/controls
+    mechanisms.disable(mechanism, monkeypatch)
+    fn = globals()[test_name]
+    kwargs = {}
+    for name in inspect.signature(fn).parameters:
+        if name == "poison":
+            kwargs[name] = float("nan")
+        else:
+            kwargs[name] = request.getfixturevalue(name)
+    with pytest.raises((Exception, pytest.fail.Exception)) as info:
+        fn(**kwargs)
+    text = f"{info.type.__name__}: {info.value}"
+    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import torch
 from helpers import ROOT, stage_config, stage_overrides
 from safetensors.torch import load_file
 
-from siren.errors import FrozenViolation
 from siren.train.tracking import read_metrics
 from siren.train.trainer import Trainer
 
@@ -101,36 +99,6 @@ def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, 
     assert prof["baseline_fingerprint"] == meta["baseline"]["fingerprint"]
 
 
-def test_frozen_weight_changed_during_training_is_a_hard_error(codec_run, corpus_dir, teacher_dir, tmp_path):
-    cfg = stage_config(
-        "codec",
-        corpus_dir,
-        teacher_dir,
-        tmp_path / "run",
-        **{
-            "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
-            "train.max_steps": 4,
-            "train.checkpoint_every": 4,
-        },
-    )
-    trainer = Trainer(cfg)
-    assert "decoder" in trainer.plan.frozen
-    step = trainer.stage.step
-    calls = {"n": 0}
-
-    def tampering_step(modules, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            with torch.no_grad():
-                next(modules["decoder"].parameters()).add_(1e-3)
-        return step(modules, batch)
-
-    trainer.stage.step = tampering_step
-    with pytest.raises(FrozenViolation, match="decoder"):
-        trainer.fit()
-    assert not (tmp_path / "run" / "checkpoints" / "step_4").exists()  # nothing is saved past the violation
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     t0 = time.time()
     while not path.exists():
@@ -189,29 +157,6 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     wa = load_file(tmp_path / "ref" / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
     wb = load_file(run / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def test_unwritable_run_dir_fails_before_training(corpus_dir, teacher_dir, tmp_path):
-    if os.geteuid() == 0:
-        blocker = tmp_path / "file"
-        blocker.write_text("not a directory")
-        run = blocker / "run"  # a path under a regular file cannot be created, even by root
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o500)
-        run = ro / "run"
-    from siren.errors import SirenError
-
-    with pytest.raises(SirenError, match="not writable"):
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, run))
-
-
-def test_disk_space_checked_before_training(corpus_dir, teacher_dir, tmp_path):
-    from siren.errors import SirenError
-
-    with pytest.raises(SirenError, match="free"):
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "r", **{"train.min_free_mb": 10**9}))
 
 
 def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):

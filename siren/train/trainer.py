@@ -164,8 +164,7 @@ class Trainer:
 
         self.stage.setup(self)  # caches and baseline profile; may use the tracker-free run dir
         if self.resume_step:
-            acc.load_state(str(ckpt.step_dir(self.run_dir, self.resume_step) / "trainer"))
-            self.window_state_restore()
+            self._restore_trainer_state(ckpt.step_dir(self.run_dir, self.resume_step) / "trainer")
         self.best = self.resume_meta.get("best", {"step": None, "value": None})
         self.tracker = self._make_tracker()
 
@@ -258,9 +257,12 @@ class Trainer:
     def window_state_restore(self) -> None:
         """Rebuild the codebook window from the checkpoint (saved by `_save`), so metrics continue exactly."""
         path = ckpt.step_dir(self.run_dir, self.resume_step) / "trainer" / "codebook_window.pt"
-        if self.window is not None and path.is_file():
-            state = torch.load(path, map_location=self.accelerator.device)
-            self.window.load(state["buffers"], state["pos"])
+        if self.window is None:
+            return
+        if not path.is_file():
+            raise SirenError(f"checkpoint is incomplete: {path} is missing (the codebook window cannot resume exactly)")
+        state = torch.load(path, map_location=self.accelerator.device)
+        self.window.load(state["buffers"], state["pos"])
 
     # --------------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -291,7 +293,7 @@ class Trainer:
             values, names = self._reduce_metrics(out, grad_norm)
             host = values.tolist()  # the one host sync of the step
             metrics = dict(zip(names, host, strict=True))
-            finite = math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
+            finite = self._step_is_finite(metrics)
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -332,6 +334,16 @@ class Trainer:
         self.registry.check_frozen()
         self.finish()
         return last
+
+    @staticmethod
+    def _step_is_finite(metrics: dict[str, float]) -> bool:
+        """A step updates the weights only when its (all-rank) loss and gradient norm are finite."""
+        return math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
+
+    def _restore_trainer_state(self, path: Path) -> None:
+        """Optimizer, scheduler, scaler and RNG states (accelerate) and the codebook window: what exact resume needs."""
+        self.accelerator.load_state(str(path))
+        self.window_state_restore()
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 4) -> dict[str, float]:
@@ -447,8 +459,6 @@ class Trainer:
             if self.window is not None:
                 torch.save(self.window.state(), tmp / "trainer" / "codebook_window.pt")
             ckpt.save_components(tmp, self._saved_modules())
-            if os.environ.get("SIREN_FAULT_CHECKPOINT_DELAY_S"):  # fault injection for the kill-during-write test
-                time.sleep(float(os.environ["SIREN_FAULT_CHECKPOINT_DELAY_S"]))
             is_best = self._update_best(step, metrics)
             meta = self._meta(step, metrics)
             self._render_samples(tmp / "samples", step)
