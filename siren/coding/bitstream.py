@@ -3,7 +3,11 @@
 File layout (little endian), 13 bytes + speaker codes of overhead::
 
     magic "SR" | version u8 | model id (4 bytes) | n_sem u16 | spk codes (groups × ceil(log2 K) bits, byte-padded)
-    | payload (u32 words from constriction's range coder) | crc32 u32 over all previous bytes
+    | payload (range-coder bytes) | crc32 u32 over all previous bytes
+
+The payload is constriction's range-coder output (u32 words, most significant byte first) cut to the shortest byte
+string that still decodes to the same codes when the reader pads it with zero bytes to whole words. The encoder checks
+this by decoding each candidate; it saves about 14 of the 16 bits that whole words cost per file.
 
 Everything else is derived: levels and codebook sizes from the model, prosody frames = n_sem / 4 (the factorizer cuts
 to whole 8-frame blocks), samples = n_sem × 640.
@@ -32,7 +36,7 @@ from siren.errors import SirenError
 from siren.models.io import fingerprint
 
 MAGIC = b"SR"
-VERSION = 1
+VERSION = 2  # 2: byte-granular payload (1 stored whole little-endian words)
 _HEAD = struct.Struct("<2sB4sH")
 SEM_HOP = 640
 
@@ -86,13 +90,15 @@ def encode_codes(
     enc = constriction.stream.queue.RangeEncoder()
     em = modules["entropy_model"]
     estimate = 0.0
+    coded: list[tuple[np.ndarray, np.ndarray]] = []  # (probs, symbols) per frame, in coding order
     for stream, codes in (("sem", sem), ("pro", pro)):
         for t in range(codes.shape[1]):
             probs = _stream_probs(em, stream, codes, t)
             symbols = codes[0, t].cpu().numpy().astype(np.int32)
             enc.encode(symbols, fam, probs)
+            coded.append((probs, symbols))
             estimate -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
-    payload = enc.get_compressed().astype("<u4").tobytes()
+    payload = _shortest_payload(enc.get_compressed().astype(">u4").tobytes(), coded)
     if pro.shape[1] * 4 != sem.shape[1]:
         raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
     K_spk = modules["spk_quantizer"].codebook_size
@@ -136,10 +142,7 @@ def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tens
     spk_bytes = math.ceil(groups * nbits / 8)
     spk = _unpack_bits(body[off : off + spk_bytes], nbits, groups)
     off += spk_bytes
-    if (len(body) - off) % 4:
-        raise BitstreamError("bitstream length does not match its header (truncated or padded file)")
-    words = np.frombuffer(body[off:], dtype="<u4").astype(np.uint32)
-    dec = constriction.stream.queue.RangeDecoder(words)
+    dec = constriction.stream.queue.RangeDecoder(_words(body[off:]))
     fam = constriction.stream.model.Categorical(perfect=False)
     em = modules["entropy_model"]
     out = {}
@@ -150,6 +153,43 @@ def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tens
             codes[0, t] = torch.from_numpy(np.asarray(dec.decode(fam, probs), dtype=np.int64))
         out[stream] = codes
     return out["sem"], out["pro"], torch.tensor([spk], dtype=torch.long), num_samples
+
+
+def _words(payload: bytes) -> np.ndarray:
+    """Payload bytes → the range decoder's u32 words (zero-padded to a whole word, most significant byte first)."""
+    return np.frombuffer(payload + b"\0" * (-len(payload) % 4), dtype=">u4").astype(np.uint32)
+
+
+def _decodes_to(payload: bytes, coded: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+    import constriction
+
+    fam = constriction.stream.model.Categorical(perfect=False)
+    try:
+        dec = constriction.stream.queue.RangeDecoder(_words(payload))
+        return all(np.array_equal(dec.decode(fam, probs), symbols) for probs, symbols in coded)
+    except (ValueError, RuntimeError, AssertionError):  # constriction rejects a stream it cannot read
+        return False
+
+
+def _shortest_payload(full: bytes, coded: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """The shortest prefix of `full` (its last byte possibly incremented by one) that decodes to the same symbols.
+
+    The values that decode correctly form one interval, so if no k-byte candidate works, no shorter one does: the search
+    stops at the first length that fails. Each candidate is checked by decoding it (with the probabilities at hand)."""
+    if not _decodes_to(full, coded):
+        raise BitstreamError("range coder round trip failed before trimming; this is a bug, please report it")
+    best = full
+    for k in range(len(full) - 1, -1, -1):
+        prefix = full[:k]
+        found = prefix if _decodes_to(prefix, coded) else None
+        if found is None and k > 0:
+            up = int.from_bytes(prefix, "big") + 1
+            if up < 256**k and _decodes_to(up.to_bytes(k, "big"), coded):
+                found = up.to_bytes(k, "big")
+        if found is None:
+            break
+        best = found
+    return best
 
 
 def _pack_bits(values: list[int], nbits: int) -> bytes:
