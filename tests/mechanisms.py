@@ -70,6 +70,16 @@ def _unguarded(self, why):
     raise sys.exc_info()[1]
 
 
+def _unguarded_log(self, metrics, step):
+    """Log to W&B directly from the training loop, unprotected (no background thread, no error handling)."""
+    import json
+
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    if self.run is not None:
+        self.run.log(metrics, step=step)
+
+
 def _no_check(self, *a, **k):
     return None
 
@@ -90,7 +100,10 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
         ("siren.data.datasets:load_audio", _trusting_load_audio),
     ],
     "nonfinite_step_skip": [("siren.train.trainer:Trainer._step_is_finite", staticmethod(_always_finite))],
-    "wandb_guard": [("siren.train.tracking:Tracker._disable", _unguarded)],
+    "wandb_guard": [
+        ("siren.train.tracking:Tracker._disable", _unguarded),
+        ("siren.train.tracking:Tracker.log", _unguarded_log),
+    ],
     "frozen_check": [("siren.train.registry:Registry.check_frozen", _no_check)],
     "run_dir_preflight": [("siren.train.trainer:preflight_run_dir", _no_preflight)],
 }

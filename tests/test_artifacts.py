@@ -185,7 +185,7 @@ def test_log_checkpoint_artifact_offline_is_recorded(tmp_path):
 
     step_dir = make_run(tmp_path) / "checkpoints" / "step_20"
     name = artifact_name("codec", "offline-test")
-    run = wandb.init(project="siren", mode="offline", dir=str(tmp_path / "wb"))
+    run = wandb.init(project="siren", mode="offline", dir=str(tmp_path / "wb"), reinit="create_new")
     ok = log_checkpoint_artifact(run, step_dir, name, ["step_20", "latest"], {"step": 20})
     run.finish()
     assert ok is True

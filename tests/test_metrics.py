@@ -82,3 +82,31 @@ def test_stream_histograms_equal_per_stream_histograms():
     }
     want = torch.cat([histogram(c, m, layout[s][0]).reshape(-1) for s, (c, m) in codes.items()])
     assert torch.equal(stream_histograms(layout, codes), want)
+
+
+def test_drift_vector_equals_per_level_brute_force():
+    g = torch.Generator().manual_seed(3)
+    layout = {"sem": (9, 2), "spk": (4, 3)}
+    hist = {s: torch.randint(0, 6, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()}
+    hist["sem"][1, :4] = 0.0  # unused codes in the baseline
+    profile = {
+        "layout": {s: list(v) for s, v in layout.items()},
+        "histograms": {s: h.tolist() for s, h in hist.items()},
+        "bps_entropy": 100.0,
+    }
+    ref = DriftReference(profile, layout)
+    w = CodebookWindow(layout, window=2)
+    for _ in range(3):
+        w.push({s: torch.randint(0, 4, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()})
+    w.vector()  # leaves the window's (p, entropy) in w.stats
+    bps = torch.tensor(103.5)
+    fast = dict(zip(ref.names(), ref.vector(w.running, bps, w.stats).tolist(), strict=True))
+    plain = dict(zip(ref.names(), ref.vector(w.running, bps).tolist(), strict=True))
+    tot = w.totals()
+    for s in layout:
+        js = js_divergence_bits(tot[s], hist[s]).mean().item()
+        dh = (entropy_bits(tot[s]) - entropy_bits(hist[s])).mean().item()
+        for got in (fast, plain):
+            assert got[f"drift/{s}/js"] == pytest.approx(js, abs=1e-12)
+            assert got[f"drift/{s}/entropy_delta_bits"] == pytest.approx(dh, abs=1e-12)
+    assert fast["drift/bps_delta"] == pytest.approx(3.5)

@@ -31,6 +31,16 @@ def histogram(codes: torch.Tensor, mask: torch.Tensor | None, codebook_size: int
     return counts.view(L, codebook_size).to(torch.float64)
 
 
+_OFFSETS: dict[tuple, torch.Tensor] = {}
+
+
+def _offsets(K: int, L: int, base: int, device: torch.device) -> torch.Tensor:
+    key = (K, L, base, str(device))
+    if key not in _OFFSETS:  # built once per layout and device: no arange per step
+        _OFFSETS[key] = torch.arange(L, device=device) * K + base
+    return _OFFSETS[key]
+
+
 def stream_histograms(layout: Layout, codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """Every stream's per-level histogram with one bincount: the concatenation, in layout order, of the flattened
     (L, K) count matrices that `histogram` gives per stream → (Σ L·K,) float64."""
@@ -40,7 +50,7 @@ def stream_histograms(layout: Layout, codes: dict[str, tuple[torch.Tensor, torch
         c = c.detach()
         if c.dim() == 2:
             c = c.unsqueeze(1)
-        idx = c + (torch.arange(L, device=c.device) * K + base)
+        idx = c + _offsets(K, L, base, c.device)
         flat.append((idx[mask.bool()] if mask is not None else idx).reshape(-1))
         base += L * K
     return torch.bincount(torch.cat(flat), minlength=base).to(torch.float64)
@@ -105,14 +115,16 @@ class CodebookWindow:
         self.buf = torch.zeros(window, R, kmax, dtype=torch.float64, device=device)
         self.running = torch.zeros(R, kmax, dtype=torch.float64, device=device)
         self.pos = 0
+        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (p, entropy) of `running`, from vector()
 
     def push_flat(self, flat: torch.Tensor) -> None:
         """One step's counts, as the concatenation of the streams' flattened (L, K) histograms."""
-        padded = self.padded.pad_flat(flat)
-        slot = self.pos % self.window
-        self.running += padded - self.buf[slot]
-        self.buf[slot] = padded
+        slot = self.buf[self.pos % self.window]
+        self.running -= slot  # evict the oldest step, then write the new one into its slot in place
+        slot.view(-1).index_copy_(0, self.padded.flat_idx, flat.to(torch.float64))
+        self.running += slot
         self.pos += 1
+        self.stats = None
 
     def push(self, counts: dict[str, torch.Tensor]) -> None:
         self.push_flat(torch.cat([counts[s].reshape(-1) for s in self.layout]))
@@ -131,6 +143,7 @@ class CodebookWindow:
             self.buf[w] = self.padded.pad({s: buffers[s][w] for s in self.layout})
         self.running = self.buf.sum(0)
         self.pos = pos
+        self.stats = None
 
     def totals(self) -> dict[str, torch.Tensor]:
         """Counts over the window, per stream (L, K)."""
@@ -141,10 +154,14 @@ class CodebookWindow:
         return [f"codebook/{s}/{lv}/{kind}" for kind in ("usage", "perplexity", "dead") for s, lv in self.padded.rows]
 
     def vector(self) -> torch.Tensor:
-        """All codebook metrics of all streams as one float64 vector (a few ops per step in total)."""
+        """All codebook metrics of all streams as one float64 vector (a few ops per step in total). Leaves the rows'
+        distributions and entropies in `stats` for the drift metrics of the same step."""
         seen = (self.running > 0).sum(-1).to(torch.float64)
         k = self.padded.row_k
-        return torch.cat([seen / k, torch.exp2(entropy_bits(self.running)), k - seen])
+        p = self.running / self.running.sum(-1, keepdim=True).clamp_min(1)
+        ent = -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
+        self.stats = (p, ent)
+        return torch.cat([seen / k, torch.exp2(ent), k - seen])
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names(), self.vector().unbind(), strict=True))

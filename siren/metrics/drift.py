@@ -60,16 +60,30 @@ class DriftReference:
         hist = {s: torch.tensor(profile["histograms"][s], dtype=torch.float64, device=device) for s in want}
         self.hist = self.padded.pad(hist)  # (R, Kmax)
         self.entropy = entropy_bits(self.hist)  # (R,)
+        self.q = self.hist / self.hist.sum(-1, keepdim=True).clamp_min(1)
         self.bps_entropy = float(profile["bps_entropy"])
 
     def names(self) -> list[str]:
         return [f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits") for s in self.layout] + ["drift/bps_delta"]
 
-    def vector(self, window_running: torch.Tensor, bps_entropy: torch.Tensor) -> torch.Tensor:
-        """Drift metrics in the order of `names()`; `window_running` is the window's padded (R, Kmax) totals."""
-        per_row = torch.stack(
-            [js_divergence_bits(window_running, self.hist), entropy_bits(window_running) - self.entropy]
-        )
+    def vector(
+        self,
+        window_running: torch.Tensor,
+        bps_entropy: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Drift metrics in the order of `names()`; `window_running` is the window's padded (R, Kmax) totals and
+        `stats` its rows' (distribution, entropy) when already computed (`CodebookWindow.stats`).
+
+        JS(p, q) = H((p + q) / 2) − (H(p) + H(q)) / 2, which reuses the entropies the codebook metrics need anyway."""
+        if stats is None:
+            p = window_running / window_running.sum(-1, keepdim=True).clamp_min(1)
+            stats = (p, -(p * torch.log2(p.clamp_min(1e-30))).sum(-1))
+        p, ent = stats
+        m = 0.5 * (p + self.q)
+        h_m = -(m * torch.log2(m.clamp_min(1e-30))).sum(-1)
+        js = (h_m - 0.5 * (ent + self.entropy)).clamp_min(0.0)
+        per_row = torch.stack([js, ent - self.entropy])
         per_stream = per_row @ self.padded.stream_mean.T  # (2, S): mean over each stream's levels
         bps = (bps_entropy.to(torch.float64).reshape(1) - self.bps_entropy).to(per_stream.device)
         return torch.cat([per_stream.reshape(-1), bps])

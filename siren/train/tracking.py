@@ -3,6 +3,11 @@
 W&B runs online when the user is logged in and `WANDB_MODE` does not say otherwise, offline otherwise, and not at all when
 disabled. W&B failing (at init or mid-run) prints a warning and training goes on with metrics.jsonl. Non-main ranks get a
 `NullTracker` (rank-aware by construction: only the main process writes).
+
+metrics.jsonl is written synchronously (it is the record a resume truncates). W&B calls go through one background thread
+in submission order, so `run.log` (about a millisecond per step, offline) overlaps the next step's compute instead of
+adding to it. `flush()` waits for the queue; media (checkpoint samples) and artifacts are logged after a flush, from the
+main thread, because they point at files of a step directory.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,7 +84,10 @@ class NullTracker:
     def media_enabled(self) -> bool:
         return False
 
-    def finish(self) -> None:
+    def flush(self) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -130,6 +140,27 @@ class Tracker(NullTracker):
             self.entity = self.entity or (self.run.entity if self.mode == "online" else None)
         except Exception as exc:  # W&B must never stop training (DESIGN §7)
             self._disable(f"wandb.init failed: {exc!r}")
+            return
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._drain, name="siren-wandb", daemon=True)
+        self._worker.start()
+
+    def _drain(self) -> None:
+        """The W&B thread: log payloads in order; the first failure disables W&B (a warning, never an exception)."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            payload, step, what = item
+            if self.run is None:
+                continue
+            try:
+                self.run.log(payload, step=step)
+            except Exception as exc:  # losing W&B mid-run never stops training
+                self._disable(f"wandb {what} failed at step {step}: {exc!r}")
 
     def _disable(self, why: str) -> None:
         warnings.warn(f"W&B disabled, metrics continue in {self.metrics_path}: {why}", stacklevel=2)
@@ -151,23 +182,35 @@ class Tracker(NullTracker):
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self.run is not None:
-            try:
-                self.run.log(metrics, step=step)
-            except Exception as exc:  # losing W&B mid-run never stops training
-                self._disable(f"wandb log failed at step {step}: {exc!r}")
+            self._queue.put((dict(metrics), step, "log"))
 
     def log_media(self, payload: dict[str, Any], step: int) -> None:
+        """Synchronous (checkpoints only): media objects may point at files of a step dir about to be renamed."""
+        self.flush()
         if self.run is not None:
             try:
                 self.run.log(payload, step=step)
             except Exception as exc:
                 self._disable(f"wandb media log failed at step {step}: {exc!r}")
 
-    def finish(self) -> None:
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until every submitted W&B call has run (so the main thread can use `run` directly)."""
+        if self.run is None or not self._worker.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout):
+            self._disable(f"wandb did not take the queued logs within {timeout:.0f} s")
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Drain the W&B queue and close the run (exit_code 1 marks it failed). Safe to call twice."""
         self._jsonl.close()
+        if self.run is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout=120)
         if self.run is not None:
             try:
-                self.run.finish()
+                self.run.finish(exit_code=exit_code)
             except Exception as exc:
                 log.warning("wandb finish failed: %r", exc)
             self.run = None

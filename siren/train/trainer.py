@@ -266,6 +266,14 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
+        """Train to `train.max_steps`; on any error the W&B run is closed as failed before the error propagates."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.tracker.finish(exit_code=1)
+            raise
+
+    def _fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         step = self.resume_step
         bad_in_row = 0
@@ -437,7 +445,7 @@ class Trainer:
             if ref is not None:  # drift against the baseline profile (adapt)
                 bps = ratios[ratio_names.index("rate/bps_entropy")]
                 names += ref.names()
-                outs.append(ref.vector(self.window.running, bps))
+                outs.append(ref.vector(self.window.running, bps, self.window.stats))
         names.append("train/grad_norm")
         outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(dev))
         return torch.cat(outs), names
@@ -523,6 +531,7 @@ class Trainer:
         aliases = [f"step_{step}", "latest"] + (["best"] if is_best else [])
         name = artifact_name(self.stage.name, self.run_name)
         index_checkpoint(step_path, self.tracker.entity, self.cfg.tracking.project, name, aliases)
+        self.tracker.flush()  # the W&B thread is idle while the main thread uses the run
         if self.tracker.run is not None:
             log_checkpoint_artifact(
                 self.tracker.run, step_path, name, aliases, {"step": step, "stage": self.stage.name}
