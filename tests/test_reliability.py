@@ -151,13 +151,13 @@ def _bad_manifest(corpus: Path, out: Path) -> tuple[Path, int]:
     sf.write(out / "short.wav", np.zeros(800, dtype="float32"), sr)
     bad["short"] = out / "short.wav"
     bad["missing"] = out / "does_not_exist.wav"
-    # Wrong sample rate and stereo are converted (resampled / mixed down), as the loader promises, not skipped.
     sf.write(out / "sr8k.wav", np.random.default_rng(2).normal(0, 0.1, 8000 * 2).astype("float32"), 8000)
+    bad["sr8k"] = out / "sr8k.wav"
     sf.write(out / "stereo.wav", np.random.default_rng(3).normal(0, 0.1, (sr * 2, 2)).astype("float32"), sr)
+    bad["stereo"] = out / "stereo.wav"
     from siren.data.manifest import Utterance
 
     extra = [Utterance(id=k, path=str(p), duration=2.0, speaker="bad") for k, p in bad.items()]
-    extra += [Utterance(id=k, path=str(out / f"{k}.wav"), duration=2.0, speaker="conv") for k in ("sr8k", "stereo")]
     path = out / "train.jsonl"
     write_manifest(path, good + extra)
     return path, len(bad)
@@ -180,12 +180,32 @@ def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher
     )
     tr = Trainer(cfg)
     assert len(tr.dataset.skipped) == n_bad - 1  # all but the NaN file are caught by the header probe
+    assert "expected 16000 Hz" in tr.dataset.skipped[str(manifest.parent / "sr8k.wav")]
+    assert "expected mono" in tr.dataset.skipped[str(manifest.parent / "stereo.wav")]
     tr.fit()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 8 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert rows[-1]["data/skipped"] == n_bad  # the NaN file was met during the epoch, replaced and counted
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_8" / "meta.json").read_text())
     assert any(p.endswith("nan.wav") for p in meta["data"]["skipped"])
+
+
+def test_format_mismatch_is_converted_when_asked(corpus_dir, teacher_dir, tmp_path):
+    manifest, n_bad = _bad_manifest(corpus_dir, tmp_path / "bad")
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"data.train": str(manifest), "data.on_format_mismatch": "convert", "train.max_steps": 1},
+    )
+    tr = Trainer(cfg)
+    assert len(tr.dataset.skipped) == n_bad - 3  # sr8k and stereo are used now (and the NaN file is found later)
+    i = next(i for i, u in enumerate(tr.dataset.utterances) if u.id == "sr8k")
+    item = tr.dataset[i]
+    assert item["replaced_from"] is None and item["wav"].dim() == 1
+    assert item["length"] == 16000  # 2 s at 8 kHz → 32000 samples at 16 kHz, cropped to the 1 s segment
+    tr.tracker.finish()
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -330,6 +350,7 @@ CONTROLS = [
         r"AssertionError: assert 16 == 8",
     ),
     ("test_bad_audio_is_skipped_counted_and_training_continues", "bad_audio_skip", r"LibsndfileError|Error opening"),
+    ("test_format_mismatch_is_converted_when_asked", "bad_audio_skip", r"LibsndfileError|Error opening"),
     ("test_nonfinite_loss_step_is_skipped_then_run_aborts", "nonfinite_step_skip", r"DID NOT RAISE"),
     ("test_wandb_init_failure_does_not_stop_training", "wandb_guard", r"RuntimeError: no W&B for you|DID NOT WARN"),
     ("test_wandb_failing_mid_run_does_not_stop_training", "wandb_guard", r"ConnectionError: lost W&B"),

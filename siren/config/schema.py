@@ -141,6 +141,9 @@ class DataConfig:
     val: str = ""
     segment_seconds: float = 2.0
     min_seconds: float = 0.5
+    # A file at another sample rate or with more than one channel: `skip` (excluded and counted, like a corrupt file) or
+    # `convert` (resampled to audio.sample_rate and mixed down to mono when loaded).
+    on_format_mismatch: Literal["skip", "convert"] = "skip"
     num_workers: int = 0
     feature_cache: str | None = None
 

@@ -24,6 +24,9 @@ class AudioDataset(torch.utils.data.Dataset):
 
     Items: wav (S,) float32, length (valid samples before padding), offset (crop start, a multiple of `align`),
     index, id, speaker, replaced_from (path of a file that failed to load and was replaced by this item, or None).
+
+    A file at another sample rate or with several channels is excluded and counted like a corrupt one, unless `convert`
+    (config `data.on_format_mismatch: convert`): then it is resampled and mixed down to mono when loaded.
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class AudioDataset(torch.utils.data.Dataset):
         seed: int = 0,
         align: int = 2560,
         train: bool = True,
+        convert: bool = False,
     ):
         if segment_samples is not None and segment_samples <= 0:
             raise ValueError(f"segment_samples must be positive or None, got {segment_samples}")
@@ -49,12 +53,16 @@ class AudioDataset(torch.utils.data.Dataset):
         # Header probes only: cheap, and they catch missing/unreadable/empty/short files before training starts.
         for u in utterances:
             try:
-                sr, frames, _ = audio_info(u.path)
+                sr, frames, channels = audio_info(u.path)
             except AudioError as exc:
                 self.skipped[u.path] = exc.reason
                 continue
             n = _resampled_length(frames, sr, sample_rate)
-            if frames == 0:
+            if not convert and sr != sample_rate:
+                self.skipped[u.path] = f"sample rate {sr} Hz, expected {sample_rate} Hz (data.on_format_mismatch=skip)"
+            elif not convert and channels != 1:
+                self.skipped[u.path] = f"{channels} channels, expected mono (data.on_format_mismatch=skip)"
+            elif frames == 0:
                 self.skipped[u.path] = "empty audio (0 samples)"
             elif n < min_samples:
                 self.skipped[u.path] = f"too short: {n} samples at {sample_rate} Hz < min_samples {min_samples}"

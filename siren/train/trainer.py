@@ -199,7 +199,12 @@ class Trainer:
         if not d.train:
             raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
         return AudioDataset(
-            read_manifest(d.train), sr, int(d.segment_seconds * sr), int(d.min_seconds * sr), seed=self.cfg.train.seed
+            read_manifest(d.train),
+            sr,
+            int(d.segment_seconds * sr),
+            int(d.min_seconds * sr),
+            seed=self.cfg.train.seed,
+            convert=d.on_format_mismatch == "convert",
         )
 
     def _make_tracker(self):
@@ -372,6 +377,7 @@ class Trainer:
                 int(d.min_seconds * sr),
                 seed=self.cfg.train.seed,
                 train=False,
+                convert=d.on_format_mismatch == "convert",
             )
         bs = self.cfg.train.batch_size
         n = min(max_batches, max(1, len(self._val) // bs))
