@@ -30,6 +30,11 @@ from siren.train.trainer import Trainer, TrainingAborted
 OV = {"train.max_steps": 40, "train.checkpoint_every": 8, "samples.enabled": "false"}
 
 
+def _codec(corpus: Path, teacher: Path, tmp_path: Path, **overrides):
+    """A tiny codec-stage config with its run dir at tmp_path/run and no audio samples."""
+    return stage_config("codec", corpus, teacher, tmp_path / "run", **{"samples.enabled": "false", **overrides})
+
+
 def _cmd(corpus, teacher, run: Path, **extra) -> list[str]:
     return [
         sys.executable,
@@ -165,16 +170,14 @@ def _bad_manifest(corpus: Path, out: Path) -> tuple[Path, int]:
 
 def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher_dir, tmp_path):
     manifest, n_bad = _bad_manifest(corpus_dir, tmp_path / "bad")
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{
             "data.train": str(manifest),
             "train.max_steps": 8,
             "train.checkpoint_every": 8,
-            "samples.enabled": "false",
             "train.batch_size": 8,
         },
     )
@@ -192,11 +195,10 @@ def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher
 
 def test_format_mismatch_is_converted_when_asked(corpus_dir, teacher_dir, tmp_path):
     manifest, n_bad = _bad_manifest(corpus_dir, tmp_path / "bad")
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{"data.train": str(manifest), "data.on_format_mismatch": "convert", "train.max_steps": 1},
     )
     tr = Trainer(cfg)
@@ -210,11 +212,10 @@ def test_format_mismatch_is_converted_when_asked(corpus_dir, teacher_dir, tmp_pa
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_nonfinite_loss_step_is_skipped_then_run_aborts(corpus_dir, teacher_dir, tmp_path, poison):
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{"train.max_steps": 10, "train.checkpoint_every": 100, "train.max_bad_steps": 3, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
@@ -247,11 +248,10 @@ def test_wandb_init_failure_does_not_stop_training(corpus_dir, teacher_dir, tmp_
         raise RuntimeError("no W&B for you")
 
     monkeypatch.setattr(wandb, "init", boom)
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false"},
     )
     with pytest.warns(UserWarning, match="W&B disabled"):
@@ -260,11 +260,10 @@ def test_wandb_init_failure_does_not_stop_training(corpus_dir, teacher_dir, tmp_
 
 
 def test_wandb_failing_mid_run_does_not_stop_training(corpus_dir, teacher_dir, tmp_path):
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{"train.max_steps": 4, "train.checkpoint_every": 4, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
@@ -287,11 +286,10 @@ def test_wandb_failing_mid_run_does_not_stop_training(corpus_dir, teacher_dir, t
 
 
 def test_frozen_weight_changed_during_training_is_a_hard_error(corpus_dir, teacher_dir, tmp_path):
-    cfg = stage_config(
-        "codec",
+    cfg = _codec(
         corpus_dir,
         teacher_dir,
-        tmp_path / "run",
+        tmp_path,
         **{
             "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
             "train.max_steps": 4,
