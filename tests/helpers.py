@@ -35,6 +35,19 @@ def stage_overrides(stage: str, corpus: Path, teacher: Path, run_dir: Path, **ex
     return [f"{k}={'null' if v is None else v}" for k, v in ov.items()]
 
 
+def train_cmd(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) -> list[str]:
+    """`python -m siren train` on the demo base config with the tiny test overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "siren",
+        "train",
+        "--config",
+        str(ROOT / "configs/demo/base.yaml"),
+        *stage_overrides(stage, corpus, teacher, run_dir, **extra),
+    ]
+
+
 def stage_config(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra):
     return load_config(ROOT / "configs/demo/base.yaml", stage_overrides(stage, corpus, teacher, run_dir, **extra))
 

@@ -9,7 +9,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, stage_config, stage_overrides, with_fault
+from helpers import ROOT, stage_config, train_cmd, with_fault
 from safetensors.torch import load_file
 
 from siren.data.manifest import read_manifest, write_manifest
@@ -36,15 +35,7 @@ def _codec(corpus: Path, teacher: Path, tmp_path: Path, **overrides):
 
 
 def _cmd(corpus, teacher, run: Path, **extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "siren",
-        "train",
-        "--config",
-        str(ROOT / "configs/demo/base.yaml"),
-        *stage_overrides("codec", corpus, teacher, run, **{**OV, **extra}),
-    ]
+    return train_cmd("codec", corpus, teacher, run, **{**OV, **extra})
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:

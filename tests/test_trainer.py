@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, stage_config, stage_overrides
+from helpers import ROOT, stage_config, stage_overrides, train_cmd
 from safetensors.torch import load_file
 
 from siren.train.tracking import read_metrics
@@ -111,15 +111,7 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     ov = {"train.max_steps": 14, "train.checkpoint_every": 4, "samples.enabled": "false"}
 
     def cmd(run: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "siren",
-            "train",
-            "--config",
-            str(ROOT / "configs/demo/base.yaml"),
-            *stage_overrides("codec", corpus_dir, teacher_dir, run, **ov),
-        ]
+        return train_cmd("codec", corpus_dir, teacher_dir, run, **ov)
 
     ref = subprocess.run(cmd(tmp_path / "ref"), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
