@@ -6,24 +6,14 @@ import pytest
 import torch
 
 from siren.config.loader import load_config
+from siren.config.schema import COMPONENTS
 from siren.models.builders import build_components, nominal_bps
 from siren.models.codec import Codec, Codes
 from siren.models.mel import MelSpectrogram
 from siren.models.ssl import save_tiny_teacher
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
-ALL = [
-    "ssl",
-    "factorizer",
-    "sem_quantizer",
-    "pro_quantizer",
-    "spk_quantizer",
-    "entropy_model",
-    "decoder",
-    "fuser",
-    "flow",
-    "vocoder",
-]
+ALL = [c for c in COMPONENTS if c != "student_ssl"]  # the teacher-side codec
 
 
 @pytest.fixture(scope="module")
