@@ -149,13 +149,13 @@ def bench_trainer_overhead(
         # A Trainer only to build, load and pin a second copy of the modules and data; its loop is not used.
         bare = _BareLoop(Trainer(cfg_for("adapt", corpus, teacher, work / f"bare_{rep}", **extra)))
         tr = Trainer(cfg_for("adapt", corpus, teacher, work / f"trainer_{rep}", **extra))
-        assert tr.window is not None and getattr(tr.stage, "drift_ref", None) is not None
+        assert tr.step_metrics.window is not None and tr.step_metrics.sources.drift is not None
         metric_t, reduce_t = _Timer(), _Timer()
         real_hist = trainer_mod.stream_histograms
         trainer_mod.stream_histograms = metric_t.wrap(real_hist)
-        tr.window.push_flat = metric_t.wrap(tr.window.push_flat)
-        tr.window.vector = metric_t.wrap(tr.window.vector)
-        tr.stage.drift_ref.vector = metric_t.wrap(tr.stage.drift_ref.vector)
+        tr.step_metrics.window.push_flat = metric_t.wrap(tr.step_metrics.window.push_flat)
+        tr.step_metrics.window.vector = metric_t.wrap(tr.step_metrics.window.vector)
+        tr.step_metrics.sources.drift.vector = metric_t.wrap(tr.step_metrics.sources.drift.vector)
         real_reduce = tr._reduce_metrics
 
         def reduce_and_sync(out, gn, real_reduce=real_reduce, metric_t=metric_t, reduce_t=reduce_t):

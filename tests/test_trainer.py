@@ -175,7 +175,7 @@ def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_
         **{"data.feature_cache": str(cache), "train.max_steps": 2, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
-    batch = next(tr._iterator(0, 0))
+    batch = tr.stream.next(0, 0)
     cached = tr.stage.feats(tr.modules["ssl"], batch)
     with torch.no_grad():
         live = tr.modules["ssl"](batch["wav"])

@@ -160,11 +160,14 @@ class TrainConfig:
     best_metric: str = "train/loss"
     best_mode: Literal["min", "max"] = "min"
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: the launcher's setting applies (accelerate config / ACCELERATE_MIXED_PRECISION); set: it wins.
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     max_grad_norm: float = 1.0
     max_bad_steps: int = 5
     codebook_window: int = 50
     min_free_mb: int = 200
+    status_every: int = 50  # off a terminal: one status line every N steps (rank 0)
+    hang_timeout_s: float | None = 1800.0  # a step or hook unfinished after this long dumps stacks and exits; null: off
 
 
 @dataclass

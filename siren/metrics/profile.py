@@ -48,25 +48,29 @@ def compute_profile(
         "histograms": {s: h.tolist() for s, h in hists.items()},
         "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
         "bps_entropy": bits_total / max(seconds_total, 1e-9),
+        "bits": bits_total,
         "num_utts": n,
         "seconds": seconds_total,
     }
 
 
-def load_or_compute_profile(path: Path, trainer, utterances, stage) -> dict:
-    """Cached per run; recomputed never silently: a cached profile of another baseline or layout is an error."""
-    acc = trainer.accelerator
-    layout = {s: list(v) for s, v in stage.code_layout(trainer.modules).items()}
-    if trainer.is_main and not path.is_file():
-        prof = compute_profile(
-            stage.profile_modules(trainer.modules), utterances, trainer.cfg.audio.sample_rate, acc.device
+def load_or_compute_profile(path: Path, ctx, modules, utterances, stage) -> dict:
+    """Cached per run; recomputed never silently: a cached profile of another baseline or layout is an error.
+
+    Every rank profiles its share of the reference set (`ctx.shard`); the sums are gathered and rank 0 writes."""
+    layout = {s: list(v) for s, v in stage.code_layout(modules).items()}
+    if not path.is_file():  # every rank sees the same answer: the file is only written after the gather below
+        part = compute_profile(
+            stage.profile_modules(modules), ctx.shard(list(utterances)), stage.cfg.audio.sample_rate, ctx.device
         )
-        prof["baseline_fingerprint"] = stage.baseline_fingerprint
-        prof["baseline_uri"] = stage.baseline_uri
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(prof))
-        os.replace(tmp, path)
-    acc.wait_for_everyone()
+        prof = merge_profiles(ctx.gather(part))
+        if ctx.is_main:
+            prof["baseline_fingerprint"] = stage.baseline_fingerprint
+            prof["baseline_uri"] = stage.baseline_uri
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(prof))
+            os.replace(tmp, path)
+    ctx.barrier()
     prof = json.loads(path.read_text())
     if prof.get("baseline_fingerprint") != stage.baseline_fingerprint:
         raise LayoutMismatch(
@@ -77,6 +81,31 @@ def load_or_compute_profile(path: Path, trainer, utterances, stage) -> dict:
     if prof["layout"] != layout:
         raise LayoutMismatch(f"{path} has code layout {prof['layout']}, this run has {layout}")
     return prof
+
+
+def merge_profiles(parts: list[dict]) -> dict:
+    """Profiles of disjoint utterance sets → the profile of their union (histograms, bits and seconds add up)."""
+    layout = parts[0]["layout"]
+    hists = {s: torch.zeros(L, K, dtype=torch.float64) for s, (K, L) in layout.items()}
+    bits = seconds = 0.0
+    n = 0
+    for p in parts:
+        if p["layout"] != layout:
+            raise LayoutMismatch(f"profile parts with different layouts: {p['layout']} vs {layout}")
+        for s in hists:
+            hists[s] += torch.tensor(p["histograms"][s], dtype=torch.float64)
+        bits += p["bits"]
+        seconds += p["seconds"]
+        n += p["num_utts"]
+    return {
+        "layout": layout,
+        "histograms": {s: h.tolist() for s, h in hists.items()},
+        "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
+        "bps_entropy": bits / max(seconds, 1e-9),
+        "bits": bits,
+        "num_utts": n,
+        "seconds": seconds,
+    }
 
 
 def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | None = None) -> dict:

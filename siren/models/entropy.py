@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from siren.models.precision import fp32_island
+
 
 @dataclass
 class EntropyResult:
@@ -110,6 +112,7 @@ class EntropyModel(nn.Module):
             raise ValueError(f"stream {stream!r}: expected codes (B, T, {lm.num_levels}), got {tuple(codes.shape)}")
         return lm
 
+    @fp32_island
     def forward(self, codes: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor] | None = None) -> EntropyResult:
         """codes[s] (B, T, L) long; lengths[s] (B,) valid frames (all frames when None)."""
         logits, bits, total_bits = {}, {}, {}

@@ -6,6 +6,8 @@ import torch
 import torchaudio
 from torch import nn
 
+from siren.models.precision import fp32_island
+
 
 class MelSpectrogram(nn.Module):
     """wav (B, N) → log-mel (B, n_mels, N // hop_length); magnitude mel, natural log, clamped at 1e-5."""
@@ -37,6 +39,7 @@ class MelSpectrogram(nn.Module):
     def num_frames(self, num_samples: int) -> int:
         return num_samples // self.hop_length
 
+    @fp32_island
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         if wav.dim() != 2:
             raise ValueError(f"expected wav (B, N), got shape {tuple(wav.shape)}")

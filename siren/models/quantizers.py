@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from siren.models.precision import fp32_island
+
 
 @dataclass
 class QuantizedResult:
@@ -107,6 +109,7 @@ class ResidualFSQ(nn.Module):
     def bits_per_code(self) -> float:
         return math.log2(self.codebook_size)
 
+    @fp32_island
     def forward(self, x: torch.Tensor) -> QuantizedResult:
         if x.shape[-1] != self.dim:
             raise ValueError(f"ResidualFSQ(dim={self.dim}) got input with last dim {x.shape[-1]}")
@@ -136,6 +139,7 @@ class ResidualFSQ(nn.Module):
             raise ValueError(f"expected codes (..., {self.num_levels}), got {tuple(codes.shape)}")
         return sum(self.fsq.indices_to_codes(codes[..., i]) * self.scales[i] for i in range(self.num_levels))
 
+    @fp32_island
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, T, L) long → (B, T, dim), equal to forward's `quantized` for the same codes."""
         return self.out_proj(self.codes_to_latent(codes))
@@ -169,6 +173,7 @@ class ProductQuantizer(nn.Module):
     def bits_per_utterance(self) -> float:
         return self.groups * math.log2(self._codebook_size)
 
+    @fp32_island
     def forward(self, x: torch.Tensor) -> QuantizedResult:
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"ProductQuantizer expects (B, {self.dim}), got {tuple(x.shape)}")
@@ -190,6 +195,7 @@ class ProductQuantizer(nn.Module):
         g = torch.arange(self.groups, device=codes.device)[None, :].expand_as(codes)
         return self.codebooks[g, codes]  # (B, G, d)
 
+    @fp32_island
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, G) long → (B, dim), equal to forward's `quantized`."""
         if codes.dim() != 2 or codes.shape[-1] != self.groups:

@@ -41,7 +41,7 @@ def load_pipeline(trainer, which: str) -> nn.Module | dict[str, nn.Module] | Non
             )
         else:
             for m in ck.modules.values():
-                m.to(trainer.accelerator.device).eval().requires_grad_(False)
+                m.to(trainer.device).eval().requires_grad_(False)
             result = ck.modules["vocoder"] if which == "vocoder" else ck.modules
     cache[which] = result
     return result
@@ -110,7 +110,7 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
     from siren.data.audio import save_audio
 
     cfg = trainer.cfg
-    dev = trainer.accelerator.device
+    dev = trainer.device
     utts = eval_utterances(cfg)
     inputs = [(u, load_eval_audio(cfg, u).to(dev)) for u in utts]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -145,3 +145,23 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
 def _variant_order(v: str) -> tuple[int, str]:
     order = {"original": 0, "adapted": 1, "baseline": 2}
     return (order.get(v, 3), v)
+
+
+class SamplesHook:
+    """Renders the eval utterances at a checkpoint (rank 0). It is what a stage's `render` receives as `renderer`:
+    the config, the device, the live modules and the pipeline checkpoints it loaded (cached for the run)."""
+
+    def __init__(self, cfg, stage, modules: dict[str, nn.Module], device: torch.device, tracker, trainable_root):
+        self.cfg, self.stage, self.modules, self.device, self.tracker = cfg, stage, modules, device, tracker
+        self._root = trainable_root
+
+    def __call__(self, out_dir: Path, step: int) -> None:
+        if not self.cfg.samples.enabled:
+            return
+        was_training = [m.training for m in self._root.modules()]
+        self._root.eval()
+        try:
+            render_samples(self, out_dir, step)
+        finally:
+            for m, t in zip(self._root.modules(), was_training, strict=True):
+                m.training = t

@@ -1,12 +1,17 @@
-"""The one training loop, for every stage, on `accelerate.Accelerator` (DESIGN §6).
+"""The one training loop, for every stage, on `accelerate.Accelerator` (DESIGN §6, §17).
 
-Per step: the stage's loss runs inside the forward of a module that holds only the trainable components (so only they
-are wrapped by DDP, guarantee 3); losses, codebook counts and drift sums are concatenated into one vector, all-reduced
-once and copied to the host once. Checkpoints are atomic; resume is automatic and exact on CPU.
+Set-up builds the stage's components, freezes them through the registry, and hands the stage a narrow context
+(`StageContext`): stages never see the trainer. Per step, the loop reads top to bottom: seed this rank's stream →
+micro-batches (forward + backward) → one all-reduce of the step's metrics → update → log → hooks (evaluation,
+checkpoint with samples and sharing) → progress. The stage's loss runs inside the forward of a module holding only the
+trainable components, so only they are wrapped by DDP (guarantee 3). Checkpoints are atomic; resume is automatic
+and exact on CPU; SIGTERM/SIGUSR1 checkpoint and exit; a hung rank is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -23,15 +28,26 @@ from siren import __version__
 from siren.config.loader import dump_config, load_config, to_dict
 from siren.config.schema import SirenConfig
 from siren.errors import SirenError
-from siren.metrics.codebook import CodebookWindow, stream_histograms
 from siren.models.io import fingerprint
 from siren.train import checkpoint as ckpt
+from siren.train.batches import BatchStream, ShardedBatches
+from siren.train.context import StageContext
+from siren.train.evaluation import Evaluator
+from siren.train.optim import Updater, lr_factor
+from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
+from siren.train.samples import SamplesHook
+from siren.train.saving import CheckpointHook
+from siren.train.sharing import ShareHook
 from siren.train.stages import make_stage
 from siren.train.stages.base import Stage, StepOutput
+from siren.train.step_metrics import StepMetrics
+from siren.train.supervision import PREEMPTED_EXIT_CODE, Preemption, Watchdog
 from siren.train.tracking import NullTracker, Tracker, read_metrics, truncate_metrics
 
 log = logging.getLogger("siren")
+
+__all__ = ["Trainer", "train_from_cli", "read_metrics", "ShardedBatches", "PREEMPTED_EXIT_CODE"]
 
 
 class TrainingAborted(SirenError):
@@ -50,32 +66,6 @@ class TrainableCore(nn.Module):
         return {"out": out}
 
 
-class ShardedBatches:
-    """Deterministic batches per (seed, epoch): one seeded permutation cut into global batches; rank r takes its slice.
-
-    Every process computes the same permutation, so resuming at any step reproduces the data order exactly.
-    """
-
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int):
-        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
-        self.num_batches = n // (batch_size * world)
-        if self.num_batches == 0:
-            raise SirenError(
-                f"the training set has {n} usable utterances, fewer than train.batch_size ({batch_size}) × "
-                f"processes ({world}); lower train.batch_size or add data"
-            )
-
-    def epoch(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        gb = self.batch_size * self.world
-        out = []
-        for b in range(self.num_batches):
-            chunk = perm[b * gb : (b + 1) * gb]
-            out.append(chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
-        return out
-
-
 def preflight_run_dir(run_dir: Path, min_free_mb: int) -> None:
     """Fail before training, not after an hour: the run dir must be creatable, writable and have free space."""
     try:
@@ -92,6 +82,13 @@ def preflight_run_dir(run_dir: Path, min_free_mb: int) -> None:
         )
 
 
+def rank_stream_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank `rank`'s random stream at global step `step`: independent across ranks and steps, and a pure
+    function of (seed, rank, step), so a resumed run draws exactly what the uninterrupted one drew."""
+    digest = hashlib.sha256(f"siren-stream:{seed}:{rank}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class Trainer:
     def __init__(
         self,
@@ -105,24 +102,26 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-        self.cfg = cfg
-        self.init_from = init_from
-        self.run_dir = Path(cfg.run_dir)
-        self.accelerator = Accelerator(
+        self.cfg, self.init_from, self.run_dir = cfg, init_from, Path(cfg.run_dir)
+        t = cfg.train
+        # mixed_precision None: the launcher's setting (accelerate config / ACCELERATE_MIXED_PRECISION) applies.
+        # The scheduler steps once per optimizer step, not once per process (see siren.train.optim).
+        self.accelerator = acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # without it, launched CPU ranks do not join one gloo group
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=t.mixed_precision,
+            step_scheduler_with_optimizer=False,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-        acc = self.accelerator
-        self.is_main = acc.is_main_process
+        self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         if self.is_main:
-            preflight_run_dir(self.run_dir, cfg.train.min_free_mb)
+            preflight_run_dir(self.run_dir, t.min_free_mb)
             if fresh:
                 self._archive_previous()
             ckpt.clean_partial(self.run_dir)
         acc.wait_for_everyone()
 
-        set_seed(cfg.train.seed)
+        # Components: identical initialisation on every rank, then weights from the resume point or --init-from.
+        set_seed(t.seed)
         self.stage = stage or make_stage(cfg)
         self.modules = self.stage.build()
         self.resume_step = 0 if fresh else (ckpt.latest_step(self.run_dir) or 0)
@@ -141,32 +140,176 @@ class Trainer:
         )
         for m in self.modules.values():
             m.to(acc.device)
-        self.frozen_ok = 1.0
 
-        # Optimizer groups from the registry; only trainable components go to DDP.
+        # Optimizer groups from the registry; only trainable components go to DDP; LR = f(global step).
         groups = {p: (g.lr, g.weight_decay) for p, g in cfg.optim.groups.items()}
         param_groups = self.registry.param_groups(groups, cfg.optim.lr, cfg.optim.weight_decay)
         self.group_names = [g.pop("name") for g in param_groups]
         core = TrainableCore({n: self.modules[n] for n in self.plan.trainable_components})
         optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda)
+        o = cfg.optim
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, o.scheduler, o.warmup_steps, t.max_steps)
+        )
         self.core, self.optimizer, self.scheduler = acc.prepare(core, optimizer, scheduler)
         assert_optimizer_excludes_frozen(self.optimizer, self.registry)
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.updater = Updater(self.optimizer, self.scheduler, params, t.max_grad_norm, scaler=acc.scaler)
 
-        self.dataset = self._build_dataset()
-        self.bad_files: set[str] = set(self.dataset.skipped)
-        self.batches = ShardedBatches(
-            len(self.dataset), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed
+        # Data: every rank its slice of one global order.
+        self.dataset = self._make_dataset(cfg.data.train, train=True)
+        self.batches = ShardedBatches(len(self.dataset), t.batch_size, self.world, self.rank, t.seed)
+        self.stream = BatchStream(self.dataset, self.batches, t.grad_accum, cfg.data.num_workers)
+        self.excluded = len(self.dataset.skipped)  # the same on every rank: counted once
+        data_meta = self.resume_meta.get("data", {})
+        self.failed_ids: set[str] = set(data_meta.get("load_failed", []))
+        self.load_failures = int(data_meta.get("load_failures", len(self.failed_ids)))
+        self._failed_all = sorted(self.failed_ids)
+
+        # The stage's set-up sees only the narrow context; it hands back its per-step metric sources.
+        self.ctx = StageContext(
+            device=acc.device,
+            rank=self.rank,
+            world=self.world,
+            run_dir=self.run_dir,
+            train_utterances=self.dataset.utterances,
+            val_utterances=self._val_utterances(),
+            barrier=acc.wait_for_everyone,
+            mixed_precision=acc.mixed_precision,
         )
-        self.layout = self.stage.code_layout(self.modules)
-        self.window = CodebookWindow(self.layout, cfg.train.codebook_window, acc.device) if self.layout else None
-
-        self.stage.setup(self)  # caches and baseline profile; may use the tracker-free run dir
+        self.stage.setup(self.ctx, self.modules)
+        self.step_metrics = StepMetrics(
+            self.stage.metric_sources(self.modules), t.codebook_window, acc.device, self.world, t.grad_accum
+        )
         if self.resume_step:
             self._restore_trainer_state(ckpt.step_dir(self.run_dir, self.resume_step) / "trainer")
-        self.best = self.resume_meta.get("best", {"step": None, "value": None})
         self.tracker = self._make_tracker()
+
+        # Hooks the loop calls, each in its own module.
+        self.evaluate = Evaluator(
+            self.ctx, self.stage, lambda: self._make_dataset(cfg.data.val, train=False), t.batch_size
+        )
+        samples = SamplesHook(cfg, self.stage, self.modules, acc.device, self.tracker, self.core)
+        share = ShareHook(self.tracker, self.stage.name, self.run_name, cfg.tracking.project)
+        window = self.step_metrics.window
+        self.checkpoint = CheckpointHook(
+            self.run_dir,
+            acc,
+            self.registry,
+            self._saved_modules(),
+            keep_last=t.keep_last,
+            keep_steps=t.keep_steps,
+            best_metric=t.best_metric,
+            best_mode=t.best_mode,
+            best=self.resume_meta.get("best"),
+            meta=self._meta,
+            window_state=(lambda: window.state()) if window is not None else (lambda: None),
+            samples=samples if self.is_main else None,
+            share=share if self.is_main else None,
+        )
+        self.progress = Progress(t.max_steps, self.resume_step, t.status_every, self.is_main, acc.device)
+        self.preempted = False
+
+    # --------------------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        """Train to `train.max_steps` (or to a preemption signal); on any error the W&B run is closed as failed."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.tracker.finish(exit_code=1)
+            raise
+
+    def _fit(self) -> dict:
+        t = self.cfg.train
+        step, bad_in_row, last = self.resume_step, 0, {}
+        self.core.train()
+        t_prev = time.perf_counter()
+        with Preemption() as signals, Watchdog(t.hang_timeout_s, self.rank, self.run_dir) as watchdog:
+            while step < t.max_steps:
+                watchdog.arm(f"step {step + 1}")
+                metrics, bad = self._train_step(step, preempt=signals.requested)
+                step += 1
+                now = time.perf_counter()
+                metrics["train/step_time_s"], t_prev = now - t_prev, now
+                bad_in_row = bad_in_row + 1 if bad else 0
+                preempt = metrics.pop("signal/preempt") > 0
+                is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
+                if is_ckpt:
+                    watchdog.arm(f"evaluation at step {step}")
+                    metrics.update(self.evaluate(self.modules, self.core))
+                if step % t.log_every == 0 or step == t.max_steps or is_ckpt or preempt:
+                    self.tracker.log(metrics, step)
+                if bad_in_row >= t.max_bad_steps:
+                    raise TrainingAborted(
+                        f"aborting: {bad_in_row} consecutive steps with a non-finite loss or gradient "
+                        f"(train.max_bad_steps={t.max_bad_steps}); last loss {metrics['train/loss']}; "
+                        "check the learning rate and data"
+                    )
+                if is_ckpt or preempt:
+                    watchdog.arm(f"checkpoint at step {step}")
+                    self._failed_all = self._gather_failed()
+                    self.checkpoint(step, metrics, consider_best=is_ckpt)
+                self.progress.update(step, metrics)
+                last = metrics
+                if preempt:
+                    self.preempted = True
+                    log.warning("preempted: checkpoint written at step %d; rerun the same command to resume", step)
+                    break
+            watchdog.arm("the final frozen check")
+            if not self.preempted:
+                self.registry.check_frozen()
+            self.progress.close()
+            self.finish()
+        return last
+
+    def _train_step(self, step: int, preempt: bool) -> tuple[dict[str, float], bool]:
+        """One optimizer step over `train.grad_accum` micro-batches; returns the reduced metrics and whether it was bad."""
+        t, acc = self.cfg.train, self.accelerator
+        torch.manual_seed(rank_stream_seed(t.seed, self.rank, step))  # this rank's stream: dropout, noise, timesteps
+        new_failures, audio_samples = 0, 0
+        for k in range(t.grad_accum):
+            batch = self.stream.next(step, k)
+            for path in batch.get("replaced", ()):
+                if path not in self.failed_ids:
+                    self.failed_ids.add(path)
+                    new_failures += 1
+            audio_samples += int(batch["lengths"].sum())  # a host tensor: no device sync
+            batch = {key: (v.to(acc.device) if key in ("wav", "lengths") else v) for key, v in batch.items()}
+            last_micro = k == t.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or self.world == 1 else acc.no_sync(self.core)
+            with sync:  # autocast, when mixed precision is on, is applied by the prepared module's forward
+                out: StepOutput = self.core(self.stage.step, self.frozen, batch)["out"]
+            acc.backward(out.loss / t.grad_accum)
+            self.step_metrics.add(out)
+        grad_norm = self.updater.clip()
+        counters = {
+            "data/load_failures": float(new_failures),
+            "data/audio_seconds": audio_samples / self.cfg.audio.sample_rate,
+            "signal/preempt": float(preempt),
+        }
+        metrics = self.step_metrics.reduce(acc, grad_norm, counters)
+        lrs = [g["lr"] for g in self.optimizer.param_groups]  # the LRs this step's update uses
+        finite = self._step_is_finite(metrics)
+        stepped = self.updater.apply(finite)
+        # With a gradient scaler an overflow is the scaler's business (it skips and lowers the scale), not a bad step.
+        bad = not math.isfinite(metrics["train/loss"]) if acc.scaler is not None else not finite
+        if bad:
+            log.warning("step %d: non-finite loss/grad (%s), update skipped", step + 1, metrics["train/loss"])
+        self.load_failures += int(metrics.pop("data/load_failures"))
+        metrics["train/skipped_step"] = 0.0 if stepped else 1.0
+        metrics["frozen/ok"] = self.checkpoint.frozen_ok
+        metrics["data/skipped"] = float(self.excluded + self.load_failures)  # up front + failed at load, all ranks
+        for name, lr in zip(self.group_names, lrs, strict=True):
+            metrics[f"train/lr/{name}"] = lr
+        if self.stage.nominal_bps() is not None:
+            metrics["rate/bps_nominal"] = self.stage.nominal_bps()
+        return metrics, bad
+
+    @staticmethod
+    def _step_is_finite(metrics: dict[str, float]) -> bool:
+        """A step updates the weights only when its (all-rank) loss and gradient norm are finite."""
+        return math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
 
     # ------------------------------------------------------------------------------------------------------- set-up
     def _saved_modules(self) -> dict[str, nn.Module]:
@@ -191,21 +334,43 @@ class Trainer:
         ckpt.load_components(path, {n: self.modules[n] for n in names})
         log.info("initialised %s from %s", ", ".join(names), path)
 
-    def _build_dataset(self):
+    def _make_dataset(self, manifest: str, train: bool):
         from siren.data.datasets import AudioDataset
         from siren.data.manifest import read_manifest
 
         d, sr = self.cfg.data, self.cfg.audio.sample_rate
-        if not d.train:
-            raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
+        if not manifest:
+            if train:
+                raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
+            return None
         return AudioDataset(
-            read_manifest(d.train),
+            read_manifest(manifest),
             sr,
             int(d.segment_seconds * sr),
             int(d.min_seconds * sr),
             seed=self.cfg.train.seed,
+            train=train,
             convert=d.on_format_mismatch == "convert",
         )
+
+    def _val_utterances(self) -> list:
+        from siren.data.manifest import read_manifest
+
+        return read_manifest(self.cfg.data.val) if self.cfg.data.val else []
+
+    def _restore_trainer_state(self, path: Path) -> None:
+        """Optimizer, scheduler and scaler states (accelerate) and the codebook window: what exact resume needs."""
+        self.accelerator.load_state(str(path))
+        window = self.step_metrics.window
+        if window is None:
+            return
+        wpath = path / "codebook_window.pt"
+        if not wpath.is_file():
+            raise SirenError(
+                f"checkpoint is incomplete: {wpath} is missing (the codebook window cannot resume exactly)"
+            )
+        state = torch.load(wpath, map_location=self.accelerator.device)
+        window.load(state["buffers"], state["pos"])
 
     def _make_tracker(self):
         if not self.is_main:
@@ -216,18 +381,18 @@ class Trainer:
             if dropped:
                 log.info("dropped %d metrics.jsonl lines logged after step %d", dropped, self.resume_step)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        t = self.cfg.tracking
+        tc = self.cfg.tracking
         resume_id = self.resume_meta.get("wandb", {}).get("id")
         if resume_id is None and (self.run_dir / "wandb_run_id").is_file():
             resume_id = (self.run_dir / "wandb_run_id").read_text().strip()
         tracker = Tracker(
             self.run_dir,
-            project=t.project,
-            entity=t.entity,
-            mode=t.mode,
+            project=tc.project,
+            entity=tc.entity,
+            mode=tc.mode,
             run_name=self.run_name,
-            group=t.group,
-            tags=t.tags,
+            group=tc.group,
+            tags=tc.tags,
             config=to_dict(self.cfg),
             job_type=self.stage.name,
             resume_id=resume_id,
@@ -252,259 +417,18 @@ class Trainer:
     def run_name(self) -> str:
         return self.cfg.tracking.run_name or self.run_dir.resolve().name
 
-    def _lr_lambda(self, step: int) -> float:
-        o, total = self.cfg.optim, max(1, self.cfg.train.max_steps)
-        warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
-        if o.scheduler == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-        return warm
-
-    def window_state_restore(self) -> None:
-        """Rebuild the codebook window from the checkpoint (saved by `_save`), so metrics continue exactly."""
-        path = ckpt.step_dir(self.run_dir, self.resume_step) / "trainer" / "codebook_window.pt"
-        if self.window is None:
-            return
-        if not path.is_file():
-            raise SirenError(f"checkpoint is incomplete: {path} is missing (the codebook window cannot resume exactly)")
-        state = torch.load(path, map_location=self.accelerator.device)
-        self.window.load(state["buffers"], state["pos"])
-
-    # --------------------------------------------------------------------------------------------------------- loop
-    def fit(self) -> dict:
-        """Train to `train.max_steps`; on any error the W&B run is closed as failed before the error propagates."""
-        try:
-            return self._fit()
-        except BaseException:
-            self.tracker.finish(exit_code=1)
-            raise
-
-    def _fit(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        step = self.resume_step
-        bad_in_row = 0
-        last: dict[str, float] = {}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.core.train()
-        it, epoch_of_it = None, -1
-        t_prev = time.perf_counter()
-        while step < cfg.train.max_steps:
-            # Data: micro-batch index → (epoch, position); re-create the iterator only at an epoch start or a resume.
-            for k in range(cfg.train.grad_accum):
-                micro = step * cfg.train.grad_accum + k
-                epoch, pos = divmod(micro, self.batches.num_batches)
-                if it is None or epoch != epoch_of_it:
-                    it, epoch_of_it = self._iterator(epoch, pos), epoch
-                # Audio goes to the device; bookkeeping (offsets, indices) stays on the host: reading it is no sync.
-                batch = {key: (v.to(acc.device) if key in ("wav", "lengths") else v) for key, v in next(it).items()}
-                self.bad_files.update(batch.get("replaced", ()))
-                sync = k == cfg.train.grad_accum - 1
-                ctx = acc.no_sync(self.core) if not sync and acc.num_processes > 1 else _nullcontext()
-                with ctx:
-                    out: StepOutput = self.core(self.stage.step, self.frozen, batch)["out"]
-                    acc.backward(out.loss / cfg.train.grad_accum)
-            grad_norm = acc.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            values, names = self._reduce_metrics(out, grad_norm)
-            host = values.tolist()  # the one host sync of the step
-            metrics = dict(zip(names, host, strict=True))
-            finite = self._step_is_finite(metrics)
-            if finite:
-                self.optimizer.step()
-                self.scheduler.step()
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                log.warning(
-                    "step %d: non-finite loss/grad (%s), update skipped (%d in a row)",
-                    step + 1,
-                    metrics["train/loss"],
-                    bad_in_row,
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            now = time.perf_counter()
-            metrics["train/step_time_s"] = now - t_prev
-            t_prev = now
-            metrics["train/skipped_step"] = 0.0 if finite else 1.0
-            metrics["frozen/ok"] = self.frozen_ok
-            metrics["data/skipped"] = float(len(self.bad_files))  # excluded up front + failed at load (this rank)
-            for name, g in zip(self.group_names, self.optimizer.param_groups, strict=True):
-                metrics[f"train/lr/{name}"] = g["lr"]
-            if self.stage.nominal_bps() is not None:
-                metrics["rate/bps_nominal"] = self.stage.nominal_bps()
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps
-            if is_ckpt:
-                metrics.update(self.evaluate())
-            last = metrics
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or is_ckpt:
-                self.tracker.log(metrics, step)
-            if bad_in_row >= cfg.train.max_bad_steps:
-                raise TrainingAborted(
-                    f"aborting: {bad_in_row} consecutive steps with a non-finite loss or gradient (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}); last loss {metrics['train/loss']}; check the learning rate and data"
-                )
-            if is_ckpt:
-                self.save(step, metrics)
-        self.registry.check_frozen()
-        self.finish()
-        return last
-
-    @staticmethod
-    def _step_is_finite(metrics: dict[str, float]) -> bool:
-        """A step updates the weights only when its (all-rank) loss and gradient norm are finite."""
-        return math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])
-
-    def _restore_trainer_state(self, path: Path) -> None:
-        """Optimizer, scheduler, scaler and RNG states (accelerate) and the codebook window: what exact resume needs."""
-        self.accelerator.load_state(str(path))
-        self.window_state_restore()
-
-    @torch.no_grad()
-    def evaluate(self, max_batches: int = 4) -> dict[str, float]:
-        """`eval/loss` and `eval/<term>` on the first batches of the val set (uncropped start, fixed order).
-
-        Runs with every module in eval mode and on a forked RNG, so it never changes the training trajectory."""
-        from siren.data.datasets import AudioDataset, collate
-        from siren.data.manifest import read_manifest
-
-        d, sr = self.cfg.data, self.cfg.audio.sample_rate
-        if not d.val:
-            return {}
-        if getattr(self, "_val", None) is None:
-            self._val = AudioDataset(
-                read_manifest(d.val),
-                sr,
-                int(d.segment_seconds * sr),
-                int(d.min_seconds * sr),
-                seed=self.cfg.train.seed,
-                train=False,
-                convert=d.on_format_mismatch == "convert",
-            )
-        bs = self.cfg.train.batch_size
-        n = min(max_batches, max(1, len(self._val) // bs))
-        was = [m.training for m in self.core.modules()]
-        self.core.eval()
-        sums: dict[str, float] = {}
-        try:
-            with torch.random.fork_rng(devices=[]):
-                for b in range(n):
-                    items = [self._val[i] for i in range(b * bs, min(len(self._val), (b + 1) * bs))]
-                    batch = {
-                        k: (v.to(self.accelerator.device) if k in ("wav", "lengths") else v)
-                        for k, v in collate(items).items()
-                    }
-                    out = self.stage.step(self.modules, batch)
-                    vals = {"eval/loss": out.loss, **{f"eval/{k}": v for k, v in out.terms.items()}}
-                    for k, (num, den) in out.ratios.items():  # e.g. eval/drift/sem/agreement on held-out audio
-                        vals[f"eval/{k}/num"], vals[f"eval/{k}/den"] = num, den
-                    host = torch.stack([v.detach().to(torch.float64) for v in vals.values()]).tolist()
-                    for k, v in zip(vals, host, strict=True):
-                        sums[k] = sums.get(k, 0.0) + (v if k.endswith(("/num", "/den")) else v / n)
-        finally:
-            for m, t in zip(self.core.modules(), was, strict=True):
-                m.training = t
-        for k in [k[:-4] for k in sums if k.endswith("/num")]:
-            sums[k] = sums.pop(k + "/num") / max(sums.pop(k + "/den"), 1e-12)
-        return sums
-
-    def _iterator(self, epoch: int, start: int):
-        from siren.data.datasets import collate
-
-        self.dataset.set_epoch(epoch)
-        batches = self.batches.epoch(epoch)[start:]
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.cfg.data.num_workers
-        )
-        return iter(loader)
-
-    def _reduce_metrics(self, out: StepOutput, grad_norm) -> tuple[torch.Tensor, list[str]]:
-        """One vector: loss terms (mean over ranks), ratio sums, codebook counts (summed); one all-reduce."""
-        acc = self.accelerator
-        dev = out.loss.device
-        scalars = {"train/loss": out.loss.detach(), **{f"train/{k}": v.detach() for k, v in out.terms.items()}}
-        parts = [torch.stack([v.to(torch.float64) for v in scalars.values()]) / acc.num_processes]
-        ratio_names = list(out.ratios)
-        if ratio_names:
-            parts.append(
-                torch.stack(
-                    [torch.stack([n.to(torch.float64), d.to(torch.float64)]) for n, d in out.ratios.values()]
-                ).reshape(-1)
-            )
-        if self.window is not None:
-            parts.append(stream_histograms(self.layout, out.codes))
-        vec = torch.cat([p.to(dev) for p in parts])
-        if acc.num_processes > 1:
-            vec = acc.reduce(vec, reduction="sum")
-        # Everything below stays vectorised: a handful of tensor ops per step, one cat, no per-metric tensors.
-        n_s, n_r = len(scalars), len(ratio_names)
-        names = list(scalars) + ratio_names
-        outs = [vec[:n_s]]
-        if n_r:
-            pairs = vec[n_s : n_s + 2 * n_r].view(n_r, 2)
-            ratios = pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)
-            outs.append(ratios)
-        i = n_s + 2 * n_r
-        if self.window is not None:
-            self.window.push_flat(vec[i:])  # the streams' histograms, concatenated in layout order
-            names += self.window.names()
-            outs.append(self.window.vector())
-            ref = getattr(self.stage, "drift_ref", None)
-            if ref is not None:  # drift against the baseline profile (adapt)
-                bps = ratios[ratio_names.index("rate/bps_entropy")]
-                names += ref.names()
-                outs.append(ref.vector(self.window.running, bps, self.window.stats))
-        names.append("train/grad_norm")
-        outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(dev))
-        return torch.cat(outs), names
-
-    # --------------------------------------------------------------------------------------------------- checkpoints
-    def save(self, step: int, metrics: dict[str, float]) -> Path | None:
-        """Check frozen fingerprints, write step_N atomically (all ranks take part in save_state), render samples."""
-        acc = self.accelerator
-        self.frozen_ok = 0.0
-        self.registry.check_frozen()  # raises FrozenViolation naming the component
-        self.frozen_ok = 1.0
-        tmp = ckpt.checkpoints_dir(self.run_dir) / f".tmp-step_{step}"
-        if self.is_main:
-            tmp = ckpt.begin_step(self.run_dir, step)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "trainer"))
-        final = None
-        if self.is_main:
-            if self.window is not None:
-                torch.save(self.window.state(), tmp / "trainer" / "codebook_window.pt")
-            ckpt.save_components(tmp, self._saved_modules())
-            is_best = self._update_best(step, metrics)
-            meta = self._meta(step, metrics)
-            self._render_samples(tmp / "samples", step)
-            final = ckpt.commit_step(self.run_dir, tmp, step, meta)
-            self._share(final, step, is_best)
-            ckpt.apply_retention(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_steps, self.best["step"])
-        acc.wait_for_everyone()
-        return final
-
-    def _update_best(self, step: int, metrics: dict[str, float]) -> bool:
-        key, mode = self.cfg.train.best_metric, self.cfg.train.best_mode
-        if key not in metrics:
-            return False
-        v, b = metrics[key], self.best["value"]
-        if b is None or (v < b if mode == "min" else v > b):
-            self.best = {"step": step, "value": v, "metric": key}
-            return True
-        return False
-
     def _meta(self, step: int, metrics: dict[str, float]) -> dict:
-        fps = {n: fingerprint(m) for n, m in self.modules.items()}
         return {
             "step": step,
             "stage": self.stage.name,
             "run_name": self.run_name,
             "config": to_dict(self.cfg),
-            "fingerprints": fps,
+            "fingerprints": {n: fingerprint(m) for n, m in self.modules.items()},
             "frozen": self.plan.frozen,
             "frozen_fingerprints": self.registry.fingerprints(),
             "trainable": self.plan.trainable_components,
-            "code_layout": {k: list(v) for k, v in self.layout.items()},
-            "baseline": {"uri": self.stage.baseline_uri, "fingerprint": self.stage.baseline_fingerprint},
+            "code_layout": {k: list(v) for k, v in self.step_metrics.sources.layout.items()},
+            **self.stage.lineage(),
             "wandb": {
                 "id": self.tracker.run_id,
                 "project": self.tracker.project,
@@ -512,52 +436,28 @@ class Trainer:
                 "mode": self.tracker.mode,
             },
             "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-            "best": self.best,
+            "best": self.checkpoint.best,
             "version": __version__,
-            "world_size": self.accelerator.num_processes,
-            "data": {"skipped": sorted(self.bad_files)},
+            "world_size": self.world,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "data": {
+                "excluded": sorted(self.dataset.skipped),
+                "load_failures": self.load_failures,
+                "load_failed": self._failed_all,
+            },
         }
 
-    def _render_samples(self, out_dir: Path, step: int) -> None:
-        if not self.cfg.samples.enabled:
-            return
-        from siren.train.samples import render_samples
-
-        was_training = [m.training for m in self.core.modules()]
-        self.core.eval()
-        try:
-            render_samples(self, out_dir, step)
-        finally:
-            for m, t in zip(self.core.modules(), was_training, strict=True):
-                m.training = t
-
-    def _share(self, step_path: Path, step: int, is_best: bool) -> None:
-        from siren.artifacts import artifact_name, index_checkpoint, log_checkpoint_artifact
-
-        aliases = [f"step_{step}", "latest"] + (["best"] if is_best else [])
-        name = artifact_name(self.stage.name, self.run_name)
-        index_checkpoint(step_path, self.tracker.entity, self.cfg.tracking.project, name, aliases)
-        self.tracker.flush()  # the W&B thread is idle while the main thread uses the run
-        if self.tracker.run is not None:
-            log_checkpoint_artifact(
-                self.tracker.run, step_path, name, aliases, {"step": step, "stage": self.stage.name}
-            )
+    def _gather_failed(self) -> list[str]:
+        """Paths that failed to load on any rank (all ranks call this: a collective)."""
+        return sorted(set().union(*self.ctx.gather(sorted(self.failed_ids))))
 
     def finish(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         self.tracker.finish()
         acc.end_training()
-        if acc.num_processes > 1 and torch.distributed.is_initialized():
+        if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_from_cli(
@@ -576,10 +476,9 @@ def train_from_cli(
         cfg, fresh=fresh, init_from=init_from, init_components=init_components.split(",") if init_components else None
     )
     last = trainer.fit()
+    if trainer.preempted:
+        return PREEMPTED_EXIT_CODE
     if trainer.is_main:
         keys = [k for k in ("train/loss", "drift/sem/agreement", "rate/bps_entropy", "frozen/ok") if k in last]
         print(json.dumps({"run_dir": str(cfg.run_dir), "step": cfg.train.max_steps, **{k: last[k] for k in keys}}))
     return 0
-
-
-__all__ = ["Trainer", "train_from_cli", "read_metrics"]

@@ -93,7 +93,9 @@ class TeacherCache:
                 raise SirenError(f"teacher cache entry {p} is corrupt ({exc}); delete it to recompute") from exc
         return self.mem[utt_id]
 
-    def fill(self, stage: AdaptStage, modules: dict[str, nn.Module], utterances, sample_rate: int, device) -> int:
+    def fill(
+        self, stage: AdaptStage, modules: dict[str, nn.Module], utterances, sample_rate: int, device, progress=True
+    ) -> int:
         from safetensors.torch import save_file
         from tqdm import tqdm
 
@@ -101,7 +103,7 @@ class TeacherCache:
 
         self.root.mkdir(parents=True, exist_ok=True)
         todo = [u for u in utterances if not self.path(u.id).is_file()]
-        for u in tqdm(todo, desc="teacher cache", disable=not todo, leave=False):
+        for u in tqdm(todo, desc="teacher cache", disable=not (todo and progress), leave=False):
             wav = load_audio(u.path, sample_rate).to(device)
             with torch.no_grad():
                 t = stage.teacher(modules, wav[None])
@@ -204,26 +206,27 @@ class AdaptStage(Stage):
             feats = modules["student_ssl"](wav)
         return analyse(modules, feats)
 
-    def setup(self, trainer) -> None:
-        from siren.data.manifest import read_manifest
+    def setup(self, ctx, modules) -> None:
         from siren.metrics.drift import DriftReference
         from siren.metrics.profile import load_or_compute_profile
 
-        acc = trainer.accelerator
-        root = Path(self.cfg.data.feature_cache or trainer.run_dir / "cache")
+        root = Path(self.cfg.data.feature_cache or ctx.run_dir / "cache")
         self.cache = TeacherCache(root / f"teacher-{self.baseline_fingerprint[:16]}")
-        utts = list(trainer.dataset.utterances)  # + the val set, which `Trainer.evaluate` reads
-        if self.cfg.data.val:
-            known = {u.id for u in utts}
-            utts += [u for u in read_manifest(self.cfg.data.val) if u.id not in known]
-        if trainer.is_main:
-            n = self.cache.fill(self, trainer.modules, utts, self.cfg.audio.sample_rate, acc.device)
-            log.info("teacher cache %s: %d computed, %d reused", self.cache.root, n, len(utts) - n)
-        ref_manifest = self.cfg.data.val or self.cfg.data.train
-        profile = load_or_compute_profile(
-            trainer.run_dir / "baseline_profile.json", trainer, read_manifest(ref_manifest), self
-        )
-        self.drift_ref = DriftReference(profile, self.code_layout(trainer.modules), acc.device)
+        utts = list(ctx.train_utterances)  # + the val set, which the evaluation reads
+        known = {u.id for u in utts}
+        utts += [u for u in ctx.val_utterances if u.id not in known]
+        mine = ctx.shard(utts)  # every rank fills its own share; entries are per-utterance files written atomically
+        n = self.cache.fill(self, modules, mine, self.cfg.audio.sample_rate, ctx.device, progress=ctx.is_main)
+        log.info("teacher cache %s: rank %d computed %d, reused %d", self.cache.root, ctx.rank, n, len(mine) - n)
+        ctx.barrier()
+        reference = list(ctx.val_utterances or ctx.train_utterances)
+        profile = load_or_compute_profile(ctx.run_dir / "baseline_profile.json", ctx, modules, reference, self)
+        self.drift_ref = DriftReference(profile, self.code_layout(modules), ctx.device)
+
+    def metric_sources(self, modules):
+        from siren.train.stages.base import MetricSources
+
+        return MetricSources(layout=self.code_layout(modules), drift=self.drift_ref, drift_rate="rate/bps_entropy")
 
     def profile_modules(self, modules) -> dict[str, nn.Module]:
         """The baseline's own analysis path, for the baseline profile."""
@@ -275,7 +278,7 @@ class AdaptStage(Stage):
         )
 
     # Samples -----------------------------------------------------------------------------------------------------------
-    def render(self, trainer, modules, utterances) -> list[Sample]:
+    def render(self, renderer, modules, utterances) -> list[Sample]:
         from siren.train.samples import mel_of, synthesize
 
         out = []
@@ -285,7 +288,7 @@ class AdaptStage(Stage):
             teacher_mods = {**modules, "factorizer": modules["teacher_factorizer"]}
             bn = analyse(teacher_mods, modules["ssl"](wav[None]))
             for variant, x in (("adapted", an), ("baseline", bn)):
-                mel, audio_out = synthesize(trainer, modules, x)
+                mel, audio_out = synthesize(renderer, modules, x)
                 mels[variant] = mel[0]
                 if audio_out is not None:
                     audio[variant] = audio_out[0]

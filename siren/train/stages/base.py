@@ -15,7 +15,8 @@ from torch import nn
 from siren.config.schema import SirenConfig
 
 if TYPE_CHECKING:
-    from siren.train.trainer import Trainer
+    from siren.metrics.drift import DriftReference
+    from siren.train.context import StageContext
 
 
 @dataclass
@@ -27,6 +28,24 @@ class StepOutput:
     codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     # Sums to all-reduce across processes: name → (numerator, denominator); logged as numerator / denominator.
     ratios: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class MetricSources:
+    """What a stage hands to the trainer for per-step metrics.
+
+    `layout`: stream → (codebook size, levels) of the codes its steps report (empty: no codebook metrics);
+    `drift`: the baseline's code statistics, and `drift_rate` the ratio (a key of `StepOutput.ratios`) holding the
+    live bit/s that `drift/bps_delta` compares with the baseline's.
+    """
+
+    layout: dict[str, tuple[int, int]] = field(default_factory=dict)
+    drift: DriftReference | None = None
+    drift_rate: str | None = None
+
+    def __post_init__(self):
+        if self.drift is not None and not self.drift_rate:
+            raise ValueError("MetricSources: a drift reference needs drift_rate, the ratio key holding bit/s")
 
 
 @dataclass
@@ -58,8 +77,17 @@ class Stage:
         """Streams this stage produces codes for → (codebook size, levels). Empty for stages without codes."""
         return {}
 
-    def setup(self, trainer: Trainer) -> None:
-        """Runs once after freezing and before the first step (caches, baseline profile)."""
+    def setup(self, ctx: StageContext, modules: dict[str, nn.Module]) -> None:
+        """Runs once on every rank after freezing and before the first step (caches, baseline profile). Work is split
+        with `ctx.shard` and combined with `ctx.gather`; nothing long runs on one rank while the others wait."""
+
+    def metric_sources(self, modules: dict[str, nn.Module]) -> MetricSources:
+        """The per-step metric sources this stage hands to the trainer: its code layout and, if any, a drift reference."""
+        return MetricSources(layout=self.code_layout(modules))
+
+    def lineage(self) -> dict:
+        """What this stage consumed, for `meta.json` (the baseline's URI and fingerprint)."""
+        return {"baseline": {"uri": self.baseline_uri, "fingerprint": self.baseline_fingerprint}}
 
     def nominal_bps(self) -> float | None:
         return None
@@ -69,5 +97,6 @@ class Stage:
         raise NotImplementedError
 
     # Samples -----------------------------------------------------------------------------------------------------------
-    def render(self, trainer: Trainer, modules: dict[str, nn.Module], utterances: list) -> list[Sample]:
+    def render(self, renderer, modules: dict[str, nn.Module], utterances: list) -> list[Sample]:
+        """`renderer`: the samples hook (cfg, device, modules, the pipeline checkpoints)."""
         return []

@@ -46,8 +46,8 @@ class CodecStage(Stage):
     def nominal_bps(self) -> float:
         return nominal_bps(self.cfg)["total"]
 
-    def setup(self, trainer) -> None:
-        self.feats.setup(trainer, trainer.modules["ssl"])
+    def setup(self, ctx, modules) -> None:
+        self.feats.setup(ctx, modules["ssl"])
 
     def features(self, modules, wav: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -79,11 +79,11 @@ class CodecStage(Stage):
             ratios={"rate/bps_entropy": (bits, seconds)},
         )
 
-    def render(self, trainer, modules, utterances) -> list[Sample]:
+    def render(self, renderer, modules, utterances) -> list[Sample]:
         """Decoder mel → pipeline vocoder (if configured); the original audio and mels always."""
         from siren.train.samples import load_pipeline, mel_of
 
-        vocoder = load_pipeline(trainer, "vocoder")
+        vocoder = load_pipeline(renderer, "vocoder")
         out = []
         for utt, wav in utterances:
             an = analyse(modules, self.features(modules, wav[None]))

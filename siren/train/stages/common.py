@@ -97,20 +97,23 @@ class FrozenFeatures:
         self.cfg = cfg
         self.cache = None
 
-    def setup(self, trainer, module: nn.Module) -> None:
+    def setup(self, ctx, module: nn.Module) -> None:
         root = self.cfg.data.feature_cache
         if not root:
             return
         from siren.data.features_cli import open_cache
 
         self.cache = open_cache(self.cfg, module, root)
-        if trainer.is_main:
-            with torch.no_grad():
-                n = self.cache.compute(
-                    lambda w: module(w), list(trainer.dataset.utterances), self.cfg.audio.sample_rate, progress=True
-                )
-            log.info("feature cache %s: %d computed", self.cache.dir, n)
-        trainer.accelerator.wait_for_everyone()
+        # Train and val (the evaluation reads val through this cache too); every rank computes its own share.
+        utts = list(ctx.train_utterances)
+        known = {u.id for u in utts}
+        utts += [u for u in ctx.val_utterances if u.id not in known]
+        with torch.no_grad():
+            n = self.cache.compute(
+                lambda w: module(w), ctx.shard(utts), self.cfg.audio.sample_rate, progress=ctx.is_main
+            )
+        log.info("feature cache %s: rank %d computed %d of its %d", self.cache.dir, ctx.rank, n, len(ctx.shard(utts)))
+        ctx.barrier()
 
     def __call__(self, module: nn.Module, batch: dict) -> torch.Tensor:
         """(B, T, D) for batch["wav"] (B, N)."""

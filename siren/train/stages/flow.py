@@ -46,8 +46,8 @@ class FlowStage(Stage):
     def nominal_bps(self) -> float:
         return nominal_bps(self.base_cfg)["total"]
 
-    def setup(self, trainer) -> None:
-        self.feats.setup(trainer, trainer.modules["ssl"])
+    def setup(self, ctx, modules) -> None:
+        self.feats.setup(ctx, modules["ssl"])
 
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
@@ -63,13 +63,13 @@ class FlowStage(Stage):
             codes=stream_codes(an, masks),
         )
 
-    def render(self, trainer, modules, utterances) -> list[Sample]:
+    def render(self, renderer, modules, utterances) -> list[Sample]:
         from siren.train.samples import mel_of, synthesize
 
         out = []
         for utt, wav in utterances:
             an = analyse(modules, modules["ssl"](wav[None]))
-            mel, audio = synthesize(trainer, modules, an)
+            mel, audio = synthesize(renderer, modules, an)
             s = Sample(id=utt.id, audio={"original": wav}, mels={"original": mel_of(self, wav), "flow": mel[0]})
             if audio is not None:
                 s.audio["flow"] = audio[0]

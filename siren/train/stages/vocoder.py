@@ -38,7 +38,7 @@ class VocoderStage(Stage):
         w = self.cfg.loss
         return StepOutput(loss=w.stft * stft + w.mel * mel_l1, terms={"stft": stft, "mel": mel_l1})
 
-    def render(self, trainer, modules, utterances) -> list[Sample]:
+    def render(self, renderer, modules, utterances) -> list[Sample]:
         from siren.train.samples import mel_of
 
         out = []

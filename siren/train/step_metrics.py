@@ -1,0 +1,86 @@
+"""A step's metrics: every micro-batch accumulated, one all-reduce across ranks, one host copy (DESIGN §7, §17).
+
+Per micro-batch the stage's loss terms (as means over ranks × micro-batches), ratio sums (numerator, denominator) and
+code histograms are added into one float64 vector; `reduce` appends the step's counters, all-reduces the vector once
+(sum), then derives ratios, the codebook window's usage/perplexity/dead and — when the stage handed over a drift
+reference — the drift metrics, and copies everything to the host in one go.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from siren.metrics.codebook import CodebookWindow, stream_histograms
+from siren.train.stages.base import MetricSources, StepOutput
+
+
+class StepMetrics:
+    """Accumulates one optimizer step's micro-batches and reduces them across ranks (sum of per-rank partial sums)."""
+
+    def __init__(self, sources: MetricSources, window: int, device: torch.device, world: int, grad_accum: int):
+        self.sources, self.device, self.world, self.grad_accum = sources, device, world, grad_accum
+        self.window = CodebookWindow(sources.layout, window, device) if sources.layout else None
+        self._vec: torch.Tensor | None = None
+        self._scalar_names: list[str] = []
+        self._ratio_names: list[str] = []
+
+    def add(self, out: StepOutput) -> None:
+        """One micro-batch: loss terms count 1 / (world × grad_accum) each, ratio sums and histograms in full."""
+        scalars = {"train/loss": out.loss, **{f"train/{k}": v for k, v in out.terms.items()}}
+        parts = [torch.stack([v.detach().to(torch.float64) for v in scalars.values()]) / (self.world * self.grad_accum)]
+        if out.ratios:
+            parts.append(
+                torch.stack([torch.stack([n.to(torch.float64), d.to(torch.float64)]) for n, d in out.ratios.values()])
+                .detach()
+                .reshape(-1)
+            )
+        if self.window is not None:
+            parts.append(stream_histograms(self.sources.layout, out.codes))
+        vec = torch.cat([p.to(self.device) for p in parts])
+        if self._vec is None:
+            self._vec, self._scalar_names, self._ratio_names = vec, list(scalars), list(out.ratios)
+        else:
+            if list(scalars) != self._scalar_names or list(out.ratios) != self._ratio_names:
+                raise RuntimeError("a stage reported different loss terms or ratios in two micro-batches of one step")
+            self._vec = self._vec + vec
+
+    def reduce(self, accelerator, grad_norm: torch.Tensor, counters: dict[str, float]) -> dict[str, float]:
+        """All-reduce the step's sums and `counters` (summed over ranks) once; returns host floats by metric name."""
+        if self._vec is None:
+            raise RuntimeError("StepMetrics.reduce before any micro-batch was added")
+        counts = torch.tensor(list(counters.values()), dtype=torch.float64, device=self.device)
+        vec = torch.cat([self._vec, counts])
+        if self.world > 1:
+            vec = accelerator.reduce(vec, reduction="sum")
+        n_s, n_r = len(self._scalar_names), len(self._ratio_names)
+        names = self._scalar_names + self._ratio_names
+        outs = [vec[:n_s]]
+        ratios = None
+        if n_r:
+            pairs = vec[n_s : n_s + 2 * n_r].view(n_r, 2)
+            ratios = pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)
+            outs.append(ratios)
+        i = n_s + 2 * n_r
+        if self.window is not None:
+            k = self.window.padded.flat_idx.numel()
+            self.window.push_flat(vec[i : i + k])
+            i += k
+            names += self.window.names()
+            outs.append(self.window.vector())
+            drift = self.sources.drift
+            if drift is not None:
+                if ratios is None or self.sources.drift_rate not in self._ratio_names:
+                    raise RuntimeError(f"the stage's drift rate {self.sources.drift_rate!r} is not among its ratios")
+                names += drift.names()
+                outs.append(
+                    drift.vector(
+                        self.window.running, ratios[self._ratio_names.index(self.sources.drift_rate)], self.window.stats
+                    )
+                )
+        names += list(counters)
+        outs.append(vec[i:])
+        names.append("train/grad_norm")
+        outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(self.device))
+        host = torch.cat(outs).tolist()  # the one host sync of the step
+        self._vec = None
+        return dict(zip(names, host, strict=True))
