@@ -134,7 +134,7 @@ def bench_trainer_overhead(
     trainer has read its step time; its own time is then subtracted from the next trainer step. Before each bare step
     the W&B queue is flushed, so the trainer is charged all of its W&B work (none of it overlaps the bare step).
     Per repeat the figure is the median over steps of trainer ÷ bare; the result is the median over repeats."""
-    import siren.train.trainer as trainer_mod
+    import siren.train.step_metrics as step_metrics_mod
     from siren.train.trainer import Trainer
 
     extra = {
@@ -149,23 +149,23 @@ def bench_trainer_overhead(
         # A Trainer only to build, load and pin a second copy of the modules and data; its loop is not used.
         bare = _BareLoop(Trainer(cfg_for("adapt", corpus, teacher, work / f"bare_{rep}", **extra)))
         tr = Trainer(cfg_for("adapt", corpus, teacher, work / f"trainer_{rep}", **extra))
-        assert tr.step_metrics.window is not None and tr.step_metrics.sources.drift is not None
+        sm = tr.step_metrics
+        assert sm.window is not None and sm.sources.drift is not None
         metric_t, reduce_t = _Timer(), _Timer()
-        real_hist = trainer_mod.stream_histograms
-        trainer_mod.stream_histograms = metric_t.wrap(real_hist)
-        tr.step_metrics.window.push_flat = metric_t.wrap(tr.step_metrics.window.push_flat)
-        tr.step_metrics.window.vector = metric_t.wrap(tr.step_metrics.window.vector)
-        tr.step_metrics.sources.drift.vector = metric_t.wrap(tr.step_metrics.sources.drift.vector)
-        real_reduce = tr._reduce_metrics
+        real_hist = step_metrics_mod.stream_histograms
+        step_metrics_mod.stream_histograms = metric_t.wrap(real_hist)
+        sm.window.push_flat = metric_t.wrap(sm.window.push_flat)
+        sm.window.vector = metric_t.wrap(sm.window.vector)
+        sm.sources.drift.vector = metric_t.wrap(sm.sources.drift.vector)
+        real_reduce = sm.reduce
 
-        def reduce_and_sync(out, gn, real_reduce=real_reduce, metric_t=metric_t, reduce_t=reduce_t):
+        def reduce_and_sync(*a, real_reduce=real_reduce, metric_t=metric_t, reduce_t=reduce_t, **k):
             t = time.perf_counter()
-            v, n = real_reduce(out, gn)
-            v.tolist()  # what the loop does next: the one host copy
+            out = real_reduce(*a, **k)  # includes the one host copy of the step
             reduce_t.acc += time.perf_counter() - t
             reduce_t.end_step()
             metric_t.end_step()
-            return v, n
+            return out
 
         bare_times: list[float] = []
         real_log = tr.tracker.log
@@ -175,13 +175,13 @@ def bench_trainer_overhead(
             tr.tracker.flush()
             bare_times.append(bare.step(step - 1))
 
-        tr._reduce_metrics = reduce_and_sync
+        sm.reduce = reduce_and_sync
         tr.tracker.log = log_then_bare
-        tr.save = lambda step, metrics: None  # checkpoints are not part of a step
+        tr.checkpoint = lambda step, metrics, consider_best=True: None  # checkpoints are not part of a step
         try:
             tr.fit()
         finally:
-            trainer_mod.stream_histograms = real_hist
+            step_metrics_mod.stream_histograms = real_hist
         raw = [r["train/step_time_s"] for r in _metrics(work / f"trainer_{rep}")]
         # Trainer step i (i ≥ 1) also contains the bare step run after step i − 1: take it out.
         siren_times = [raw[i] - bare_times[i - 1] for i in range(1, len(raw))]

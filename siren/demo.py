@@ -2,7 +2,7 @@
 
 Order: vocoder (depends on nothing, so every later checkpoint's samples are audible) → codec → flow → distill → adapt →
 verify. Each stage runs as `python -m siren train --config configs/demo/<stage>.yaml` in a subprocess (its log in
-`RUN/train.log`) while this process shows a progress bar from `RUN/metrics.jsonl`. A stage whose latest checkpoint is
+`RUN/train.log`) while this process copies its output there and draws a progress bar from the trainer's status lines. A stage whose latest checkpoint is
 already at `train.max_steps` is skipped; an interrupted one resumes.
 """
 
@@ -18,23 +18,21 @@ from pathlib import Path
 STAGES = ("vocoder", "codec", "flow", "distill", "adapt")
 
 
-def _progress(run_dir: Path, total: int, proc: subprocess.Popen, desc: str) -> None:
+def _progress(proc: subprocess.Popen, logf, total: int, desc: str) -> None:
+    """Copy the stage's output to its log and draw a bar from its status lines (the trainer's one progress source)."""
     from tqdm import tqdm
 
-    metrics = run_dir / "metrics.jsonl"
+    from siren.train.progress import parse_status
+
     with tqdm(total=total, desc=f"{desc:<8}", unit="step", dynamic_ncols=True) as bar:
-        while proc.poll() is None:
-            time.sleep(0.5)
-            if metrics.is_file():
-                lines = metrics.read_text().splitlines()
-                if lines:
-                    last = json.loads(lines[-1])
-                    bar.n = last.get("step", 0)
-                    bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}", refresh=False)
-                    bar.refresh()
-        if metrics.is_file() and metrics.read_text().strip():
-            bar.n = json.loads(metrics.read_text().splitlines()[-1]).get("step", bar.n)
-            bar.refresh()
+        for line in proc.stdout:
+            logf.write(line)
+            status = parse_status(line)
+            if status is not None:
+                bar.n = status[0]
+                bar.set_postfix(loss=f"{status[2]:.3f}", refresh=True)
+        proc.wait()
+        logf.flush()
 
 
 def stage_overrides(stage: str, root: str, data: str) -> list[str]:
@@ -68,12 +66,14 @@ def _run_stage(stage: str, env: dict, root: str, data: str) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "siren", "train", "--config", str(cfg_path), *overrides],
-                stdout=logf,
+                [sys.executable, "-m", "siren", "train", "--config", str(cfg_path), *overrides, "train.status_every=1"],
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
                 env=env,
             )
-            _progress(run_dir, cfg.train.max_steps, proc, stage)
+            _progress(proc, logf, cfg.train.max_steps, stage)
         if proc.returncode != 0:
             tail = (run_dir / "train.log").read_text().splitlines()[-25:]
             raise RuntimeError(

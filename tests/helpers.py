@@ -67,3 +67,39 @@ def with_fault(env: dict, fault: str) -> dict:
         "SIREN_TEST_FAULT": fault,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "controls"), str(ROOT)]),
     }
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for the rendezvous of a 2-process launch)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) -> list[str]:
+    """`accelerate launch` with 2 gloo CPU processes (launch/accelerate/cpu_ddp.yaml) of `siren train` on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "siren",
+        "train",
+        "--config",
+        str(ROOT / "configs/demo/base.yaml"),
+        *stage_overrides(stage, corpus, teacher, run_dir, **extra),
+    ]
+
+
+def reset_accelerate() -> None:
+    """Forget the process-wide Accelerate state, so the next Trainer in this process may use another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -88,6 +88,58 @@ def _no_preflight(run_dir, min_free_mb):
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # creates the run dir, checks nothing
 
 
+def _scheduler_per_process(self, finite):
+    """Accelerate's default for a prepared scheduler: step it once per process for every optimizer step."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if finite:
+        self.optimizer.step()
+    for _ in range(world):
+        self.scheduler.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _same_stream_on_every_rank(seed, rank, step):
+    """Every rank draws the same noise, timesteps and dropout masks (the seed ignores the rank)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"siren-stream:{seed}:0:{step}".encode()).digest()[:8], "little") >> 1
+
+
+def _skip_nonfinite_without_scaler(self, finite):
+    """A non-finite step skips optimizer.step() even under a gradient scaler, so the scaler never updates."""
+    if finite:
+        self.optimizer.step()
+    self.scheduler.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _last_micro_batch_only(self, out):
+    """Metrics of the last micro-batch only: the accumulated sums are dropped at every micro-batch."""
+    self._vec = None
+    _REAL_ADD(self, out)
+
+
+def _no_signal_handlers(self):
+    return self  # SIGTERM/SIGUSR1 keep their default action: the process dies at once
+
+
+def _no_watchdog(self):
+    return self  # no watchdog thread: a hung rank waits forever
+
+
+def _unwrap_fp32_islands() -> list[tuple[str, Callable]]:
+    return [
+        ("siren.models.quantizers:ResidualFSQ.forward", "unwrap"),
+        ("siren.models.quantizers:ProductQuantizer.forward", "unwrap"),
+        ("siren.models.entropy:EntropyModel.forward", "unwrap"),
+        ("siren.models.mel:MelSpectrogram.forward", "unwrap"),
+    ]
+
+
 # target: "module:attribute.path"
 MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "atomic_checkpoint": [
@@ -106,7 +158,16 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     ],
     "frozen_check": [("siren.train.registry:Registry.check_frozen", _no_check)],
     "run_dir_preflight": [("siren.train.trainer:preflight_run_dir", _no_preflight)],
+    "lr_per_global_step": [("siren.train.optim:Updater.apply", _scheduler_per_process)],
+    "per_rank_streams": [("siren.train.trainer:rank_stream_seed", _same_stream_on_every_rank)],
+    "fp16_overflow_through_scaler": [("siren.train.optim:Updater.apply", _skip_nonfinite_without_scaler)],
+    "micro_batch_metrics": [("siren.train.step_metrics:StepMetrics.add", _last_micro_batch_only)],
+    "preemption_signals": [("siren.train.supervision:Preemption.__enter__", _no_signal_handlers)],
+    "hang_watchdog": [("siren.train.supervision:Watchdog.__enter__", _no_watchdog)],
+    "fp32_islands": _unwrap_fp32_islands(),
 }
+
+_REAL_ADD = None
 
 
 def _owner(target: str):
@@ -126,6 +187,11 @@ def disable(name: str, monkeypatch=None) -> None:
         owner, attr = _owner(target)
         if not hasattr(owner, attr):
             raise AttributeError(f"{target} does not exist: the control for {name!r} is stale")
+        if replacement == "unwrap":  # a decorated method: put back the undecorated function
+            replacement = getattr(owner, attr).__wrapped__
+        if replacement is _last_micro_batch_only:
+            global _REAL_ADD
+            _REAL_ADD = _REAL_ADD or getattr(owner, attr)
         if monkeypatch is not None:
             monkeypatch.setattr(owner, attr, replacement)
         else:
@@ -151,7 +217,28 @@ def _slow_checkpoint_write(arg: str) -> None:
     ckpt.save_components = slow
 
 
-FAULTS: dict[str, Callable[[str], None]] = {"slow_checkpoint_write": _slow_checkpoint_write}
+def _rank_sleep(arg: str) -> None:
+    """`rank_sleep:R:S:SECONDS`: rank R (the launcher's RANK) sleeps SECONDS when it fetches step S's first batch."""
+    import os
+    import time
+
+    from siren.train.batches import BatchStream
+
+    rank, step, seconds = arg.split(":")
+    real = BatchStream.next
+
+    def next_or_hang(self, s, k):
+        if int(os.environ.get("RANK", "0")) == int(rank) and s + 1 == int(step) and k == 0:
+            time.sleep(float(seconds))  # the hang: the watchdog's stack dump must show this line
+        return real(self, s, k)
+
+    BatchStream.next = next_or_hang
+
+
+FAULTS: dict[str, Callable[[str], None]] = {
+    "slow_checkpoint_write": _slow_checkpoint_write,
+    "rank_sleep": _rank_sleep,
+}
 
 
 def inject(spec: str) -> None:

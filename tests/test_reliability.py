@@ -181,7 +181,8 @@ def test_bad_audio_is_skipped_counted_and_training_continues(corpus_dir, teacher
     assert len(rows) == 8 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert rows[-1]["data/skipped"] == n_bad  # the NaN file was met during the epoch, replaced and counted
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_8" / "meta.json").read_text())
-    assert any(p.endswith("nan.wav") for p in meta["data"]["skipped"])
+    assert any(p.endswith("nan.wav") for p in meta["data"]["load_failed"]) and meta["data"]["load_failures"] == 1
+    assert len(meta["data"]["excluded"]) == n_bad - 1
 
 
 def test_format_mismatch_is_converted_when_asked(corpus_dir, teacher_dir, tmp_path):

@@ -146,6 +146,8 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         problems.append(bad)
         return None
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in get_args(tp):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads an unquoted `no` as false
         if value not in get_args(tp):
             problems.append(f"{key}: value {value!r} is not {_type_name(tp)}")
         return value

@@ -18,24 +18,37 @@ class Evaluator:
         self._factory = dataset_factory
         self._val = None
 
-    @torch.no_grad()
     def __call__(self, modules: dict, trainable_root: torch.nn.Module) -> dict[str, float]:
-        """Runs with every module in eval mode and on a forked RNG, so it never changes the training trajectory."""
+        part = self.partial(modules, trainable_root)
+        if part is None:
+            return {}
+        sums, n = part
+        return self.combine(self.ctx.gather(sums), n)
+
+    def batches(self) -> list[int]:
+        """The eval batches this rank runs: batch b of the fixed list goes to rank b % world."""
+        n = min(self.max_batches, max(1, len(self._val) // self.batch_size))
+        return list(range(n))[self.ctx.rank :: self.ctx.world]
+
+    @torch.no_grad()
+    def partial(self, modules: dict, trainable_root: torch.nn.Module) -> tuple[dict[str, float], int] | None:
+        """This rank's sums over its batches, and the total number of eval batches (None without a val set).
+
+        Runs with every module in eval mode and on a forked RNG, so it never changes the training trajectory."""
         from siren.data.datasets import collate
 
         if self._val is None:
             self._val = self._factory()
             if self._val is None:
-                return {}
+                return None
         val, bs, ctx = self._val, self.batch_size, self.ctx
         n = min(self.max_batches, max(1, len(val) // bs))
-        mine = list(range(n))[ctx.rank :: ctx.world]
         sums: dict[str, float] = {}
         was = [m.training for m in trainable_root.modules()]
         trainable_root.eval()
         try:
             with torch.random.fork_rng(devices=[]):
-                for b in mine:
+                for b in self.batches():
                     items = [val[i] for i in range(b * bs, min(len(val), (b + 1) * bs))]
                     batch = {k: (v.to(ctx.device) if k in ("wav", "lengths") else v) for k, v in collate(items).items()}
                     out = self.stage.step(modules, batch)
@@ -48,14 +61,19 @@ class Evaluator:
         finally:
             for m, t in zip(trainable_root.modules(), was, strict=True):
                 m.training = t
+        return sums, n
+
+    @staticmethod
+    def combine(parts: list[dict[str, float]], n: int) -> dict[str, float]:
+        """Every rank's sums → means over the n batches; ratios pooled as Σ numerator / Σ denominator."""
         total: dict[str, float] = {}
-        for part in ctx.gather(sums):
+        for part in parts:
             for k, v in part.items():
                 total[k] = total.get(k, 0.0) + v
         out: dict[str, float] = {}
-        for k, v in total.items():
+        for k in sorted(total):
             if k.endswith("/num"):
-                out[k[:-4]] = v / max(total[k[:-4] + "/den"], 1e-12)
+                out[k[:-4]] = total[k] / max(total[k[:-4] + "/den"], 1e-12)
             elif not k.endswith("/den"):
-                out[k] = v / n
+                out[k] = total[k] / n
         return out

@@ -82,6 +82,18 @@ def preflight_run_dir(run_dir: Path, min_free_mb: int) -> None:
         )
 
 
+def write_pid_file(run_dir: Path, rank: int) -> Path:
+    """`RUN/.pids/<host>-rank<R>.pid`: how `launch/slurm/train.sbatch` finds the training processes of each node to
+    send them SIGUSR1 before the time limit (the launcher between them does not forward signals it does not handle)."""
+    import socket
+
+    d = run_dir / ".pids"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{socket.gethostname()}-rank{rank}.pid"
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
 def rank_stream_seed(seed: int, rank: int, step: int) -> int:
     """The seed of rank `rank`'s random stream at global step `step`: independent across ranks and steps, and a pure
     function of (seed, rank, step), so a resumed run draws exactly what the uninterrupted one drew."""
@@ -119,6 +131,7 @@ class Trainer:
                 self._archive_previous()
             ckpt.clean_partial(self.run_dir)
         acc.wait_for_everyone()
+        self.pid_file = write_pid_file(self.run_dir, self.rank)
 
         # Components: identical initialisation on every rank, then weights from the resume point or --init-from.
         set_seed(t.seed)
@@ -161,7 +174,7 @@ class Trainer:
         self.dataset = self._make_dataset(cfg.data.train, train=True)
         self.batches = ShardedBatches(len(self.dataset), t.batch_size, self.world, self.rank, t.seed)
         self.stream = BatchStream(self.dataset, self.batches, t.grad_accum, cfg.data.num_workers)
-        self.excluded = len(self.dataset.skipped)  # the same on every rank: counted once
+        self.excluded = sorted(self.dataset.skipped)  # found up front, the same on every rank: counted once
         data_meta = self.resume_meta.get("data", {})
         self.failed_ids: set[str] = set(data_meta.get("load_failed", []))
         self.load_failures = int(data_meta.get("load_failures", len(self.failed_ids)))
@@ -299,7 +312,7 @@ class Trainer:
         self.load_failures += int(metrics.pop("data/load_failures"))
         metrics["train/skipped_step"] = 0.0 if stepped else 1.0
         metrics["frozen/ok"] = self.checkpoint.frozen_ok
-        metrics["data/skipped"] = float(self.excluded + self.load_failures)  # up front + failed at load, all ranks
+        metrics["data/skipped"] = float(len(self.excluded) + self.load_failures)  # up front + failed at load, all ranks
         for name, lr in zip(self.group_names, lrs, strict=True):
             metrics[f"train/lr/{name}"] = lr
         if self.stage.nominal_bps() is not None:
@@ -441,7 +454,7 @@ class Trainer:
             "world_size": self.world,
             "mixed_precision": self.accelerator.mixed_precision,
             "data": {
-                "excluded": sorted(self.dataset.skipped),
+                "excluded": self.excluded,
                 "load_failures": self.load_failures,
                 "load_failed": self._failed_all,
             },
@@ -454,6 +467,7 @@ class Trainer:
     def finish(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        self.pid_file.unlink(missing_ok=True)
         self.tracker.finish()
         acc.end_training()
         if self.world > 1 and torch.distributed.is_initialized():
@@ -469,7 +483,13 @@ def train_from_cli(
     init_from: str | None = None,
     init_components: str | None = None,
 ) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Rank 0 logs at INFO; other ranks only warnings and errors, each line carrying its rank.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f" rank {rank}" if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s{tag} %(levelname)s %(message)s"
+    )
+    logging.captureWarnings(True)
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_config(config, overrides)
     trainer = Trainer(

@@ -1,0 +1,463 @@
+"""Many processes, one result (DESIGN §17): the LR schedule, random streams, precision, micro-batch metrics,
+evaluation split across ranks, progress, preemption and hang reports — each rerun with its mechanism switched off."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mechanisms
+import pytest
+import torch
+from helpers import ROOT, launch_cmd, reset_accelerate, stage_config, train_cmd, with_fault
+from safetensors.torch import load_file
+
+from siren.train.progress import parse_status
+from siren.train.supervision import HANG_EXIT_CODE, PREEMPTED_EXIT_CODE
+from siren.train.tracking import read_metrics
+from siren.train.trainer import Trainer
+
+LR = {
+    "optim.scheduler": "cosine",
+    "optim.warmup_steps": 4,
+    "optim.lr": 1e-3,
+    "train.max_steps": 12,
+    "train.checkpoint_every": 6,
+    "samples.enabled": "false",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def _lrs(run: Path) -> dict[int, dict[str, float]]:
+    return {
+        r["step"]: {k: v for k, v in r.items() if k.startswith("train/lr/")}
+        for r in read_metrics(run / "metrics.jsonl")
+    }
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run / "checkpoints" / f"step_{step}" / "components").glob("*.safetensors")):
+        out.update({f"{f.stem}.{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def _run(cmd, env, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _latest(run: Path) -> int:
+    f = run / "checkpoints" / "latest"
+    return int(f.read_text().strip().removeprefix("step_")) if f.is_file() else 0
+
+
+def _rewind(run: Path, step: int) -> None:
+    """Make `step` the run's newest checkpoint, as if it had been stopped there."""
+    import shutil
+
+    for p in (run / "checkpoints").glob("step_*"):
+        if int(p.name.removeprefix("step_")) > step:
+            shutil.rmtree(p)
+    (run / "checkpoints" / "latest").write_text(f"step_{step}\n")
+
+
+# ----------------------------------------------------------------------------------------------- 1. the LR schedule
+def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
+    corpus_dir, teacher_dir, tmp_path, subprocess_env
+):
+    ref = tmp_path / "one"
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, ref, **LR, **{"train.batch_size": 8})).fit()
+    ddp = tmp_path / "two"
+    r = _run(launch_cmd("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 4}), subprocess_env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert json.loads((ddp / "checkpoints" / "step_12" / "meta.json").read_text())["world_size"] == 2
+    one, two = _lrs(ref), _lrs(ddp)
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    assert two == one, "the 2-process LR schedule differs from the 1-process one"
+    peak = max(v for row in one.values() for v in row.values())
+    assert one[4]["train/lr/default"] == pytest.approx(peak)  # warmup ends at step 4, not at 4 / world
+    assert one[12]["train/lr/default"] > 0  # cosine reaches 0 only after the last step
+
+    # Resume the 2-process run from step 6 with ONE process: the schedule continues from the global step.
+    _rewind(ddp, 6)
+    reset_accelerate()
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 8})).fit()
+    resumed = _lrs(ddp)
+    assert {s: resumed[s] for s in range(7, 13)} == {s: one[s] for s in range(7, 13)}, "resumed LR differs"
+
+
+# --------------------------------------------------------------------------------------------- 2. per-rank streams
+def test_each_rank_draws_its_own_stream_and_a_step_redraws_the_same(corpus_dir, teacher_dir, tmp_path):
+    tr = Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.max_steps": 2}))
+    draws = []
+    real_step = tr.stage.step
+
+    def recording_step(modules, batch):
+        draws.append(torch.rand(8))  # what the stage's noise / dropout would draw first
+        return real_step(modules, batch)
+
+    tr.stage.step = recording_step
+    for rank in (0, 1, 0):
+        tr.rank = rank
+        tr._train_step(0, preempt=False)
+    rank0, rank1, rank0_again = draws
+    assert torch.equal(rank0, rank0_again)  # a pure function of (seed, rank, step): resume redraws it exactly
+    assert not torch.equal(rank0, rank1), "rank 1 drew the same random numbers as rank 0"
+
+
+# -------------------------------------------------------------------------------------------- 3. mixed precision
+def test_bf16_makes_the_same_codes_as_fp32():
+    from siren.models.entropy import EntropyModel
+    from siren.models.mel import MelSpectrogram
+    from siren.models.quantizers import ProductQuantizer, ResidualFSQ
+
+    torch.manual_seed(0)
+    rfsq, pq = ResidualFSQ(64, [3, 3, 3, 3], 2), ProductQuantizer(64, 8, 256)
+    ent = EntropyModel({"sem": (81, 2)}, dim=32, num_layers=1, num_heads=2, max_len=512, dropout=0.0).eval()
+    mel = MelSpectrogram(16000, 80, 320, 1024, 1024, 0.0, 8000.0)
+    x, spk, wav = torch.randn(8, 256, 64) * 2, torch.randn(64, 64), torch.randn(2, 32000) * 0.1
+    with torch.no_grad():
+        ref = rfsq(x), pq(spk), mel(wav)
+        ref_bits = ent({"sem": ref[0].codes}).bits["sem"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = rfsq(x), pq(spk), mel(wav)
+            low_bits = ent({"sem": ref[0].codes}).bits["sem"]
+    assert torch.equal(ref[0].codes, low[0].codes), "FSQ codes differ under bf16"
+    assert torch.equal(ref[1].codes, low[1].codes), "speaker PQ codes differ under bf16"
+    assert torch.equal(ref[2], low[2]), "mel targets differ under bf16"
+    assert torch.equal(ref_bits, low_bits), "entropy-model bits differ under bf16"
+
+
+def _first_step(cfg) -> dict:
+    tr = Trainer(cfg)
+    tr.fit()
+    return read_metrics(Path(cfg.run_dir) / "metrics.jsonl")[0], json.loads(
+        (Path(cfg.run_dir) / "checkpoints" / "step_1" / "meta.json").read_text()
+    )
+
+
+def test_bf16_training_step_runs_and_stays_close_to_fp32(corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    ov = {"train.max_steps": 1, "train.checkpoint_every": 1, "samples.enabled": "false", "factorizer.dropout": 0.0}
+    fp32, meta32 = _first_step(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "fp32", **ov))
+    reset_accelerate()
+    bf16, meta16 = _first_step(
+        stage_config("codec", corpus_dir, teacher_dir, tmp_path / "bf16", **ov, **{"train.mixed_precision": "bf16"})
+    )
+    assert meta32["mixed_precision"] == "no" and meta16["mixed_precision"] == "bf16"
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=0.05)
+    # Unset, the launcher's setting applies; set, the config wins.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    reset_accelerate()
+    _, meta_launcher = _first_step(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "launcher", **ov))
+    reset_accelerate()
+    _, meta_cfg = _first_step(
+        stage_config("codec", corpus_dir, teacher_dir, tmp_path / "cfg", **ov, **{"train.mixed_precision": "no"})
+    )
+    assert meta_launcher["mixed_precision"] == "bf16" and meta_cfg["mixed_precision"] == "no"
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from siren.train.optim import Updater
+
+    Accelerator(cpu=True)  # Accelerate on CPU has no fp16 scaler of its own: the scaler unit is tested directly
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), scaler=scaler)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: 1.0)
+    up = Updater(opt, sched, list(model.parameters()), max_norm=1.0, scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")  # an fp16 overflow
+    norm = up.clip()
+    assert not torch.isfinite(norm)
+    assert up.apply(finite=False) is False  # skipped by the scaler
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert scaler.get_scale() == 2.0**15  # and the scale lowered
+
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()  # the next step trains normally
+    assert torch.isfinite(up.clip())
+    assert up.apply(finite=True) is True
+    assert not torch.equal(before[0], model.weight.detach())
+
+
+# ------------------------------------------------------------------------------------- 4. metrics over micro-batches
+def test_grad_accum_metrics_cover_every_micro_batch(corpus_dir, teacher_dir, tmp_path):
+    ov = {"train.max_steps": 1, "train.checkpoint_every": 1, "samples.enabled": "false", "factorizer.dropout": 0.0}
+    whole, _ = _first_step(
+        stage_config("codec", corpus_dir, teacher_dir, tmp_path / "b8", **ov, **{"train.batch_size": 8})
+    )
+    reset_accelerate()
+    accum, _ = _first_step(
+        stage_config(
+            "codec", corpus_dir, teacher_dir, tmp_path / "b4x2", **ov, **{"train.batch_size": 4, "train.grad_accum": 2}
+        )
+    )
+    counts = [k for k in whole if k.startswith("codebook/")]
+    assert counts and {k: accum[k] for k in counts} == {k: whole[k] for k in counts}, "codebook counts differ"
+    assert accum["rate/bps_entropy"] == pytest.approx(whole["rate/bps_entropy"], rel=1e-6)
+    assert accum["data/audio_seconds"] == whole["data/audio_seconds"]
+    for k in ("train/loss", "train/mel", "train/entropy"):
+        assert accum[k] == pytest.approx(whole[k], rel=1e-4), k
+
+
+# ------------------------------------------------------------------------------------- 5. evaluation across ranks
+def test_evaluation_is_split_across_ranks_and_equals_one_process(corpus_dir, teacher_dir, tmp_path):
+    from dataclasses import replace
+
+    from siren.train.evaluation import Evaluator
+
+    tr = Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.batch_size": 2}))
+    seen: list[list[str]] = []
+    real_step = tr.stage.step
+
+    def recording_step(modules, batch):
+        seen[-1].extend(batch["ids"])
+        return real_step(modules, batch)
+
+    tr.stage.step = recording_step
+    factory = lambda: tr._make_dataset(tr.cfg.data.val, train=False)  # noqa: E731
+    parts, n = [], None
+    for rank in (0, 1):
+        seen.append([])
+        ev = Evaluator(replace(tr.ctx, rank=rank, world=2), tr.stage, factory, 1)
+        sums, n = ev.partial(tr.modules, tr.core)
+        parts.append(sums)
+    seen.append([])
+    single = Evaluator(tr.ctx, tr.stage, factory, 1)(tr.modules, tr.core)
+    rank0, rank1, one = seen
+    assert rank0 and rank1 and not set(rank0) & set(rank1), "ranks repeated each other's eval batches"
+    assert sorted(rank0 + rank1) == sorted(one)
+    split = Evaluator.combine(parts, n)
+    assert split.keys() == single.keys()
+    for k in single:
+        assert split[k] == pytest.approx(single[k], rel=1e-9), k
+
+
+# ---------------------------------------------------------------------------------------------------- 6. progress
+def test_status_lines_off_a_terminal(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    cmd = train_cmd(
+        "codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.status_every": 2, "train.max_steps": 5}
+    )
+    r = _run(cmd, subprocess_env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = [parse_status(line) for line in r.stderr.splitlines()]
+    steps = [s[0] for s in status if s is not None]
+    assert steps == [2, 4, 5], r.stderr[-2000:]
+    assert all(s[1] == 5 for s in status if s is not None)
+    line = next(x for x in r.stderr.splitlines() if x.startswith("siren: step 2/5"))
+    assert "steps/s" in line and "s audio/s" in line and "ETA" in line
+
+
+# ------------------------------------------------------------------------------------------------- 7. preemption
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            out += [child, *_child_pids(child)]
+    return out
+
+
+def _is_siren_worker(pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"siren" in cmd and b"train" in cmd and not any(b"wandb" in c for c in cmd)
+
+
+def _train_until(proc: subprocess.Popen, run: Path, min_step: int) -> int:
+    t0 = time.time()
+    while True:
+        rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] >= min_step:
+            return rows[-1]["step"]
+        assert proc.poll() is None, "the run ended before the signal"
+        assert time.time() - t0 < 300, "timed out waiting for training to start"
+        time.sleep(0.02)
+
+
+PRE = {"train.max_steps": 40, "train.checkpoint_every": 20, "samples.enabled": "false"}
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
+    procs, corpus_dir, teacher_dir, tmp_path, subprocess_env
+):
+    make = train_cmd if procs == 1 else launch_cmd
+    ov = {**PRE, "train.batch_size": 4}
+    ref = tmp_path / "ref"
+    r = _run(make("codec", corpus_dir, teacher_dir, ref, **ov), subprocess_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        make("codec", corpus_dir, teacher_dir, run, **ov),
+        cwd=ROOT,
+        env=subprocess_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _train_until(proc, run, 3)
+    targets = [proc.pid] if procs == 1 else [p for p in _child_pids(proc.pid) if _is_siren_worker(p)]
+    assert len(targets) == procs
+    for pid in targets:  # SLURM signals every task of the step
+        os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if procs == 1:
+        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "preempted: checkpoint written at step" in err, err[-3000:]
+    stopped = _latest(run)
+    assert 3 <= stopped < 40 and stopped % 20 != 0, stopped  # the step it was on, not a scheduled checkpoint
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped
+
+    r = _run(make("codec", corpus_dir, teacher_dir, run, **ov), subprocess_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(ref, 40), _weights(run, 40)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    assert [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")] == [
+        x["train/loss"] for x in read_metrics(ref / "metrics.jsonl")
+    ]
+
+
+FAKE_SLURM = {
+    # srun: drop its options and run the command on this machine (one node).
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/bin/bash\nif [ "$1" = show ]; then hostname; else echo "$@" >> "$SCONTROL_LOG"; fi\n',
+    # accelerate launch ... -m siren train ...: one process of the same command.
+    "accelerate": '#!/bin/bash\nwhile [ "$1" != -m ]; do shift; done\nshift\nexec "$PYTHON" -m "$@"\n',
+}
+
+
+def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    """launch/slurm/train.sbatch on one node, with srun/scontrol/accelerate stood in by one-line scripts."""
+    import sys
+
+    from helpers import stage_overrides
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run = tmp_path / "run"
+    env = {
+        **subprocess_env,
+        "PATH": f"{bin_dir}{os.pathsep}{subprocess_env['PATH']}",
+        "PYTHON": sys.executable,
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NAME": "siren-test",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "1",
+        "RUN_DIR": str(run),
+    }
+    overrides = [
+        x for x in stage_overrides("codec", corpus_dir, teacher_dir, run, **PRE) if not x.startswith("run_dir=")
+    ]
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch/slurm/train.sbatch"), str(ROOT / "configs/demo/base.yaml"), *overrides],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _train_until(proc, run, 3)
+    proc.send_signal(signal.SIGUSR1)  # what SLURM sends the batch shell before the time limit
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    stopped = _latest(run)
+    assert 3 <= stopped < 40 and stopped % 20 != 0, f"no checkpoint at the step it was on: latest is {stopped}"
+    assert not list((run / ".pids").glob("*.pid"))  # the ranks exited cleanly and removed their pid files
+
+
+# ---------------------------------------------------------------------------------------------------- 8. hangs
+def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    env = with_fault(subprocess_env, "rank_sleep:1:3:40")
+    run = tmp_path / "run"
+    ov = {"train.max_steps": 6, "train.hang_timeout_s": 6, "samples.enabled": "false"}
+    t0 = time.time()
+    r = _run(launch_cmd("codec", corpus_dir, teacher_dir, run, **ov), env, timeout=300)
+    assert r.returncode != 0, "the run finished although rank 1 hung"
+    out = r.stdout + r.stderr
+    assert re.search(r"rank 1: step 3 did not finish within train.hang_timeout_s=6 s", out), out[-3000:]
+    assert "next_or_hang" in out  # rank 1's own stack, dumped by its watchdog
+    report = run / "logs" / "hang-rank1-step3.txt"
+    assert report.is_file() and "next_or_hang" in report.read_text()
+    assert time.time() - t0 < 40 + 60, "the hang was waited out, not reported"
+    assert str(HANG_EXIT_CODE) in out
+
+
+# --------------------------------------------------------------------------------------------- negative controls
+CONTROLS = [
+    (
+        "test_lr_follows_the_global_step_on_two_processes_and_across_a_resume",
+        "lr_per_global_step",
+        r"2-process LR schedule differs",
+    ),
+    ("test_each_rank_draws_its_own_stream_and_a_step_redraws_the_same", "per_rank_streams", r"rank 1 drew the same"),
+    ("test_bf16_makes_the_same_codes_as_fp32", "fp32_islands", r"differ under bf16"),
+    (
+        "test_fp16_overflow_is_skipped_by_the_scaler_and_training_continues",
+        "fp16_overflow_through_scaler",
+        r"get_scale|unscale_",
+    ),
+    ("test_grad_accum_metrics_cover_every_micro_batch", "micro_batch_metrics", r"codebook counts differ"),
+    ("test_sigterm_checkpoints_the_current_step_and_resumes_bitwise", "preemption_signals", r"assert -15 == 75"),
+    ("test_a_hung_rank_is_reported_with_its_stacks", "hang_watchdog", r"the run finished although rank 1 hung"),
+    (
+        "test_slurm_script_forwards_usr1_to_every_rank_and_requeues",
+        "preemption_signals",
+        r"no checkpoint at the step it was on",
+    ),
+]
+_NOT_CONTROLLED = {
+    "test_every_scale_test_has_a_control",
+    "test_fails_with_mechanism_disabled",
+    "test_bf16_training_step_runs_and_stays_close_to_fp32",  # runs the stage; the codes test above holds the guarantee
+    "test_evaluation_is_split_across_ranks_and_equals_one_process",  # checks the split itself (disjoint, covering)
+    "test_status_lines_off_a_terminal",  # an output format, not a mechanism that can be switched off
+}
+
+
+def test_every_scale_test_has_a_control():
+    tests = {n for n, f in globals().items() if n.startswith("test_") and callable(f) and n not in _NOT_CONTROLLED}
+    assert tests == {t for t, _, _ in CONTROLS}
+
+
+@pytest.mark.parametrize("test_name, mechanism, failure", CONTROLS, ids=[f"{m}" for _, m, _ in CONTROLS])
+def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
+    monkeypatch.setenv(mechanisms.ENV, mechanism)  # reaches `python -m siren` subprocesses via tests/controls
+    mechanisms.disable(mechanism, monkeypatch)
+    fn = globals()[test_name]
+    kwargs = {"procs": 1} if "procs" in inspect.signature(fn).parameters else {}
+    for name in inspect.signature(fn).parameters:
+        if name not in kwargs:
+            kwargs[name] = request.getfixturevalue(name)
+    with pytest.raises((Exception, pytest.fail.Exception)) as info:
+        fn(**kwargs)
+    text = f"{info.type.__name__}: {info.value}"
+    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"
