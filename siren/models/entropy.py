@@ -259,14 +259,14 @@ class EntropyModel(nn.Module):
     def forward(self, codes: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor] | None = None) -> EntropyResult:
         """codes[s] (B, T, L) long; lengths[s] (B,) valid frames (all frames when None).
 
-        Streams longer than the context are scored frame by frame with the sliding window (no gradient: eval only).
+        In eval mode, streams longer than the context are scored frame by frame with the sliding window (no gradient).
         """
         logits, bits, total_bits = {}, {}, {}
         ce_sum, count = None, 0
         for name, c in codes.items():
             lm = self._check(name, c)
             b, t, n_levels = c.shape
-            if t > lm.max_len and not torch.is_grad_enabled():
+            if t > lm.max_len and not self.training:
                 lg = self.stream_logits(name, c)
             else:
                 lg = lm.logits_for_next(c[:, :-1])  # (B, T, L, K): frame t predicted from frames < t
