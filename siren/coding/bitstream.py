@@ -66,8 +66,18 @@ class BitstreamError(SirenError):
 
 
 def model_id(modules: dict[str, nn.Module]) -> bytes:
-    fps = {n: fingerprint(modules[n]) for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")}
-    return hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:4]
+    """4 bytes of sha256 over the code-defining components' fingerprints. Hashing the weights costs tens of ms, so
+    the id is kept on the entropy model together with the weight versions it was computed for (any in-place update
+    of a parameter bumps its version, so a changed model is never served a stale id)."""
+    names = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
+    key = tuple((n, p.data_ptr(), p._version) for n in names for p in modules[n].parameters())
+    cached = getattr(modules["entropy_model"], "_siren_model_id", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fps = {n: fingerprint(modules[n]) for n in names}
+    mid = hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:4]
+    modules["entropy_model"]._siren_model_id = (key, mid)
+    return mid
 
 
 def quantized_probs(logits: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -69,8 +69,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _run_batch(jobs: list[tuple[Path, Path]], work, desc: str) -> list[tuple[Path, str]]:
-    """Run `work(src, dst)` on every job with a progress bar; user errors are collected, never stop the batch."""
+def _run_batch(jobs: list[tuple[Path, Path]], work, desc: str, batch: bool) -> list[tuple[Path, str]]:
+    """Run `work(src, dst)` on every job with a progress bar. In batch form (--out) user errors are collected and
+    never stop the batch; the single-file form raises them (exit code 2, as every other command)."""
     from tqdm import tqdm
 
     from siren.errors import USER_ERRORS
@@ -78,6 +79,9 @@ def _run_batch(jobs: list[tuple[Path, Path]], work, desc: str) -> list[tuple[Pat
     failed = []
     bar = tqdm(jobs, desc=desc, unit="file", disable=len(jobs) < 2, file=sys.stderr)
     for src, dst in bar:
+        if not batch:
+            work(src, dst)
+            continue
         try:
             work(src, dst)
         except (*USER_ERRORS, ValueError) as exc:
@@ -131,7 +135,7 @@ def encode_cli(args) -> int:
                 f"bit/s, header {enc.header_bits} bits)"
             )
 
-    return _report(len(jobs), _run_batch(jobs, work, "encode"), "encode", t0)
+    return _report(len(jobs), _run_batch(jobs, work, "encode", args.out is not None), "encode", t0)
 
 
 def decode_cli(args) -> int:
@@ -158,4 +162,4 @@ def decode_cli(args) -> int:
         if len(jobs) == 1:
             print(f"{dst}: {wav.shape[-1]} samples via {codec.mel_path} ({codec.source['checkpoint']})")
 
-    return _report(len(jobs), _run_batch(jobs, work, "decode"), "decode", t0)
+    return _report(len(jobs), _run_batch(jobs, work, "decode", args.out is not None), "decode", t0)

@@ -281,13 +281,8 @@ class Codec(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ bitstream
     def _code_modules(self) -> dict[str, nn.Module]:
-        return dict(
-            zip(
-                ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"),
-                self._need("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"),
-                strict=True,
-            )
-        )
+        names = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
+        return dict(zip(names, self._need(*names), strict=True))
 
     def to_bytes(self, codes: Codes):
         """One utterance's Codes → a .siren bitstream (an `Encoded` with `.data`, sizes and the estimate: see
