@@ -7,8 +7,8 @@ import torch
 
 from siren.config.loader import load_config
 from siren.config.schema import COMPONENTS
-from siren.models.builders import build_components, nominal_bps
 from siren.errors import SirenError
+from siren.models.builders import build_components, nominal_bps
 from siren.models.codec import Codec
 from siren.models.mel import MelSpectrogram
 from siren.models.ssl import save_tiny_teacher
@@ -57,7 +57,7 @@ def test_bytes_round_trip_and_ragged_batches(codec):
     items = [torch.randn(n, generator=g) * 0.1 for n in (16000, 24000)]
     codes = c.encode(items)  # different lengths: analysed one by one, padded, lengths kept
     assert codes.sem_frames.tolist() == [c.encode(w).sem.shape[1] for w in items]
-    for i, one in enumerate(codes.split()):
+    for one in codes.split():
         enc = c.to_bytes(one)
         back = c.from_bytes(enc.data)
         assert torch.equal(back.sem, one.sem) and torch.equal(back.pro, one.pro) and torch.equal(back.spk, one.spk)
