@@ -238,34 +238,31 @@ def bench_bitstream(corpus: Path, teacher: Path, work: Path) -> dict:
     import constriction
     import numpy as np
 
-    from siren.coding.bitstream import _stream_probs, encode_codes, load_codec
+    from siren.coding.bitstream import _stream_probs
     from siren.data.audio import load_audio
     from siren.data.manifest import read_manifest
-    from siren.train.stages.common import analyse
+    from siren.models.codec import Codec
     from siren.train.trainer import Trainer
 
     run = work / "codec_bits"
     Trainer(cfg_for("codec", corpus, teacher, run, **{"train.max_steps": 300, "train.checkpoint_every": 300})).fit()
-    ck = load_codec(str(run))
+    codec = Codec.from_checkpoint(str(run), use_pipeline=False)
     fam = constriction.stream.model.Categorical(perfect=False)
     stream = constriction.stream.queue.RangeEncoder()
     payload = estimate = header = seconds = 0.0
     files = 0
     for u in read_manifest(corpus / "val.jsonl"):
-        wav = load_audio(u.path)
-        n = wav.shape[-1] - wav.shape[-1] % 2560
-        with torch.no_grad():
-            an = analyse(ck.modules, ck.modules["features"](wav[None, :n]))
-        enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n)
+        codes = codec.encode(load_audio(u.path))
+        enc = codec.to_bytes(codes)
         payload += enc.payload_bits
         estimate += enc.estimate_bits
         header += enc.header_bits
         seconds += enc.seconds
         files += 1
-        for name, codes in (("sem", an.sem.codes), ("pro", an.pro.codes)):
-            for t in range(codes.shape[1]):
-                probs = _stream_probs(ck.modules["entropy_model"], name, codes, t)
-                stream.encode(codes[0, t].numpy().astype(np.int32), fam, probs)
+        for name, c in (("sem", codes.sem), ("pro", codes.pro)):
+            for t in range(c.shape[1]):
+                probs = _stream_probs(codec.components["entropy_model"], name, c, t)
+                stream.encode(c[0, t].numpy().astype(np.int32), fam, probs)
     stream_bits = 32 * len(stream.get_compressed())
     return {
         "payload_over_estimate": payload / estimate,
@@ -352,6 +349,9 @@ def main() -> int:
         tr32 = bench_trainer_overhead(corpus, teacher, work / "codec_bits", student, work / "b32", batch=32, repeats=3)
         ld = bench_loader(corpus, teacher, work)
         speed = {p: bench_codec_speed(p, corpus, teacher, work) for p in ("tiny", "ultra200bps")}
+        from bench_codec import run as bench_codec_run  # the codec as a product (issue 14)
+
+        product = bench_codec_run(work, corpus, teacher)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
         *[
@@ -401,6 +401,7 @@ def main() -> int:
     for p, s in speed.items():
         rows.append((f"encode speed, {p}, 1 thread (× real time)", f"{s['encode_xrt']:.1f}", "—"))
         rows.append((f"decode speed, {p}, 8 flow steps, 1 thread (× real time)", f"{s['decode_xrt']:.1f}", "—"))
+    rows += [(k.split(" [")[0], v, k.split(" [")[1][:-1] if " [" in k else "—") for k, v in product.items()]
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}"
     text = [

@@ -64,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", default=[], help="override a threshold: NAME=VALUE")
     p.add_argument("--no-wandb", action="store_true")
 
-    p = sub.add_parser("encode", help="wav → .siren bitstream")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("encode", help="wav → .siren bitstream (IN OUT, or IN... --out DIR with files/directories)")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="IN.wav OUT.siren, or audio files/directories with --out")
+    p.add_argument("--out", help="output directory: one .siren per input file (keeps sub-directories)")
     p.add_argument("--checkpoint", required=True)
 
-    p = sub.add_parser("decode", help=".siren bitstream → wav")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = sub.add_parser("decode", help=".siren bitstream → wav (IN OUT, or IN... --out DIR with files/directories)")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="IN.siren OUT.wav, or .siren files/directories with --out")
+    p.add_argument("--out", help="output directory: one .wav per input file (keeps sub-directories)")
     p.add_argument("--checkpoint", help="checkpoint URI (default: the one recorded in the file)")
     p.add_argument("--pipeline-flow", help="checkpoint with fuser + flow (default: the checkpoint's pipeline.flow)")
     p.add_argument("--pipeline-vocoder", help="checkpoint with the vocoder (default: pipeline.vocoder)")
@@ -176,13 +176,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from siren.coding.bitstream import encode_cli
+    from siren.coding.files import encode_cli
 
     return encode_cli(args)
 
 
 def cmd_decode(args) -> int:
-    from siren.coding.bitstream import decode_cli
+    from siren.coding.files import decode_cli
 
     return decode_cli(args)
 

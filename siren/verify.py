@@ -71,28 +71,33 @@ def _load(run: Path, step: int):
     return adapted, base
 
 
-def _pipeline(cfg):
+def _codecs(adapted, base) -> tuple[dict, list[str]]:
+    """The adapted and baseline `Codec`s, sharing the pipeline checkpoints named in the adapted config."""
+    from siren.models.codec import Codec, _check_code_language
     from siren.train.stages.common import load_checkpoint
 
-    out = {}
+    cfg = adapted.cfg
+    pipe = {}
     for which, names in (("flow", ["fuser", "flow"]), ("vocoder", ["vocoder"])):
         uri = getattr(cfg.pipeline, which)
         if uri:
-            mods = load_checkpoint(uri, names).modules
-            for m in mods.values():
+            ck = load_checkpoint(uri, names)
+            if which == "flow":
+                _check_code_language(adapted.modules, ck, str(adapted.path))
+            for m in ck.modules.values():
                 m.eval().requires_grad_(False)
-            out.update(mods)
-    return out
-
-
-def _render(pipe: dict, modules: dict, an, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    q = (an.sem.quantized, an.pro.quantized, an.spk.quantized)
-    if "flow" in pipe:
-        g = torch.Generator().manual_seed(0)
-        mel = pipe["flow"].sample(pipe["fuser"](*q), steps=cfg.flow.steps, solver=cfg.flow.solver, generator=g)
-    else:
-        mel = modules["decoder"](*q)
-    return mel, (pipe["vocoder"](mel) if "vocoder" in pipe else None)
+            pipe.update(ck.modules)
+    codecs = {}
+    for w, ck, feat in (("adapted", adapted, "student_ssl"), ("baseline", base, "ssl")):
+        codecs[w] = Codec(
+            {**{n: m for n, m in ck.modules.items() if n != "features"}, **pipe},
+            sample_rate=cfg.audio.sample_rate,
+            hop_length=cfg.audio.hop_length,
+            feature_extractor=feat,
+            flow_steps=cfg.flow.steps,
+            flow_solver=cfg.flow.solver,
+        )
+    return codecs, sorted(pipe)
 
 
 def run_verify(
@@ -102,14 +107,13 @@ def run_verify(
     thresholds: dict[str, float] | None = None,
     use_wandb: bool = True,
 ) -> dict:
-    from siren.coding.bitstream import encode_codes
     from siren.data.audio import load_audio, save_audio
     from siren.data.manifest import Utterance, read_manifest
     from siren.metrics.codebook import entropy_bits, histogram, level_names
     from siren.metrics.drift import js_divergence_bits
     from siren.models.mel import MelSpectrogram
     from siren.train.samples import save_mel_png
-    from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
+    from siren.train.stages.common import code_layout
 
     run = Path(run)
     adapted, base = _load(run, step)
@@ -124,7 +128,7 @@ def run_verify(
     utts = read_manifest(manifest)[: cfg.verify.max_utts]
     if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
         utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
-    pipe = _pipeline(cfg)
+    codecs, pipe = _codecs(adapted, base)
     a = cfg.audio
     mel_fn = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
     out_dir = run / "verify" / f"step_{step}"
@@ -147,33 +151,31 @@ def run_verify(
     per_utt = []
     for i, u in enumerate(utts):
         wav = load_audio(u.path, a.sample_rate)
-        n = wav.shape[-1] - wav.shape[-1] % 2560
-        if n < 2560:
+        try:
+            codes = {w: c.encode(wav) for w, c in codecs.items()}
+        except SirenError as exc:  # too short to hold one prosody frame
+            log.info("verify: %s skipped (%s)", u.id, exc)
             continue
+        n = codes["adapted"].num_samples[0]
         wav = wav[None, :n]
-        lengths = torch.tensor([n])
         truth = mel_fn(wav)
         res = {}
         with torch.no_grad():
-            for w, ck in (("adapted", adapted), ("baseline", base)):
-                an = analyse(ck.modules, ck.modules["features"](wav))
-                masks = stream_masks(lengths, an)
-                ent = ck.modules["entropy_model"](
-                    {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
-                )
-                b, sec = entropy_rate(ent, masks)
-                bits[w] += float(b)
-                enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n, a.sample_rate)
+            for w, codec in codecs.items():
+                c = codes[w]
+                ent = codec.components["entropy_model"]({"sem": c.sem, "pro": c.pro})
+                bits[w] += float(ent.total_bits["sem"].sum() + ent.total_bits["pro"].sum())
+                enc = codec.to_bytes(c)
                 real_bits[w] += 8 * len(enc.data)
                 header_bits[w] += enc.header_bits
                 for s in la:
-                    codes = getattr(an, s).codes
-                    hist[w][s] = hist[w][s] + histogram(codes, masks.get(s), la[s][0])
-                mel, audio = _render(pipe, ck.modules, an, cfg)
-                res[w] = (an, mel, audio)
-            seconds += float(sec)
+                    hist[w][s] = hist[w][s] + histogram(getattr(c, s), None, la[s][0])
+                mel = codec.decode_mel(c)
+                audio = codec.components["vocoder"](mel) if codec.has("vocoder") else None
+                res[w] = (c, mel, audio)
+            seconds += n / a.sample_rate
         for s in la:
-            ca, cb = getattr(res["adapted"][0], s).codes, getattr(res["baseline"][0], s).codes
+            ca, cb = getattr(res["adapted"][0], s), getattr(res["baseline"][0], s)
             ca = ca if ca.dim() == 3 else ca[:, None]
             cb = cb if cb.dim() == 3 else cb[:, None]
             eq[s] += (ca == cb).to(torch.float64).sum(dim=(0, 1))
@@ -240,7 +242,7 @@ def run_verify(
         "metrics": metrics,
         "checks": checks,
         "passed": passed,
-        "pipeline": sorted(pipe),
+        "pipeline": pipe,
         "per_utterance": per_utt,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

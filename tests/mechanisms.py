@@ -140,6 +140,10 @@ def _unwrap_fp32_islands() -> list[tuple[str, Callable]]:
     ]
 
 
+def _no_hash_check(want, got):
+    """Decoded codes are returned whatever the file's symbol hash says."""
+
+
 # target: "module:attribute.path"
 MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "atomic_checkpoint": [
@@ -165,6 +169,7 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "preemption_signals": [("siren.train.supervision:Preemption.__enter__", _no_signal_handlers)],
     "hang_watchdog": [("siren.train.supervision:Watchdog.__enter__", _no_watchdog)],
     "fp32_islands": _unwrap_fp32_islands(),
+    "symbol_hash": [("siren.coding.bitstream:check_symbol_hash", _no_hash_check)],
 }
 
 _REAL_ADD = None

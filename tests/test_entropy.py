@@ -41,16 +41,52 @@ def test_bits_match_reported_probabilities():
     assert res.loss.item() == pytest.approx(total_bits.item() * math.log(2) / n, rel=1e-5)
 
 
-def test_next_probs_matches_forward():
+def test_cached_coder_matches_forward_inside_the_context():
     em = make()
     codes = random_codes()
     res = em(codes)
     for s, c in codes.items():
-        for t in range(c.shape[1]):
-            p = em.next_probs(s, c[:, :t])
-            assert p.dtype == torch.float64 and p.shape == (c.shape[0], c.shape[2], STREAMS[s][0])
-            torch.testing.assert_close(p, torch.softmax(res.logits[s][:, t].double(), -1), atol=1e-5, rtol=0)
-            torch.testing.assert_close(p, em.next_probs(s, c[:, :t]), atol=0, rtol=0)  # deterministic
+        inc = em.stream_logits(s, c)  # frame by frame through the key/value cache
+        assert inc.shape == res.logits[s].shape
+        torch.testing.assert_close(inc, res.logits[s], atol=1e-5, rtol=0)
+        torch.testing.assert_close(inc, em.stream_logits(s, c), atol=0, rtol=0)  # deterministic
+
+
+def test_sliding_context_keeps_distances_and_the_bos():
+    """Past max_len, frame t sees [BOS, last max_len − 1 frames] at the same relative distances as a training segment
+    starting there. With one layer the cached keys are exactly those of that segment, so the logits must match."""
+    W = 8
+    em = make(num_layers=1, max_len=W)
+    c = random_codes(b=2, t_sem=40)["sem"]
+    inc = em.stream_logits("sem", c)
+    lm = em.streams["sem"]
+    for t in range(W, 40):
+        window = lm.logits_for_next(c[:, t - (W - 1) : t])[:, -1]
+        torch.testing.assert_close(inc[:, t], window, atol=1e-5, rtol=0)
+
+
+def test_no_length_limit_and_linear_cache():
+    em = make(max_len=16)
+    c = random_codes(b=1, t_sem=200)["sem"]
+    res = em({"sem": c})  # eval mode: longer than the context → frame by frame
+    assert res.bits["sem"].shape == (1, 200) and torch.isfinite(res.bits["sem"]).all()
+    coder = em.coder("sem")
+    for t in range(200):
+        coder.push(c[:, t])
+    assert coder.k.shape[3] == 15  # the cache never grows past max_len − 1 frames
+
+
+def test_old_format_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from siren.models.io import StrictLoadError, load_component
+
+    em = make()
+    old = {k: v for k, v in em.state_dict().items()}
+    old["streams.sem.pos.weight"] = torch.zeros(64, 32)
+    save_file(old, str(tmp_path / "em.safetensors"))
+    with pytest.raises(StrictLoadError, match="format 1"):
+        load_component(make(), tmp_path / "em.safetensors")
 
 
 def test_causal_future_does_not_change_past():
@@ -94,8 +130,9 @@ def test_training_reduces_loss():
 def test_errors():
     em = make()
     with pytest.raises(KeyError, match="sem"):
-        em.next_probs("nope", torch.zeros(1, 0, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="max_len"):
-        em({"sem": torch.zeros(1, 100, 1, dtype=torch.long)})
+        em.coder("nope")
+    with pytest.raises(ValueError, match="max_len"):  # one training pass must fit the context
+        em.train()({"sem": torch.zeros(1, 100, 1, dtype=torch.long)})
+    em.eval()
     with pytest.raises(ValueError, match="2"):
         em({"pro": torch.zeros(1, 4, 1, dtype=torch.long)})

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,10 +15,11 @@ import soundfile as sf
 import torch
 from helpers import ROOT, stage_config
 
-from siren.coding.bitstream import BitstreamError, decode_codes, encode_codes, load_codec
+from siren.coding.bitstream import BitstreamError
 from siren.data.audio import load_audio
 from siren.data.manifest import read_manifest
-from siren.train.stages.common import analyse
+from siren.errors import SirenError
+from siren.models.codec import Codec
 from siren.train.trainer import Trainer
 
 
@@ -142,33 +145,100 @@ def test_verify_exit_codes(pipeline, subprocess_env):
 
 
 def test_bitstream_round_trip_size_and_errors(pipeline, corpus_dir):
-    ck = load_codec(str(pipeline / "codec"))
+    codec = Codec.from_checkpoint(str(pipeline / "codec"), use_pipeline=False)
     utt = max(read_manifest(corpus_dir / "val.jsonl"), key=lambda u: u.duration)
-    wav = load_audio(utt.path)
-    n = wav.shape[-1] - wav.shape[-1] % 2560
-    with torch.no_grad():
-        an = analyse(ck.modules, ck.modules["features"](wav[None, :n]))
-    enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n)
-    sem, pro, spk, num = decode_codes(ck.modules, enc.data)
-    assert torch.equal(sem, an.sem.codes) and torch.equal(pro, an.pro.codes) and torch.equal(spk, an.spk.codes)
-    assert num == sem.shape[1] * 640 <= n
-    # Real size: payload within 1 % of the entropy estimate plus the coder's final flush, cut to whole bytes.
-    assert enc.payload_bits <= enc.estimate_bits * 1.01 + 24
+    codes = codec.encode(load_audio(utt.path))
+    enc = codec.to_bytes(codes)
+    back = codec.from_bytes(enc.data)
+    assert torch.equal(back.sem, codes.sem) and torch.equal(back.pro, codes.pro) and torch.equal(back.spk, codes.spk)
+    assert back.num_samples == codes.num_samples
+    # Real size: payload within 1 % of the quantised-table bits plus the coder's final flush, cut to whole bytes.
+    assert enc.payload_bits <= enc.quantized_bits * 1.01 + 24
     assert len(enc.data) * 8 == enc.header_bits + enc.payload_bits
-    with pytest.raises(BitstreamError, match="truncated"):
-        decode_codes(ck.modules, enc.data[:-7])
-    flipped = bytearray(enc.data)
-    flipped[len(flipped) // 2] ^= 0xFF
-    with pytest.raises(BitstreamError, match="corrupted"):
-        decode_codes(ck.modules, bytes(flipped))
+    with pytest.raises(BitstreamError, match="truncated|corrupted"):
+        codec.from_bytes(enc.data[:-7])
     # adapt shares the baseline's frozen quantizers and entropy model, so its model id is the same; another model is
     # one whose code-defining weights differ.
-    other = load_codec(str(pipeline / "adapt"))
-    decode_codes(other.modules, enc.data)
+    other = Codec.from_checkpoint(str(pipeline / "adapt"), use_pipeline=False)
+    other.from_bytes(enc.data)
     with torch.no_grad():
-        next(other.modules["sem_quantizer"].parameters()).add_(0.01)
+        next(other.components["sem_quantizer"].parameters()).add_(0.01)
     with pytest.raises(BitstreamError, match="another model"):
-        decode_codes(other.modules, enc.data)
+        other.from_bytes(enc.data)
+
+
+def test_decoder_side_loads_no_ssl_and_checks_the_flow(pipeline, corpus_dir):
+    codec = Codec.from_checkpoint(str(pipeline / "adapt"))
+    assert codec.has("fuser", "flow", "vocoder") and not codec.has("ssl") and not codec.has("student_ssl")
+    wav = load_audio(read_manifest(corpus_dir / "val.jsonl")[0].path)
+    data = codec.to_bytes(codec.encode(wav)).data
+    fresh = Codec.from_checkpoint(str(pipeline / "adapt"))
+    out = fresh.decode(fresh.from_bytes(data))
+    assert not fresh.has("student_ssl") and out.shape[0] == 1 and torch.isfinite(out).all()
+    # a flow that reads another code language is refused, naming both checkpoints
+    meta_path = next((pipeline / "flow" / "checkpoints").glob("step_*")) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    bad = {**meta, "fingerprints": {**meta["fingerprints"], "sem_quantizer": "0" * 64}}
+    meta_path.write_text(json.dumps(bad))
+    try:
+        with pytest.raises(SirenError, match="another code language"):
+            Codec.from_checkpoint(str(pipeline / "adapt"))
+    finally:
+        meta_path.write_text(json.dumps(meta))
+
+
+DECODE_ELSEWHERE = """
+import sys, torch
+torch.set_num_threads(2)
+import siren
+codec = siren.Codec.from_checkpoint(sys.argv[1], use_pipeline=False)
+codes = codec.from_bytes(open(sys.argv[2], "rb").read())
+torch.save({"sem": codes.sem, "pro": codes.pro, "spk": codes.spk}, sys.argv[3])
+"""
+
+
+def test_decode_in_another_process_with_two_threads(pipeline, corpus_dir, tmp_path, subprocess_env):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codec = Codec.from_checkpoint(str(pipeline / "adapt"), use_pipeline=False)
+        codes = codec.encode(load_audio(read_manifest(corpus_dir / "val.jsonl")[1].path))
+        (tmp_path / "x.siren").write_bytes(codec.to_bytes(codes).data)
+    finally:
+        torch.set_num_threads(threads)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DECODE_ELSEWHERE,
+            str(pipeline / "adapt"),
+            str(tmp_path / "x.siren"),
+            str(tmp_path / "c.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**subprocess_env, "OMP_NUM_THREADS": "2"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "c.pt")
+    assert torch.equal(got["sem"], codes.sem) and torch.equal(got["pro"], codes.pro)
+    assert torch.equal(got["spk"], codes.spk)
+
+
+def test_readme_snippet_runs(pipeline, corpus_dir, tmp_path, monkeypatch):
+    """The README's Python example, extracted verbatim, round-trips a wav file."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- codec-api -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README.md has no python block after <!-- codec-api -->"
+    utt = read_manifest(corpus_dir / "val.jsonl")[0]
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "adapt").symlink_to(pipeline / "adapt")
+    shutil.copy(utt.path, tmp_path / "speech.wav")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    y, sr = sf.read(tmp_path / "decoded.wav")
+    assert sr == 16000 and len(y) > 0 and np.isfinite(y).all() and np.abs(y).max() > 0
 
 
 def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
@@ -214,6 +284,32 @@ def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
     )
     assert r.returncode == 2 and "not a SIREN bitstream" in r.stderr
     assert not (tmp_path / "z.wav").exists()
+    # batch form: a directory and a file in, one bad file listed, the rest written, exit code 1
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    utts = read_manifest(corpus_dir / "val.jsonl")[:2]
+    shutil.copy(utts[0].path, src / "a.wav")
+    shutil.copy(utts[1].path, src / "sub" / "b.wav")
+    (src / "broken.wav").write_bytes(b"not audio")
+    cmd = [sys.executable, "-m", "siren"]
+    r = subprocess.run(
+        [*cmd, "encode", str(src), "--out", str(tmp_path / "enc"), "--checkpoint", str(pipeline / "adapt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env,
+    )
+    assert r.returncode == 1 and "1 of 3 files failed" in r.stderr and "broken.wav" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "enc" / "a.siren").is_file() and (tmp_path / "enc" / "sub" / "b.siren").is_file()
+    r = subprocess.run(
+        [*cmd, "decode", str(tmp_path / "enc"), "--out", str(tmp_path / "dec")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "dec" / "a.wav").is_file() and (tmp_path / "dec" / "sub" / "b.wav").is_file()
 
 
 def test_profile_cli(pipeline, corpus_dir, tmp_path, subprocess_env):

@@ -1,20 +1,28 @@
 """The real bitstream (DESIGN §11): a small header + semantic/prosody codes range-coded with the entropy model.
 
-File layout (little endian), 13 bytes + speaker codes of overhead::
+File layout (version 3, little endian)::
 
-    magic "SR" | version u8 | model id (4 bytes) | n_sem u16 | spk codes (groups × ceil(log2 K) bits, byte-padded)
-    | payload (range-coder bytes) | crc32 u32 over all previous bytes
-
-The payload is constriction's range-coder output (u32 words, most significant byte first) cut to the shortest byte
-string that still decodes to the same codes when the reader pads it with zero bytes to whole words. The encoder checks
-this by decoding each candidate; it saves about 14 of the 16 bits that whole words cost per file.
+    magic "SR" | version u8 | model id (4 bytes) | n_sem (LEB128 varint) | symbol hash (4 bytes)
+    | spk codes (groups × ceil(log2 K) bits, byte-padded) | payload (range-coder bytes) | crc32 u32 over all before
 
 Everything else is derived: levels and codebook sizes from the model, prosody frames = n_sem / 4 (the factorizer cuts
-to whole 8-frame blocks), samples = n_sem × 640.
+to whole 8-frame blocks), samples = n_sem × the semantic hop.
+
+Determinism. Both sides get next-frame logits from the same incremental path (`EntropyModel.coder`, a key/value
+cache: linear in length). The logits become an integer frequency table by rounding their distance to the maximum onto
+a grid of LOGIT_STEP nats and looking the grid index up in a fixed integer table, so a float difference far below the
+grid step (another thread count, CPU or GPU) changes nothing unless a logit sits right on a rounding boundary. In that
+rare case the decoded codes differ, and the symbol hash (blake2b over the frame count, speaker, semantic and prosody
+codes) makes the decode raise instead of returning wrong audio. The CRC catches damaged files before any decoding.
 
 The model id is sha256 over the fingerprints of the quantizers and the entropy model — the components that define the
-"code language" — so a file made by another model is rejected, never decoded into garbage. Probabilities come from the
-entropy model one frame at a time (`next_probs` on the prefix), identically at encode and decode time.
+"code language" — so a file made by another model is rejected, never decoded into garbage.
+
+The payload is constriction's range-coder output (u32 words, most significant byte first) cut to the shortest byte
+string that still decodes to the same codes when the reader pads it with zero bytes to whole words.
+
+Versions: 1 stored whole little-endian words; 2 had byte-granular payloads but float probabilities, recomputed the
+entropy model on the whole prefix for every frame and had no symbol hash. Both are refused by name.
 """
 
 from __future__ import annotations
@@ -22,11 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,26 +42,76 @@ from siren.errors import SirenError
 from siren.models.io import fingerprint
 
 MAGIC = b"SR"
-VERSION = 2  # 2: byte-granular payload (1 stored whole little-endian words)
-_HEAD = struct.Struct("<2sB4sH")
-SEM_HOP = 640
+VERSION = 3
+OLD_VERSIONS = {
+    1: "version 1 (whole-word payloads, float probabilities)",
+    2: "version 2 (float probabilities recomputed over the whole prefix, no symbol hash)",
+}
+_HEAD = struct.Struct("<2sB4s")
+HASH_BYTES = 4
+SEM_PER_PRO = 4  # semantic frames per prosody frame (25 Hz / 6.25 Hz)
+
+# Probability quantisation: logits relative to their maximum, rounded to LOGIT_STEP nats, floored at −LOGIT_RANGE nats;
+# the frequency of grid index j is round(2^FREQ_BITS · exp(−j · LOGIT_STEP)), at least 1.
+LOGIT_STEP = 1.0 / 8
+LOGIT_RANGE = 16.0
+FREQ_BITS = 20
+_FREQ_TABLE = np.maximum(
+    1, np.rint(2.0**FREQ_BITS * np.exp(-np.arange(int(LOGIT_RANGE / LOGIT_STEP) + 1) * LOGIT_STEP))
+).astype(np.int64)
 
 
 class BitstreamError(SirenError):
-    """A .siren file that is truncated, corrupted, or was made by another model."""
+    """A .siren file that is truncated, corrupted, was made by another model, or did not decode to its own hash."""
 
 
 def model_id(modules: dict[str, nn.Module]) -> bytes:
-    fps = {n: fingerprint(modules[n]) for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")}
-    return hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:4]
+    """4 bytes of sha256 over the code-defining components' fingerprints. Hashing the weights costs tens of ms, so
+    the id is kept on the entropy model together with the weight versions it was computed for (any in-place update
+    of a parameter bumps its version, so a changed model is never served a stale id)."""
+    names = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
+    key = tuple((n, p.data_ptr(), p._version) for n in names for p in modules[n].parameters())
+    cached = getattr(modules["entropy_model"], "_siren_model_id", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fps = {n: fingerprint(modules[n]) for n in names}
+    mid = hashlib.sha256(json.dumps(fps, sort_keys=True).encode()).digest()[:4]
+    modules["entropy_model"]._siren_model_id = (key, mid)
+    return mid
+
+
+def quantized_probs(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """logits (L, K) → (L, K) float64 probabilities that are exact ratios of integer frequencies (see module doc)."""
+    lg = np.asarray(logits, dtype=np.float64)
+    rel = (lg.max(-1, keepdims=True) - lg) / LOGIT_STEP
+    idx = np.minimum(np.rint(rel), len(_FREQ_TABLE) - 1).astype(np.int64)
+    freq = _FREQ_TABLE[idx]
+    return freq / freq.sum(-1, keepdims=True)
+
+
+def symbol_hash(n_sem: int, spk: torch.Tensor, sem: torch.Tensor, pro: torch.Tensor) -> bytes:
+    h = hashlib.blake2b(digest_size=HASH_BYTES)
+    h.update(struct.pack("<I", n_sem))
+    for t in (spk, sem, pro):
+        h.update(t.detach().to("cpu", torch.int32).contiguous().numpy().astype("<i4").tobytes())
+    return h.digest()
+
+
+def check_symbol_hash(want: bytes, got: bytes) -> None:
+    if want != got:
+        raise BitstreamError(
+            "the decoded codes do not match the file's symbol hash: the file is damaged, or this machine computes the "
+            "entropy model's probabilities differently from the encoding machine (no audio was produced)"
+        )
 
 
 @dataclass
 class Encoded:
     data: bytes
-    header_bits: int  # everything but the payload (header, speaker codes, length, crc)
+    header_bits: int  # everything but the payload (header, speaker codes, length, hash, crc)
     payload_bits: int
-    estimate_bits: float  # −log2 p of the coded symbols under the same probabilities
+    estimate_bits: float  # −log2 p of the coded symbols under the entropy model's float probabilities
+    quantized_bits: float  # −log2 p under the integer frequency tables actually coded with
     seconds: float
 
     @property
@@ -68,10 +124,32 @@ class Encoded:
 
 
 def _stream_probs(entropy_model: nn.Module, stream: str, codes: torch.Tensor, t: int) -> np.ndarray:
-    """Probabilities (L, K) for frame t given frames < t of `codes` (1, T, L)."""
-    with torch.no_grad():
-        p = entropy_model.next_probs(stream, codes[:, :t])[0].double().cpu().numpy()
-    return p / p.sum(-1, keepdims=True)
+    """Quantised probabilities (L, K) for frame t of `codes` (1, T, L), recomputed from scratch (a reference: O(t))."""
+    c = entropy_model.coder(stream)
+    for i in range(t):
+        c.push(codes[:, i])
+    return quantized_probs(c.logits()[0].cpu())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, off: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if off >= len(data) or shift > 35:
+            raise BitstreamError("bitstream header is truncated or corrupted (frame count)")
+        b = data[off]
+        n |= (b & 0x7F) << shift
+        off, shift = off + 1, shift + 7
+        if not b & 0x80:
+            return n, off
 
 
 def encode_codes(
@@ -83,26 +161,39 @@ def encode_codes(
     sample_rate: int = 16000,
 ) -> Encoded:
     """sem (1, Ts, L), pro (1, Tp = Ts / 4, L), spk (1, G) → bytes. `num_samples` (the input's length) only sets the
-    duration that bit/s figures are computed over; the decoder renders Ts × 640 samples."""
+    duration that bit/s figures are computed over; the decoder renders Ts × (semantic hop) samples."""
     import constriction
 
+    if sem.shape[0] != 1 or pro.shape[0] != 1 or spk.shape[0] != 1:
+        raise ValueError(
+            f"encode_codes takes one utterance, got batches of {sem.shape[0]}/{pro.shape[0]}/{spk.shape[0]}"
+        )
+    if pro.shape[1] * SEM_PER_PRO != sem.shape[1]:
+        raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
     fam = constriction.stream.model.Categorical(perfect=False)
     enc = constriction.stream.queue.RangeEncoder()
     em = modules["entropy_model"]
-    estimate = 0.0
+    estimate = quantized = 0.0
     coded: list[tuple[np.ndarray, np.ndarray]] = []  # (probs, symbols) per frame, in coding order
-    for stream, codes in (("sem", sem), ("pro", pro)):
-        for t in range(codes.shape[1]):
-            probs = _stream_probs(em, stream, codes, t)
-            symbols = codes[0, t].cpu().numpy().astype(np.int32)
-            enc.encode(symbols, fam, probs)
-            coded.append((probs, symbols))
-            estimate -= float(np.log2(probs[np.arange(len(symbols)), symbols]).sum())
+    with torch.no_grad():
+        for stream, codes in (("sem", sem), ("pro", pro)):
+            coder = em.coder(stream)
+            codes = codes.to(next(em.parameters()).device)
+            for t in range(codes.shape[1]):
+                logits = coder.logits()[0].cpu()
+                probs = quantized_probs(logits)
+                symbols = codes[0, t].cpu().numpy().astype(np.int32)
+                enc.encode(symbols, fam, probs)
+                coded.append((probs, symbols))
+                rows = np.arange(len(symbols))
+                estimate -= float(torch.log_softmax(logits.double(), -1).numpy()[rows, symbols].sum()) / math.log(2)
+                quantized -= float(np.log2(probs[rows, symbols]).sum())
+                if t + 1 < codes.shape[1]:
+                    coder.push(codes[:, t])
     payload = _shortest_payload(enc.get_compressed().astype(">u4").tobytes(), coded)
-    if pro.shape[1] * 4 != sem.shape[1]:
-        raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
     K_spk = modules["spk_quantizer"].codebook_size
-    head = _HEAD.pack(MAGIC, VERSION, model_id(modules), sem.shape[1])
+    n_sem = sem.shape[1]
+    head = _HEAD.pack(MAGIC, VERSION, model_id(modules)) + _varint(n_sem) + symbol_hash(n_sem, spk, sem, pro)
     body = head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + payload
     data = body + struct.pack("<I", zlib.crc32(body))
     return Encoded(
@@ -110,49 +201,74 @@ def encode_codes(
         header_bits=8 * (len(data) - len(payload)),
         payload_bits=8 * len(payload),
         estimate_bits=estimate,
+        quantized_bits=quantized,
         seconds=num_samples / sample_rate,
     )
 
 
-def decode_codes(modules: dict[str, nn.Module], data: bytes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), samples the codes cover (Ts × 640).
-    Raises BitstreamError on any inconsistency."""
-    import constriction
-
-    if len(data) < _HEAD.size + 4:
-        raise BitstreamError(f"file is truncated: {len(data)} bytes, shorter than the {_HEAD.size + 4}-byte frame")
-    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-    magic, version, mid, n_sem = _HEAD.unpack_from(body)
+def read_header(data: bytes) -> dict:
+    """Magic, version, CRC and the fixed fields; raises BitstreamError naming the problem."""
+    if len(data) < _HEAD.size + 1 + HASH_BYTES + 4:
+        raise BitstreamError(f"file is truncated: {len(data)} bytes, shorter than the smallest header")
+    magic, version, mid = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError(f"not a SIREN bitstream (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
-        raise BitstreamError(f"bitstream version {version} is not supported (this SIREN reads version {VERSION})")
+        old = OLD_VERSIONS.get(version)
+        what = f"an old SIREN bitstream, {old}" if old else f"bitstream version {version}"
+        raise BitstreamError(f"this is {what}; this SIREN reads version {VERSION} only: re-encode the audio")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise BitstreamError("bitstream is corrupted or truncated (CRC mismatch)")
+    n_sem, off = _read_varint(body, _HEAD.size)
+    h = body[off : off + HASH_BYTES]
+    return {"model_id": mid, "n_sem": n_sem, "hash": h, "offset": off + HASH_BYTES, "body": body}
+
+
+def decode_codes(
+    modules: dict[str, nn.Module], data: bytes, sem_hop: int = 640
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), samples the codes cover (Ts × sem_hop).
+    Raises BitstreamError on any inconsistency, including codes that do not match the file's symbol hash."""
+    import constriction
+
+    hd = read_header(data)
+    body, n_sem = hd["body"], hd["n_sem"]
+    if hd["model_id"] != model_id(modules):
+        raise BitstreamError(
+            f"bitstream was made by another model (model id {hd['model_id'].hex()}, "
+            f"this checkpoint is {model_id(modules).hex()})"
+        )
+    if n_sem % SEM_PER_PRO:
+        raise BitstreamError(f"bitstream header is corrupted: {n_sem} semantic frames is not a multiple of 4")
     l_sem, l_pro = modules["sem_quantizer"].num_levels, modules["pro_quantizer"].num_levels
     groups = modules["spk_quantizer"].num_codebooks
-    n_pro, num_samples = n_sem // 4, n_sem * SEM_HOP
-    if mid != model_id(modules):
-        raise BitstreamError(
-            f"bitstream was made by another model (model id {mid.hex()}, this checkpoint is {model_id(modules).hex()})"
-        )
     K_spk = modules["spk_quantizer"].codebook_size
     nbits = max(1, math.ceil(math.log2(K_spk)))
-    off = _HEAD.size
+    off = hd["offset"]
     spk_bytes = math.ceil(groups * nbits / 8)
-    spk = _unpack_bits(body[off : off + spk_bytes], nbits, groups)
+    spk = torch.tensor([_unpack_bits(body[off : off + spk_bytes], nbits, groups)], dtype=torch.long)
     off += spk_bytes
-    dec = constriction.stream.queue.RangeDecoder(_words(body[off:]))
     fam = constriction.stream.model.Categorical(perfect=False)
     em = modules["entropy_model"]
+    dev = next(em.parameters()).device
     out = {}
-    for stream, n, L in (("sem", n_sem, l_sem), ("pro", n_pro, l_pro)):
-        codes = torch.zeros(1, n, L, dtype=torch.long)
-        for t in range(n):
-            probs = _stream_probs(em, stream, codes, t)
-            codes[0, t] = torch.from_numpy(np.asarray(dec.decode(fam, probs), dtype=np.int64))
-        out[stream] = codes
-    return out["sem"], out["pro"], torch.tensor([spk], dtype=torch.long), num_samples
+    try:
+        dec = constriction.stream.queue.RangeDecoder(_words(body[off:]))
+        with torch.no_grad():
+            for stream, n, L in (("sem", n_sem, l_sem), ("pro", n_sem // SEM_PER_PRO, l_pro)):
+                codes = torch.zeros(1, n, L, dtype=torch.long)
+                coder = em.coder(stream)
+                for t in range(n):
+                    probs = quantized_probs(coder.logits()[0].cpu())
+                    codes[0, t] = torch.from_numpy(np.asarray(dec.decode(fam, probs), dtype=np.int64))
+                    if t + 1 < n:
+                        coder.push(codes[:, t].to(dev))
+                out[stream] = codes
+    except (ValueError, RuntimeError, AssertionError) as exc:  # constriction rejects a stream it cannot read
+        raise BitstreamError(f"the payload cannot be decoded ({exc}); the file is damaged") from exc
+    check_symbol_hash(hd["hash"], symbol_hash(n_sem, spk, out["sem"], out["pro"]))
+    return out["sem"], out["pro"], spk, n_sem * sem_hop
 
 
 def _words(payload: bytes) -> np.ndarray:
@@ -202,117 +318,3 @@ def _pack_bits(values: list[int], nbits: int) -> bytes:
 def _unpack_bits(data: bytes, nbits: int, n: int) -> list[int]:
     acc = int.from_bytes(data, "little")
     return [(acc >> (i * nbits)) & ((1 << nbits) - 1) for i in range(n)]
-
-
-# ------------------------------------------------------------------------------------------------------- checkpoints
-ENCODER_PARTS = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"]
-
-
-def load_codec(uri: str, *, with_decoder: bool = False):
-    """Modules needed to encode (features + analysis + entropy model) from a codec or adapt checkpoint."""
-    from siren.artifacts import resolve_checkpoint
-    from siren.train.checkpoint import read_meta
-    from siren.train.stages.common import load_checkpoint
-
-    meta = read_meta(resolve_checkpoint(uri))
-    feat = "student_ssl" if meta["stage"] == "adapt" else "ssl"
-    if meta["stage"] not in ("adapt", "codec"):
-        raise SirenError(f"{uri} is a {meta['stage']!r} checkpoint; encode/decode need a codec or adapt checkpoint")
-    names = [feat, *ENCODER_PARTS] + (["decoder"] if with_decoder else [])
-    ck = load_checkpoint(uri, names)
-    for m in ck.modules.values():
-        m.eval().requires_grad_(False)
-    ck.modules["features"] = ck.modules[feat]
-    return ck
-
-
-def _model_registry() -> Path:
-    from siren.artifacts import artifact_cache_dir
-
-    return artifact_cache_dir() / "models"
-
-
-def encode_file(wav_path: str, out_path: str, uri: str) -> Encoded:
-    from siren.data.audio import load_audio
-    from siren.train.stages.common import analyse
-
-    ck = load_codec(uri)
-    wav = load_audio(wav_path, ck.cfg.audio.sample_rate)
-    n = wav.shape[-1] - wav.shape[-1] % 2560
-    if n < 2560:
-        raise SirenError(f"{wav_path} is too short to encode: {wav.shape[-1]} samples, need at least 2560 (0.16 s)")
-    with torch.no_grad():
-        an = analyse(ck.modules, ck.modules["features"](wav[None, :n]))
-    # The model registry lets `siren decode` find the checkpoint from the file's model id alone.
-    enc = encode_codes(ck.modules, an.sem.codes, an.pro.codes, an.spk.codes, n, ck.cfg.audio.sample_rate)
-    reg = _model_registry()
-    reg.mkdir(parents=True, exist_ok=True)
-    (reg / f"{model_id(ck.modules).hex()}.json").write_text(json.dumps({"checkpoint": str(ck.path)}))
-    tmp = Path(out_path).with_name(Path(out_path).name + ".tmp")
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(enc.data)
-    os.replace(tmp, out_path)
-    return enc
-
-
-def checkpoint_for(data: bytes) -> str:
-    if len(data) < _HEAD.size or data[:2] != MAGIC:
-        raise BitstreamError("not a SIREN bitstream")
-    mid = _HEAD.unpack_from(data)[2].hex()
-    p = _model_registry() / f"{mid}.json"
-    if not p.is_file():
-        raise BitstreamError(f"no local checkpoint is known for model id {mid}; pass --checkpoint URI")
-    return json.loads(p.read_text())["checkpoint"]
-
-
-def decode_file(
-    in_path: str, out_path: str, uri: str | None = None, flow_uri: str | None = None, vocoder_uri: str | None = None
-) -> dict:
-    from siren.data.audio import save_audio
-    from siren.train.stages.common import load_checkpoint
-
-    data = Path(in_path).read_bytes()
-    uri = uri or checkpoint_for(data)
-    ck = load_codec(uri, with_decoder=True)
-    sem, pro, spk, num_samples = decode_codes(ck.modules, data)
-    q = ck.modules
-    lat = (
-        q["sem_quantizer"].decode_codes(sem),
-        q["pro_quantizer"].decode_codes(pro),
-        q["spk_quantizer"].decode_codes(spk),
-    )
-    flow_uri = flow_uri or ck.cfg.pipeline.flow
-    vocoder_uri = vocoder_uri or ck.cfg.pipeline.vocoder
-    if not vocoder_uri:
-        raise SirenError("decoding to audio needs a vocoder: pass --pipeline-vocoder URI or set pipeline.vocoder")
-    vocoder = load_checkpoint(vocoder_uri, ["vocoder"]).modules["vocoder"].eval()
-    with torch.no_grad():
-        if flow_uri:
-            fl = load_checkpoint(flow_uri, ["fuser", "flow"]).modules
-            g = torch.Generator().manual_seed(0)
-            mel = fl["flow"].sample(
-                fl["fuser"].eval()(*lat), steps=ck.cfg.flow.steps, solver=ck.cfg.flow.solver, generator=g
-            )
-            path = "fuser+flow"
-        else:
-            mel = q["decoder"](*lat)
-            path = "decoder head (no pipeline.flow)"
-        wav = vocoder(mel)[0, :num_samples]
-    save_audio(out_path, wav, ck.cfg.audio.sample_rate)
-    return {"samples": num_samples, "mel_path": path, "checkpoint": str(ck.path)}
-
-
-def encode_cli(args) -> int:
-    enc = encode_file(args.input, args.output, args.checkpoint)
-    print(
-        f"{args.output}: {len(enc.data)} bytes for {enc.seconds:.2f} s = {enc.bps:.1f} bit/s "
-        f"(payload {enc.payload_bps:.1f} bit/s, entropy-model estimate {enc.estimate_bits / enc.seconds:.1f} bit/s, "
-        f"header {enc.header_bits} bits)"
-    )
-    return 0
-
-
-def decode_cli(args) -> int:
-    info = decode_file(args.input, args.output, args.checkpoint, args.pipeline_flow, args.pipeline_vocoder)
-    print(f"{args.output}: {info['samples']} samples via {info['mel_path']} ({info['checkpoint']})")
-    return 0

@@ -1,36 +1,95 @@
-"""The assembled codec: features → factorizer → quantizers → codes, and codes → (fuser → flow | decoder) → vocoder."""
+"""The assembled codec (DESIGN §20): wav → codes → bytes → codes → wav, from checkpoint URIs.
+
+Encoder side: features (SSL teacher for a `codec` checkpoint, TinyHubert student for an `adapt` one) → factorizer →
+quantizers; the entropy model range-codes the codes (`siren.coding.bitstream`). Decoder side: dequantize → fuser →
+flow → vocoder, or the training-time decoder head when no flow checkpoint is given. The decoder side never loads the
+SSL model: features are built on the first `encode`.
+
+    codec = Codec.from_checkpoint("runs/demo/adapt")
+    codes = codec.encode(wav)                # wav (N,) or (B, N) at codec.sample_rate
+    wav_hat = codec.decode(codes)            # (B, N')
+
+Long inputs are analysed in overlapping chunks (`max_chunk_seconds`), so memory does not grow with the square of
+the length through the attention layers of the feature extractor and factorizer.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from siren.models.builders import PRO, SEM, SPK
-from siren.models.quantizers import QuantizedResult
+from siren.errors import SirenError
+from siren.models.builders import PRO_DOWNSAMPLE, SEM_DOWNSAMPLE
+
+log = logging.getLogger("siren")
+FLOW_SEED = 0  # flow noise for decoding: fixed, from its own generator, so a decode is reproducible
+ANALYSIS_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
+CODE_LANGUAGE = ("sem_quantizer", "pro_quantizer", "spk_quantizer")
+SEM_PER_PRO = PRO_DOWNSAMPLE // SEM_DOWNSAMPLE
 
 
 @dataclass
 class Codes:
-    """sem (B, Ts, L) long at 25 Hz, pro (B, Tp, L) long at 6.25 Hz, spk (B, G) long per utterance."""
+    """One batch of coded utterances.
+
+    sem (B, Ts, L) long at the semantic rate, pro (B, Tp, L) long at the prosody rate (Tp = Ts / 4), spk (B, G) long
+    per utterance; sem_frames (B,) valid semantic frames per item (the rest is padding); sample_rate and sem_hop give
+    the time axis: item i covers sem_frames[i] × sem_hop samples.
+    """
 
     sem: torch.Tensor
     pro: torch.Tensor
     spk: torch.Tensor
+    sem_frames: torch.Tensor
+    sample_rate: int
+    sem_hop: int
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.sem.shape[0]
+
+    @property
+    def num_samples(self) -> list[int]:
+        return [int(n) * self.sem_hop for n in self.sem_frames.tolist()]
+
+    def item(self, i: int) -> Codes:
+        """The i-th utterance alone, cut to its valid frames."""
+        n = int(self.sem_frames[i])
+        return Codes(
+            sem=self.sem[i : i + 1, :n],
+            pro=self.pro[i : i + 1, : n // SEM_PER_PRO],
+            spk=self.spk[i : i + 1],
+            sem_frames=self.sem_frames[i : i + 1],
+            sample_rate=self.sample_rate,
+            sem_hop=self.sem_hop,
+        )
+
+    def split(self) -> list[Codes]:
+        return [self.item(i) for i in range(len(self))]
 
 
 class Codec(nn.Module):
-    """Holds registry components in `self.components` (an nn.ModuleDict) and runs the encode/decode paths."""
+    """Registry components in `self.components` (an nn.ModuleDict) plus the frame geometry they imply.
+
+    Build it with `Codec.from_checkpoint` (or directly from modules, for tests and training-time renders).
+    """
 
     def __init__(
         self,
         components: dict[str, nn.Module],
         *,
+        sample_rate: int,
+        hop_length: int,
         feature_extractor: str = "ssl",
         flow_steps: int = 8,
-        flow_solver: Literal["euler", "midpoint"] = "euler",
+        flow_solver: str = "euler",
+        max_chunk_seconds: float = 30.0,
+        context_seconds: float = 1.28,
+        features_loader=None,
+        source: dict | None = None,
     ):
         super().__init__()
         if feature_extractor not in ("ssl", "student_ssl"):
@@ -38,60 +97,278 @@ class Codec(nn.Module):
         self.components = nn.ModuleDict(components)
         self.feature_extractor = feature_extractor
         self.flow_steps, self.flow_solver = flow_steps, flow_solver
+        self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
+        self.sem_hop = self.hop_length * SEM_DOWNSAMPLE
+        self.pro_hop = self.hop_length * PRO_DOWNSAMPLE
+        self.max_chunk_seconds, self.context_seconds = max_chunk_seconds, context_seconds
+        self._features_loader = features_loader  # builds the feature extractor on first use (decode never needs it)
+        self.source = source or {}
+
+    # ------------------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_checkpoint(
+        cls,
+        uri: str,
+        flow: str | None = None,
+        vocoder: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        use_pipeline: bool = True,
+    ) -> Codec:
+        """A codec from a `codec` or `adapt` checkpoint URI (step dir, run dir, or `wandb:` artifact).
+
+        `flow` (fuser + flow) and `vocoder` default to the checkpoint's own `pipeline.flow` / `pipeline.vocoder` when
+        `use_pipeline`; without a flow the decoder head renders the mel. The flow checkpoint must read the codes of
+        these quantizers (same fingerprints), or this raises naming both checkpoints.
+        """
+        from siren.artifacts import resolve_checkpoint
+        from siren.train.checkpoint import available_components, read_meta
+        from siren.train.stages.common import load_checkpoint
+
+        path = resolve_checkpoint(uri)
+        meta = read_meta(path)
+        if meta["stage"] not in ("adapt", "codec"):
+            raise SirenError(
+                f"{uri} is a {meta['stage']!r} checkpoint; a codec is built from a codec or adapt checkpoint"
+            )
+        names = [*ANALYSIS_PARTS, "entropy_model"]
+        if "decoder" in available_components(path):
+            names.append("decoder")
+        ck = load_checkpoint(str(path), names)
+        cfg = ck.cfg
+        mods = dict(ck.modules)
+        if use_pipeline:
+            flow = flow or cfg.pipeline.flow
+            vocoder = vocoder or cfg.pipeline.vocoder
+        source = {"checkpoint": str(ck.path), "flow": None, "vocoder": None}
+        if flow:
+            fl = load_checkpoint(flow, ["fuser", "flow"])
+            _check_code_language(mods, fl, str(ck.path))
+            mods.update(fl.modules)
+            source["flow"] = str(fl.path)
+        if vocoder:
+            vc = load_checkpoint(vocoder, ["vocoder"])
+            mods["vocoder"] = vc.modules["vocoder"]
+            source["vocoder"] = str(vc.path)
+        feat = "student_ssl" if meta["stage"] == "adapt" else "ssl"
+
+        def load_features() -> nn.Module:
+            return load_checkpoint(str(path), [feat]).modules[feat]
+
+        codec = cls(
+            mods,
+            sample_rate=cfg.audio.sample_rate,
+            hop_length=cfg.audio.hop_length,
+            feature_extractor=feat,
+            flow_steps=cfg.flow.steps,
+            flow_solver=cfg.flow.solver,
+            features_loader=load_features,
+            source=source,
+        )
+        return codec.to(device).eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.components.parameters()).device
 
     def _need(self, *names: str) -> list[nn.Module]:
         missing = [n for n in names if n not in self.components]
         if missing:
-            raise KeyError(f"codec is missing component(s) {missing}; it has {sorted(self.components)}")
+            raise SirenError(f"codec is missing component(s) {missing}; it has {sorted(self.components)}")
         return [self.components[n] for n in names]
 
+    def has(self, *names: str) -> bool:
+        return all(n in self.components for n in names)
+
+    # -------------------------------------------------------------------------------------------------------- encoder
     def features(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (B, N) → (B, T, D) at 50 Hz from the configured feature extractor."""
-        (fx,) = self._need(self.feature_extractor)
-        return fx(wav)
+        """wav (B, N) → (B, T, D) at the frame rate, from the configured feature extractor (loaded on first use)."""
+        if self.feature_extractor not in self.components:
+            if self._features_loader is None:
+                raise SirenError(f"codec has no {self.feature_extractor} to compute features with")
+            fx = self._features_loader().to(self.device).eval().requires_grad_(False)
+            self.components[self.feature_extractor] = fx
+        return self.components[self.feature_extractor](wav)
 
-    def quantize(self, fact_out) -> dict[str, QuantizedResult]:
-        """FactorizerOutput → {"sem", "pro", "spk"} QuantizedResult."""
-        sq, pq, kq = self._need("sem_quantizer", "pro_quantizer", "spk_quantizer")
-        return {SEM: sq(fact_out.sem), PRO: pq(fact_out.pro), SPK: kq(fact_out.spk)}
+    def analyse(self, feats: torch.Tensor):
+        """feats (B, T, D) → Analysis (factorizer output + sem/pro/spk QuantizedResult)."""
+        from siren.train.stages.common import Analysis
 
-    def encode(self, wav: torch.Tensor) -> Codes:
-        """wav (B, N) → Codes."""
-        (fact,) = self._need("factorizer")
-        q = self.quantize(fact(self.features(wav)))
-        return Codes(sem=q[SEM].codes, pro=q[PRO].codes, spk=q[SPK].codes)
+        fact_m, sq, pq, kq = self._need(*ANALYSIS_PARTS)
+        fact = fact_m(feats)
+        return Analysis(fact=fact, sem=sq(fact.sem), pro=pq(fact.pro), spk=kq(fact.spk))
 
+    def prepare(self, wav: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,), (B, N) or a list of (N_i,) → wav (B, N_max) zero-padded, lengths (B,) cut to whole prosody frames."""
+        items = list(wav) if isinstance(wav, (list, tuple)) or wav.dim() == 2 else [wav]
+        if not items:
+            raise ValueError("encode got no audio")
+        lengths = []
+        for i, w in enumerate(items):
+            if w.dim() != 1:
+                raise ValueError(f"audio item {i}: expected (N,) samples, got shape {tuple(w.shape)}")
+            n = w.shape[0] - w.shape[0] % self.pro_hop
+            if n < self.pro_hop:
+                raise SirenError(
+                    f"audio item {i} is too short to encode: {w.shape[0]} samples, need at least {self.pro_hop} "
+                    f"({self.pro_hop / self.sample_rate:.2f} s)"
+                )
+            if not torch.isfinite(w[:n]).all():
+                raise SirenError(f"audio item {i} contains NaN or infinite samples")
+            lengths.append(n)
+        out = torch.zeros(len(items), max(lengths), device=self.device)
+        for i, (w, n) in enumerate(zip(items, lengths, strict=True)):
+            out[i, :n] = w[:n].to(self.device, torch.float32)
+        return out, torch.tensor(lengths)
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor | list[torch.Tensor]) -> Codes:
+        """wav (N,), (B, N) or a list of (N_i,) at `sample_rate` → Codes. Each item covers the whole prosody frames
+        its features yield (the feature extractor's edge frames are dropped, as in training).
+
+        Items of equal length are analysed as one batch; long items in overlapping chunks (see `analyse_long`).
+        """
+        wav, lengths = self.prepare(wav)
+        B = wav.shape[0]
+        max_chunk = int(self.max_chunk_seconds * self.sample_rate) // self.pro_hop * self.pro_hop
+        if int(lengths.max()) <= max_chunk and bool((lengths == lengths[0]).all()):
+            an = self.analyse(self.features(wav))
+            sem, pro, spk = an.sem.codes, an.pro.codes, an.spk.codes
+            frames = torch.full((B,), sem.shape[1])
+        else:
+            parts = [self.analyse_long(wav[i : i + 1, : int(lengths[i])]) for i in range(B)]
+            ts = max(p[0].shape[1] for p in parts)
+            tp = max(p[1].shape[1] for p in parts)
+            sem = torch.stack([torch.nn.functional.pad(p[0][0], (0, 0, 0, ts - p[0].shape[1])) for p in parts])
+            pro = torch.stack([torch.nn.functional.pad(p[1][0], (0, 0, 0, tp - p[1].shape[1])) for p in parts])
+            spk = torch.cat([p[2] for p in parts])
+            frames = torch.tensor([p[0].shape[1] for p in parts])
+        return Codes(
+            sem=sem.cpu(),
+            pro=pro.cpu(),
+            spk=spk.cpu(),
+            sem_frames=frames,
+            sample_rate=self.sample_rate,
+            sem_hop=self.sem_hop,
+        )
+
+    def analyse_long(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """wav (1, N), N a multiple of the prosody hop → sem, pro, spk codes, analysing chunks of at most
+        `max_chunk_seconds` with `context_seconds` of audio either side that is analysed but not kept. The speaker
+        embedding is the length-weighted mean of the chunks' embeddings, quantized once."""
+        hop = self.pro_hop
+        n = wav.shape[1]
+        core = max(hop, int(self.max_chunk_seconds * self.sample_rate) // hop * hop)
+        ctx = int(self.context_seconds * self.sample_rate) // hop * hop
+        if n <= core:
+            an = self.analyse(self.features(wav))
+            return an.sem.codes, an.pro.codes, an.spk.codes
+        fact_m, sq, pq, kq = self._need(*ANALYSIS_PARTS)
+        sems, pros, spk_sum = [], [], 0.0
+        for start in range(0, n, core):
+            end = min(n, start + core)
+            a, b = max(0, start - ctx), min(n, end + ctx)
+            fact = fact_m(self.features(wav[:, a:b]))
+            s0, s1 = (start - a) // self.sem_hop, (end - a) // self.sem_hop
+            p0, p1 = (start - a) // hop, (end - a) // hop
+            sems.append(fact.sem[:, s0:s1])
+            pros.append(fact.pro[:, p0:p1])
+            spk_sum = spk_sum + fact.spk * (end - start)
+        sem = sq(torch.cat(sems, 1)).codes
+        pro = pq(torch.cat(pros, 1)).codes
+        spk = kq(spk_sum / n).codes
+        return sem, pro, spk
+
+    # ------------------------------------------------------------------------------------------------------ bitstream
+    def _code_modules(self) -> dict[str, nn.Module]:
+        names = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
+        return dict(zip(names, self._need(*names), strict=True))
+
+    def to_bytes(self, codes: Codes):
+        """One utterance's Codes → a .siren bitstream (an `Encoded` with `.data`, sizes and the estimate: see
+        `siren.coding.bitstream`). Batches: `[codec.to_bytes(c) for c in codes.split()]`."""
+        from siren.coding.bitstream import encode_codes
+
+        if len(codes) != 1:
+            raise ValueError(f"to_bytes takes one utterance, got a batch of {len(codes)}: use codes.split()")
+        c = codes.item(0)
+        return encode_codes(
+            self._code_modules(), c.sem, c.pro, c.spk, int(c.sem_frames[0]) * self.sem_hop, self.sample_rate
+        )
+
+    def from_bytes(self, data: bytes) -> Codes:
+        """A .siren bitstream → Codes (batch of 1). Raises BitstreamError if the file is damaged, from another model,
+        or does not decode to its own symbol hash."""
+        from siren.coding.bitstream import decode_codes
+
+        sem, pro, spk, _ = decode_codes(self._code_modules(), bytes(data), self.sem_hop)
+        return Codes(
+            sem=sem,
+            pro=pro,
+            spk=spk,
+            sem_frames=torch.tensor([sem.shape[1]]),
+            sample_rate=self.sample_rate,
+            sem_hop=self.sem_hop,
+        )
+
+    # -------------------------------------------------------------------------------------------------------- decoder
     def dequantize(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes → quantized latents sem (B, Ts, Ds), pro (B, Tp, Dp), spk (B, Dk)."""
         sq, pq, kq = self._need("sem_quantizer", "pro_quantizer", "spk_quantizer")
-        return sq.decode_codes(codes.sem), pq.decode_codes(codes.pro), kq.decode_codes(codes.spk)
+        d = self.device
+        return sq.decode_codes(codes.sem.to(d)), pq.decode_codes(codes.pro.to(d)), kq.decode_codes(codes.spk.to(d))
 
-    def decode_mel(
-        self, codes: Codes, steps: int | None = None, generator: torch.Generator | None = None
+    @torch.no_grad()
+    def decode_mel(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> torch.Tensor:
+        """Codes → log-mel (B, n_mels, 2·Ts): fuser + flow when present, else the training-time decoder head."""
+        return self.mel_from_latents(*self.dequantize(codes), steps=steps, seed=seed)
+
+    def mel_from_latents(
+        self, sem: torch.Tensor, pro: torch.Tensor, spk: torch.Tensor, steps: int | None = None, seed: int = FLOW_SEED
     ) -> torch.Tensor:
-        """Codes → log-mel (B, n_mels, 2·Ts) through fuser + flow."""
-        fuser, flow = self._need("fuser", "flow")
-        cond = fuser(*self.dequantize(codes))
-        return flow.sample(
-            cond, steps=self.flow_steps if steps is None else steps, solver=self.flow_solver, generator=generator
+        """Quantized latents → log-mel (B, n_mels, 2·Ts); the one place the mel path is chosen."""
+        if self.has("fuser", "flow"):
+            cond = self.components["fuser"](sem, pro, spk)
+            g = torch.Generator(device=cond.device).manual_seed(seed)
+            return self.components["flow"].sample(
+                cond, steps=steps or self.flow_steps, solver=self.flow_solver, generator=g
+            )
+        if self.has("decoder"):
+            return self.components["decoder"](sem, pro, spk)
+        raise SirenError("decoding needs fuser + flow (a flow checkpoint) or the codec's decoder head; it has neither")
+
+    @property
+    def mel_path(self) -> str:
+        return "fuser+flow" if self.has("fuser", "flow") else "decoder head"
+
+    @torch.no_grad()
+    def decode(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> torch.Tensor:
+        """Codes → wav (B, N) at `sample_rate`, N = max valid samples; items past their length are zero."""
+        (vocoder,) = self._need("vocoder")
+        wav = vocoder(self.decode_mel(codes, steps=steps, seed=seed))
+        n = codes.num_samples
+        wav = wav[:, : max(n)]
+        for i, ni in enumerate(n):
+            wav[i, ni:] = 0
+        return wav
+
+    def bps_nominal(self) -> float:
+        """sem + pro bit/s from the quantizers' layout (speaker bits are per utterance and not included)."""
+        sq, pq = self._need("sem_quantizer", "pro_quantizer")
+        return (
+            self.sample_rate / self.sem_hop * sq.num_levels * sq.bits_per_code
+            + self.sample_rate / self.pro_hop * pq.num_levels * pq.bits_per_code
         )
 
-    def decode(self, codes: Codes, steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Codes → wav (B, 2·Ts·hop) through fuser + flow + vocoder."""
-        (vocoder,) = self._need("vocoder")
-        return vocoder(self.decode_mel(codes, steps=steps, generator=generator))
 
-    def decoder_mel(self, codes: Codes) -> torch.Tensor:
-        """Codes → log-mel (B, n_mels, 2·Ts) through the training-time decoder head."""
-        (decoder,) = self._need("decoder")
-        return decoder(*self.dequantize(codes))
+def _check_code_language(mods: dict[str, nn.Module], flow_ck, codec_path: str) -> None:
+    """The flow checkpoint reads the codes of exactly these quantizers (DESIGN §19), or this raises."""
+    from siren.models.io import fingerprint
 
-    def bps_nominal(self, utterance_seconds: float = 4.0) -> float:
-        """sem + pro bit/s from the quantizers' layout, as `nominal_bps(cfg)["total"]`.
-
-        Speaker bits are per utterance and not part of the total; `utterance_seconds` is kept for symmetry with
-        `builders.nominal_bps` and does not change the result.
-        """
-        sq, pq = self._need("sem_quantizer", "pro_quantizer")
-        frame_rate = 50.0  # SSL/mel frames per second; sem is ÷2, pro ÷8
-        return frame_rate / 2 * sq.num_levels * sq.bits_per_code + frame_rate / 8 * pq.num_levels * pq.bits_per_code
+    recorded = flow_ck.meta.get("fingerprints", {})
+    differ = [n for n in CODE_LANGUAGE if n in recorded and recorded[n] != fingerprint(mods[n])]
+    if differ:
+        raise SirenError(
+            f"the flow checkpoint {flow_ck.path} reads another code language than {codec_path}: "
+            f"{', '.join(differ)} differ; use the flow trained on this codec's codes"
+        )

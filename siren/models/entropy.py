@@ -1,4 +1,12 @@
-"""Entropy model: a small causal transformer LM per code stream; bits per frame and probabilities for the range coder."""
+"""Entropy model: a small causal transformer LM per code stream; bits per frame and probabilities for the range coder.
+
+Positions are rotary (RoPE), so attention depends only on the distance between frames and nothing limits the length of
+a stream. `max_len` is the attention context in frames (the learned BOS included): a frame sees at most the
+`max_len − 1` frames before it. Training segments shorter than that are plain causal attention; longer streams slide
+the window, with the BOS kept as the first entry of every window (so each window looks like the start of a training
+segment). The range coder uses `StreamCoder`: one frame at a time with a key/value cache, linear in the stream length,
+and the same code path at encode and decode time so both see identical probabilities.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,12 @@ from torch import nn
 
 from siren.models.precision import fp32_island
 
+# Version of the entropy model's parameterisation. 1: learned absolute positions (`streams.*.pos.weight`, limited to
+# max_len frames); 2: rotary positions and a sliding context. A version-1 state dict cannot be loaded (see
+# `explain_load_failure`); the codec stage must be retrained (or its entropy model alone, with the rest frozen).
+FORMAT_VERSION = 2
+ROPE_BASE = 10000.0
+
 
 @dataclass
 class EntropyResult:
@@ -22,13 +36,29 @@ class EntropyResult:
     total_bits: dict[str, torch.Tensor]
 
 
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (N,) long → cos, sin (N, head_dim // 2) float32, computed in float64 so large positions stay exact."""
+    half = head_dim // 2
+    inv = ROPE_BASE ** (-torch.arange(half, dtype=torch.float64) / half)
+    ang = positions.to(torch.float64)[:, None] * inv[None]
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., N, head_dim) rotated pairwise (first half, second half) by cos/sin (N, head_dim // 2)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
 class CausalBlock(nn.Module):
-    """Pre-norm transformer block with causal self-attention. x (B, T, D) → (B, T, D)."""
+    """Pre-norm transformer block with causal rotary self-attention. x (B, T, D) → (B, T, D)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"entropy model dim {dim} is not divisible by num_heads {num_heads}")
+        if (dim // num_heads) % 2:
+            raise ValueError(f"entropy model head dim {dim // num_heads} must be even for rotary positions")
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -37,9 +67,10 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout.p if self.training else 0.0
         h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p).transpose(1, 2).reshape(b, t, d)
         x = x + self.dropout(self.proj(h))
@@ -60,33 +91,124 @@ class StreamLM(nn.Module):
         dropout: float,
     ):
         super().__init__()
+        if max_len < 2:
+            raise ValueError(f"entropy model max_len (attention context in frames) must be >= 2, got {max_len}")
         self.codebook_size, self.num_levels, self.max_len = codebook_size, num_levels, max_len
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.embed = nn.ModuleList(nn.Embedding(codebook_size, dim) for _ in range(num_levels))
         self.bos = nn.Parameter(torch.zeros(dim))
-        self.pos = nn.Embedding(max_len, dim)
         self.blocks = nn.ModuleList(CausalBlock(dim, num_heads, dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_levels * codebook_size)
         nn.init.normal_(self.bos, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., L) → (..., D): the sum of the per-level embeddings."""
+        return sum(self.embed[i](codes[..., i]) for i in range(self.num_levels))
 
     def logits_for_next(self, prev: torch.Tensor) -> torch.Tensor:
-        """prev (B, P, L): codes of frames 0..P−1 → logits (B, P+1, L, K) for frames 0..P."""
+        """prev (B, P, L): codes of frames 0..P−1 → logits (B, P+1, L, K) for frames 0..P, all in one pass.
+
+        One pass needs the whole stream inside the context (P + 1 ≤ max_len); longer streams go through `StreamCoder`.
+        """
         b, p, _ = prev.shape
         if p + 1 > self.max_len:
-            raise ValueError(f"entropy model max_len is {self.max_len} frames, got a sequence needing {p + 1}")
+            raise ValueError(
+                f"a {p + 1}-frame stream exceeds the entropy model's max_len of {self.max_len} frames in one pass; "
+                "longer streams are scored frame by frame with a sliding context (eval mode)"
+            )
         x = self.bos.expand(b, 1, -1)
         if p:
-            emb = sum(self.embed[i](prev[..., i]) for i in range(self.num_levels))
-            x = torch.cat([x, emb], dim=1)
-        x = x + self.pos.weight[: p + 1][None]
+            x = torch.cat([x, self.embed_codes(prev)], dim=1)
+        cos, sin = rope_tables(torch.arange(p + 1), self.head_dim)
+        cos, sin = cos.to(x.device), sin.to(x.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cos, sin)
         return self.head(self.norm(x)).view(b, p + 1, self.num_levels, self.codebook_size)
 
 
+class StreamCoder:
+    """Incremental next-frame logits for one stream, with a key/value cache: cost per frame is O(context).
+
+    `logits()` gives (B, L, K) float32 for the next frame; `push(codes (B, L))` appends that frame. The range coder's
+    encoder and decoder both drive this object the same way, so the probabilities they see are computed by the same
+    operations on the same inputs. Inside the context this equals `logits_for_next` up to float rounding. Past it, the
+    window slides as in sliding-window attention: each layer attends to its cached keys/values of the last
+    `max_len − 1` frames plus the BOS, whose key is rotated to the window's start so it keeps its trained distance.
+    """
+
+    def __init__(self, lm: StreamLM, batch: int = 1, device: torch.device | str = "cpu"):
+        self.lm, self.batch = lm, batch
+        self.device = torch.device(device)
+        self.t = 0  # index of the next input token (0 = BOS, token j holds the codes of frame j − 1)
+        n, H, hd = len(lm.blocks), lm.num_heads, lm.head_dim
+        self.slots = lm.max_len - 1  # frame entries in the cache; a ring buffer (attention ignores key order)
+        # Keys are stored rotated at their absolute positions, so a query at position t sees distance t − j.
+        self.k = torch.zeros(n, batch, H, self.slots, hd, device=self.device)
+        self.v = torch.zeros(n, batch, H, self.slots, hd, device=self.device)
+        self.bos_k = torch.zeros(n, batch, H, 1, hd, device=self.device)  # unrotated: re-rotated at each step
+        self.bos_v = torch.zeros(n, batch, H, 1, hd, device=self.device)
+        self.inv_freq = ROPE_BASE ** (-torch.arange(hd // 2, dtype=torch.float64) / (hd // 2))
+        self.scale = 1.0 / math.sqrt(hd)
+        with torch.no_grad():
+            self._next = self._step(lm.bos.to(self.device).expand(batch, -1))
+
+    def logits(self) -> torch.Tensor:
+        return self._next
+
+    @torch.no_grad()
+    def push(self, codes: torch.Tensor) -> None:
+        """codes (B, L) long: the frame whose logits `logits()` just gave."""
+        if codes.shape != (self.batch, self.lm.num_levels):
+            raise ValueError(f"expected codes ({self.batch}, {self.lm.num_levels}), got {tuple(codes.shape)}")
+        self._next = self._step(self.lm.embed_codes(codes.to(self.device)))
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D) input token at index self.t → logits (B, L, K) for the frame after it."""
+        lm, t = self.lm, self.t
+        b, d = x.shape
+        H, hd = lm.num_heads, lm.head_dim
+        # Rotation for this token (position t) and for the BOS at the start of the current window.
+        ang = torch.tensor([t, max(0, t - self.slots)], dtype=torch.float64)[:, None] * self.inv_freq[None]
+        cos, sin = ang.cos().float().to(self.device), ang.sin().float().to(self.device)
+        n_keys = min(t, self.slots)  # frame entries visible after this token is written
+        slot = (t - 1) % self.slots
+        x = x[:, None]  # (B, 1, D)
+        for i, blk in enumerate(lm.blocks):
+            h = F.layer_norm(x, (d,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+            qkv = F.linear(h, blk.qkv.weight, blk.qkv.bias).view(b, 3, H, 1, hd)  # (B, 3, H, 1, hd)
+            if t == 0:  # the BOS attends to itself only (position 0: no rotation)
+                q, k, v = qkv.unbind(1)
+                self.bos_k[i], self.bos_v[i] = k, v
+            else:
+                qk = apply_rope(qkv[:, :2], cos[:1], sin[:1])
+                q, v = qk[:, 0], qkv[:, 2]
+                self.k[i, :, :, slot] = qk[:, 1, :, 0]
+                self.v[i, :, :, slot] = v[:, :, 0]
+                # BOS scored apart so the cache is never copied (cost per step stays O(visible keys)).
+                s_bos = (q * apply_rope(self.bos_k[i], cos[1:], sin[1:])).sum(-1, keepdim=True)
+                s_frames = q @ self.k[i, :, :, :n_keys].transpose(-1, -2)
+                att = torch.softmax(torch.cat([s_bos, s_frames], -1) * self.scale, dim=-1)
+                o = att[..., :1] * self.bos_v[i] + att[..., 1:] @ self.v[i, :, :, :n_keys]
+            if t == 0:
+                o = v  # softmax over a single key
+            o = o.transpose(1, 2).reshape(b, 1, d)
+            x = x + F.linear(o, blk.proj.weight, blk.proj.bias)
+            h = F.layer_norm(x, (d,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            fc1, fc2 = blk.mlp[0], blk.mlp[2]
+            x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        self.t += 1
+        out = F.linear(F.layer_norm(x, (d,), lm.norm.weight, lm.norm.bias, lm.norm.eps), lm.head.weight, lm.head.bias)
+        return out.view(b, lm.num_levels, lm.codebook_size).float()
+
+
 class EntropyModel(nn.Module):
-    """Causal LMs over code streams. `streams` maps name ("sem", "pro") → (codebook_size, num_levels)."""
+    """Causal LMs over code streams. `streams` maps name ("sem", "pro") → (codebook_size, num_levels).
+
+    `max_len` is the attention context in frames (BOS included); stream length is unlimited.
+    """
+
+    format_version = FORMAT_VERSION
 
     def __init__(
         self,
@@ -100,6 +222,7 @@ class EntropyModel(nn.Module):
         super().__init__()
         self.layout = {name: (int(k), int(n)) for name, (k, n) in streams.items()}
         self.dropout = dropout
+        self.max_len = max_len
         self.streams = nn.ModuleDict(
             {name: StreamLM(k, n, dim, num_layers, num_heads, max_len, dropout) for name, (k, n) in self.layout.items()}
         )
@@ -112,15 +235,44 @@ class EntropyModel(nn.Module):
             raise ValueError(f"stream {stream!r}: expected codes (B, T, {lm.num_levels}), got {tuple(codes.shape)}")
         return lm
 
+    def coder(self, stream: str, batch: int = 1) -> StreamCoder:
+        """An incremental next-frame logits source for `stream` (needs eval mode: dropout would break determinism)."""
+        if stream not in self.streams:
+            raise KeyError(f"entropy model has no stream {stream!r}; it has {sorted(self.streams)}")
+        if self.training and self.dropout > 0:
+            raise RuntimeError("the range coder needs deterministic outputs: call entropy_model.eval() first")
+        return StreamCoder(self.streams[stream], batch, next(self.parameters()).device)
+
+    @torch.no_grad()
+    def stream_logits(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T, L) → logits (B, T, L, K) for each frame given the frames before it, frame by frame (any T)."""
+        self._check(stream, codes)
+        c = self.coder(stream, codes.shape[0])
+        out = []
+        for t in range(codes.shape[1]):
+            out.append(c.logits())
+            if t + 1 < codes.shape[1]:
+                c.push(codes[:, t])
+        lm = self.streams[stream]
+        if not out:
+            return codes.new_zeros((codes.shape[0], 0, lm.num_levels, lm.codebook_size), dtype=torch.float32)
+        return torch.stack(out, 1)
+
     @fp32_island
     def forward(self, codes: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor] | None = None) -> EntropyResult:
-        """codes[s] (B, T, L) long; lengths[s] (B,) valid frames (all frames when None)."""
+        """codes[s] (B, T, L) long; lengths[s] (B,) valid frames (all frames when None).
+
+        In eval mode, streams longer than the context are scored frame by frame with the sliding window (no gradient).
+        """
         logits, bits, total_bits = {}, {}, {}
         ce_sum, count = None, 0
         for name, c in codes.items():
             lm = self._check(name, c)
             b, t, n_levels = c.shape
-            lg = lm.logits_for_next(c[:, :-1])  # (B, T, L, K): frame t predicted from frames < t
+            if t > lm.max_len and not self.training:
+                lg = self.stream_logits(name, c)
+            else:
+                lg = lm.logits_for_next(c[:, :-1])  # (B, T, L, K): frame t predicted from frames < t
             logp = F.log_softmax(lg.float(), dim=-1).gather(-1, c[..., None]).squeeze(-1)  # (B, T, L)
             bits[name] = -logp.sum(-1) / math.log(2)
             if lengths is not None and name in lengths:
@@ -138,14 +290,13 @@ class EntropyModel(nn.Module):
         loss = ce_sum / torch.as_tensor(count, dtype=ce_sum.dtype).clamp_min(1)
         return EntropyResult(logits=logits, bits=bits, loss=loss, total_bits=total_bits)
 
-    @torch.no_grad()
-    def next_probs(self, stream: str, prefix: torch.Tensor) -> torch.Tensor:
-        """prefix (B, t, L) codes of frames 0..t−1 (t may be 0) → (B, L, K) float64 probabilities for frame t.
-
-        Deterministic for a given prefix (dropout must be off: call `.eval()`), which the range coder relies on.
-        """
-        lm = self._check(stream, prefix)
-        if self.training and self.dropout > 0:
-            raise RuntimeError("next_probs needs deterministic outputs: call entropy_model.eval() first (dropout > 0)")
-        lg = lm.logits_for_next(prefix)[:, -1]
-        return torch.softmax(lg.double(), dim=-1)
+    def explain_load_failure(self, missing: set[str], unexpected: set[str]) -> str | None:
+        """A sentence for a strict-load failure caused by an older parameterisation (see FORMAT_VERSION)."""
+        if any(n.endswith(".pos.weight") for n in unexpected):
+            return (
+                "this entropy model was saved by an older SIREN (entropy-model format 1: learned absolute positions, "
+                f"streams limited to max_len frames); this SIREN reads format {FORMAT_VERSION} (rotary positions, "
+                "no length limit). Retrain the codec stage, or train a new entropy model on the old codes with the "
+                "other components frozen (`trainable: [entropy_model]`)."
+            )
+        return None

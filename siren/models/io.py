@@ -86,9 +86,13 @@ def load_component(module: nn.Module, path: str | Path, allow: Iterable[str] = (
         else:
             new_state[name] = b
     if problems:
+        # A module that changed its parameterisation can say which old format the file is in and what to do.
+        explain = getattr(module, "explain_load_failure", None)
+        why = explain(set(own) - set(stored), set(stored) - set(own)) if explain is not None else None
         raise StrictLoadError(
             f"strict load of {path} into {type(module).__name__} failed ({len(problems)}):\n"
             + "\n".join(f"  - {p}" for p in problems)
+            + (f"\n{why}" if why else "")
         )
     module.load_state_dict(new_state, strict=True)
     return patched

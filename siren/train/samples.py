@@ -52,19 +52,38 @@ def mel_of(stage, wav: torch.Tensor) -> torch.Tensor:
     return stage.mel.to(wav.device)(wav[None])[0]
 
 
-def synthesize(trainer, modules, an, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes of an analysis → mel (fuser + flow when available, else the decoder head) → vocoder audio (or None)."""
-    flow = load_pipeline(trainer, "flow")
-    q = (an.sem.quantized, an.pro.quantized, an.spk.quantized)
-    if flow is not None:
-        cond = flow["fuser"](*q)
-        g = torch.Generator(device=cond.device).manual_seed(SAMPLE_SEED)
-        fcfg = trainer.cfg.flow
-        mel = flow["flow"].sample(cond, steps=steps or fcfg.steps, solver=fcfg.solver, generator=g)
-    else:
-        mel = modules["decoder"](*q)
+def pipeline_codec(trainer, modules, *, features: str, factorizer: str = "factorizer", flow: bool = True):
+    """A `Codec` over the live modules being rendered (features, factorizer, quantizers, decoder head if any) and the
+    pipeline checkpoints (`pipeline.flow` unless `flow=False`, `pipeline.vocoder`); samples render through it."""
+    from siren.models.codec import Codec
+
+    cfg = trainer.cfg
+    comps = {features: modules[features], "factorizer": modules[factorizer]}
+    comps.update({n: modules[n] for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer")})
+    if "decoder" in modules:
+        comps["decoder"] = modules["decoder"]
+    fl = load_pipeline(trainer, "flow") if flow else None
+    if fl is not None:
+        comps.update(fl)
     vocoder = load_pipeline(trainer, "vocoder")
-    return mel, (vocoder(mel) if vocoder is not None else None)
+    if vocoder is not None:
+        comps["vocoder"] = vocoder
+    return Codec(
+        comps,
+        sample_rate=cfg.audio.sample_rate,
+        hop_length=cfg.audio.hop_length,
+        feature_extractor=features,
+        flow_steps=cfg.flow.steps,
+        flow_solver=cfg.flow.solver,
+    )
+
+
+def synthesize(codec, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """wav (N,) → codes → mel (1, n_mels, T) through the codec's mel path → vocoder audio (1, N') or None."""
+    codes = codec.encode(wav)
+    mel = codec.decode_mel(codes, seed=SAMPLE_SEED)
+    audio = codec.components["vocoder"](mel) if codec.has("vocoder") else None
+    return mel, audio
 
 
 def eval_utterances(cfg) -> list:
@@ -82,12 +101,14 @@ def eval_utterances(cfg) -> list:
 
 
 def load_eval_audio(cfg, utt) -> torch.Tensor:
-    """Whole utterance up to samples.max_seconds, cut to a multiple of 8 SSL frames (2560 samples)."""
+    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (8 SSL frames)."""
     from siren.data.audio import load_audio
+    from siren.models.builders import PRO_DOWNSAMPLE
 
+    hop = cfg.audio.hop_length * PRO_DOWNSAMPLE
     wav = load_audio(utt.path, cfg.audio.sample_rate)
     n = min(wav.shape[-1], int(cfg.samples.max_seconds * cfg.audio.sample_rate))
-    return wav[: max(2560, n - n % 2560)]
+    return wav[: max(hop, n - n % hop)]
 
 
 def save_mel_png(path: Path, mel: torch.Tensor, title: str) -> None:

@@ -279,16 +279,17 @@ class AdaptStage(Stage):
 
     # Samples -----------------------------------------------------------------------------------------------------------
     def render(self, renderer, modules, utterances) -> list[Sample]:
-        from siren.train.samples import mel_of, synthesize
+        from siren.train.samples import mel_of, pipeline_codec, synthesize
 
+        codecs = {
+            "adapted": pipeline_codec(renderer, modules, features="student_ssl"),
+            "baseline": pipeline_codec(renderer, modules, features="ssl", factorizer="teacher_factorizer"),
+        }
         out = []
         for utt, wav in utterances:
             audio, mels = {"original": wav}, {"original": mel_of(self, wav)}
-            an = self.student(modules, wav[None])
-            teacher_mods = {**modules, "factorizer": modules["teacher_factorizer"]}
-            bn = analyse(teacher_mods, modules["ssl"](wav[None]))
-            for variant, x in (("adapted", an), ("baseline", bn)):
-                mel, audio_out = synthesize(renderer, modules, x)
+            for variant, codec in codecs.items():
+                mel, audio_out = synthesize(codec, wav)
                 mels[variant] = mel[0]
                 if audio_out is not None:
                     audio[variant] = audio_out[0]

@@ -80,17 +80,16 @@ class CodecStage(Stage):
         )
 
     def render(self, renderer, modules, utterances) -> list[Sample]:
-        """Decoder mel → pipeline vocoder (if configured); the original audio and mels always."""
-        from siren.train.samples import load_pipeline, mel_of
+        """Decoder-head mel → pipeline vocoder (if configured); the original audio and mels always."""
+        from siren.train.samples import mel_of, pipeline_codec, synthesize
 
-        vocoder = load_pipeline(renderer, "vocoder")
+        codec = pipeline_codec(renderer, modules, features="ssl", flow=False)
         out = []
         for utt, wav in utterances:
-            an = analyse(modules, self.features(modules, wav[None]))
-            mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
+            mel_hat, audio_out = synthesize(codec, wav)
             audio = {"original": wav}
             mels = {"original": mel_of(self, wav), "decoder": mel_hat[0]}
-            if vocoder is not None:
-                audio["decoder"] = vocoder(mel_hat)[0]
+            if audio_out is not None:
+                audio["decoder"] = audio_out[0]
             out.append(Sample(id=utt.id, audio=audio, mels=mels))
         return out

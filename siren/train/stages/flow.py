@@ -64,12 +64,12 @@ class FlowStage(Stage):
         )
 
     def render(self, renderer, modules, utterances) -> list[Sample]:
-        from siren.train.samples import mel_of, synthesize
+        from siren.train.samples import mel_of, pipeline_codec, synthesize
 
+        codec = pipeline_codec(renderer, modules, features="ssl")
         out = []
         for utt, wav in utterances:
-            an = analyse(modules, modules["ssl"](wav[None]))
-            mel, audio = synthesize(renderer, modules, an)
+            mel, audio = synthesize(codec, wav)
             s = Sample(id=utt.id, audio={"original": wav}, mels={"original": mel_of(self, wav), "flow": mel[0]})
             if audio is not None:
                 s.audio["flow"] = audio[0]
