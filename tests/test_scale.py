@@ -298,7 +298,7 @@ def _train_until(proc: subprocess.Popen, run: Path, min_step: int) -> int:
         time.sleep(0.02)
 
 
-PRE = {"train.max_steps": 40, "train.checkpoint_every": 20, "samples.enabled": "false"}
+PRE = {"train.max_steps": 24, "train.checkpoint_every": 12, "samples.enabled": "false"}
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -329,12 +329,12 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
         assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert "preempted: checkpoint written at step" in err, err[-3000:]
     stopped = _latest(run)
-    assert 3 <= stopped < 40 and stopped % 20 != 0, stopped  # the step it was on, not a scheduled checkpoint
+    assert 3 <= stopped < 24 and stopped % 12 != 0, stopped  # the step it was on, not a scheduled checkpoint
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped
 
     r = _run(make("codec", corpus_dir, teacher_dir, run, **ov), subprocess_env)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _weights(ref, 40), _weights(run, 40)
+    a, b = _weights(ref, 24), _weights(run, 24)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")] == [
         x["train/loss"] for x in read_metrics(ref / "metrics.jsonl")
@@ -390,7 +390,7 @@ def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teach
     assert proc.returncode == 0, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     stopped = _latest(run)
-    assert 3 <= stopped < 40 and stopped % 20 != 0, f"no checkpoint at the step it was on: latest is {stopped}"
+    assert 3 <= stopped < 24 and stopped % 12 != 0, f"no checkpoint at the step it was on: latest is {stopped}"
     assert not list((run / ".pids").glob("*.pid"))  # the ranks exited cleanly and removed their pid files
 
 

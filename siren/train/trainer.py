@@ -192,6 +192,7 @@ class Trainer:
             mixed_precision=acc.mixed_precision,
         )
         self.stage.setup(self.ctx, self.modules)
+        self.nominal_bps = self.stage.nominal_bps()
         self.step_metrics = StepMetrics(
             self.stage.metric_sources(self.modules), t.codebook_window, acc.device, self.world, t.grad_accum
         )
@@ -315,8 +316,8 @@ class Trainer:
         metrics["data/skipped"] = float(len(self.excluded) + self.load_failures)  # up front + failed at load, all ranks
         for name, lr in zip(self.group_names, lrs, strict=True):
             metrics[f"train/lr/{name}"] = lr
-        if self.stage.nominal_bps() is not None:
-            metrics["rate/bps_nominal"] = self.stage.nominal_bps()
+        if self.nominal_bps is not None:
+            metrics["rate/bps_nominal"] = self.nominal_bps
         return metrics, bad
 
     @staticmethod
@@ -382,8 +383,8 @@ class Trainer:
             raise SirenError(
                 f"checkpoint is incomplete: {wpath} is missing (the codebook window cannot resume exactly)"
             )
-        state = torch.load(wpath, map_location=self.accelerator.device)
-        window.load(state["buffers"], state["pos"])
+        state = torch.load(wpath, map_location="cpu")  # a rank's device may print as "cpu:0", which torch.load refuses
+        window.load({s: b.to(self.accelerator.device) for s, b in state["buffers"].items()}, state["pos"])
 
     def _make_tracker(self):
         if not self.is_main:
