@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     a = ap.parse_args()
 
-    from run_all import cfg_for
+    from run_all import NoCheckpoint, cfg_for
 
     from siren.train.trainer import Trainer
 
@@ -94,7 +94,7 @@ def main() -> int:
     # Time the trainer's whole step (micro-batches, reduce, update, bookkeeping) via its one entry point, then the
     # bare step; logging happens after `_train_step` returns, so it is charged to the next trainer step here.
     tr._train_step = train_then_bare
-    tr.checkpoint = lambda step, metrics, consider_best=True: None
+    tr.checkpoint = NoCheckpoint()
     tr.fit()
     raw = [r["train/step_time_s"] for r in _metrics(work / "trainer")] if tr.is_main else []
     if tr.is_main:

@@ -91,6 +91,15 @@ class _Timer:
         self.acc = 0.0
 
 
+class NoCheckpoint:
+    """Stands in for the trainer's checkpoint hook in timed loops: checkpoints are not part of a step."""
+
+    frozen_ok = 1.0
+
+    def __call__(self, step, metrics, consider_best=True):
+        return None
+
+
 class _BareLoop:
     """The bare PyTorch loop: a stage step, backward, clipping and AdamW on a Trainer's modules, data and batches."""
 
@@ -177,7 +186,7 @@ def bench_trainer_overhead(
 
         sm.reduce = reduce_and_sync
         tr.tracker.log = log_then_bare
-        tr.checkpoint = lambda step, metrics, consider_best=True: None  # checkpoints are not part of a step
+        tr.checkpoint = NoCheckpoint()  # checkpoints are not part of a step
         try:
             tr.fit()
         finally:
@@ -199,6 +208,41 @@ def bench_trainer_overhead(
         "metrics_frac_range": (min(metric_fracs), max(metric_fracs)),
         "reduce_frac": _median(reduce_fracs),
         "step_ms": 1000 * _median(step_times),
+        "repeats": repeats,
+        "batch": batch,
+    }
+
+
+def bench_trainer_overhead_ddp(
+    corpus: Path, teacher: Path, baseline: Path, student: Path, work: Path, batch: int, repeats: int
+) -> dict:
+    """The same figure with 2 gloo processes: 2-process trainer ÷ 2-process bare DDP loop (benchmarks/bench_ddp.py)."""
+    import json
+    import socket
+
+    ratios, steps = [], []
+    for rep in range(repeats):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = work / f"ddp_{rep}.json"
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(ROOT / "launch/accelerate/cpu_ddp.yaml"), "--main_process_port", str(port),
+            str(ROOT / "benchmarks/bench_ddp.py"),
+            "--corpus", str(corpus), "--teacher", str(teacher), "--baseline", str(baseline), "--student", str(student),
+            "--work", str(work / f"ddp_{rep}"), "--out", str(out), "--batch", str(batch),
+        ]  # fmt: skip
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"2-process bench failed:\n{r.stderr[-3000:]}")
+        res = json.loads(out.read_text())
+        ratios.append(res["trainer_over_bare"])
+        steps.append(res["step_ms"])
+    return {
+        "trainer_over_bare": _median(ratios),
+        "trainer_over_bare_range": (min(ratios), max(ratios)),
+        "step_ms": _median(steps),
         "repeats": repeats,
         "batch": batch,
     }
