@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from siren.errors import SirenError
-from siren.models.builders import PRO_DOWNSAMPLE, SEM_DOWNSAMPLE
+from siren.models.roles import FrameGeometry
 
 log = logging.getLogger("siren")
 FLOW_SEED = 0  # flow noise for decoding: fixed, from its own generator, so a decode is reproducible
 ANALYSIS_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
 CODE_LANGUAGE = ("sem_quantizer", "pro_quantizer", "spk_quantizer")
-SEM_PER_PRO = PRO_DOWNSAMPLE // SEM_DOWNSAMPLE
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Codes:
     sem_frames: torch.Tensor
     sample_rate: int
     sem_hop: int
+    pro_hop: int
     extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -60,11 +60,12 @@ class Codes:
         n = int(self.sem_frames[i])
         return Codes(
             sem=self.sem[i : i + 1, :n],
-            pro=self.pro[i : i + 1, : n // SEM_PER_PRO],
+            pro=self.pro[i : i + 1, : n * self.sem_hop // self.pro_hop],
             spk=self.spk[i : i + 1],
             sem_frames=self.sem_frames[i : i + 1],
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     def split(self) -> list[Codes]:
@@ -90,6 +91,7 @@ class Codec(nn.Module):
         context_seconds: float = 1.28,
         features_loader=None,
         source: dict | None = None,
+        geometry: FrameGeometry | None = None,
     ):
         super().__init__()
         if feature_extractor not in ("ssl", "student_ssl"):
@@ -98,8 +100,19 @@ class Codec(nn.Module):
         self.feature_extractor = feature_extractor
         self.flow_steps, self.flow_solver = flow_steps, flow_solver
         self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
-        self.sem_hop = self.hop_length * SEM_DOWNSAMPLE
-        self.pro_hop = self.hop_length * PRO_DOWNSAMPLE
+        if "factorizer" in self.components:  # the decoder side alone has no factorizer: geometry from `source`
+            g = FrameGeometry(
+                self.sample_rate,
+                self.hop_length,
+                self.components["factorizer"].sem_downsample,
+                self.components["factorizer"].pro_downsample,
+            )
+        elif geometry is not None:
+            g = geometry
+        else:
+            raise ValueError("Codec needs a factorizer or an explicit `geometry` to know its frame rates")
+        self.geometry = g
+        self.sem_hop, self.pro_hop = g.sem_hop, g.pro_hop
         self.max_chunk_seconds, self.context_seconds = max_chunk_seconds, context_seconds
         self._features_loader = features_loader  # builds the feature extractor on first use (decode never needs it)
         self.source = source or {}
@@ -250,6 +263,7 @@ class Codec(nn.Module):
             sem_frames=frames,
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     def analyse_long(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,6 +323,7 @@ class Codec(nn.Module):
             sem_frames=torch.tensor([sem.shape[1]]),
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     # -------------------------------------------------------------------------------------------------------- decoder

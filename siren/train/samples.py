@@ -100,12 +100,11 @@ def eval_utterances(cfg) -> list:
     return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
 
 
-def load_eval_audio(cfg, utt) -> torch.Tensor:
-    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (8 SSL frames)."""
+def load_eval_audio(cfg, utt, pro_hop: int) -> torch.Tensor:
+    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (`pro_hop` samples each)."""
     from siren.data.audio import load_audio
-    from siren.models.builders import PRO_DOWNSAMPLE
 
-    hop = cfg.audio.hop_length * PRO_DOWNSAMPLE
+    hop = pro_hop
     wav = load_audio(utt.path, cfg.audio.sample_rate)
     n = min(wav.shape[-1], int(cfg.samples.max_seconds * cfg.audio.sample_rate))
     return wav[: max(hop, n - n % hop)]
@@ -133,7 +132,9 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
     cfg = trainer.cfg
     dev = trainer.device
     utts = eval_utterances(cfg)
-    inputs = [(u, load_eval_audio(cfg, u).to(dev)) for u in utts]
+    geo = getattr(trainer.stage, "geo", None)  # stages without codes (vocoder, distill) cut to whole mel frames
+    pro_hop = geo.pro_hop if geo is not None else cfg.audio.hop_length
+    inputs = [(u, load_eval_audio(cfg, u, pro_hop).to(dev)) for u in utts]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         samples = trainer.stage.render(trainer, trainer.modules, inputs)
     written = []
