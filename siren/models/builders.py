@@ -28,9 +28,7 @@ def _streams(cfg: SirenConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def build_component(
-    name: str, cfg: SirenConfig, ssl_dim: int | None = None, *, load_weights: bool = True
-) -> nn.Module:
+def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None, *, load_weights: bool = True) -> nn.Module:
     """Build one registry component from `cfg`; `ssl_dim` (if given) must equal the factorizer's input_dim.
 
     The section's `target` (a foreign class) or SIREN's own class; then its foreign `weights` (unless

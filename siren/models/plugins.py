@@ -58,7 +58,9 @@ def check_args(fn: Any, args: dict[str, Any], where: str, skip: int = 0) -> None
         accepted = None  # **kwargs: any name is accepted
     else:
         accepted = [
-            p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            p.name
+            for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         ]
     problems = []
     if not isinstance(args, dict):

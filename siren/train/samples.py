@@ -68,8 +68,11 @@ def pipeline_codec(trainer, modules, *, features: str, factorizer: str = "factor
     vocoder = load_pipeline(trainer, "vocoder")
     if vocoder is not None:
         comps["vocoder"] = vocoder
+    from siren.models.mel import MelDomain
+
     return Codec(
         comps,
+        mel_domain=MelDomain.of_audio(cfg.audio),
         sample_rate=cfg.audio.sample_rate,
         hop_length=cfg.audio.hop_length,
         feature_extractor=features,
@@ -82,7 +85,7 @@ def synthesize(codec, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     """wav (N,) → codes → mel (1, n_mels, T) through the codec's mel path → vocoder audio (1, N') or None."""
     codes = codec.encode(wav)
     mel = codec.decode_mel(codes, seed=SAMPLE_SEED)
-    audio = codec.components["vocoder"](mel) if codec.has("vocoder") else None
+    audio = codec.vocode(mel) if codec.has("vocoder") else None
     return mel, audio
 
 

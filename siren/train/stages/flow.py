@@ -61,13 +61,20 @@ class FlowStage(Stage):
     def setup(self, ctx, modules) -> None:
         self.feats.setup(ctx, modules["ssl"])
 
+    def to_flow_domain(self, mel, flow):
+        """The front end's mel in the flow's declared mel domain (exact conversion, or an error at the first step)."""
+        from siren.models.mel import MelDomain, convert_mel, domain_of
+
+        src = MelDomain.of_audio(self.cfg.audio)
+        return convert_mel(mel, src, domain_of(flow, src), what="flow")
+
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
         with torch.no_grad():
             an = analyse(modules, self.feats(modules["ssl"], batch))
         cond = modules["fuser"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
         mel = self.mel.to(wav.device)(wav)[..., : cond.shape[1]]
-        fm = modules["flow"].loss(mel, cond)
+        fm = modules["flow"].loss(self.to_flow_domain(mel, modules["flow"]), cond)
         masks = stream_masks(lengths, an, self.geo)
         return StepOutput(
             loss=self.cfg.loss.fm * fm,
