@@ -124,6 +124,7 @@ def acme_yaml(root, teacher) -> dict:
             root / "vocoder_latest.pt",
             "generator",
             MEL,
+            rename={},  # saved as nested dicts without a prefix
         ),
     }
 
@@ -171,7 +172,7 @@ def _meta(run, step):
     return json.loads((run / "checkpoints" / f"step_{step}" / "meta.json").read_text())
 
 
-def test_import_writes_a_normal_run_with_sources_and_targets(acme):
+def test_import_writes_a_normal_run_with_sources_and_targets(acme, monkeypatch):
     runs, root = acme["runs"], acme["root"]
     from siren.importer import sha256_file
 
@@ -200,7 +201,8 @@ def test_import_writes_a_normal_run_with_sources_and_targets(acme):
     # The local artifact index resolves the import like any run.
     from siren.artifacts import resolve_checkpoint
 
-    assert resolve_checkpoint("wandb:acme/codec-codec:latest") == (codec / "checkpoints/step_0").resolve()
+    monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
+    assert resolve_checkpoint("wandb:local/acme/codec-codec:latest") == (codec / "checkpoints/step_0").resolve()
 
 
 def test_adapt_trains_only_the_factorizer_and_reports_drift(acme):

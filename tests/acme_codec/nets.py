@@ -39,19 +39,19 @@ class ScalarGrid(nn.Module):
         self.down = nn.Conv1d(ch, len(grid), 1)
         self.up = nn.Conv1d(len(grid), ch, 1)
         self.register_buffer("radix", torch.cumprod(torch.tensor([1, *grid[:-1]]), 0), persistent=False)
-        self.register_buffer("half", torch.tensor([(g - 1) / 2 for g in grid])[:, None], persistent=False)
+        self.register_buffer("halfw", torch.tensor([(g - 1) / 2 for g in grid])[:, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict:
-        z = torch.tanh(self.down(x)) * self.half
+        z = torch.tanh(self.down(x)) * self.halfw
         q = z + (torch.round(z) - z).detach()
-        idx = ((q.detach() + self.half).round().long() * self.radix[:, None]).sum(1)
-        return {"zq": self.up(q / self.half), "idx": idx}
+        idx = ((q.detach() + self.halfw).round().long() * self.radix[:, None]).sum(1)
+        return {"zq": self.up(q / self.halfw), "idx": idx}
 
     def from_idx(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) → (B, ch, T)."""
         g = torch.tensor(self.grid, device=idx.device)[:, None]
         digits = (idx[:, None, :] // self.radix[:, None]) % g
-        return self.up((digits.float() - self.half) / self.half)
+        return self.up((digits.float() - self.halfw) / self.halfw)
 
 
 class VoiceTable(nn.Module):
