@@ -89,7 +89,11 @@ def acme_yaml(root, teacher) -> dict:
             "ScalarGrid", {"ch": 16, "grid": [3, 3, 3]}, "GridAsQuantizer", step / "pro_rfsq.pt", "state_dict"
         ),
         "spk_quantizer": comp(
-            "VoiceTable", {"ch": 32, "books": 4, "entries": 16}, "TableAsSpeakerQuantizer", step / "spk_pq.pt", "state_dict"
+            "VoiceTable",
+            {"ch": 32, "books": 4, "entries": 16},
+            "TableAsSpeakerQuantizer",
+            step / "spk_pq.pt",
+            "state_dict",
         ),
         "entropy_model": comp(
             "StreamRates", {"num_bytes": 1, "hidden": 16}, "ByteRateAsEntropyModel", step / "entropy.pt", "ema"
@@ -162,7 +166,9 @@ def acme(corpus_dir, teacher_dir, tmp_path_factory):
             "verify.real_clip": None,
             "tracking.mode": "disabled",
         }
-        Trainer(stage_config("adapt", corpus_dir, teacher_dir, runs / "adapt", baseline=str(runs / "codec"), **extra)).fit()
+        Trainer(
+            stage_config("adapt", corpus_dir, teacher_dir, runs / "adapt", baseline=str(runs / "codec"), **extra)
+        ).fit()
     finally:
         mp.undo()
     return {"root": root, "runs": runs, "proc": proc}
@@ -218,7 +224,13 @@ def test_adapt_trains_only_the_factorizer_and_reports_drift(acme):
     steps = [r for r in rows if "drift/sem/js" in r]
     assert len(steps) == 3
     for r in steps:
-        for k in ("drift/sem/agreement", "drift/pro/js", "drift/bps_delta", "rate/bps_entropy", "codebook/sem/l0/usage"):
+        for k in (
+            "drift/sem/agreement",
+            "drift/pro/js",
+            "drift/bps_delta",
+            "rate/bps_entropy",
+            "codebook/sem/l0/usage",
+        ):
             assert k in r and r[k] == r[k], k  # present and not NaN
         assert r["frozen/ok"] == 1.0
 

@@ -134,7 +134,9 @@ class Log10PowerMelFlow(nn.Module):
     def __init__(self, n_mels: int, cond_ch: int, width: int):
         super().__init__()
         self.n_mels = n_mels
-        self.net = nn.Sequential(nn.Conv1d(n_mels + cond_ch + 1, width, 3, padding=1), nn.GELU(), nn.Conv1d(width, n_mels, 1))
+        self.net = nn.Sequential(
+            nn.Conv1d(n_mels + cond_ch + 1, width, 3, padding=1), nn.GELU(), nn.Conv1d(width, n_mels, 1)
+        )
 
     def velocity(self, x, t, cond):
         return self.net(torch.cat([x, cond, t[:, None, None].expand(-1, 1, x.shape[-1])], 1))

@@ -49,7 +49,9 @@ class GridAsQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QuantizedResult:
         out = self.net(x.transpose(1, 2))
-        return QuantizedResult(quantized=out["zq"].transpose(1, 2), codes=out["idx"][..., None], commit_loss=x.new_zeros(()))
+        return QuantizedResult(
+            quantized=out["zq"].transpose(1, 2), codes=out["idx"][..., None], commit_loss=x.new_zeros(())
+        )
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.net.from_idx(codes[..., 0]).transpose(1, 2)
