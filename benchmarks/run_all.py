@@ -396,6 +396,9 @@ def main() -> int:
         from bench_codec import run as bench_codec_run  # the codec as a product (issue 14)
 
         product = bench_codec_run(work, corpus, teacher)
+        from bench_codebooks import run as bench_codebooks_run  # large implicit codebooks (issue 12)
+
+        codebooks = bench_codebooks_run()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
         *[
@@ -446,6 +449,7 @@ def main() -> int:
         rows.append((f"encode speed, {p}, 1 thread (× real time)", f"{s['encode_xrt']:.1f}", "—"))
         rows.append((f"decode speed, {p}, 8 flow steps, 1 thread (× real time)", f"{s['decode_xrt']:.1f}", "—"))
     rows += [(k.split(" [")[0], v, k.split(" [")[1][:-1] if " [" in k else "—") for k, v in product.items()]
+    rows += codebooks
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}"
     text = [

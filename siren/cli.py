@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-components", help="comma-separated components to take from --init-from (default: all present)"
     )
 
+    p = sub.add_parser("import", help="turn existing (foreign) checkpoints into a SIREN run: step_0 + meta + index")
+    _add_config(p)
+    p.add_argument("--stage", required=True, choices=["codec", "flow", "vocoder", "distill"])
+    p.add_argument("--out", required=True, help="new run directory, e.g. runs/NAME")
+
     p = sub.add_parser("info", help="parameter count and output rate per component, nominal bit/s")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -117,6 +122,15 @@ def cmd_train(args) -> int:
         init_from=args.init_from,
         init_components=args.init_components,
     )
+
+
+def cmd_import(args) -> int:
+    import logging
+
+    from siren.importer import import_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return import_cli(args)
 
 
 def cmd_info(args) -> int:

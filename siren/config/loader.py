@@ -125,6 +125,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Check `value` against annotation `tp`; returns the converted value (ints are accepted for floats)."""
+    if tp is Any:  # free-form (a foreign constructor's `args`): checked against its signature when built
+        return value
     origin = get_origin(tp)
     bad = f"{key}: value {value!r} has type {type(value).__name__}, expected {_type_name(tp)}"
     if dataclasses.is_dataclass(tp):

@@ -9,7 +9,7 @@ Component sections (`ssl`, `factorizer`, ...) sit at the top level so that keys 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 STAGES = ("codec", "flow", "vocoder", "distill", "adapt")
 COMPONENTS = (
@@ -43,7 +43,31 @@ class AudioConfig:
 
 # ------------------------------------------------------------------------------------------------------------ components
 @dataclass
-class SSLConfig:
+class ComponentSource:
+    """Where a component comes from (DESIGN §18). Without `target`: SIREN's own class, built from the section's keys.
+
+    `target: "pkg.mod:Name"` builds a foreign class with `args` (constructor keyword arguments, checked against its
+    signature); `adapter: "pkg.mod:Name"` wraps it to its role (`Adapter(module, **adapter_args)`). `weights` loads a
+    foreign checkpoint (.pt/.pth with weights_only=True, or .safetensors) into the (unwrapped) module: `weights_key`
+    picks a nested dict (dotted path, e.g. `state_dict` or `model.ema`), `rename` maps regex → replacement (applied in
+    order), `allow_missing` / `allow_unexpected` name tolerated mismatches (fnmatch patterns). Weights are read when a
+    component is built from a config (`siren import`, or a stage building it fresh), never when it is rebuilt from a
+    SIREN checkpoint, which holds its own weights.
+    """
+
+    target: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    adapter_args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    weights_key: str | None = None
+    rename: dict[str, str] = field(default_factory=dict)
+    allow_missing: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SSLConfig(ComponentSource):
     """Frozen teacher: a `transformers.HubertModel` loaded with `from_pretrained(name)`; hidden states of `layer`."""
 
     name: str = ""
@@ -51,7 +75,7 @@ class SSLConfig:
 
 
 @dataclass
-class StudentSSLConfig:
+class StudentSSLConfig(ComponentSource):
     """TinyHubert: a small `HubertConfig` + linear head to the teacher's dim. `path` loads a saved one."""
 
     path: str | None = None
@@ -64,7 +88,7 @@ class StudentSSLConfig:
 
 
 @dataclass
-class FactorizerConfig:
+class FactorizerConfig(ComponentSource):
     input_dim: int = 768
     hidden_dim: int = 256
     num_blocks: int = 4
@@ -77,7 +101,7 @@ class FactorizerConfig:
 
 
 @dataclass
-class FSQConfig:
+class FSQConfig(ComponentSource):
     """ResidualFSQ: in-projection (dim → len(levels)), `num_residual` FSQ levels on the residual, out-projection."""
 
     levels: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
@@ -85,7 +109,7 @@ class FSQConfig:
 
 
 @dataclass
-class PQConfig:
+class PQConfig(ComponentSource):
     """Product quantizer for the speaker embedding: `groups` codebooks of `codebook_size` codes."""
 
     groups: int = 8
@@ -93,7 +117,7 @@ class PQConfig:
 
 
 @dataclass
-class EntropyModelConfig:
+class EntropyModelConfig(ComponentSource):
     dim: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -102,14 +126,14 @@ class EntropyModelConfig:
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(ComponentSource):
     hidden_dim: int = 256
     num_blocks: int = 4
     kernel_size: int = 7
 
 
 @dataclass
-class FuserConfig:
+class FuserConfig(ComponentSource):
     hidden_dim: int = 256
     cond_dim: int = 256
     num_blocks: int = 4
@@ -117,7 +141,7 @@ class FuserConfig:
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(ComponentSource):
     hidden_dim: int = 256
     num_blocks: int = 6
     kernel_size: int = 7
@@ -127,7 +151,7 @@ class FlowConfig:
 
 
 @dataclass
-class VocoderConfig:
+class VocoderConfig(ComponentSource):
     dim: int = 512
     intermediate_dim: int = 1536
     num_blocks: int = 8

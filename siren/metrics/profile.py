@@ -18,12 +18,16 @@ from siren.metrics.codebook import entropy_bits, histogram
 
 
 def compute_profile(
-    modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu", max_utts: int | None = None
+    modules: dict[str, nn.Module], utterances, audio, device="cpu", max_utts: int | None = None
 ) -> dict:
-    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model. Full utterances, one at a time."""
+    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model; `audio`: the run's audio section.
+    Full utterances, one at a time."""
     from siren.data.audio import load_audio
+    from siren.models.roles import FrameGeometry
     from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
 
+    geo = FrameGeometry.of(audio, modules["factorizer"])
+    sample_rate = audio.sample_rate
     layout = code_layout(modules)
     hists = {s: torch.zeros(L, K, dtype=torch.float64) for s, (K, L) in layout.items()}
     bits_total, seconds_total, n = 0.0, 0.0, 0
@@ -32,11 +36,11 @@ def compute_profile(
         with torch.no_grad():
             an = analyse(modules, modules["features"](wav[None]))
             lengths = torch.tensor([wav.shape[-1]], device=device)
-            masks = stream_masks(lengths, an)
+            masks = stream_masks(lengths, an, geo)
             ent = modules["entropy_model"](
                 {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
             )
-            bits, seconds = entropy_rate(ent, masks)
+            bits, seconds = entropy_rate(ent, masks, geo)
         for s in ("sem", "pro"):
             hists[s] += histogram(getattr(an, s).codes, masks[s], layout[s][0]).cpu()
         hists["spk"] += histogram(an.spk.codes, None, layout["spk"][0]).cpu()
@@ -60,9 +64,7 @@ def load_or_compute_profile(path: Path, ctx, modules, utterances, stage) -> dict
     Every rank profiles its share of the reference set (`ctx.shard`); the sums are gathered and rank 0 writes."""
     layout = {s: list(v) for s, v in stage.code_layout(modules).items()}
     if not path.is_file():  # every rank sees the same answer: the file is only written after the gather below
-        part = compute_profile(
-            stage.profile_modules(modules), ctx.shard(list(utterances)), stage.cfg.audio.sample_rate, ctx.device
-        )
+        part = compute_profile(stage.profile_modules(modules), ctx.shard(list(utterances)), stage.cfg.audio, ctx.device)
         prof = merge_profiles(ctx.gather(part))
         if ctx.is_main:
             prof["baseline_fingerprint"] = stage.baseline_fingerprint
@@ -121,7 +123,7 @@ def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | No
     mods = {**ck.modules, "features": ck.modules[feat]}
     for m in mods.values():
         m.eval()
-    prof = compute_profile(mods, read_manifest(data), ck.cfg.audio.sample_rate, max_utts=max_utts)
+    prof = compute_profile(mods, read_manifest(data), ck.cfg.audio, max_utts=max_utts)
     from siren.train.stages.adapt import baseline_fingerprint
 
     prof["baseline_fingerprint"] = baseline_fingerprint(meta)

@@ -15,7 +15,6 @@ from torch import nn
 from siren.config.schema import COMPONENTS, SirenConfig
 
 SEM, PRO, SPK = "sem", "pro", "spk"
-SEM_DOWNSAMPLE, PRO_DOWNSAMPLE = 2, 8
 
 
 def _fsq_size(levels: list[int]) -> int:
@@ -29,10 +28,50 @@ def _streams(cfg: SirenConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None) -> nn.Module:
-    """Build one registry component from `cfg`; `ssl_dim` (if given) must equal the factorizer's input_dim."""
+def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None, *, load_weights: bool = True) -> nn.Module:
+    """Build one registry component from `cfg`; `ssl_dim` (if given) must equal the factorizer's input_dim.
+
+    The section's `target` (a foreign class) or SIREN's own class; then its foreign `weights` (unless
+    `load_weights=False`: a SIREN checkpoint is about to provide them); then its `adapter`. The result is checked
+    against the component's role (siren/models/roles.py).
+    """
+    from siren.models.plugins import build_target, wrap_adapter
+    from siren.models.roles import check_role
+
     if name not in COMPONENTS:
         raise KeyError(f"unknown component {name!r}; valid names: {', '.join(COMPONENTS)}")
+    section = getattr(cfg, name)
+    if section.target:
+        module = build_target(name, section.target, section.args)
+    else:
+        if section.args:
+            raise ValueError(f"{name}.args is set but {name}.target is not: args are for a foreign class")
+        module = _build_own(name, cfg, ssl_dim)
+    if load_weights and section.weights:
+        from siren.models.weights import load_foreign_weights
+
+        load_foreign_weights(
+            module,
+            section.weights,
+            key=section.weights_key,
+            rename=section.rename,
+            allow_missing=section.allow_missing,
+            allow_unexpected=section.allow_unexpected,
+            where=name,
+        )
+    if section.adapter:
+        module = wrap_adapter(name, module, section.adapter, section.adapter_args)
+    check_role(name, module)
+    if name == "factorizer" and ssl_dim is not None and getattr(module, "input_dim", ssl_dim) != ssl_dim:
+        raise ValueError(
+            f"the factorizer takes {module.input_dim}-d features but the SSL features are {ssl_dim}-d; "
+            "set its input dimension to match"
+        )
+    return module
+
+
+def _build_own(name: str, cfg: SirenConfig, ssl_dim: int | None) -> nn.Module:
+    """SIREN's own implementation of component `name`, from its config section."""
     f, a = cfg.factorizer, cfg.audio
     if name == "ssl":
         from siren.models.ssl import SSLFeatureExtractor
@@ -108,6 +147,13 @@ def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None) -> 
     raise KeyError(f"component {name!r} is in the schema but has no builder; valid names: {', '.join(COMPONENTS)}")
 
 
+def component_targets(modules: dict[str, nn.Module], cfg: SirenConfig) -> dict[str, dict]:
+    """For meta.json: every component's class (and the target/adapter/args it was built from)."""
+    from siren.models.plugins import describe
+
+    return {n: describe(getattr(cfg, n, None), m) for n, m in modules.items()}
+
+
 def build_components(names: Iterable[str], cfg: SirenConfig) -> dict[str, nn.Module]:
     """Build several components; the factorizer is checked against the ssl's dim when both are built."""
     names = list(names)
@@ -130,9 +176,15 @@ def nominal_bps(cfg: SirenConfig, utterance_seconds: float = 4.0) -> dict[str, f
     """Bits per second before entropy coding: {sem, pro, spk, total, spk_bits_per_utterance}; total = sem + pro."""
     if utterance_seconds <= 0:
         raise ValueError(f"utterance_seconds must be > 0, got {utterance_seconds}")
-    fr = frame_rate(cfg)
-    sem = fr / SEM_DOWNSAMPLE * cfg.sem_quantizer.num_residual * math.log2(_fsq_size(cfg.sem_quantizer.levels))
-    pro = fr / PRO_DOWNSAMPLE * cfg.pro_quantizer.num_residual * math.log2(_fsq_size(cfg.pro_quantizer.levels))
+    from siren.models.factorizer import Factorizer
+
+    fr = frame_rate(cfg)  # SIREN's own factorizer's rates: a config alone names no foreign module
+    sem = (
+        fr / Factorizer.sem_downsample * cfg.sem_quantizer.num_residual * math.log2(_fsq_size(cfg.sem_quantizer.levels))
+    )
+    pro = (
+        fr / Factorizer.pro_downsample * cfg.pro_quantizer.num_residual * math.log2(_fsq_size(cfg.pro_quantizer.levels))
+    )
     spk_bits = cfg.spk_quantizer.groups * math.log2(cfg.spk_quantizer.codebook_size)
     return {
         SEM: sem,

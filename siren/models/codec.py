@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from siren.errors import SirenError
-from siren.models.builders import PRO_DOWNSAMPLE, SEM_DOWNSAMPLE
+from siren.models.roles import FrameGeometry, can_range_code
 
 log = logging.getLogger("siren")
 FLOW_SEED = 0  # flow noise for decoding: fixed, from its own generator, so a decode is reproducible
 ANALYSIS_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
 CODE_LANGUAGE = ("sem_quantizer", "pro_quantizer", "spk_quantizer")
-SEM_PER_PRO = PRO_DOWNSAMPLE // SEM_DOWNSAMPLE
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Codes:
     sem_frames: torch.Tensor
     sample_rate: int
     sem_hop: int
+    pro_hop: int
     extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -60,11 +60,12 @@ class Codes:
         n = int(self.sem_frames[i])
         return Codes(
             sem=self.sem[i : i + 1, :n],
-            pro=self.pro[i : i + 1, : n // SEM_PER_PRO],
+            pro=self.pro[i : i + 1, : n * self.sem_hop // self.pro_hop],
             spk=self.spk[i : i + 1],
             sem_frames=self.sem_frames[i : i + 1],
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     def split(self) -> list[Codes]:
@@ -90,6 +91,8 @@ class Codec(nn.Module):
         context_seconds: float = 1.28,
         features_loader=None,
         source: dict | None = None,
+        geometry: FrameGeometry | None = None,
+        mel_domain=None,
     ):
         super().__init__()
         if feature_extractor not in ("ssl", "student_ssl"):
@@ -98,8 +101,23 @@ class Codec(nn.Module):
         self.feature_extractor = feature_extractor
         self.flow_steps, self.flow_solver = flow_steps, flow_solver
         self.sample_rate, self.hop_length = int(sample_rate), int(hop_length)
-        self.sem_hop = self.hop_length * SEM_DOWNSAMPLE
-        self.pro_hop = self.hop_length * PRO_DOWNSAMPLE
+        if "factorizer" in self.components:  # the decoder side alone has no factorizer: geometry from `source`
+            g = FrameGeometry(
+                self.sample_rate,
+                self.hop_length,
+                self.components["factorizer"].sem_downsample,
+                self.components["factorizer"].pro_downsample,
+            )
+        elif geometry is not None:
+            g = geometry
+        else:
+            raise ValueError("Codec needs a factorizer or an explicit `geometry` to know its frame rates")
+        self.geometry = g
+        self.sem_hop, self.pro_hop = g.sem_hop, g.pro_hop
+        # The run's mel front end: what `decode_mel` returns; components declaring another domain are converted
+        # exactly to and from it, or refused at construction (DESIGN §18).
+        self.mel_domain = mel_domain
+        self._check_mel_domains()
         self.max_chunk_seconds, self.context_seconds = max_chunk_seconds, context_seconds
         self._features_loader = features_loader  # builds the feature extractor on first use (decode never needs it)
         self.source = source or {}
@@ -155,8 +173,11 @@ class Codec(nn.Module):
         def load_features() -> nn.Module:
             return load_checkpoint(str(path), [feat]).modules[feat]
 
+        from siren.models.mel import MelDomain
+
         codec = cls(
             mods,
+            mel_domain=MelDomain.of_audio(cfg.audio),
             sample_rate=cfg.audio.sample_rate,
             hop_length=cfg.audio.hop_length,
             feature_extractor=feat,
@@ -166,6 +187,35 @@ class Codec(nn.Module):
             source=source,
         )
         return codec.to(device).eval().requires_grad_(False)
+
+    def _check_mel_domains(self) -> None:
+        from siren.models.mel import MelDomainError, convert_mel, domain_of
+
+        declared = [
+            n for n in ("decoder", "flow", "vocoder") if n in self.components and domain_of(self.components[n], None)
+        ]
+        if declared and self.mel_domain is None:
+            raise MelDomainError(
+                f"{', '.join(declared)} declare a mel_domain but this codec was built without the run's mel domain"
+            )
+        probe = torch.zeros(1, 1, 1)
+        for n in declared:  # raises now, naming the component, if no exact conversion exists
+            convert_mel(probe, domain_of(self.components[n], None), self.mel_domain, what=n)
+
+    def _to_front_end(self, mel: torch.Tensor, name: str) -> torch.Tensor:
+        from siren.models.mel import convert_mel, domain_of
+
+        src = domain_of(self.components[name], None)
+        return mel if src is None else convert_mel(mel, src, self.mel_domain, what=name)
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel (B, n_mels, T) in the run's front-end domain → wav (B, T · hop) through the vocoder, converted to the
+        vocoder's declared mel domain first."""
+        from siren.models.mel import convert_mel, domain_of
+
+        (vocoder,) = self._need("vocoder")
+        dst = domain_of(vocoder, None)
+        return vocoder(mel if dst is None else convert_mel(mel, self.mel_domain, dst, what="vocoder"))
 
     @property
     def device(self) -> torch.device:
@@ -250,6 +300,7 @@ class Codec(nn.Module):
             sem_frames=frames,
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     def analyse_long(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,7 +333,16 @@ class Codec(nn.Module):
     # ------------------------------------------------------------------------------------------------------ bitstream
     def _code_modules(self) -> dict[str, nn.Module]:
         names = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
-        return dict(zip(names, self._need(*names), strict=True))
+        mods = dict(zip(names, self._need(*names), strict=True))
+        if not can_range_code(mods["entropy_model"]):
+            em = mods["entropy_model"]
+            raise SirenError(
+                f"the entropy model ({type(em).__module__}:{type(em).__qualname__}) is rate-only: it gives bits per "
+                "code but no next-symbol probabilities (`coder(stream)`), so it cannot drive a range coder; rate and "
+                "drift metrics work, but encoding to bytes needs an entropy model with `coder` (e.g. SIREN's own, "
+                "trained in a `codec` run with the other components frozen)"
+            )
+        return mods
 
     def to_bytes(self, codes: Codes):
         """One utterance's Codes → a .siren bitstream (an `Encoded` with `.data`, sizes and the estimate: see
@@ -309,6 +369,7 @@ class Codec(nn.Module):
             sem_frames=torch.tensor([sem.shape[1]]),
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
+            pro_hop=self.pro_hop,
         )
 
     # -------------------------------------------------------------------------------------------------------- decoder
@@ -330,11 +391,12 @@ class Codec(nn.Module):
         if self.has("fuser", "flow"):
             cond = self.components["fuser"](sem, pro, spk)
             g = torch.Generator(device=cond.device).manual_seed(seed)
-            return self.components["flow"].sample(
+            mel = self.components["flow"].sample(
                 cond, steps=steps or self.flow_steps, solver=self.flow_solver, generator=g
             )
+            return self._to_front_end(mel, "flow")
         if self.has("decoder"):
-            return self.components["decoder"](sem, pro, spk)
+            return self._to_front_end(self.components["decoder"](sem, pro, spk), "decoder")
         raise SirenError("decoding needs fuser + flow (a flow checkpoint) or the codec's decoder head; it has neither")
 
     @property
@@ -344,8 +406,7 @@ class Codec(nn.Module):
     @torch.no_grad()
     def decode(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> torch.Tensor:
         """Codes → wav (B, N) at `sample_rate`, N = max valid samples; items past their length are zero."""
-        (vocoder,) = self._need("vocoder")
-        wav = vocoder(self.decode_mel(codes, steps=steps, seed=seed))
+        wav = self.vocode(self.decode_mel(codes, steps=steps, seed=seed))
         n = codes.num_samples
         wav = wav[:, : max(n)]
         for i, ni in enumerate(n):

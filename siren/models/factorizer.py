@@ -10,9 +10,6 @@ from torch import nn
 
 from siren.models.layers import ConformerBlock
 
-# Prosody frames span 8 input frames, so the input is cropped to a multiple of 8 (sem ÷2 and pro ÷8 then align).
-FRAME_MULTIPLE = 8
-
 
 @dataclass
 class FactorizerOutput:
@@ -25,6 +22,11 @@ class FactorizerOutput:
 
 class Factorizer(nn.Module):
     """Shared conformer encoder at 50 Hz, then three branches: strided conv ÷2, strided convs ÷8, attention pooling."""
+
+    # Feature frames per semantic / prosody frame (the frame geometry is derived from these, see models/roles.py).
+    # Prosody frames span 8 input frames, so the input is cropped to a multiple of 8 (sem ÷2 and pro ÷8 then align).
+    sem_downsample = 2
+    pro_downsample = 8
 
     def __init__(
         self,
@@ -60,9 +62,9 @@ class Factorizer(nn.Module):
         """feats (B, T, input_dim) → FactorizerOutput; T is cropped to a multiple of 8 first."""
         if feats.dim() != 3 or feats.shape[-1] != self.input_dim:
             raise ValueError(f"expected feats (B, T, {self.input_dim}), got {tuple(feats.shape)}")
-        t = feats.shape[1] // FRAME_MULTIPLE * FRAME_MULTIPLE
+        t = feats.shape[1] // self.pro_downsample * self.pro_downsample
         if t == 0:
-            raise ValueError(f"need at least {FRAME_MULTIPLE} input frames, got {feats.shape[1]}")
+            raise ValueError(f"need at least {self.pro_downsample} input frames, got {feats.shape[1]}")
         x = self.input_proj(self.input_norm(feats[:, :t]))
         for block in self.blocks:
             x = block(x)

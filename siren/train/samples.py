@@ -68,8 +68,11 @@ def pipeline_codec(trainer, modules, *, features: str, factorizer: str = "factor
     vocoder = load_pipeline(trainer, "vocoder")
     if vocoder is not None:
         comps["vocoder"] = vocoder
+    from siren.models.mel import MelDomain
+
     return Codec(
         comps,
+        mel_domain=MelDomain.of_audio(cfg.audio),
         sample_rate=cfg.audio.sample_rate,
         hop_length=cfg.audio.hop_length,
         feature_extractor=features,
@@ -82,7 +85,7 @@ def synthesize(codec, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     """wav (N,) → codes → mel (1, n_mels, T) through the codec's mel path → vocoder audio (1, N') or None."""
     codes = codec.encode(wav)
     mel = codec.decode_mel(codes, seed=SAMPLE_SEED)
-    audio = codec.components["vocoder"](mel) if codec.has("vocoder") else None
+    audio = codec.vocode(mel) if codec.has("vocoder") else None
     return mel, audio
 
 
@@ -100,12 +103,11 @@ def eval_utterances(cfg) -> list:
     return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
 
 
-def load_eval_audio(cfg, utt) -> torch.Tensor:
-    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (8 SSL frames)."""
+def load_eval_audio(cfg, utt, pro_hop: int) -> torch.Tensor:
+    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (`pro_hop` samples each)."""
     from siren.data.audio import load_audio
-    from siren.models.builders import PRO_DOWNSAMPLE
 
-    hop = cfg.audio.hop_length * PRO_DOWNSAMPLE
+    hop = pro_hop
     wav = load_audio(utt.path, cfg.audio.sample_rate)
     n = min(wav.shape[-1], int(cfg.samples.max_seconds * cfg.audio.sample_rate))
     return wav[: max(hop, n - n % hop)]
@@ -133,7 +135,9 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
     cfg = trainer.cfg
     dev = trainer.device
     utts = eval_utterances(cfg)
-    inputs = [(u, load_eval_audio(cfg, u).to(dev)) for u in utts]
+    geo = getattr(trainer.stage, "geo", None)  # stages without codes (vocoder, distill) cut to whole mel frames
+    pro_hop = geo.pro_hop if geo is not None else cfg.audio.hop_length
+    inputs = [(u, load_eval_audio(cfg, u, pro_hop).to(dev)) for u in utts]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         samples = trainer.stage.render(trainer, trainer.modules, inputs)
     written = []

@@ -28,6 +28,7 @@ from siren import __version__
 from siren.config.loader import dump_config, load_config, to_dict
 from siren.config.schema import SirenConfig
 from siren.errors import SirenError
+from siren.models.builders import component_targets
 from siren.models.io import fingerprint
 from siren.train import checkpoint as ckpt
 from siren.train.batches import BatchStream, ShardedBatches
@@ -438,6 +439,7 @@ class Trainer:
             "run_name": self.run_name,
             "config": to_dict(self.cfg),
             "fingerprints": {n: fingerprint(m) for n, m in self.modules.items()},
+            "targets": component_targets(self.modules, self.cfg),
             "frozen": self.plan.frozen,
             "frozen_fingerprints": self.registry.fingerprints(),
             "trainable": self.plan.trainable_components,

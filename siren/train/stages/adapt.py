@@ -19,15 +19,14 @@ import torch
 from torch import nn
 
 from siren.errors import LayoutMismatch, SirenError
-from siren.models.builders import nominal_bps
+from siren.models.roles import FrameGeometry
 from siren.train.stages.base import Sample, Stage, StepOutput
 from siren.train.stages.common import (
-    PRO_HOP,
-    SEM_HOP,
     analyse,
     code_layout,
     entropy_rate,
     frame_mask,
+    layout_bps,
     load_checkpoint,
     masked_l1,
     masked_mse,
@@ -113,12 +112,14 @@ class TeacherCache:
             tmp.replace(self.path(u.id))
         return len(todo)
 
-    def batch(self, ids: list[str], offsets: torch.Tensor, n_sem: int, n_pro: int, device) -> dict[str, torch.Tensor]:
+    def batch(
+        self, ids: list[str], offsets: torch.Tensor, n_sem: int, n_pro: int, device, geo: FrameGeometry
+    ) -> dict[str, torch.Tensor]:
         """Crop each utterance's cached tensors to the training segment; pad past the end and mark it invalid."""
         out: dict[str, list] = {k: [] for k in (*TEACHER_KEYS, "sem_valid", "pro_valid")}
         for utt_id, off in zip(ids, offsets.tolist(), strict=True):
             t = self.get(utt_id)
-            for stream, hop, n in (("sem", SEM_HOP, n_sem), ("pro", PRO_HOP, n_pro)):
+            for stream, hop, n in (("sem", geo.sem_hop, n_sem), ("pro", geo.pro_hop, n_pro)):
                 start = off // hop
                 for kind in ("latent", "codes"):
                     x = t[f"{stream}_{kind}"][start : start + n]
@@ -162,15 +163,20 @@ class AdaptStage(Stage):
             raise SirenError(
                 f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one"
             )
+        # The adapted checkpoint must rebuild exactly the baseline's classes (foreign targets included).
+        for n in CODEC_PARTS:
+            setattr(self.cfg, n, getattr(base.cfg, n))
         student = load_student(self.cfg)
         fact = base.modules["factorizer"]
-        in_dim = fact.input_dim if hasattr(fact, "input_dim") else self.base_cfg.factorizer.input_dim
+        in_dim = fact.input_dim
         if student.dim != in_dim:
             raise LayoutMismatch(
                 f"student_ssl outputs {student.dim}-d features but the baseline factorizer takes {in_dim}"
             )
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
+        self.geo = FrameGeometry.of(a, fact)
+        self._quantizers = {q: base.modules[q] for q in ("sem_quantizer", "pro_quantizer")}
         mods = {
             "ssl": base.modules["ssl"],
             "student_ssl": student,
@@ -185,7 +191,7 @@ class AdaptStage(Stage):
         return code_layout(modules)
 
     def nominal_bps(self) -> float:
-        return nominal_bps(self.base_cfg)["total"]
+        return layout_bps(self.geo, self._quantizers)
 
     # The two analysis paths ------------------------------------------------------------------------------------------
     def teacher(self, modules, wav: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -241,8 +247,8 @@ class AdaptStage(Stage):
         mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
         mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
         n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
-        t = self.cache.batch(batch["ids"], batch["offsets"], n_sem, n_pro, wav.device)
-        masks = stream_masks(lengths, an)
+        t = self.cache.batch(batch["ids"], batch["offsets"], n_sem, n_pro, wav.device, self.geo)
+        masks = stream_masks(lengths, an, self.geo)
         masks = {"sem": masks["sem"] & t["sem_valid"], "pro": masks["pro"] & t["pro_valid"]}
         q = {s: modules[f"{s}_quantizer"] for s in ("sem", "pro", "spk")}
         terms = {
@@ -257,7 +263,7 @@ class AdaptStage(Stage):
         ent = modules["entropy_model"](
             {"sem": an.sem.codes, "pro": an.pro.codes}, {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)}
         )
-        bits, seconds = entropy_rate(ent, masks)
+        bits, seconds = entropy_rate(ent, masks, self.geo)
         terms["entropy"] = ent.loss.detach()  # logged; the codes are discrete, so it cannot be a gradient path
         loss = w.mel * terms["mel"] + w.latent * terms["latent"] + w.agreement * terms["agreement"]
         from siren.metrics.drift import agreement_counts

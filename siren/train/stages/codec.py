@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from siren.models.builders import build_component, nominal_bps
+from siren.models.builders import build_component
+from siren.models.roles import FrameGeometry
 from siren.train.stages.base import Sample, Stage, StepOutput
 from siren.train.stages.common import (
     FrozenFeatures,
@@ -16,6 +17,7 @@ from siren.train.stages.common import (
     code_layout,
     entropy_rate,
     frame_mask,
+    layout_bps,
     masked_l1,
     stream_codes,
     stream_masks,
@@ -38,13 +40,15 @@ class CodecStage(Stage):
         mods = {"ssl": ssl}
         for n in self.components[1:]:
             mods[n] = build_component(n, self.cfg, ssl_dim=ssl.dim)
+        self.geo = FrameGeometry.of(self.cfg.audio, mods["factorizer"])
+        self._quantizers = {q: mods[q] for q in ("sem_quantizer", "pro_quantizer")}
         return mods
 
     def code_layout(self, modules):
         return code_layout(modules)
 
     def nominal_bps(self) -> float:
-        return nominal_bps(self.cfg)["total"]
+        return layout_bps(self.geo, self._quantizers)
 
     def setup(self, ctx, modules) -> None:
         self.feats.setup(ctx, modules["ssl"])
@@ -60,7 +64,7 @@ class CodecStage(Stage):
         mel_hat = modules["decoder"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
         mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
         mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
-        masks = stream_masks(lengths, an)
+        masks = stream_masks(lengths, an, self.geo)
         ent = modules["entropy_model"](
             {"sem": an.sem.codes.detach(), "pro": an.pro.codes.detach()},
             {"sem": masks["sem"].sum(1), "pro": masks["pro"].sum(1)},
@@ -71,7 +75,7 @@ class CodecStage(Stage):
             "entropy": ent.loss,
         }
         loss = w.mel * terms["mel"] + w.commit * terms["commit"] + w.entropy * terms["entropy"]
-        bits, seconds = entropy_rate(ent, masks)
+        bits, seconds = entropy_rate(ent, masks, self.geo)
         return StepOutput(
             loss=loss,
             terms=terms,

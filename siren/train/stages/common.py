@@ -15,10 +15,9 @@ from siren.config.schema import SirenConfig
 from siren.errors import SirenError
 from siren.models.builders import build_component
 from siren.models.io import fingerprint
+from siren.models.roles import FrameGeometry
 
 log = logging.getLogger("siren")
-
-SEM_HOP, PRO_HOP = 640, 2560  # samples per semantic (25 Hz) and prosody (6.25 Hz) frame
 
 
 def frame_mask(lengths: torch.Tensor, hop: int, num_frames: int) -> torch.Tensor:
@@ -70,10 +69,16 @@ def code_layout(modules: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
     }
 
 
-def stream_masks(lengths: torch.Tensor, an: Analysis) -> dict[str, torch.Tensor]:
+def layout_bps(geo: FrameGeometry, modules: dict[str, nn.Module]) -> float:
+    """Nominal sem + pro bit/s from the quantizers' own layout and the frame geometry."""
+    sq, pq = modules["sem_quantizer"], modules["pro_quantizer"]
+    return geo.sem_rate * sq.num_levels * sq.bits_per_code + geo.pro_rate * pq.num_levels * pq.bits_per_code
+
+
+def stream_masks(lengths: torch.Tensor, an: Analysis, geo: FrameGeometry) -> dict[str, torch.Tensor]:
     return {
-        "sem": frame_mask(lengths, SEM_HOP, an.sem.codes.shape[1]),
-        "pro": frame_mask(lengths, PRO_HOP, an.pro.codes.shape[1]),
+        "sem": frame_mask(lengths, geo.sem_hop, an.sem.codes.shape[1]),
+        "pro": frame_mask(lengths, geo.pro_hop, an.pro.codes.shape[1]),
     }
 
 
@@ -82,10 +87,10 @@ def stream_codes(an: Analysis, masks: dict[str, torch.Tensor]) -> dict[str, tupl
     return {"sem": (an.sem.codes, masks["sem"]), "pro": (an.pro.codes, masks["pro"]), "spk": (an.spk.codes, None)}
 
 
-def entropy_rate(ent, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_rate(ent, masks: dict[str, torch.Tensor], geo: FrameGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """(bits, seconds) over valid frames of the sem and pro streams, as sums (so they can be reduced across ranks)."""
     bits = sum((ent.bits[s] * masks[s].to(ent.bits[s].dtype)).sum() for s in ("sem", "pro"))
-    seconds = masks["sem"].sum().to(torch.float64) * SEM_HOP / 16000
+    seconds = masks["sem"].sum().to(torch.float64) * geo.sem_hop / geo.sample_rate
     return bits.to(torch.float64), seconds
 
 
@@ -166,11 +171,25 @@ def load_checkpoint(uri: str, names: list[str], *, ssl_cfg_from: SirenConfig | N
     if "ssl" in names:
         modules["ssl"] = build_component("ssl", cfg)
         check_ssl_fingerprint(modules["ssl"], meta, cfg.ssl.name, str(path))
-    ssl_dim = None
-    for n in want:
-        modules[n] = build_component(n, cfg, ssl_dim=ssl_dim)
+    for n in want:  # targets are re-imported from the saved config; the weights come from the checkpoint
+        modules[n] = build_component(n, cfg, load_weights=False)
+    check_recorded_classes(modules, meta, str(path))
     load_components(path, {n: modules[n] for n in want})
     return LoadedCheckpoint(path=Path(path), meta=meta, cfg=cfg, modules=modules)
+
+
+def check_recorded_classes(modules: dict[str, nn.Module], meta: dict, where: str) -> None:
+    """The classes rebuilt from a checkpoint's config are the ones its meta.json recorded (`targets`)."""
+    from siren.models.plugins import class_path
+
+    recorded = meta.get("targets") or {}
+    differ = [
+        f"{n}: recorded {recorded[n]['class']}, built {class_path(m)}"
+        for n, m in modules.items()
+        if n in recorded and recorded[n].get("class") != class_path(m)
+    ]
+    if differ:
+        raise SirenError(f"checkpoint {where} was saved from other classes than its config now builds: {differ}")
 
 
 def check_ssl_fingerprint(ssl: nn.Module, meta: dict, name: str, where: str) -> None:

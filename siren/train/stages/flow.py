@@ -6,10 +6,19 @@ import torch
 from torch import nn
 
 from siren.errors import SirenError
-from siren.models.builders import build_component, nominal_bps
+from siren.models.builders import build_component
+from siren.models.roles import FrameGeometry
 from siren.train.stages.adapt import baseline_fingerprint
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import FrozenFeatures, analyse, code_layout, load_checkpoint, stream_codes, stream_masks
+from siren.train.stages.common import (
+    FrozenFeatures,
+    analyse,
+    code_layout,
+    layout_bps,
+    load_checkpoint,
+    stream_codes,
+    stream_masks,
+)
 
 FROZEN_CODEC = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"]
 
@@ -30,10 +39,13 @@ class FlowStage(Stage):
         self.baseline_uri, self.baseline_fingerprint = self.cfg.baseline, baseline_fingerprint(base.meta)
         # Fuser/flow are built with the baseline's latent dims, so they read exactly its quantized latents.
         build_cfg = self.cfg
-        build_cfg.factorizer = base.cfg.factorizer
+        for n in FROZEN_CODEC:  # and its checkpoints rebuild exactly the baseline's classes (foreign targets too)
+            setattr(build_cfg, n, getattr(base.cfg, n))
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
         self.feats = FrozenFeatures(self.cfg)  # on the fly until `setup` attaches the feature cache
+        self.geo = FrameGeometry.of(self.cfg.audio, base.modules["factorizer"])
+        self._quantizers = {q: base.modules[q] for q in ("sem_quantizer", "pro_quantizer")}
         return {
             **base.modules,
             "fuser": build_component("fuser", build_cfg),
@@ -44,10 +56,17 @@ class FlowStage(Stage):
         return code_layout(modules)
 
     def nominal_bps(self) -> float:
-        return nominal_bps(self.base_cfg)["total"]
+        return layout_bps(self.geo, self._quantizers)
 
     def setup(self, ctx, modules) -> None:
         self.feats.setup(ctx, modules["ssl"])
+
+    def to_flow_domain(self, mel, flow):
+        """The front end's mel in the flow's declared mel domain (exact conversion, or an error at the first step)."""
+        from siren.models.mel import MelDomain, convert_mel, domain_of
+
+        src = MelDomain.of_audio(self.cfg.audio)
+        return convert_mel(mel, src, domain_of(flow, src), what="flow")
 
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
@@ -55,8 +74,8 @@ class FlowStage(Stage):
             an = analyse(modules, self.feats(modules["ssl"], batch))
         cond = modules["fuser"](an.sem.quantized, an.pro.quantized, an.spk.quantized)
         mel = self.mel.to(wav.device)(wav)[..., : cond.shape[1]]
-        fm = modules["flow"].loss(mel, cond)
-        masks = stream_masks(lengths, an)
+        fm = modules["flow"].loss(self.to_flow_domain(mel, modules["flow"]), cond)
+        masks = stream_masks(lengths, an, self.geo)
         return StepOutput(
             loss=self.cfg.loss.fm * fm,
             terms={"fm": fm},

@@ -22,13 +22,20 @@ class VocoderStage(Stage):
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
         return {"vocoder": build_component("vocoder", self.cfg)}
 
+    def to_vocoder_domain(self, mel, vocoder):
+        """The front end's mel in the vocoder's declared mel domain (exact conversion, or an error)."""
+        from siren.models.mel import MelDomain, convert_mel, domain_of
+
+        src = MelDomain.of_audio(self.cfg.audio)
+        return convert_mel(mel, src, domain_of(vocoder, src), what="vocoder")
+
     def step(self, modules, batch) -> StepOutput:
         from siren.models.vocoder import multi_resolution_stft_loss
 
         wav, lengths = batch["wav"], batch["lengths"]
         mel_fn = self.mel.to(wav.device)
         mel = mel_fn(wav)
-        wav_hat = modules["vocoder"](mel)
+        wav_hat = modules["vocoder"](self.to_vocoder_domain(mel, modules["vocoder"]))
         n = min(wav_hat.shape[-1], wav.shape[-1])
         stft = multi_resolution_stft_loss(wav_hat[:, :n], wav[:, :n])
         mel_hat = mel_fn(wav_hat[:, :n])
@@ -43,7 +50,7 @@ class VocoderStage(Stage):
 
         out = []
         for utt, wav in utterances:
-            wav_hat = modules["vocoder"](mel_of(self, wav)[None])[0]
+            wav_hat = modules["vocoder"](self.to_vocoder_domain(mel_of(self, wav)[None], modules["vocoder"]))[0]
             out.append(
                 Sample(
                     id=utt.id,
