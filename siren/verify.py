@@ -139,11 +139,7 @@ def run_verify(
         raise LayoutMismatch(f"code layouts differ: adapted {la} vs baseline {lb}")
     th = dict(cfg.verify.thresholds)
     th.update(thresholds or {})
-    if not th:
-        raise VerifyError(
-            f"no thresholds: verify.thresholds in {run}/config is empty and no --threshold was given; a verdict "
-            "without a threshold would pass anything (set e.g. verify.thresholds.min/agreement/sem)"
-        )
+    require_thresholds(th, run)
     check_thresholds(th, expected_metrics(la))  # before the expensive part: a typo fails at once
     manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
     # Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not judged on one voice.
@@ -278,6 +274,15 @@ def run_verify(
     if use_wandb:
         _log_wandb(report, adapted, run, step)
     return report
+
+
+def require_thresholds(th: dict[str, float], run: Path) -> None:
+    """A verdict needs at least one threshold: an empty set would pass anything."""
+    if not th:
+        raise VerifyError(
+            f"no thresholds: verify.thresholds in the config of {run} is empty and no --threshold was given; a "
+            "verdict without a threshold would pass anything (set e.g. verify.thresholds.min/agreement/sem)"
+        )
 
 
 def expected_metrics(layout: dict[str, tuple[int, int]]) -> set[str]:

@@ -178,13 +178,19 @@ def test_decoder_side_loads_no_ssl_and_checks_the_flow(pipeline, corpus_dir):
     # a flow that reads another code language is refused, naming both checkpoints
     meta_path = next((pipeline / "flow" / "checkpoints").glob("step_*")) / "meta.json"
     meta = json.loads(meta_path.read_text())
-    bad = {**meta, "fingerprints": {**meta["fingerprints"], "sem_quantizer": "0" * 64}}
-    meta_path.write_text(json.dumps(bad))
-    try:
-        with pytest.raises(SirenError, match="another code language"):
-            Codec.from_checkpoint(str(pipeline / "adapt"))
-    finally:
-        meta_path.write_text(json.dumps(meta))
+    assert meta["code_language"] and meta["consumed"]["baseline"]["path"].endswith("step_30")
+    old_style = {k: v for k, v in meta.items() if k != "code_language"}  # a flow from before code languages
+    for bad, pattern in (
+        ({**meta, "code_language": "0" * 64}, "reads code language 000000000000"),
+        ({**old_style, "fingerprints": {**meta["fingerprints"], "sem_quantizer": "0" * 64}}, "another code language"),
+    ):
+        meta_path.write_text(json.dumps(bad))
+        try:
+            with pytest.raises(SirenError, match=pattern) as info:
+                Codec.from_checkpoint(str(pipeline / "adapt"))
+            assert str(meta_path.parent) in str(info.value) and "adapt" in str(info.value)  # names both
+        finally:
+            meta_path.write_text(json.dumps(meta))
 
 
 DECODE_ELSEWHERE = """

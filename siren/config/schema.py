@@ -211,6 +211,7 @@ class TrackingConfig:
     run_name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    upload_trainer_state: bool = False  # checkpoint artifacts carry optimizer/trainer state only when true
 
 
 @dataclass

@@ -115,7 +115,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-        self.cfg, self.init_from, self.run_dir = cfg, init_from, Path(cfg.run_dir)
+        self.cfg, self.init_from, self.run_dir, self.fresh = cfg, init_from, Path(cfg.run_dir), fresh
         t = cfg.train
         # mixed_precision None: the launcher's setting (accelerate config / ACCELERATE_MIXED_PRECISION) applies.
         # The scheduler steps once per optimizer step, not once per process (see siren.train.optim).
@@ -214,7 +214,11 @@ class Trainer:
             self.ctx, self.stage, lambda: self._make_dataset(cfg.data.val, train=False), t.batch_size
         )
         samples = SamplesHook(cfg, self.stage, self.modules, acc.device, self.tracker, self.core, self.pipeline_paths)
-        share = ShareHook(self.tracker, self.stage.name, self.run_name, cfg.tracking.project)
+        share = ShareHook(
+            self.tracker, self.stage.name, self.run_name, cfg.tracking.project, cfg.tracking.upload_trainer_state
+        )
+        if self.is_main:
+            share.claim_name(self.run_dir)
         window = self.step_metrics.window
         self.checkpoint = CheckpointHook(
             self.run_dir,
@@ -361,7 +365,7 @@ class Trainer:
 
     def _archive_previous(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in ("checkpoints", "metrics.jsonl", "baseline_profile.json"):
+        for name in ("checkpoints", "metrics.jsonl", "baseline_profile.json", "wandb_run_id"):
             p = self.run_dir / name
             if p.exists():
                 p.rename(self.run_dir / f"{name}.before-fresh-{stamp}")
@@ -469,9 +473,11 @@ class Trainer:
                 log.info("dropped %d metrics.jsonl lines logged after step %d", dropped, self.resume_step)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         tc = self.cfg.tracking
-        resume_id = self.resume_meta.get("wandb", {}).get("id")
-        if resume_id is None and (self.run_dir / "wandb_run_id").is_file():
-            resume_id = (self.run_dir / "wandb_run_id").read_text().strip()
+        # `--fresh` is a new W&B run; otherwise the run this directory has been logging to, rewound to the resume step.
+        resume_id = None if self.fresh else self.resume_meta.get("wandb", {}).get("id")
+        id_file = self.run_dir / "wandb_run_id"
+        if resume_id is None and not self.fresh and id_file.is_file():
+            resume_id = id_file.read_text().strip()
         tracker = Tracker(
             self.run_dir,
             project=tc.project,
@@ -483,6 +489,7 @@ class Trainer:
             config=to_dict(self.cfg),
             job_type=self.stage.name,
             resume_id=resume_id,
+            rewind_to=self.resume_step if resume_id else None,
         )
         if tracker.run_id:
             (self.run_dir / "wandb_run_id").write_text(tracker.run_id)
