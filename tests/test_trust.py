@@ -155,8 +155,11 @@ def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
             check=True,
         )
         recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-        run = next(x["run"] for x in recs if x.get("type") == "run")
-        out.append((run["start_time"], recs))
+        runs = [x["run"] for x in recs if x.get("type") == "run"]
+        if not runs:  # a process killed before W&B wrote anything to its file: nothing there to upload
+            assert not any(x.get("type") == "history" for x in recs)
+            continue
+        out.append((runs[0]["start_time"], recs))
     return sorted(out, key=lambda t: t[0])
 
 
