@@ -399,8 +399,18 @@ def main() -> int:
         from bench_codebooks import run as bench_codebooks_run  # large implicit codebooks (issue 12)
 
         codebooks = bench_codebooks_run()
+        from bench_frozen_check import run as bench_frozen_run  # frozen/ok every step (issue 13)
+
+        frozen = bench_frozen_run(work, corpus, teacher)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
+        (
+            f"frozen/ok check every step ÷ step time ({frozen['frozen_tensors']} frozen tensors, "
+            f"{frozen['check_ms']:.3f} ms vs {frozen['step_ms']:.0f} ms/step on {frozen['device']}; full sha256 "
+            f"{frozen['sha256_ms']:.0f} ms at checkpoints only)",
+            f"{100 * frozen['check_over_step']:.3f} %",
+            "≤ 0.5 %",
+        ),
         *[
             (
                 f"trainer step ÷ bare PyTorch loop (adapt, tiny, batch {t['batch']} × 2 s, {t['step_ms']:.0f} ms/step; "

@@ -249,9 +249,17 @@ def wandb_is_online() -> bool:
 
 
 def log_checkpoint_artifact(
-    run: Any, step_dir: str | os.PathLike[str], name: str, aliases: Sequence[str], metadata: Mapping[str, Any]
+    run: Any,
+    step_dir: str | os.PathLike[str],
+    name: str,
+    aliases: Sequence[str],
+    metadata: Mapping[str, Any],
+    include_trainer_state: bool = False,
 ) -> bool:
     """Log `step_dir` as a `checkpoint` artifact on `run` (offline: recorded for `wandb sync`). True on success.
+
+    The artifact holds `components/`, `meta.json` and `samples/` (what a consumer loads and listens to); `trainer/`
+    (optimizer, scheduler, RNG: several times the weights) only with `include_trainer_state`.
 
     W&B never stops training: any error is logged as a warning and reported by returning False.
     """
@@ -259,7 +267,11 @@ def log_checkpoint_artifact(
 
     try:
         artifact = wandb.Artifact(name, type="checkpoint", metadata=dict(metadata))
-        artifact.add_dir(os.fspath(step_dir))
+        root = Path(step_dir)
+        artifact.add_file(os.fspath(root / "meta.json"), name="meta.json")
+        for sub in ("components", "samples") + (("trainer",) if include_trainer_state else ()):
+            if (root / sub).is_dir():
+                artifact.add_dir(os.fspath(root / sub), name=sub)
         run.log_artifact(artifact, aliases=list(aliases))
     except Exception as exc:  # noqa: BLE001 - deliberately broad: W&B failures are reported, never fatal
         logger.warning(

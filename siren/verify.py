@@ -28,6 +28,7 @@ class VerifyError(SirenError):
 
 def _load(run: Path, step: int):
     from siren.artifacts import CheckpointNotFound
+    from siren.lineage import check_ssl_matches, code_language_id, resolve_recorded, verified_code_language
     from siren.train.checkpoint import list_steps, read_meta, step_dir
     from siren.train.stages.adapt import baseline_fingerprint
     from siren.train.stages.common import load_checkpoint
@@ -43,21 +44,32 @@ def _load(run: Path, step: int):
         raise VerifyError(
             f"{sd} is a {meta['stage']!r} checkpoint; verify checks an adapt checkpoint against its baseline"
         )
-    base_uri = (meta.get("baseline") or {}).get("uri")
-    if not base_uri:
+    base_rec = meta.get("baseline") or {}
+    base_uri = base_rec.get("uri")
+    if not base_uri and not base_rec.get("path"):
         raise VerifyError(f"{sd}/meta.json names no baseline")
     adapted = load_checkpoint(
         str(sd),
         ["student_ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"],
     )
+    # The step dir the adapt run actually used (recorded), not whatever the URI names today (DESIGN §19).
+    base_path = resolve_recorded(base_rec, "baseline", f"{sd}/meta.json")
     try:
         base = load_checkpoint(
-            base_uri,
+            str(base_path),
             ["ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"],
             ssl_cfg_from=adapted.cfg,
         )
     except (CheckpointNotFound, FileNotFoundError) as exc:
-        raise VerifyError(f"the baseline {base_uri} recorded in {sd}/meta.json cannot be found: {exc}") from exc
+        raise VerifyError(f"the baseline {base_path} recorded in {sd}/meta.json cannot be loaded: {exc}") from exc
+    check_ssl_matches(adapted.cfg, base.meta, str(base.path))
+    for ck in (adapted, base):
+        verified_code_language(ck.modules, ck.meta, str(ck.path))
+    if code_language_id(adapted.modules) != code_language_id(base.modules):
+        raise VerifyError(
+            f"{sd} speaks another code language than its baseline {base.path}: its quantizers or entropy model are "
+            "not the baseline's (they must stay frozen in adapt)"
+        )
     want = meta["baseline"].get("fingerprint")
     if want and baseline_fingerprint(base.meta) != want:
         raise VerifyError(
@@ -73,15 +85,18 @@ def _load(run: Path, step: int):
 
 def _codecs(adapted, base) -> tuple[dict, list[str]]:
     """The adapted and baseline `Codec`s, sharing the pipeline checkpoints named in the adapted config."""
+    from siren.lineage import resolve_recorded
     from siren.models.codec import Codec, _check_code_language
     from siren.train.stages.common import load_checkpoint
 
     cfg = adapted.cfg
     pipe = {}
+    consumed = adapted.meta.get("consumed", {})
     for which, names in (("flow", ["fuser", "flow"]), ("vocoder", ["vocoder"])):
-        uri = getattr(cfg.pipeline, which)
+        rec = consumed.get(f"pipeline.{which}")
+        uri = resolve_recorded(rec, f"pipeline.{which}", str(adapted.path)) if rec else getattr(cfg.pipeline, which)
         if uri:
-            ck = load_checkpoint(uri, names)
+            ck = load_checkpoint(str(uri), names)
             if which == "flow":
                 _check_code_language(adapted.modules, ck, str(adapted.path))
             for m in ck.modules.values():
@@ -111,6 +126,7 @@ def run_verify(
     use_wandb: bool = True,
 ) -> dict:
     from siren.data.audio import load_audio, save_audio
+    from siren.data.datasets import speaker_balanced_subset
     from siren.data.manifest import Utterance, read_manifest
     from siren.metrics.codebook import entropy_bits, histogram, level_names
     from siren.metrics.drift import js_divergence_bits
@@ -127,12 +143,19 @@ def run_verify(
         raise LayoutMismatch(f"code layouts differ: adapted {la} vs baseline {lb}")
     th = dict(cfg.verify.thresholds)
     th.update(thresholds or {})
+    require_thresholds(th, run)
     check_thresholds(th, expected_metrics(la))  # before the expensive part: a typo fails at once
     manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
-    utts = read_manifest(manifest)[: cfg.verify.max_utts]
+    # Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not judged on one voice.
+    utts = speaker_balanced_subset(read_manifest(manifest), cfg.verify.max_utts, seed=0)
+    if not utts:
+        raise VerifyError(f"the eval manifest {manifest} holds no utterance")
     if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
         utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
     codecs, pipe = _codecs(adapted, base)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the accelerator when there is one
+    for c in codecs.values():
+        c.to(device)
     a = cfg.audio
     mel_fn = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
     out_dir = run / "verify" / f"step_{step}"
@@ -167,7 +190,7 @@ def run_verify(
         with torch.no_grad():
             for w, codec in codecs.items():
                 c = codes[w]
-                ent = codec.components["entropy_model"]({"sem": c.sem, "pro": c.pro})
+                ent = codec.components["entropy_model"]({"sem": c.sem.to(device), "pro": c.pro.to(device)})
                 bits[w] += float(ent.total_bits["sem"].sum() + ent.total_bits["pro"].sum())
                 if can_range_code(codec.components["entropy_model"]):  # a rate-only model has no real bitstream
                     enc = codec.to_bytes(c)
@@ -178,8 +201,8 @@ def run_verify(
                 for s in la:
                     hist[w][s] = hist[w][s] + histogram(getattr(c, s), None, la[s][0])
                 mel = codec.decode_mel(c)
-                audio = codec.vocode(mel) if codec.has("vocoder") else None
-                res[w] = (c, mel, audio)
+                audio = codec.vocode(mel).cpu() if codec.has("vocoder") else None
+                res[w] = (c, mel.cpu(), audio)
             seconds += n / a.sample_rate
         for s in la:
             ca, cb = getattr(res["adapted"][0], s), getattr(res["baseline"][0], s)
@@ -259,6 +282,15 @@ def run_verify(
     if use_wandb:
         _log_wandb(report, adapted, run, step)
     return report
+
+
+def require_thresholds(th: dict[str, float], run: Path) -> None:
+    """A verdict needs at least one threshold: an empty set would pass anything."""
+    if not th:
+        raise VerifyError(
+            f"no thresholds: verify.thresholds in the config of {run} is empty and no --threshold was given; a "
+            "verdict without a threshold would pass anything (set e.g. verify.thresholds.min/agreement/sem)"
+        )
 
 
 def expected_metrics(layout: dict[str, tuple[int, int]]) -> set[str]:
@@ -366,7 +398,47 @@ def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
 
 
 def verify_cli(args) -> int:
+    """Exit 0 = pass, 1 = a threshold failed, 2 = anything else went wrong (never a pass or a fail by accident)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return guarded_verdict(lambda: _verify_cli(args))
+
+
+def guarded_verdict(fn) -> int:
+    """Run `fn` (returning 0 or 1) so that every other outcome is exit 2: SIREN errors, unexpected exceptions,
+    out-of-memory, Ctrl-C and SIGTERM. A verdict is only ever what the thresholds said."""
+    import signal
+    import traceback
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _term) if _main_thread() else None
+    try:
+        code = fn()
+        if code not in (EXIT_PASS, EXIT_FAIL, EXIT_ERROR):
+            print(f"error: verify returned {code!r}, not a verdict", flush=True)
+            return EXIT_ERROR
+        return code
+    except (SirenError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", flush=True)
+    except KeyboardInterrupt as exc:
+        print(f"error: verify was interrupted ({exc or 'Ctrl-C'}); no verdict", flush=True)
+    except BaseException as exc:  # OOM, bugs, anything: an error verdict, with its traceback for the report
+        traceback.print_exc()
+        print(f"error: verify crashed: {type(exc).__name__}: {exc}; no verdict", flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return EXIT_ERROR
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _verify_cli(args) -> int:
     thresholds = {}
     for t in args.threshold:
         if "=" not in t:
@@ -378,13 +450,11 @@ def verify_cli(args) -> int:
         except ValueError:
             print(f"error: --threshold {k}: {v!r} is not a number")
             return EXIT_ERROR
-    try:
-        report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb)
-    except (SirenError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}")
-        return EXIT_ERROR
+    report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb)
     print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
     print(f"report: {Path(args.run) / 'verify' / f'step_{args.step}' / 'report.md'}")
+    if not report["checks"]:  # run_verify refuses an empty threshold set; a report without checks is no pass
+        raise VerifyError("the report holds no threshold check")
     return EXIT_PASS if report["passed"] else EXIT_FAIL
 
 

@@ -226,6 +226,9 @@ def disable(name: str, monkeypatch=None) -> None:
             raise AttributeError(f"{target} does not exist: the control for {name!r} is stale")
         if replacement == "unwrap":  # a decorated method: put back the undecorated function
             replacement = getattr(owner, attr).__wrapped__
+        if replacement is _fsq_even_grid:
+            global _REAL_FSQ_INIT
+            _REAL_FSQ_INIT = _REAL_FSQ_INIT or getattr(owner, attr)
         if replacement is _last_micro_batch_only:
             global _REAL_ADD
             _REAL_ADD = _REAL_ADD or getattr(owner, attr)
@@ -283,3 +286,55 @@ def inject(spec: str) -> None:
     if name not in FAULTS:
         raise KeyError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
     FAULTS[name](arg)
+
+
+# ------------------------------------------------------------------------------------------- issue 13: trust controls
+def _state_dict_only(module):
+    """The code language over the state dict alone: non-persistent grid constants (FSQ levels, scales) left out."""
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def _guard_never_checks(self):
+    return True  # frozen/ok stays 1 between checkpoints whatever happened
+
+
+def _naive_verdict(fn):
+    """Only SIREN's own errors map to exit 2; anything else escapes as a traceback (exit 1, read as a FAIL)."""
+    from siren.errors import SirenError
+
+    try:
+        return fn()
+    except SirenError:
+        return 2
+
+
+def _naive_init_run(self, wandb, common, resume_id, rewind_to):
+    """Resume by id only: W&B keeps the killed process's steps after the checkpoint and drops the re-logged ones."""
+    if resume_id is None:
+        return wandb.init(**common)
+    return wandb.init(id=resume_id, resume="allow", **common)
+
+
+def _fsq_even_grid(self, levels):
+    """FSQ with another grid: every level count rounded up to even (a changed grid constant)."""
+    _REAL_FSQ_INIT(self, [lv + lv % 2 for lv in levels])
+
+
+_REAL_FSQ_INIT = None
+
+
+def _no_claim(self, run_dir):
+    return None
+
+
+MECHANISMS.update(
+    {
+        "code_language_grid_constants": [("siren.lineage:_all_tensors", _state_dict_only)],
+        "frozen_step_check": [("siren.train.frozen_guard:FrozenGuard.check", _guard_never_checks)],
+        "verify_exit_guard": [("siren.verify:guarded_verdict", _naive_verdict)],
+        "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
+        "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],
+        "fsq_grid": [("siren.models.quantizers:FSQ.__init__", _fsq_even_grid)],
+        "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
+    }
+)

@@ -178,13 +178,19 @@ def test_decoder_side_loads_no_ssl_and_checks_the_flow(pipeline, corpus_dir):
     # a flow that reads another code language is refused, naming both checkpoints
     meta_path = next((pipeline / "flow" / "checkpoints").glob("step_*")) / "meta.json"
     meta = json.loads(meta_path.read_text())
-    bad = {**meta, "fingerprints": {**meta["fingerprints"], "sem_quantizer": "0" * 64}}
-    meta_path.write_text(json.dumps(bad))
-    try:
-        with pytest.raises(SirenError, match="another code language"):
-            Codec.from_checkpoint(str(pipeline / "adapt"))
-    finally:
-        meta_path.write_text(json.dumps(meta))
+    assert meta["code_language"] and meta["consumed"]["baseline"]["path"].endswith("step_30")
+    old_style = {k: v for k, v in meta.items() if k != "code_language"}  # a flow from before code languages
+    for bad, pattern in (
+        ({**meta, "code_language": "0" * 64}, "reads code language 000000000000"),
+        ({**old_style, "fingerprints": {**meta["fingerprints"], "sem_quantizer": "0" * 64}}, "another code language"),
+    ):
+        meta_path.write_text(json.dumps(bad))
+        try:
+            with pytest.raises(SirenError, match=pattern) as info:
+                Codec.from_checkpoint(str(pipeline / "adapt"))
+            assert str(meta_path.parent) in str(info.value) and "adapt" in str(info.value)  # names both
+        finally:
+            meta_path.write_text(json.dumps(meta))
 
 
 DECODE_ELSEWHERE = """
@@ -341,3 +347,41 @@ def test_profile_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
     # The cached profile of the adapt run is this same computation on the same baseline: histograms agree.
     cached = json.loads((pipeline / "adapt" / "baseline_profile.json").read_text())
     assert cached["histograms"]["sem"] == prof["histograms"]["sem"]
+
+
+def test_adapt_refuses_a_flow_of_another_code_language_before_training(pipeline, corpus_dir, teacher_dir, tmp_path):
+    """The seed's failure made impossible: a flow trained on another baseline's codes is refused at start (before
+    step 1, samples on or off), naming the baseline step dir and the flow checkpoint."""
+    from siren.lineage import CodeLanguageMismatch
+
+    other = tmp_path / "other_flow"
+    shutil.copytree(pipeline / "flow", other)
+    meta_path = next((other / "checkpoints").glob("step_*")) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "code_language": "f" * 64}))
+    cfg = stage_config(
+        "adapt",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "adapt",
+        baseline=str(pipeline / "codec"),
+        **{"student_ssl.path": str(pipeline / "distill"), "pipeline.flow": str(other), "samples.enabled": "false"},
+    )
+    with pytest.raises(CodeLanguageMismatch) as info:
+        Trainer(cfg)
+    msg = str(info.value)
+    assert str(meta_path.parent) in msg and str(pipeline / "codec" / "checkpoints" / "step_30") in msg, msg
+    assert not (tmp_path / "adapt" / "checkpoints").exists() or not list((tmp_path / "adapt" / "checkpoints").iterdir())
+    # the right flow is accepted and recorded by its resolved step dir
+    good = stage_config(
+        "adapt",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "adapt_ok",
+        baseline=str(pipeline / "codec"),
+        **{"student_ssl.path": str(pipeline / "distill"), "pipeline.flow": str(pipeline / "flow")},
+    )
+    t = Trainer(good)
+    assert t.consumed["pipeline.flow"]["path"] == str(next((pipeline / "flow" / "checkpoints").glob("step_*")))
+    assert t.consumed["baseline"]["path"].endswith("step_30") and t.consumed["student_ssl"]["fingerprint"]
+    t.finish()

@@ -286,6 +286,7 @@ def test_frozen_weight_changed_during_training_is_a_hard_error(corpus_dir, teach
             "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
             "train.max_steps": 4,
             "train.checkpoint_every": 4,
+            "train.frozen_check_every": 0,  # the sha256 at checkpoints alone (the per-step check: test_trust.py)
         },
     )
     trainer = Trainer(cfg)

@@ -191,6 +191,8 @@ class TrainConfig:
     codebook_window: int = 50
     min_free_mb: int = 200
     status_every: int = 50  # off a terminal: one status line every N steps (rank 0)
+    # frozen/ok: cheap on-device checksum of every frozen tensor every N steps (0: only the sha256 at checkpoints)
+    frozen_check_every: int = 1
     hang_timeout_s: float | None = 1800.0  # a step or hook unfinished after this long dumps stacks and exits; null: off
 
 
@@ -233,6 +235,7 @@ class TrackingConfig:
     run_name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    upload_trainer_state: bool = False  # checkpoint artifacts carry optimizer/trainer state only when true
 
 
 @dataclass
@@ -254,7 +257,7 @@ class SamplesConfig:
 @dataclass
 class VerifyConfig:
     data: str | None = None
-    max_utts: int = 8
+    max_utts: int = 64  # speaker-balanced subset of the eval manifest
     thresholds: dict[str, float] = field(default_factory=dict)
     real_clip: str | None = "/usr/share/codec2/raw/speech_orig_16k.wav"
 

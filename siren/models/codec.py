@@ -155,6 +155,9 @@ class Codec(nn.Module):
         ck = load_checkpoint(str(path), names)
         cfg = ck.cfg
         mods = dict(ck.modules)
+        from siren.lineage import verified_code_language
+
+        verified_code_language(mods, meta, str(ck.path))  # rebuilt grid constants = the ones it was trained with
         if use_pipeline:
             flow = flow or cfg.pipeline.flow
             vocoder = vocoder or cfg.pipeline.vocoder
@@ -423,13 +426,10 @@ class Codec(nn.Module):
 
 
 def _check_code_language(mods: dict[str, nn.Module], flow_ck, codec_path: str) -> None:
-    """The flow checkpoint reads the codes of exactly these quantizers (DESIGN §19), or this raises."""
+    """The flow checkpoint reads the code language of exactly these quantizers and entropy model, grid constants
+    included (DESIGN §19), or this raises naming both checkpoints (`CodeLanguageMismatch`)."""
+    from siren.lineage import check_flow_reads, code_language_id
     from siren.models.io import fingerprint
 
-    recorded = flow_ck.meta.get("fingerprints", {})
-    differ = [n for n in CODE_LANGUAGE if n in recorded and recorded[n] != fingerprint(mods[n])]
-    if differ:
-        raise SirenError(
-            f"the flow checkpoint {flow_ck.path} reads another code language than {codec_path}: "
-            f"{', '.join(differ)} differ; use the flow trained on this codec's codes"
-        )
+    fps = {n: fingerprint(mods[n]) for n in CODE_LANGUAGE}
+    check_flow_reads(code_language_id(mods), codec_path, flow_ck.meta, str(flow_ck.path), fps)

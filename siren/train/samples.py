@@ -2,8 +2,9 @@
 
 A fixed list of eval utterances is rendered through the inference pipeline (factorizer → quantizers → fuser → flow →
 vocoder; `pipeline.flow` and `pipeline.vocoder` name the checkpoints) and written to `step_N/samples/` as wavs and mel
-PNGs; with W&B on, one aligned `wandb.Table` per checkpoint. A pipeline checkpoint that is missing is reported once and
-the samples that need it are skipped — never faked.
+PNGs; with W&B on, one aligned `wandb.Table` per checkpoint. The trainer resolves the pipeline checkpoints before step 1
+(a missing or unloadable one is an error then, never a silently skipped or substituted sample) and they are loaded from
+the step dirs it recorded. An unset `pipeline.*` renders what the stage can without it, and says so in the file names.
 """
 
 from __future__ import annotations
@@ -25,24 +26,18 @@ def load_pipeline(trainer, which: str) -> nn.Module | dict[str, nn.Module] | Non
         return cache[which]
     from siren.train.stages.common import load_checkpoint
 
-    uri = getattr(trainer.cfg.pipeline, which)
+    uri = trainer.pipeline_paths.get(which) or getattr(trainer.cfg.pipeline, which)
     own = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}[which]
     result = None
     if all(n in trainer.modules for n in own):  # the stage trains these itself: render with the live weights
         result = trainer.modules["vocoder"] if which == "vocoder" else {n: trainer.modules[n] for n in own}
     elif uri is None:
-        log.warning("samples: pipeline.%s is not set; samples that need %s are skipped", which, "/".join(own))
-    else:
-        try:
-            ck = load_checkpoint(uri, list(own))
-        except (FileNotFoundError, RuntimeError) as exc:
-            log.warning(
-                "samples: pipeline.%s=%s cannot be loaded (%s); samples that need it are skipped", which, uri, exc
-            )
-        else:
-            for m in ck.modules.values():
-                m.to(trainer.device).eval().requires_grad_(False)
-            result = ck.modules["vocoder"] if which == "vocoder" else ck.modules
+        log.warning("samples: pipeline.%s is not set; samples render without %s", which, "/".join(own))
+    else:  # a failure here is an error: the trainer checked this checkpoint before step 1
+        ck = load_checkpoint(str(uri), list(own))
+        for m in ck.modules.values():
+            m.to(trainer.device).eval().requires_grad_(False)
+        result = ck.modules["vocoder"] if which == "vocoder" else ck.modules
     cache[which] = result
     return result
 
@@ -98,7 +93,9 @@ def eval_utterances(cfg) -> list:
         by_id = {u.id: u for u in utts}
         missing = [i for i in cfg.samples.utterances if i not in by_id]
         if missing:
-            raise ValueError(f"samples.utterances names ids not in the manifest: {missing}")
+            from siren.errors import SirenError
+
+            raise SirenError(f"samples.utterances names ids not in {cfg.data.val or cfg.data.train}: {missing}")
         return [by_id[i] for i in cfg.samples.utterances]
     return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
 
@@ -176,9 +173,19 @@ class SamplesHook:
     """Renders the eval utterances at a checkpoint (rank 0). It is what a stage's `render` receives as `renderer`:
     the config, the device, the live modules and the pipeline checkpoints it loaded (cached for the run)."""
 
-    def __init__(self, cfg, stage, modules: dict[str, nn.Module], device: torch.device, tracker, trainable_root):
+    def __init__(
+        self,
+        cfg,
+        stage,
+        modules: dict[str, nn.Module],
+        device: torch.device,
+        tracker,
+        trainable_root,
+        pipeline_paths: dict[str, Path] | None = None,
+    ):
         self.cfg, self.stage, self.modules, self.device, self.tracker = cfg, stage, modules, device, tracker
         self._root = trainable_root
+        self.pipeline_paths = dict(pipeline_paths or {})
 
     def __call__(self, out_dir: Path, step: int) -> None:
         if not self.cfg.samples.enabled:

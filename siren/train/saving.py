@@ -56,9 +56,12 @@ class CheckpointHook:
         self.registry.check_frozen()
         self.frozen_ok = 1.0
 
-    def __call__(self, step: int, metrics: dict[str, float], consider_best: bool = True) -> Path | None:
+    def __call__(
+        self, step: int, metrics: dict[str, float], consider_best: bool = True, frozen_checked: bool = False
+    ) -> Path | None:
         acc = self.accelerator
-        self.check_frozen()
+        if not frozen_checked:  # the trainer checks (and logs frozen/ok) before it calls the hook
+            self.check_frozen()
         is_main = acc.is_main_process
         tmp = ckpt.checkpoints_dir(self.run_dir) / f".tmp-step_{step}"
         if is_main:

@@ -107,6 +107,7 @@ class Tracker(NullTracker):
         config: dict,
         job_type: str,
         resume_id: str | None = None,
+        rewind_to: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -114,6 +115,7 @@ class Tracker(NullTracker):
         self.mode = wandb_mode(mode)
         self.run = None
         self.run_id = resume_id
+        self._rewound = False  # set when a resumed run was rewound: its history is then replayed from metrics.jsonl
         self._jsonl = open(self.metrics_path, "a")
         if self.mode == "disabled":
             return
@@ -121,7 +123,7 @@ class Tracker(NullTracker):
             import wandb
 
             (self.run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
+            common = dict(
                 project=project,
                 entity=entity,
                 name=run_name,
@@ -131,11 +133,12 @@ class Tracker(NullTracker):
                 job_type=job_type,
                 dir=str(self.run_dir),
                 mode=self.mode,
-                id=resume_id,
-                resume="allow" if resume_id else None,
                 reinit="create_new",  # never hand back another (e.g. abandoned) run of this process
                 settings=wandb.Settings(console="off", x_disable_stats=True),
             )
+            self.run = self._init_run(wandb, common, resume_id, rewind_to)
+            if self._rewound:
+                self._replay(rewind_to)
             self.run_id = self.run.id
             self.entity = self.entity or (self.run.entity if self.mode == "online" else None)
         except Exception as exc:  # W&B must never stop training (DESIGN §7)
@@ -144,6 +147,51 @@ class Tracker(NullTracker):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._drain, name="siren-wandb", daemon=True)
         self._worker.start()
+
+    def _init_run(self, wandb, common: dict, resume_id: str | None, rewind_to: int | None):
+        """A new run, or the same run continued. A resumed run is *rewound* (`resume_from="<id>?_step=0"`) and the
+        history metrics.jsonl keeps (up to the checkpoint it resumes from, `rewind_to`) is logged again: a killed
+        process loses whatever W&B had not yet written to its offline file — in practice seconds of steps *before*
+        its last checkpoint too — so rewinding to the checkpoint alone leaves holes. Offline, the rewind is
+        recorded in the new offline-run dir (same run id) and applied when `wandb sync` uploads the dirs in start
+        order. A server that refuses rewinds (online) gets a plain resume, and what W&B then shows is printed once."""
+        if resume_id is None:
+            return wandb.init(**common)
+        if rewind_to is None:
+            return wandb.init(id=resume_id, resume="allow", **common)
+        try:
+            run = wandb.init(resume_from=f"{resume_id}?_step=0", **common)
+            self._rewound = True
+            log.info(
+                "W&B run %s rewound and its history replayed from %s up to step %d (the checkpoint resumed from); "
+                "what the interrupted process logged after it is dropped",
+                resume_id,
+                self.metrics_path,
+                rewind_to,
+            )
+            return run
+        except Exception as exc:
+            if self.mode != "online":
+                raise
+            log.warning(
+                "W&B refused to rewind run %s to step %d (%r): resuming it instead. W&B keeps the values the "
+                "interrupted run logged for steps after %d and ignores the re-logged ones (steps must increase); "
+                "metrics.jsonl in %s holds the resumed run's values",
+                resume_id,
+                rewind_to,
+                exc,
+                rewind_to,
+                self.run_dir,
+            )
+            return wandb.init(id=resume_id, resume="allow", **common)
+
+    def _replay(self, last_step: int) -> None:
+        """Log metrics.jsonl's rows (already cut at `last_step`) into the rewound run, in order."""
+        for row in read_metrics(self.metrics_path):
+            step = int(row.pop("step"))
+            if step > last_step:
+                break
+            self.run.log({k: float(v) if isinstance(v, str) else v for k, v in row.items()}, step=step)
 
     def _drain(self) -> None:
         """The W&B thread: log payloads in order; the first failure disables W&B (a warning, never an exception)."""

@@ -27,13 +27,14 @@ from torch import nn
 from siren import __version__
 from siren.config.loader import dump_config, load_config, to_dict
 from siren.config.schema import SirenConfig
-from siren.errors import SirenError
+from siren.errors import FrozenViolation, SirenError
 from siren.models.builders import component_targets
 from siren.models.io import fingerprint
 from siren.train import checkpoint as ckpt
 from siren.train.batches import BatchStream, ShardedBatches
 from siren.train.context import StageContext
 from siren.train.evaluation import Evaluator
+from siren.train.frozen_guard import FrozenGuard
 from siren.train.optim import Updater, lr_factor
 from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
@@ -115,7 +116,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-        self.cfg, self.init_from, self.run_dir = cfg, init_from, Path(cfg.run_dir)
+        self.cfg, self.init_from, self.run_dir, self.fresh = cfg, init_from, Path(cfg.run_dir), fresh
         t = cfg.train
         # mixed_precision None: the launcher's setting (accelerate config / ACCELERATE_MIXED_PRECISION) applies.
         # The scheduler steps once per optimizer step, not once per process (see siren.train.optim).
@@ -138,6 +139,7 @@ class Trainer:
         set_seed(t.seed)
         self.stage = stage or make_stage(cfg)
         self.modules = self.stage.build()
+        self.consumed: dict[str, dict] = dict(self.stage.consumed)
         self.resume_step = 0 if fresh else (ckpt.latest_step(self.run_dir) or 0)
         self.resume_meta: dict = {}
         if self.resume_step:
@@ -145,6 +147,12 @@ class Trainer:
             ckpt.load_components(ckpt.step_dir(self.run_dir, self.resume_step), self._saved_modules())
         elif init_from:
             self._init_from(init_from, init_components)
+
+        # Lineage (DESIGN §19): pipeline checkpoints resolved, recorded and checked against this codec's code language,
+        # and the eval files the samples read, all before step 1.
+        self.pipeline_paths = self._preflight_pipeline()
+        if cfg.samples.enabled and self.is_main:
+            self._preflight_samples()
 
         # Freezing (DESIGN §5): the registry decides what trains; everything else is pinned frozen.
         self.registry = Registry(self.modules)
@@ -168,6 +176,8 @@ class Trainer:
         self.core, self.optimizer, self.scheduler = acc.prepare(core, optimizer, scheduler)
         assert_optimizer_excludes_frozen(self.optimizer, self.registry)
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
+        self.frozen_guard = FrozenGuard({p: self.registry.module(p) for p in self.plan.frozen})
+        self.frozen_ok = 1.0
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.updater = Updater(self.optimizer, self.scheduler, params, t.max_grad_norm, scaler=acc.scaler)
 
@@ -205,8 +215,12 @@ class Trainer:
         self.evaluate = Evaluator(
             self.ctx, self.stage, lambda: self._make_dataset(cfg.data.val, train=False), t.batch_size
         )
-        samples = SamplesHook(cfg, self.stage, self.modules, acc.device, self.tracker, self.core)
-        share = ShareHook(self.tracker, self.stage.name, self.run_name, cfg.tracking.project)
+        samples = SamplesHook(cfg, self.stage, self.modules, acc.device, self.tracker, self.core, self.pipeline_paths)
+        share = ShareHook(
+            self.tracker, self.stage.name, self.run_name, cfg.tracking.project, cfg.tracking.upload_trainer_state
+        )
+        if self.is_main:
+            share.claim_name(self.run_dir)
         window = self.step_metrics.window
         self.checkpoint = CheckpointHook(
             self.run_dir,
@@ -250,6 +264,13 @@ class Trainer:
                 bad_in_row = bad_in_row + 1 if bad else 0
                 preempt = metrics.pop("signal/preempt") > 0
                 is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
+                # frozen/ok (DESIGN §7): the on-device check every N steps, the full sha256 where a checkpoint is written;
+                # a violation is logged as 0 before the run stops.
+                violation = self._check_frozen(step, full=is_ckpt or preempt)
+                metrics["frozen/ok"] = self.frozen_ok
+                if violation is not None:
+                    self.tracker.log(metrics, step)
+                    raise violation
                 if is_ckpt:
                     watchdog.arm(f"evaluation at step {step}")
                     metrics.update(self.evaluate(self.modules, self.core))
@@ -264,7 +285,7 @@ class Trainer:
                 if is_ckpt or preempt:
                     watchdog.arm(f"checkpoint at step {step}")
                     self._failed_all = self._gather_failed()
-                    self.checkpoint(step, metrics, consider_best=is_ckpt)
+                    self.checkpoint(step, metrics, consider_best=is_ckpt, frozen_checked=True)
                 self.progress.update(step, metrics)
                 last = metrics
                 if preempt:
@@ -313,13 +334,27 @@ class Trainer:
             log.warning("step %d: non-finite loss/grad (%s), update skipped", step + 1, metrics["train/loss"])
         self.load_failures += int(metrics.pop("data/load_failures"))
         metrics["train/skipped_step"] = 0.0 if stepped else 1.0
-        metrics["frozen/ok"] = self.checkpoint.frozen_ok
         metrics["data/skipped"] = float(len(self.excluded) + self.load_failures)  # up front + failed at load, all ranks
         for name, lr in zip(self.group_names, lrs, strict=True):
             metrics[f"train/lr/{name}"] = lr
         if self.nominal_bps is not None:
             metrics["rate/bps_nominal"] = self.nominal_bps
         return metrics, bad
+
+    def _check_frozen(self, step: int, full: bool) -> FrozenViolation | None:
+        """Cheap check every `train.frozen_check_every` steps, sha256 when `full`; returns the violation (not raised, so
+        the caller logs frozen/ok = 0 first). Every rank checks its own copy; all ranks agree on the outcome."""
+        every = self.cfg.train.frozen_check_every
+        try:
+            if every > 0 and step % every == 0:
+                self.frozen_guard.check()
+            if full:
+                self.registry.check_frozen()
+        except FrozenViolation as exc:
+            self.frozen_ok = 0.0
+            return FrozenViolation(f"step {step}: {exc}")
+        self.frozen_ok = 1.0
+        return None
 
     @staticmethod
     def _step_is_finite(metrics: dict[str, float]) -> bool:
@@ -332,7 +367,7 @@ class Trainer:
 
     def _archive_previous(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in ("checkpoints", "metrics.jsonl", "baseline_profile.json"):
+        for name in ("checkpoints", "metrics.jsonl", "baseline_profile.json", "wandb_run_id"):
             p = self.run_dir / name
             if p.exists():
                 p.rename(self.run_dir / f"{name}.before-fresh-{stamp}")
@@ -347,7 +382,50 @@ class Trainer:
         if unknown:
             raise SirenError(f"--init-components names {unknown}, which stage {self.stage.name} does not have")
         ckpt.load_components(path, {n: self.modules[n] for n in names})
+        from siren.lineage import checkpoint_record
+
+        self.consumed["init_from"] = {**checkpoint_record(uri, path, ckpt.read_meta(path)), "components": names}
         log.info("initialised %s from %s", ", ".join(names), path)
+
+    def _preflight_pipeline(self) -> dict[str, Path]:
+        """Resolve the `pipeline.*` checkpoints this stage renders through (a missing one is an error now, not a
+        skipped sample later), record them, and refuse a flow that reads another code language than these codes."""
+        from siren.artifacts import resolve_checkpoint
+        from siren.lineage import check_flow_reads, checkpoint_record
+        from siren.models.io import fingerprint
+
+        own = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}
+        paths: dict[str, Path] = {}
+        for role in self.stage.pipeline_roles:
+            uri = getattr(self.cfg.pipeline, role)
+            if uri is None or all(n in self.modules for n in own[role]):
+                continue
+            path = resolve_checkpoint(uri)
+            meta = ckpt.read_meta(path)
+            missing = [n for n in own[role] if n not in ckpt.available_components(path)]
+            if missing:
+                raise SirenError(f"pipeline.{role}={uri} ({path}) has no {', '.join(missing)}")
+            if role == "flow":
+                language = self.stage.code_language(self.modules)
+                where = self.consumed.get("baseline", {}).get("path") or f"the {self.stage.name} run {self.run_dir}"
+                quantizers = {
+                    n: fingerprint(self.modules[n]) for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer")
+                }
+                check_flow_reads(language, where, meta, str(path), quantizers)
+            self.consumed[f"pipeline.{role}"] = checkpoint_record(uri, path, meta)
+            paths[role] = path
+        return paths
+
+    def _preflight_samples(self) -> None:
+        """Sample utterance ids and the eval files they name must be usable before step 1."""
+        from siren.data.audio import audio_info
+        from siren.train.samples import eval_utterances
+
+        for u in eval_utterances(self.cfg):
+            try:
+                audio_info(u.path)
+            except Exception as exc:
+                raise SirenError(f"samples: eval utterance {u.id} ({u.path}) cannot be read: {exc}") from exc
 
     def _make_dataset(self, manifest: str, train: bool):
         from siren.data.datasets import AudioDataset
@@ -397,9 +475,11 @@ class Trainer:
                 log.info("dropped %d metrics.jsonl lines logged after step %d", dropped, self.resume_step)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         tc = self.cfg.tracking
-        resume_id = self.resume_meta.get("wandb", {}).get("id")
-        if resume_id is None and (self.run_dir / "wandb_run_id").is_file():
-            resume_id = (self.run_dir / "wandb_run_id").read_text().strip()
+        # `--fresh` is a new W&B run; otherwise the run this directory has been logging to, rewound to the resume step.
+        resume_id = None if self.fresh else self.resume_meta.get("wandb", {}).get("id")
+        id_file = self.run_dir / "wandb_run_id"
+        if resume_id is None and not self.fresh and id_file.is_file():
+            resume_id = id_file.read_text().strip()
         tracker = Tracker(
             self.run_dir,
             project=tc.project,
@@ -411,6 +491,7 @@ class Trainer:
             config=to_dict(self.cfg),
             job_type=self.stage.name,
             resume_id=resume_id,
+            rewind_to=self.resume_step if resume_id else None,
         )
         if tracker.run_id:
             (self.run_dir / "wandb_run_id").write_text(tracker.run_id)
@@ -433,18 +514,22 @@ class Trainer:
         return self.cfg.tracking.run_name or self.run_dir.resolve().name
 
     def _meta(self, step: int, metrics: dict[str, float]) -> dict:
+        fps = {n: fingerprint(m) for n, m in self.modules.items()}
         return {
             "step": step,
             "stage": self.stage.name,
             "run_name": self.run_name,
             "config": to_dict(self.cfg),
-            "fingerprints": {n: fingerprint(m) for n, m in self.modules.items()},
+            "fingerprints": fps,
             "targets": component_targets(self.modules, self.cfg),
             "frozen": self.plan.frozen,
             "frozen_fingerprints": self.registry.fingerprints(),
             "trainable": self.plan.trainable_components,
             "code_layout": {k: list(v) for k, v in self.step_metrics.sources.layout.items()},
             **self.stage.lineage(),
+            "consumed": self.consumed,
+            "ssl": self._ssl_record(fps.get("ssl")),
+            "code_language": self.stage.code_language(self.modules),
             "wandb": {
                 "id": self.tracker.run_id,
                 "project": self.tracker.project,
@@ -462,6 +547,13 @@ class Trainer:
                 "load_failed": self._failed_all,
             },
         }
+
+    def _ssl_record(self, ssl_fingerprint: str | None) -> dict | None:
+        from siren.lineage import ssl_record
+
+        if ssl_fingerprint is None:
+            return None
+        return {**ssl_record(self.cfg), "fingerprint": ssl_fingerprint}
 
     def _gather_failed(self) -> list[str]:
         """Paths that failed to load on any rank (all ranks call this: a collective)."""

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from siren.errors import LayoutMismatch, SirenError
+from siren.lineage import check_ssl_matches, checkpoint_record, verified_code_language
 from siren.models.roles import FrameGeometry
 from siren.train.stages.base import Sample, Stage, StepOutput
 from siren.train.stages.common import (
@@ -45,8 +46,10 @@ def baseline_fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta["fingerprints"], sort_keys=True).encode()).hexdigest()
 
 
-def load_student(cfg) -> nn.Module:
-    """`student_ssl.path`: a `save_pretrained` TinyHubert dir, or a checkpoint URI of a `distill` run."""
+def load_student(cfg) -> tuple[nn.Module, dict]:
+    """`student_ssl.path`: a `save_pretrained` TinyHubert dir, or a checkpoint URI of a `distill` run.
+    Returns the student and its lineage record (resolved path and fingerprint)."""
+    from siren.models.io import fingerprint
     from siren.models.student_ssl import TinyHubert
 
     path = cfg.student_ssl.path
@@ -55,10 +58,13 @@ def load_student(cfg) -> nn.Module:
     p = Path(path)
     if p.is_dir() and (p / "hubert").is_dir():
         student = TinyHubert.from_pretrained(p)
+        record = {"uri": str(path), "path": str(p.resolve()), "fingerprint": fingerprint(student), "stage": None}
     else:
-        student = load_checkpoint(path, ["student_ssl"]).modules["student_ssl"]
+        ck = load_checkpoint(path, ["student_ssl"])
+        student = ck.modules["student_ssl"]
+        record = checkpoint_record(path, ck.path, ck.meta)
     describe_student(cfg, student)
-    return student
+    return student, record
 
 
 def describe_student(cfg, student) -> None:
@@ -139,6 +145,7 @@ class AdaptStage(Stage):
     name = "adapt"
     components = ("ssl", "student_ssl", "teacher_factorizer", *CODEC_PARTS)
     default_trainable = ("factorizer",)
+    pipeline_roles = ("flow", "vocoder")
     required_frozen = (
         "ssl",
         "student_ssl",
@@ -159,6 +166,9 @@ class AdaptStage(Stage):
         self.base_cfg = base.cfg
         self.baseline_uri = self.cfg.baseline
         self.baseline_fingerprint = baseline_fingerprint(base.meta)
+        self.consumed["baseline"] = checkpoint_record(self.cfg.baseline, base.path, base.meta)
+        check_ssl_matches(self.cfg, base.meta, str(base.path))
+        self.baseline_language = verified_code_language(base.modules, base.meta, str(base.path))
         if base.meta.get("stage") != "codec":
             raise SirenError(
                 f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one"
@@ -166,7 +176,7 @@ class AdaptStage(Stage):
         # The adapted checkpoint must rebuild exactly the baseline's classes (foreign targets included).
         for n in CODEC_PARTS:
             setattr(self.cfg, n, getattr(base.cfg, n))
-        student = load_student(self.cfg)
+        student, self.consumed["student_ssl"] = load_student(self.cfg)
         fact = base.modules["factorizer"]
         in_dim = fact.input_dim
         if student.dim != in_dim:

@@ -62,12 +62,14 @@ class Stage:
     components: tuple[str, ...] = ()  # built by this stage and saved in its checkpoints
     default_trainable: tuple[str, ...] = ()
     required_frozen: tuple[str, ...] = ()
+    pipeline_roles: tuple[str, ...] = ("vocoder",)  # `pipeline.*` checkpoints its samples render through
     not_saved: tuple[str, ...] = ("ssl",)  # loaded by name (`ssl.name`), fingerprint recorded in meta.json instead
 
     def __init__(self, cfg: SirenConfig):
         self.cfg = cfg
         self.baseline_uri: str | None = None
         self.baseline_fingerprint: str | None = None
+        self.consumed: dict[str, dict] = {}  # role → checkpoint record (siren.lineage.checkpoint_record)
 
     # Components ------------------------------------------------------------------------------------------------------
     def build(self) -> dict[str, nn.Module]:
@@ -86,8 +88,19 @@ class Stage:
         return MetricSources(layout=self.code_layout(modules))
 
     def lineage(self) -> dict:
-        """What this stage consumed, for `meta.json` (the baseline's URI and fingerprint)."""
-        return {"baseline": {"uri": self.baseline_uri, "fingerprint": self.baseline_fingerprint}}
+        """What this stage consumed, for `meta.json`: the baseline's URI, resolved step dir and fingerprint."""
+        base = self.consumed.get("baseline", {})
+        return {
+            "baseline": {"uri": self.baseline_uri, "fingerprint": self.baseline_fingerprint, "path": base.get("path")}
+        }
+
+    def code_language(self, modules: dict[str, nn.Module]) -> str | None:
+        """The code language this stage's codes are in (or, for `flow`, the one it reads); None without codes."""
+        from siren.lineage import CODE_LANGUAGE_PARTS, code_language_id
+
+        if all(n in modules for n in CODE_LANGUAGE_PARTS):
+            return code_language_id(modules)
+        return None
 
     def nominal_bps(self) -> float | None:
         return None

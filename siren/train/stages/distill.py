@@ -17,6 +17,7 @@ from siren.train.stages.common import frame_mask
 
 class DistillStage(Stage):
     name = "distill"
+    pipeline_roles = ()
     components = ("ssl", "student_ssl")
     default_trainable = ("student_ssl",)
     required_frozen = ("ssl",)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from siren.errors import SirenError
+from siren.lineage import check_ssl_matches, checkpoint_record, verified_code_language
 from siren.models.builders import build_component
 from siren.models.roles import FrameGeometry
 from siren.train.stages.adapt import baseline_fingerprint
@@ -27,6 +28,7 @@ class FlowStage(Stage):
     name = "flow"
     components = ("ssl", *FROZEN_CODEC, "fuser", "flow")
     default_trainable = ("fuser", "flow")
+    pipeline_roles = ("vocoder",)
     required_frozen = ("ssl", *FROZEN_CODEC)
 
     def build(self) -> dict[str, nn.Module]:
@@ -34,9 +36,14 @@ class FlowStage(Stage):
 
         if not self.cfg.baseline:
             raise SirenError("the flow stage needs `baseline:` — the URI of the codec checkpoint whose codes it reads")
-        base = load_checkpoint(self.cfg.baseline, ["ssl", *FROZEN_CODEC], ssl_cfg_from=self.cfg)
+        base = load_checkpoint(self.cfg.baseline, ["ssl", *FROZEN_CODEC, "entropy_model"], ssl_cfg_from=self.cfg)
         self.base_cfg = base.cfg
         self.baseline_uri, self.baseline_fingerprint = self.cfg.baseline, baseline_fingerprint(base.meta)
+        self.consumed["baseline"] = checkpoint_record(self.cfg.baseline, base.path, base.meta)
+        check_ssl_matches(self.cfg, base.meta, str(base.path))
+        # The code language this flow learns to read (DESIGN §19): the baseline's quantizers + entropy model.
+        self.reads = verified_code_language(base.modules, base.meta, str(base.path))
+        base.modules.pop("entropy_model")
         # Fuser/flow are built with the baseline's latent dims, so they read exactly its quantized latents.
         build_cfg = self.cfg
         for n in FROZEN_CODEC:  # and its checkpoints rebuild exactly the baseline's classes (foreign targets too)
@@ -54,6 +61,9 @@ class FlowStage(Stage):
 
     def code_layout(self, modules):
         return code_layout(modules)
+
+    def code_language(self, modules) -> str:
+        return self.reads
 
     def nominal_bps(self) -> float:
         return layout_bps(self.geo, self._quantizers)

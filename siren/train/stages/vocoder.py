@@ -11,6 +11,7 @@ from siren.train.stages.common import frame_mask, masked_l1
 
 class VocoderStage(Stage):
     name = "vocoder"
+    pipeline_roles = ()
     components = ("vocoder",)
     default_trainable = ("vocoder",)
     not_saved = ()

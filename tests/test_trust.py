@@ -1,0 +1,275 @@
+"""Trust (issue 13): the code language pins codes and grid constants, frozen/ok is checked every step, verify's exit
+code is a verdict only when the thresholds gave one, and a killed + resumed run is one W&B run whose history equals
+metrics.jsonl. Each test is rerun with its mechanism switched off (bottom of the file) and must then fail."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mechanisms
+import pytest
+import torch
+from helpers import ROOT, stage_config, train_cmd, with_fault
+
+from siren.errors import FrozenViolation
+from siren.lineage import code_language_id
+from siren.models.io import fingerprint
+from siren.models.quantizers import FSQ, ProductQuantizer, ResidualFSQ
+from siren.train.tracking import read_metrics
+from siren.train.trainer import Trainer
+
+
+# ------------------------------------------------------------------------------------------------- code language
+def _fixed_input(shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_golden_indices_of_a_fixed_input():
+    """The codes of a fixed input through fixed-weight quantizers are pinned: a change of the FSQ grid, the residual
+    scales or the index packing changes them (a golden index test: it must be updated deliberately, never silently)."""
+    z = torch.linspace(-1.5, 1.5, 24).reshape(4, 6).T.contiguous()
+    assert FSQ([3, 3, 3, 3])(z)[1].tolist() == [63, 63, 66, 66, 75, 75]
+    assert FSQ([8, 5, 5, 5])(z)[1].tolist() == [688, 889, 929, 929, 937, 937]
+    q = ResidualFSQ(4, [3, 3, 3, 3], 2)
+    with torch.no_grad():
+        for lin in (q.in_proj, q.out_proj):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+    codes = q(_fixed_input((1, 5, 4)) * 0.7).codes
+    assert codes[0].tolist() == [[36, 13], [64, 68], [49, 41], [26, 58], [53, 48]]
+
+
+def _codec_parts(seed=0, scales_bump=0.0):
+    from siren.models.entropy import EntropyModel
+
+    torch.manual_seed(seed)
+    parts = {
+        "sem_quantizer": ResidualFSQ(8, [3, 3, 3, 3], 2),
+        "pro_quantizer": ResidualFSQ(8, [3, 3, 3, 3], 1),
+        "spk_quantizer": ProductQuantizer(16, 4, 16),
+        "entropy_model": EntropyModel({"sem": (81, 2), "pro": (81, 1)}, 16, 1, 2, 64, 0.0),
+    }
+    if scales_bump:
+        parts["sem_quantizer"].scales.mul_(1.0 + scales_bump)  # a non-persistent grid constant
+    return parts
+
+
+def test_code_language_covers_grid_constants():
+    a, b = _codec_parts(), _codec_parts(scales_bump=0.5)
+    # The weights and the state dicts are identical: only the residual scales (not in any state dict) differ ...
+    assert fingerprint(a["sem_quantizer"]) == fingerprint(b["sem_quantizer"])
+    # ... and they change the codes, so they must change the code language.
+    x = _fixed_input((1, 12, 8), seed=3) * 2
+    assert not torch.equal(a["sem_quantizer"](x).codes, b["sem_quantizer"](x).codes)
+    assert code_language_id(a) != code_language_id(b), "grid constants are not part of the code language"
+    assert code_language_id(a) == code_language_id(_codec_parts())  # and it is a pure function of the tensors
+
+
+# ------------------------------------------------------------------------------------------------------ frozen/ok
+def test_frozen_ok_is_checked_every_step_and_logged_before_the_stop(corpus_dir, teacher_dir, tmp_path):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{
+            "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
+            "train.max_steps": 6,
+            "train.checkpoint_every": 6,
+            "samples.enabled": "false",
+            "tracking.mode": "disabled",
+        },
+    )
+    trainer = Trainer(cfg)
+    step, calls = trainer.stage.step, {"n": 0}
+
+    def tampering_step(modules, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(modules["decoder"].parameters()).view(-1)[0] += 1e-3
+        return step(modules, batch)
+
+    trainer.stage.step = tampering_step
+    with pytest.raises(FrozenViolation, match="decoder") as info:
+        trainer.fit()
+    assert "step 2:" in str(info.value), f"not caught at the step it happened: {info.value}"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == 2 and rows[-1]["frozen/ok"] == 0.0, rows[-1:]
+    assert all(r["frozen/ok"] == 1.0 for r in rows[:-1])
+
+
+# ------------------------------------------------------------------------------------------------------- verify
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("a bug"), torch.OutOfMemoryError("CUDA out of memory"), KeyboardInterrupt(), MemoryError()],
+    ids=["bug", "oom", "interrupt", "host-oom"],
+)
+def test_verify_exits_2_on_every_error(exc, monkeypatch, capsys):
+    import siren.verify as v
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(v, "run_verify", boom)
+    args = SimpleNamespace(run="r", step=1, data=None, threshold=[], no_wandb=True)
+    assert v.verify_cli(args) == v.EXIT_ERROR
+    assert "error" in capsys.readouterr().out
+
+
+def test_verify_without_thresholds_is_an_error(tmp_path, monkeypatch):
+    import siren.verify as v
+
+    cfg = stage_config("adapt", tmp_path, tmp_path, tmp_path / "run", **{"verify.thresholds": "{}"})
+    fake = SimpleNamespace(cfg=cfg, modules={}, meta={})
+    monkeypatch.setattr(v, "_load", lambda run, step: (fake, fake))
+    monkeypatch.setattr("siren.train.stages.common.code_layout", lambda modules: {"sem": (81, 1)})
+
+    def went_on(*a, **k):
+        raise AssertionError("verify went on without thresholds")
+
+    monkeypatch.setattr("siren.data.manifest.read_manifest", went_on)
+    args = SimpleNamespace(run=str(tmp_path / "run"), step=1, data=None, threshold=[], no_wandb=True)
+    assert v.verify_cli(args) == v.EXIT_ERROR
+    with pytest.raises(v.VerifyError, match="no thresholds"):
+        v.run_verify(tmp_path / "run", 1, thresholds={})
+
+
+# ----------------------------------------------------------------------------------------------------------- W&B
+def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
+    """(start time, records) of every offline-run dir of a run, read back with `wandb leet inspect` (no server)."""
+    out = []
+    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+        r = subprocess.run(
+            [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(d)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        runs = [x["run"] for x in recs if x.get("type") == "run"]
+        if not runs:  # a process killed before W&B wrote anything to its file: nothing there to upload
+            assert not any(x.get("type") == "history" for x in recs)
+            continue
+        out.append((runs[0]["start_time"], recs))
+    return sorted(out, key=lambda t: t[0])
+
+
+def synced_history(run_dir: Path) -> tuple[set[str], dict[int, dict]]:
+    """What W&B holds after `wandb sync` of all of a run's offline dirs: they are uploaded in start order to one run
+    id; a dir that starts with a rewind (`branch_point`) drops the history after that step; otherwise W&B ignores
+    re-logged steps that do not increase."""
+    ids, history = set(), {}
+    for _, recs in _wandb_records(run_dir):
+        run = next(x["run"] for x in recs if x.get("type") == "run")
+        ids.add(run["run_id"])
+        bp = run.get("branch_point")
+        if bp is not None:
+            history = {s: h for s, h in history.items() if s <= int(bp.get("value", 0))}  # 0 is left out of the JSON
+        last = max(history, default=0)
+        for x in recs:
+            if x.get("type") != "history":
+                continue
+            step = int(x["history"]["step"]["num"])
+            if bp is None and step <= last:
+                continue  # W&B refuses steps that do not increase
+            history[step] = {k: v for k, v in x["history"]["item"].items() if not k.startswith("_")}
+    return ids, history
+
+
+def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    ov = {"train.max_steps": 12, "train.checkpoint_every": 4, "samples.enabled": "false", "train.keep_last": 5}
+    cmd = train_cmd("codec", corpus_dir, teacher_dir, run, **ov)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=with_fault(subprocess_env, "slow_checkpoint_write:8"), stderr=subprocess.PIPE, text=True
+    )
+    t0 = time.time()
+    while not list((run / "checkpoints").glob("*step_8*/components/*.safetensors")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 180, "timed out waiting for step 8"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["step"]: row for row in read_metrics(run / "metrics.jsonl")}
+    assert sorted(rows) == list(range(1, 13))
+    ids, history = synced_history(run)
+    assert len(ids) == 1, f"the resumed run is not the same W&B run: {ids}"
+    assert sorted(history) == sorted(rows), f"W&B steps {sorted(history)} ≠ metrics.jsonl steps {sorted(rows)}"
+    for s, row in rows.items():
+        for k, v in row.items():
+            if k != "step" and isinstance(v, float):
+                assert history[s].get(k) == pytest.approx(v, rel=0, abs=0), f"step {s} {k}: W&B has a stale value"
+    # checkpoint artifacts: components + meta.json, no optimizer/trainer state by default
+    entries = [
+        e
+        for _, recs in _wandb_records(run)
+        for x in recs
+        if x.get("type") == "artifact"
+        for e in x["artifact"]["manifest"]["contents"]
+    ]
+    paths = {e["path"] for e in entries}
+    assert "meta.json" in paths and any(p.startswith("components/") for p in paths), sorted(paths)[:10]
+    assert not any(p.startswith("trainer/") for p in paths), "trainer state uploaded without upload_trainer_state"
+    # --fresh starts another W&B run
+    old_id = (run / "wandb_run_id").read_text().strip()
+    fresh = train_cmd("codec", corpus_dir, teacher_dir, run, **{**ov, "train.max_steps": 2})
+    fresh.insert(fresh.index("train") + 1, "--fresh")
+    r = subprocess.run(fresh, cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "wandb_run_id").read_text().strip() != old_id, "--fresh reused the old W&B run id"
+
+
+def test_artifact_name_belongs_to_one_run_dir(corpus_dir, teacher_dir, tmp_path):
+    ov = {"train.max_steps": 2, "samples.enabled": "false", "tracking.run_name": "adapt", "tracking.mode": "disabled"}
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "a" / "adapt", **ov)).fit()
+    with pytest.raises(Exception, match="already belongs to the run"):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "b" / "adapt", **ov))
+
+
+# ------------------------------------------------------------------------------------------------ negative controls
+CONTROLS = [
+    ("test_golden_indices_of_a_fixed_input", "fsq_grid", r"AssertionError"),
+    ("test_code_language_covers_grid_constants", "code_language_grid_constants", r"grid constants are not part"),
+    ("test_frozen_ok_is_checked_every_step_and_logged_before_the_stop", "frozen_step_check", r"not caught at the step"),
+    ("test_verify_exits_2_on_every_error", "verify_exit_guard", r"a bug|out of memory|KeyboardInterrupt|MemoryError"),
+    ("test_verify_without_thresholds_is_an_error", "verify_requires_thresholds", r"went on without thresholds"),
+    ("test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics", "wandb_rewind", r"stale value|W&B steps"),
+    ("test_artifact_name_belongs_to_one_run_dir", "artifact_name_claim", r"DID NOT RAISE"),
+]
+_NOT_CONTROLLED = {"test_every_trust_test_has_a_control", "test_fails_with_mechanism_disabled"}
+
+
+def test_every_trust_test_has_a_control():
+    tests = {n for n, f in globals().items() if n.startswith("test_") and callable(f) and n not in _NOT_CONTROLLED}
+    assert tests == {t for t, _, _ in CONTROLS}
+
+
+@pytest.mark.parametrize(
+    "test_name, mechanism, failure", CONTROLS, ids=[f"{t[5:]}-without-{m}" for t, m, _ in CONTROLS]
+)
+def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
+    monkeypatch.setenv(mechanisms.ENV, mechanism)
+    mechanisms.disable(mechanism, monkeypatch)
+    fn = globals()[test_name]
+    kwargs = {}
+    for name in inspect.signature(fn).parameters:
+        if name == "exc":
+            kwargs[name] = RuntimeError("a bug")
+        else:
+            kwargs[name] = request.getfixturevalue(name)
+    with pytest.raises((Exception, pytest.fail.Exception, KeyboardInterrupt)) as info:
+        fn(**kwargs)
+    text = f"{info.type.__name__}: {info.value}"
+    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"
