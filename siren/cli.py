@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
 
+    p = sub.add_parser("manifest", help="write train/val JSONL manifests from directories of audio")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="corpus root directories")
+    p.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, rejected.jsonl)")
+    p.add_argument("--layout", choices=["auto", "librispeech", "libritts", "vctk", "flat"], default="auto")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val", type=float, default=None, help="fraction of utterances for val, by speaker (0.02)")
+    split.add_argument("--val-speakers", type=int, default=None, help="number of speakers held out for val")
+    p.add_argument("--jobs", type=int, default=8, help="parallel header reads")
+
     p = sub.add_parser("init-ssl", help="save a tiny randomly initialised HuBERT teacher (stand-in for hubert-base)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +153,17 @@ def cmd_corpus(args) -> int:
     from siren.data.corpus import build_corpus
 
     summary = build_corpus(args.out, n=args.n, seed=args.seed, jobs=args.jobs)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_manifest(args) -> int:
+    from siren.data.scan import build_manifest
+
+    val = 0.02 if args.val is None and args.val_speakers is None else args.val
+    summary = build_manifest(
+        args.sources, args.out, layout=args.layout, val=val, val_speakers=args.val_speakers, jobs=args.jobs
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
