@@ -141,9 +141,10 @@ class DataConfig:
     val: str = ""
     segment_seconds: float = 2.0
     min_seconds: float = 0.5
-    # A file at another sample rate or with more than one channel: `skip` (excluded and counted, like a corrupt file) or
-    # `convert` (resampled to audio.sample_rate and mixed down to mono when loaded).
-    on_format_mismatch: Literal["skip", "convert"] = "skip"
+    # A file at another sample rate or with more than one channel: `resample_down` (higher rates resampled to
+    # audio.sample_rate and mixed to mono, lower rates skipped and counted), `skip` (anything else skipped and counted,
+    # like a corrupt file) or `convert` (every rate resampled, narrowband upsampled too).
+    on_format_mismatch: Literal["resample_down", "skip", "convert"] = "resample_down"
     num_workers: int = 0
     feature_cache: str | None = None
 

@@ -155,6 +155,7 @@ class Trainer:
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
 
         self.dataset = self._build_dataset()
+        self._val = self._build_dataset(val=True) if cfg.data.val else None  # built before setup: caches attach
         self.bad_files: set[str] = set(self.dataset.skipped)
         self.batches = ShardedBatches(
             len(self.dataset), cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed
@@ -191,20 +192,21 @@ class Trainer:
         ckpt.load_components(path, {n: self.modules[n] for n in names})
         log.info("initialised %s from %s", ", ".join(names), path)
 
-    def _build_dataset(self):
+    def _build_dataset(self, val: bool = False):
         from siren.data.datasets import AudioDataset
-        from siren.data.manifest import read_manifest
+        from siren.data.manifest import read_table
 
         d, sr = self.cfg.data, self.cfg.audio.sample_rate
         if not d.train:
-            raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
+            raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren manifest`)")
         return AudioDataset(
-            read_manifest(d.train),
+            read_table(d.val if val else d.train, text=False),
             sr,
             int(d.segment_seconds * sr),
             int(d.min_seconds * sr),
             seed=self.cfg.train.seed,
-            convert=d.on_format_mismatch == "convert",
+            train=not val,
+            on_format_mismatch=d.on_format_mismatch,
         )
 
     def _make_tracker(self):
@@ -285,15 +287,13 @@ class Trainer:
         last: dict[str, float] = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.core.train()
-        it, epoch_of_it = None, -1
+        it = None
         t_prev = time.perf_counter()
         while step < cfg.train.max_steps:
-            # Data: micro-batch index → (epoch, position); re-create the iterator only at an epoch start or a resume.
+            # Data: micro-batch index → (epoch, position); one iterator from the start (or resume) point on.
             for k in range(cfg.train.grad_accum):
-                micro = step * cfg.train.grad_accum + k
-                epoch, pos = divmod(micro, self.batches.num_batches)
-                if it is None or epoch != epoch_of_it:
-                    it, epoch_of_it = self._iterator(epoch, pos), epoch
+                if it is None:
+                    it = self._iterator(*divmod(step * cfg.train.grad_accum + k, self.batches.num_batches))
                 # Audio goes to the device; bookkeeping (offsets, indices) stays on the host: reading it is no sync.
                 batch = {key: (v.to(acc.device) if key in ("wav", "lengths") else v) for key, v in next(it).items()}
                 self.bad_files.update(batch.get("replaced", ()))
@@ -363,22 +363,10 @@ class Trainer:
         """`eval/loss` and `eval/<term>` on the first batches of the val set (uncropped start, fixed order).
 
         Runs with every module in eval mode and on a forked RNG, so it never changes the training trajectory."""
-        from siren.data.datasets import AudioDataset, collate
-        from siren.data.manifest import read_manifest
+        from siren.data.datasets import collate
 
-        d, sr = self.cfg.data, self.cfg.audio.sample_rate
-        if not d.val:
+        if self._val is None:
             return {}
-        if getattr(self, "_val", None) is None:
-            self._val = AudioDataset(
-                read_manifest(d.val),
-                sr,
-                int(d.segment_seconds * sr),
-                int(d.min_seconds * sr),
-                seed=self.cfg.train.seed,
-                train=False,
-                convert=d.on_format_mismatch == "convert",
-            )
         bs = self.cfg.train.batch_size
         n = min(max_batches, max(1, len(self._val) // bs))
         was = [m.training for m in self.core.modules()]
@@ -407,14 +395,23 @@ class Trainer:
         return sums
 
     def _iterator(self, epoch: int, start: int):
-        from siren.data.datasets import collate
+        """Batches from (epoch, position) on, across epoch ends; the DataLoader and its workers are built once."""
+        from siren.data.datasets import EpochBatchSampler, collate
 
-        self.dataset.set_epoch(epoch)
-        batches = self.batches.epoch(epoch)[start:]
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.cfg.data.num_workers
-        )
-        return iter(loader)
+        if getattr(self, "_loader", None) is None:
+            self._sampler = EpochBatchSampler(self.batches)
+            workers = self.cfg.data.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=self._sampler,
+                collate_fn=collate,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=4 if workers > 0 else None,
+            )
+        self._sampler.start(epoch, start)
+        return iter(self._loader)
 
     def _reduce_metrics(self, out: StepOutput, grad_norm) -> tuple[torch.Tensor, list[str]]:
         """One vector: loss terms (mean over ranks), ratio sums, codebook counts (summed); one all-reduce."""
