@@ -54,11 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("features", help="precompute SSL features to the feature cache")
+    p = sub.add_parser("cache", help="fill the feature or teacher cache for train and val (each process its share)")
     _add_config(p)
-    p.add_argument("--manifest", action="append", help="manifest(s) (default: data.train and data.val)")
-    p.add_argument("--out", help="cache root (default: data.feature_cache)")
-    p.add_argument("--model", choices=["ssl", "student_ssl"], default="ssl")
+    p.add_argument("--what", choices=["features", "teacher"], help="default: teacher for adapt, else features")
 
     p = sub.add_parser("profile", help="code statistics of a checkpoint on a reference set (baseline profile)")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI")
@@ -175,10 +173,10 @@ def cmd_init_ssl(args) -> int:
     return 0
 
 
-def cmd_features(args) -> int:
-    from siren.data.features_cli import run_features
+def cmd_cache(args) -> int:
+    from siren.data.cache_fill import run_cache
 
-    return run_features(args)
+    return run_cache(args)
 
 
 def cmd_profile(args) -> int:

@@ -146,7 +146,10 @@ class DataConfig:
     # like a corrupt file) or `convert` (every rate resampled, narrowband upsampled too).
     on_format_mismatch: Literal["resample_down", "skip", "convert"] = "resample_down"
     num_workers: int = 0
+    # Root of the cache subsystem (`siren cache`): SSL features when set; adapt's teacher cache (default RUN/cache).
     feature_cache: str | None = None
+    cache_batch_seconds: float = 0.0  # padded seconds per forward when filling; 0 = one utterance (exact)
+    cache_verify: bool = True  # check every shard's CRC-32 at start (each rank a share)
 
 
 @dataclass

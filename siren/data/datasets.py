@@ -124,8 +124,13 @@ class AudioDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def attach(self, name: str, view) -> None:
-        """Add `view.item(row, offset, length)` to every item under `name` (e.g. cached features cut to the crop)."""
+        """Add `view.item(j, offset, length)` to every item j under `name` (e.g. cached features cut to the crop)."""
         self.views[name] = view
+
+    def load_full(self, j: int) -> torch.Tensor:
+        """Item j's whole utterance (N,) under this dataset's format policy (what caches are computed from)."""
+        path = self.table.path(int(self.rows[j]))
+        return read_audio(path, self.sample_rate, policy=self.policy, min_samples=self.min_samples).wav
 
     def crop_offset(self, i: int, num_samples: int, epoch: int | None = None) -> int:
         """Crop start for item i of an utterance with `num_samples` samples: a multiple of `align`, 0 when not training."""
@@ -153,7 +158,7 @@ class AudioDataset(torch.utils.data.Dataset):
             path = self.table.path(row)
             try:
                 dec = read_audio(path, self.sample_rate, policy=self.policy, crop=crop, min_samples=self.min_samples)
-                extra = {name: v.item(row, dec.offset, dec.wav.shape[0]) for name, v in self.views.items()}
+                extra = {name: v.item(j, dec.offset, dec.wav.shape[0]) for name, v in self.views.items()}
             except AudioError as exc:
                 # Data past the header can still be bad; replace deterministically instead of training on zeros.
                 if path not in self.skipped:
