@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -138,3 +139,40 @@ def test_cli(tmp_path, subprocess_env):
         text=True,
     )
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_manifest_then_train_on_librispeech_and_24k_libritts(tmp_path, teacher_dir):
+    """A new user's path: `siren manifest` on the trees, then the codec demo config on them, no script in between."""
+    from helpers import stage_config
+
+    from siren.train.tracking import read_metrics
+    from siren.train.trainer import Trainer
+
+    for spk in ("19", "26", "103"):
+        d = tmp_path / "ls" / "dev-clean" / spk / "1"
+        for k in range(3):
+            audio(d / f"{spk}-1-{k:04d}.flac", 1.2 + 0.1 * k, 16000)
+    for spk in ("84", "85"):
+        d = tmp_path / "tts" / "train-clean-100" / spk / "7"
+        for k in range(3):
+            audio(d / f"{spk}_7_{k:06d}.wav", 1.3, 24000)
+            (d / f"{spk}_7_{k:06d}.normalized.txt").write_text("words\n")
+    audio(tmp_path / "tts" / "train-clean-100" / "85" / "7" / "85_7_narrow.wav", 1.5, 8000)
+    build_manifest([tmp_path / "ls", tmp_path / "tts"], tmp_path / "m", val_speakers=1, progress=False)
+    overrides = {"data.train": str(tmp_path / "m" / "train.jsonl"), "data.val": str(tmp_path / "m" / "val.jsonl")}
+    cfg = stage_config(
+        "codec",
+        tmp_path,
+        teacher_dir,
+        tmp_path / "run",
+        **overrides,
+        **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false"},
+    )
+    tr = Trainer(cfg)
+    skipped = {**tr.dataset.skipped, **tr._val.skipped}
+    assert [Path(p).name for p, why in skipped.items() if "narrowband" in why] == ["85_7_narrow.wav"]  # and counted
+    rates = {int(tr.dataset.table.sample_rate[r]) for r in tr.dataset.rows}
+    assert 24000 in rates  # LibriTTS rows train (resampled when read)
+    tr.fit()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 3 and all(math.isfinite(r["train/loss"]) for r in rows)
