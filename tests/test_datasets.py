@@ -100,7 +100,7 @@ def test_crops_read_only_their_frames(tmp_path, monkeypatch):
         file_rate = (SR, 48000)[i]
         # Bytes decoded: the 1-s crop (+ a resampling margin of a few ms at 48 kHz), not the 10-s file.
         assert SR * 4 * file_rate / SR <= ds.decoded_bytes - before < 1.05 * SR * 4 * file_rate / SR
-    assert ds.used_bytes == 2 * SR * 4
+    assert ds.used_bytes == SR * 4 + 3 * SR * 4  # the file bytes the two crops span (16 and 48 kHz)
 
 
 def test_nan_file_replaced_at_getitem(tmp_path, utts):
@@ -184,3 +184,33 @@ def test_speaker_balanced_subset():
     assert len({u.id for u in sub}) == 5
     assert sub == speaker_balanced_subset(list(reversed(utts)), 5, seed=0)
     assert len(speaker_balanced_subset(utts, 100, seed=0)) == len(utts)
+
+
+class _Batches:
+    """Two batches of two per epoch, in a seeded order per epoch (like the trainer's ShardedBatches)."""
+
+    num_batches = 2
+
+    def epoch(self, e: int) -> list[list[int]]:
+        perm = torch.randperm(4, generator=torch.Generator().manual_seed(e)).tolist()
+        return [perm[:2], perm[2:]]
+
+
+def test_persistent_workers_follow_the_epoch_without_a_new_loader(utts):
+    from siren.data.datasets import EpochBatchSampler
+
+    ds = AudioDataset(utts, SR, segment_samples=SR // 2, min_samples=100, seed=1)
+    sampler = EpochBatchSampler(_Batches())
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True
+    )
+    sampler.start(1, 1)
+    it = iter(loader)
+    got = [next(it) for _ in range(5)]  # epoch 1 from its second batch, then epochs 2 and 3 in one iterator
+    keys = [(1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    for batch, (e, pos) in zip(got, keys, strict=True):
+        want = collate([ds[(e, i)] for i in _Batches().epoch(e)[pos]])
+        assert torch.equal(batch["index"], want["index"]) and torch.equal(batch["offsets"], want["offsets"])
+        assert torch.equal(batch["wav"], want["wav"])
+    # The worker's copy of the dataset never saw set_epoch: the epoch travels with each key.
+    assert ds.epoch == 0 and len({tuple(b["offsets"].tolist()) for b in got}) > 1

@@ -186,6 +186,24 @@ def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, su
     assert {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()} == before
 
 
+def test_one_data_loader_across_epochs(corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 7, "train.checkpoint_every": 7, "samples.enabled": "false", "data.num_workers": 1},
+    )
+    tr = Trainer(cfg)
+    assert tr.batches.num_batches < 7  # the run crosses at least one epoch end
+    calls = []
+    real = tr._iterator
+    monkeypatch.setattr(tr, "_iterator", lambda e, p: calls.append((e, p)) or real(e, p))
+    tr.fit()
+    assert calls == [(0, 0)]  # one iterator, one worker pool, for every epoch
+    assert tr._loader.persistent_workers and tr._loader.prefetch_factor == 4
+
+
 def test_offline_wandb_run_holds_the_same_history(codec_run):
     (run_dir,) = list((codec_run / "wandb").glob("offline-run-*"))
     wandb_bin = Path(sys.executable).with_name("wandb")
@@ -216,3 +234,29 @@ def test_init_from_loads_weights_only(codec_run, corpus_dir, teacher_dir, tmp_pa
 
     with pytest.raises(SirenError, match="vocoder"):
         Trainer(cfg, init_from=str(codec_run), init_components=["vocoder"])
+
+
+def test_distill_checkpoint_holds_a_student_usable_outside_siren(corpus_dir, teacher_dir, tmp_path):
+    import shutil
+
+    from helpers import stage_config
+    from transformers import HubertModel
+
+    from siren.train.stages.adapt import load_student
+    from siren.train.trainer import Trainer
+
+    run = tmp_path / "distill"
+    cfg = stage_config("distill", corpus_dir, teacher_dir, run, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    tr = Trainer(cfg)
+    tr.fit()
+    export = run / "checkpoints" / "step_2" / "student"
+    elsewhere = tmp_path / "anywhere" / "my_student"
+    shutil.copytree(export, elsewhere)  # the directory alone, away from its run
+    hub = HubertModel.from_pretrained(elsewhere / "hubert").eval()
+    student = tr.modules["student_ssl"].eval()
+    wav = torch.randn(1, 16000)
+    with torch.no_grad():
+        assert torch.equal(hub(wav).last_hidden_state, student.hubert(wav).last_hidden_state)
+        cfg.student_ssl.path = str(elsewhere)
+        loaded = load_student(cfg).eval()
+        assert torch.equal(loaded(wav), student(wav))  # hubert + head

@@ -79,12 +79,14 @@ class Decoded:
     """A (cropped) waveform at the target rate and what reading it cost.
 
     wav (num,) float32 mono; offset/total: crop start and full length in target samples; decoded_bytes: float32 bytes
-    decoded from the file (all channels, file rate) to produce it."""
+    decoded from the file (all channels, file rate) to produce it; used_bytes: the float32 bytes of the file that the
+    crop spans (all channels, file rate), so decoded ÷ used is the read amplification."""
 
     wav: torch.Tensor
     offset: int
     total: int
     decoded_bytes: int
+    used_bytes: int = 0
 
 
 def read_audio(
@@ -141,7 +143,8 @@ def read_audio(
         import torchaudio.functional as AF
 
         wav = AF.resample(wav, orig_freq=sr, new_freq=sample_rate)[start - t0 : start - t0 + num]
-    return Decoded(wav=wav.contiguous(), offset=start, total=total, decoded_bytes=int(data.size) * 4)
+    used = round(num * sr / sample_rate) * channels * 4
+    return Decoded(wav=wav.contiguous(), offset=start, total=total, decoded_bytes=int(data.size) * 4, used_bytes=used)
 
 
 def load_audio(path: str | Path, sample_rate: int = 16000, min_seconds: float = 0.0) -> torch.Tensor:

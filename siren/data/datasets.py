@@ -170,7 +170,7 @@ class AudioDataset(torch.utils.data.Dataset):
                 replaced_from = replaced_from or path
                 continue
             self.decoded_bytes += dec.decoded_bytes
-            self.used_bytes += dec.wav.shape[0] * 4
+            self.used_bytes += dec.used_bytes
             return self._item(dec, j, row, replaced_from, extra)
         raise RuntimeError(f"dataset: all {n} utterances failed to load; see dataset.skipped: {self.skipped}")
 

@@ -470,6 +470,7 @@ class Trainer:
             if self.window is not None:
                 torch.save(self.window.state(), tmp / "trainer" / "codebook_window.pt")
             ckpt.save_components(tmp, self._saved_modules())
+            self.stage.export(tmp, self.modules)
             is_best = self._update_best(step, metrics)
             meta = self._meta(step, metrics)
             self._render_samples(tmp / "samples", step)

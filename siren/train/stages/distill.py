@@ -1,6 +1,7 @@
 """`distill`: train TinyHubert (`student_ssl`) to reproduce the teacher's configured layer (DistilHuBERT-style).
 
 Loss = L1 + (1 − cosine similarity) between the student's head output and the teacher's hidden states, per frame.
+Every checkpoint also holds the student as STEP/student (HuBERT `save_pretrained` dir + head), usable outside SIREN.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class DistillStage(Stage):
         if student.dim != ssl.dim:
             raise LayoutMismatch(f"student_ssl.teacher_dim={student.dim} but the teacher's features are {ssl.dim}-d")
         return {"ssl": ssl, "student_ssl": student}
+
+    def export(self, step_dir, modules) -> None:
+        """STEP/student: the student as `TinyHubert.save_pretrained` writes it; STEP/student/hubert is a plain
+        `transformers.HubertModel.save_pretrained` dir, and `student_ssl.path` accepts STEP/student from anywhere."""
+        modules["student_ssl"].save_pretrained(step_dir / "student")
 
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
