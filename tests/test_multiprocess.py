@@ -94,6 +94,15 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
     assert meta["world_size"] == 2
     assert all(x["frozen/ok"] == 1.0 for x in rows)
 
+    # The baseline profile: each rank profiled half of the reference subset and the sums were reduced, so it equals a
+    # one-process profile of the whole subset (here all of val, fewer than data.profile_utts).
+    from siren.metrics.profile import profile_checkpoint
+
+    prof = json.loads((run / "baseline_profile.json").read_text())
+    ref = profile_checkpoint(str(root / "codec"), str(corpus_dir / "val.jsonl"))
+    assert prof["num_utts"] == ref["num_utts"] > 1 and prof["histograms"] == ref["histograms"]
+    assert abs(prof["bps_entropy"] - ref["bps_entropy"]) < 1e-6 * ref["bps_entropy"]
+
     # Frozen fingerprints intact: the checkpoint's frozen tensors equal the baseline's.
     base = root / "codec" / "checkpoints" / "step_2" / "components"
     for name in ("decoder", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"):

@@ -150,6 +150,7 @@ class DataConfig:
     feature_cache: str | None = None
     cache_batch_seconds: float = 0.0  # padded seconds per forward when filling; 0 = one utterance (exact)
     cache_verify: bool = True  # check every shard's CRC-32 at start (each rank a share)
+    profile_utts: int = 256  # speaker-balanced reference subset of the baseline profile (adapt)
 
 
 @dataclass

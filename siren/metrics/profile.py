@@ -1,7 +1,8 @@
 """Baseline profile (DESIGN §8): code histograms per stream and level, entropy, entropy-model bit/s on a reference set.
 
-`siren profile --checkpoint URI --data MANIFEST --out FILE.json`; the `adapt` stage computes it at start and caches it
-in `RUN/baseline_profile.json`, tagged with the baseline fingerprint and the code layout.
+`siren profile --checkpoint URI --data MANIFEST --out FILE.json`; the `adapt` stage computes it at start on a fixed
+speaker-balanced subset (`data.profile_utts`), every rank a share, and caches it in `RUN/baseline_profile.json` under a
+key (baseline fingerprint, audio settings, the subset's rows).
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ from siren.errors import LayoutMismatch
 from siren.metrics.codebook import entropy_bits, histogram
 
 
-def compute_profile(
-    modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu", max_utts: int | None = None
-) -> dict:
-    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model. Full utterances, one at a time."""
+def profile_sums(modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu") -> dict:
+    """Sums a profile is made of, over `utterances` (full, one at a time): per-stream histograms, bits, seconds, count.
+    Sums add across ranks, so each rank can take a share and the shares are reduced."""
     from siren.data.audio import load_audio
     from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
 
     layout = code_layout(modules)
     hists = {s: torch.zeros(L, K, dtype=torch.float64) for s, (K, L) in layout.items()}
     bits_total, seconds_total, n = 0.0, 0.0, 0
-    for u in utterances[: max_utts or len(utterances)]:
+    for u in utterances:
         wav = load_audio(u.path, sample_rate).to(device)
         with torch.no_grad():
             an = analyse(modules, modules["features"](wav[None]))
@@ -43,40 +43,93 @@ def compute_profile(
         bits_total += float(bits)
         seconds_total += float(seconds)
         n += 1
+    return {"layout": layout, "hists": hists, "bits": bits_total, "seconds": seconds_total, "n": n}
+
+
+def finish_profile(sums: dict) -> dict:
+    hists = sums["hists"]
     return {
-        "layout": {s: list(v) for s, v in layout.items()},
+        "layout": {s: list(v) for s, v in sums["layout"].items()},
         "histograms": {s: h.tolist() for s, h in hists.items()},
         "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
-        "bps_entropy": bits_total / max(seconds_total, 1e-9),
-        "num_utts": n,
-        "seconds": seconds_total,
+        "bps_entropy": sums["bits"] / max(sums["seconds"], 1e-9),
+        "num_utts": int(sums["n"]),
+        "seconds": sums["seconds"],
+    }
+
+
+def compute_profile(
+    modules: dict[str, nn.Module], utterances, sample_rate: int, device="cpu", max_utts: int | None = None
+) -> dict:
+    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model. Full utterances, one at a time."""
+    return finish_profile(profile_sums(modules, utterances[: max_utts or len(utterances)], sample_rate, device))
+
+
+def _reduce(sums: dict, acc) -> dict:
+    """Sum the ranks' profile sums with one all-reduce."""
+    names = list(sums["hists"])
+    vec = torch.cat(
+        [sums["hists"][s].reshape(-1) for s in names]
+        + [torch.tensor([sums["bits"], sums["seconds"], float(sums["n"])], dtype=torch.float64)]
+    ).to(acc.device)
+    vec = acc.reduce(vec, reduction="sum").cpu()
+    out, i = dict(sums), 0
+    out["hists"] = {}
+    for s in names:
+        k = sums["hists"][s].numel()
+        out["hists"][s] = vec[i : i + k].reshape(sums["hists"][s].shape)
+        i += k
+    out["bits"], out["seconds"], out["n"] = float(vec[i]), float(vec[i + 1]), int(vec[i + 2])
+    return out
+
+
+def profile_key(stage, cfg, subset) -> dict:
+    """Everything that changes a baseline profile: the baseline, the audio settings and the reference rows."""
+    from siren.data.cache import row_digest
+    from siren.data.manifest import ManifestTable
+
+    table = ManifestTable.from_utterances(subset)
+    return {
+        "baseline": stage.baseline_fingerprint,
+        "sample_rate": cfg.audio.sample_rate,
+        "profile_utts": cfg.data.profile_utts,
+        "rows": row_digest(table, range(len(table))),
     }
 
 
 def load_or_compute_profile(path: Path, trainer, utterances, stage) -> dict:
-    """Cached per run; recomputed never silently: a cached profile of another baseline or layout is an error."""
-    acc = trainer.accelerator
+    """The baseline profile on a fixed speaker-balanced subset (`data.profile_utts`) of `utterances`, computed by every
+    rank on its share and reduced; cached in `path` under its key (a changed key recomputes, never reuses). A cached
+    profile of another baseline in the same run dir is an error."""
+    from siren.data.datasets import speaker_balanced_subset
+
+    acc, cfg = trainer.accelerator, trainer.cfg
     layout = {s: list(v) for s, v in stage.code_layout(trainer.modules).items()}
-    if trainer.is_main and not path.is_file():
-        prof = compute_profile(
-            stage.profile_modules(trainer.modules), utterances, trainer.cfg.audio.sample_rate, acc.device
-        )
-        prof["baseline_fingerprint"] = stage.baseline_fingerprint
-        prof["baseline_uri"] = stage.baseline_uri
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(prof))
-        os.replace(tmp, path)
-    acc.wait_for_everyone()
-    prof = json.loads(path.read_text())
-    if prof.get("baseline_fingerprint") != stage.baseline_fingerprint:
+    subset = speaker_balanced_subset(list(utterances), cfg.data.profile_utts, cfg.train.seed)
+    key = profile_key(stage, cfg, subset)
+    cached = json.loads(path.read_text()) if path.is_file() else None
+    if cached is not None and cached.get("baseline_fingerprint") != stage.baseline_fingerprint:
         raise LayoutMismatch(
             f"{path} was computed for another baseline (fingerprint "
-            f"{str(prof.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
+            f"{str(cached.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
             "use a new run dir or --fresh"
         )
-    if prof["layout"] != layout:
-        raise LayoutMismatch(f"{path} has code layout {prof['layout']}, this run has {layout}")
-    return prof
+    if cached is None or cached.get("key") != key:
+        share = subset[acc.process_index :: acc.num_processes]
+        sums = profile_sums(stage.profile_modules(trainer.modules), share, cfg.audio.sample_rate, acc.device)
+        if acc.num_processes > 1:
+            sums = _reduce(sums, acc)
+        prof = finish_profile(sums)
+        prof.update(key=key, baseline_fingerprint=stage.baseline_fingerprint, baseline_uri=stage.baseline_uri)
+        acc.wait_for_everyone()  # every rank has read `path` before rank 0 replaces it
+        if trainer.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(prof))
+            os.replace(tmp, path)
+        cached = prof
+    if cached["layout"] != layout:
+        raise LayoutMismatch(f"{path} has code layout {cached['layout']}, this run has {layout}")
+    return cached
 
 
 def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | None = None) -> dict:
