@@ -99,6 +99,47 @@ def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, 
     assert prof["baseline_fingerprint"] == meta["baseline"]["fingerprint"]
 
 
+def test_adapt_teacher_targets_full_and_crop_agree_on_a_whole_utterance(codec_run, corpus_dir, teacher_dir, tmp_path):
+    from siren.data.cache_fill import TEACHER
+    from siren.data.datasets import collate
+    from siren.models.student_ssl import TinyHubert
+
+    torch.manual_seed(0)
+    TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(tmp_path / "student")
+    common = {"student_ssl.path": str(tmp_path / "student"), "train.max_steps": 1, "data.segment_seconds": 8.0}
+    full = Trainer(stage_config("adapt", corpus_dir, teacher_dir, tmp_path / "full", baseline=str(codec_run), **common))
+    crop = Trainer(
+        stage_config(
+            "adapt",
+            corpus_dir,
+            teacher_dir,
+            tmp_path / "crop",
+            baseline=str(codec_run),
+            **common,
+            **{"loss.teacher_targets": "crop"},
+        )
+    )
+    assert (tmp_path / "full" / "cache").is_dir() and not (tmp_path / "crop" / "cache").exists()  # crop: no cache
+    item = full.dataset[0]  # an 8-s segment holds the whole utterance: both modes see the same audio
+    assert item["length"] < full.dataset.segment_samples
+    batch = collate([item])
+    n = int(item["length"])
+    an = full.stage.student(full.modules, batch["wav"][:, :n])
+    n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
+    cached = full.stage._teacher_targets(
+        batch, batch[TEACHER]["sem_codes"].shape[1], batch[TEACHER]["pro_codes"].shape[1], "cpu"
+    )
+    live = crop.stage._crop_teacher(crop.modules, batch["wav"][:, :n], n_sem, n_pro)
+    for k in ("sem_latent", "pro_latent"):
+        assert torch.allclose(cached[k][:, : live[k].shape[1]], live[k], atol=2e-2, rtol=1e-2), k
+    assert torch.allclose(cached["spk_latent"], live["spk_latent"], atol=2e-2, rtol=1e-2)
+    for s in ("sem", "pro"):
+        agree = (cached[f"{s}_codes"][:, : live[f"{s}_codes"].shape[1]] == live[f"{s}_codes"]).float().mean()
+        assert agree > 0.95, (s, agree)
+    full.tracker.finish()
+    crop.tracker.finish()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     t0 = time.time()
     while not path.exists():

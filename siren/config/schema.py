@@ -201,6 +201,9 @@ class LossConfig:
     stft: float = 1.0
     distill_l1: float = 1.0
     distill_cos: float = 1.0
+    # adapt: teacher targets from the cached whole-utterance teacher path cut to the crop (`full`), or from the teacher
+    # path run on the crop itself at every step (`crop`: what the student sees, no cache, one teacher forward per step).
+    teacher_targets: Literal["full", "crop"] = "full"
 
 
 @dataclass

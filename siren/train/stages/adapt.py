@@ -154,8 +154,10 @@ class AdaptStage(Stage):
 
         acc = trainer.accelerator
         # Teacher latents and codes for train and val (which `Trainer.evaluate` reads), each rank its share.
-        root = Path(self.cfg.data.feature_cache or trainer.run_dir / "cache")
-        fill_teacher(self, trainer.modules, trainer.dataset, trainer._val, Dist.from_accelerator(acc), acc.device, root)
+        if self.cfg.loss.teacher_targets == "full":
+            root = Path(self.cfg.data.feature_cache or trainer.run_dir / "cache")
+            dist = Dist.from_accelerator(acc)
+            fill_teacher(self, trainer.modules, trainer.dataset, trainer._val, dist, acc.device, root)
         ref_manifest = self.cfg.data.val or self.cfg.data.train
         profile = load_or_compute_profile(
             trainer.run_dir / "baseline_profile.json", trainer, read_manifest(ref_manifest), self
@@ -175,7 +177,10 @@ class AdaptStage(Stage):
         mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
         mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
         n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
-        t = self._teacher_targets(batch, n_sem, n_pro, wav.device)
+        if self.cfg.loss.teacher_targets == "crop":
+            t = self._crop_teacher(modules, wav, n_sem, n_pro)
+        else:
+            t = self._teacher_targets(batch, n_sem, n_pro, wav.device)
         masks = stream_masks(lengths, an)
         masks = {"sem": masks["sem"] & t["sem_valid"], "pro": masks["pro"] & t["pro_valid"]}
         q = {s: modules[f"{s}_quantizer"] for s in ("sem", "pro", "spk")}
@@ -210,6 +215,21 @@ class AdaptStage(Stage):
             codes=stream_codes(an, masks),
             ratios=ratios,
         )
+
+    def _crop_teacher(self, modules, wav: torch.Tensor, n_sem: int, n_pro: int) -> dict[str, torch.Tensor]:
+        """Teacher targets from the teacher path on the crop itself (B, N); frames past the audio are masked by the
+        batch lengths like the student's."""
+        with torch.no_grad():
+            t = self.teacher(modules, wav)
+        out = {k: v.detach() for k, v in t.items()}
+        for stream, n in (("sem", n_sem), ("pro", n_pro)):
+            for kind in ("latent", "codes"):
+                x = out[f"{stream}_{kind}"][:, :n]
+                if x.shape[1] < n:
+                    raise LayoutMismatch(f"teacher gives {x.shape[1]} {stream} frames on the crop, the student {n}")
+                out[f"{stream}_{kind}"] = x
+            out[f"{stream}_valid"] = torch.ones(wav.shape[0], n, dtype=torch.bool, device=wav.device)
+        return out
 
     @staticmethod
     def _teacher_targets(batch: dict, n_sem: int, n_pro: int, device) -> dict[str, torch.Tensor]:
