@@ -159,19 +159,6 @@ def run_cache(args) -> int:
 
 def _build_datasets(cfg) -> tuple[AudioDataset, AudioDataset | None]:
     """The train and val datasets exactly as the trainer builds them (same rows → same cache keys)."""
-    from siren.data.manifest import read_table
+    from siren.data.datasets import build_dataset
 
-    d, sr = cfg.data, cfg.audio.sample_rate
-
-    def make(manifest: str, train: bool) -> AudioDataset:
-        return AudioDataset(
-            read_table(manifest, text=False),
-            sr,
-            int(d.segment_seconds * sr),
-            int(d.min_seconds * sr),
-            seed=cfg.train.seed,
-            train=train,
-            on_format_mismatch=d.on_format_mismatch,
-        )
-
-    return make(d.train, True), make(d.val, False) if d.val else None
+    return build_dataset(cfg), build_dataset(cfg, val=True) if cfg.data.val else None

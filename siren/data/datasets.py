@@ -192,6 +192,23 @@ class AudioDataset(torch.utils.data.Dataset):
         }
 
 
+def build_dataset(cfg, val: bool = False) -> AudioDataset:
+    """The train (or val) dataset of a config; the trainer and `siren cache` both build it here, so they agree on the
+    rows and therefore on the cache keys."""
+    from siren.data.manifest import read_table
+
+    d, sr = cfg.data, cfg.audio.sample_rate
+    return AudioDataset(
+        read_table(d.val if val else d.train, text=False),
+        sr,
+        int(d.segment_seconds * sr),
+        int(d.min_seconds * sr),
+        seed=cfg.train.seed,
+        train=not val,
+        on_format_mismatch=d.on_format_mismatch,
+    )
+
+
 class EpochBatchSampler:
     """Batch sampler for one long-lived DataLoader: yields batches of `(epoch, index)` keys from `start(epoch, pos)`
     on, through every later epoch. `batches.epoch(e)` gives epoch e's batches (this rank's share) and

@@ -193,21 +193,11 @@ class Trainer:
         log.info("initialised %s from %s", ", ".join(names), path)
 
     def _build_dataset(self, val: bool = False):
-        from siren.data.datasets import AudioDataset
-        from siren.data.manifest import read_table
+        from siren.data.datasets import build_dataset
 
-        d, sr = self.cfg.data, self.cfg.audio.sample_rate
-        if not d.train:
+        if not self.cfg.data.train:
             raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren manifest`)")
-        return AudioDataset(
-            read_table(d.val if val else d.train, text=False),
-            sr,
-            int(d.segment_seconds * sr),
-            int(d.min_seconds * sr),
-            seed=self.cfg.train.seed,
-            train=not val,
-            on_format_mismatch=d.on_format_mismatch,
-        )
+        return build_dataset(self.cfg, val)
 
     def _make_tracker(self):
         if not self.is_main:

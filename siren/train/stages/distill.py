@@ -6,7 +6,6 @@ Every checkpoint also holds the student as STEP/student (HuBERT `save_pretrained
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
