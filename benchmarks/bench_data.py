@@ -135,6 +135,10 @@ def bench_read_amplification(work: Path) -> dict:
     from siren.data.datasets import AudioDataset
     from siren.data.manifest import Utterance
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
     out = {}
     for sr in (16000, 48000):
         files = _write_audio(work / f"amp{sr}", 8, 15.0, sr)
@@ -156,6 +160,7 @@ def bench_read_amplification(work: Path) -> dict:
             "ms_before": 1000 * statistics.median(t_before),
             "ms_after": 1000 * statistics.median(t_after),
         }
+    torch.set_num_threads(threads)
     return out
 
 

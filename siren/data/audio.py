@@ -3,6 +3,7 @@ resampling only what is read; save PCM_16."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -74,6 +75,14 @@ def _margin(file_rate: int, sample_rate: int) -> int:
     return math.ceil(width_src * up / down) + up
 
 
+@functools.lru_cache(maxsize=16)
+def _resampler(file_rate: int, sample_rate: int):
+    """torchaudio's sinc resampler with its kernel built once per rate pair (per process), not once per crop."""
+    import torchaudio.transforms as T
+
+    return T.Resample(file_rate, sample_rate)
+
+
 @dataclass
 class Decoded:
     """A (cropped) waveform at the target rate and what reading it cost.
@@ -140,9 +149,7 @@ def read_audio(
     if not torch.isfinite(wav).all():
         raise AudioError(path, f"{int((~torch.isfinite(wav)).sum())} non-finite (NaN/Inf) samples")
     if sr != sample_rate:
-        import torchaudio.functional as AF
-
-        wav = AF.resample(wav, orig_freq=sr, new_freq=sample_rate)[start - t0 : start - t0 + num]
+        wav = _resampler(sr, sample_rate)(wav)[start - t0 : start - t0 + num]
     used = round(num * sr / sample_rate) * channels * 4
     return Decoded(wav=wav.contiguous(), offset=start, total=total, decoded_bytes=int(data.size) * 4, used_bytes=used)
 
