@@ -131,11 +131,11 @@ def bench_startup(work: Path, repeats: int = 3) -> dict:
 
 def bench_read_amplification(work: Path) -> dict:
     """Bytes decoded ÷ bytes used for 2-s crops of 15-s files: whole-file decode (before) vs crop reads (after)."""
+    import torch
+
     from siren.data.audio import read_audio
     from siren.data.datasets import AudioDataset
     from siren.data.manifest import Utterance
-
-    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
