@@ -7,6 +7,8 @@ Figures (goal in brackets):
   3. bitstream bytes ÷ entropy-model estimate on the eval set [≤ 1.01]: one stream and per file; header apart
   4. encode / decode speed in × real time, 1 CPU thread, `tiny` and `ultra200bps` presets (8 flow steps)
   5. data loader throughput ÷ training consumption [≫ 1]
+  6. data path at scale (bench_data.py): 1M-row start-up [≤ 10 s] and memory [≤ 1 GiB], read amplification,
+     cache fill with 2 processes ÷ 1 [≥ 1.8], step time with cached vs live features
 """
 
 from __future__ import annotations
@@ -402,6 +404,10 @@ def main() -> int:
         from bench_frozen_check import run as bench_frozen_run  # frozen/ok every step (issue 13)
 
         frozen = bench_frozen_run(work, corpus, teacher)
+        # Data path at scale (benchmarks/bench_data.py): start-up, memory, read amplification, cache fill, cached step.
+        from bench_data import rows as data_rows
+
+        data = data_rows(corpus, teacher, work / "data")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
         (
@@ -455,6 +461,7 @@ def main() -> int:
         ("fixed header + CRC per file (reported apart)", f"{bs['header_bits_per_file']:.0f} bits", "—"),
         ("data loader throughput ÷ training consumption", f"{ld['loader_over_consumption']:.1f}", "≫ 1"),
     ]
+    rows += data
     for p, s in speed.items():
         rows.append((f"encode speed, {p}, 1 thread (× real time)", f"{s['encode_xrt']:.1f}", "—"))
         rows.append((f"decode speed, {p}, 8 flow steps, 1 thread (× real time)", f"{s['decode_xrt']:.1f}", "—"))

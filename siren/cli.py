@@ -46,15 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
 
+    p = sub.add_parser("manifest", help="write train/val JSONL manifests from directories of audio")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="corpus root directories")
+    p.add_argument("--out", required=True, help="output directory (train.jsonl, val.jsonl, rejected.jsonl)")
+    p.add_argument("--layout", choices=["auto", "librispeech", "libritts", "vctk", "flat"], default="auto")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val", type=float, default=None, help="fraction of utterances for val, by speaker (0.02)")
+    split.add_argument("--val-speakers", type=int, default=None, help="number of speakers held out for val")
+    p.add_argument("--jobs", type=int, default=8, help="parallel header reads")
+
     p = sub.add_parser("init-ssl", help="save a tiny randomly initialised HuBERT teacher (stand-in for hubert-base)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("features", help="precompute SSL features to the feature cache")
+    p = sub.add_parser("cache", help="fill the feature or teacher cache for train and val (each process its share)")
     _add_config(p)
-    p.add_argument("--manifest", action="append", help="manifest(s) (default: data.train and data.val)")
-    p.add_argument("--out", help="cache root (default: data.feature_cache)")
-    p.add_argument("--model", choices=["ssl", "student_ssl"], default="ssl")
+    p.add_argument("--what", choices=["features", "teacher"], help="default: teacher for adapt, else features")
 
     p = sub.add_parser("profile", help="code statistics of a checkpoint on a reference set (baseline profile)")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI")
@@ -162,6 +169,17 @@ def cmd_corpus(args) -> int:
     return 0
 
 
+def cmd_manifest(args) -> int:
+    from siren.data.scan import build_manifest
+
+    val = 0.02 if args.val is None and args.val_speakers is None else args.val
+    summary = build_manifest(
+        args.sources, args.out, layout=args.layout, val=val, val_speakers=args.val_speakers, jobs=args.jobs
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_init_ssl(args) -> int:
     from siren.models.ssl import save_tiny_teacher
 
@@ -169,10 +187,10 @@ def cmd_init_ssl(args) -> int:
     return 0
 
 
-def cmd_features(args) -> int:
-    from siren.data.features_cli import run_features
+def cmd_cache(args) -> int:
+    from siren.data.cache_fill import run_cache
 
-    return run_features(args)
+    return run_cache(args)
 
 
 def cmd_profile(args) -> int:

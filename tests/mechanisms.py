@@ -46,19 +46,20 @@ def _no_trainer_state(self, path):
     """Resume restores the component weights only: optimizer moments, scheduler and RNG start afresh."""
 
 
-def _trusting_audio_info(path):
-    info = sf.info(str(path))  # no AudioError: a bad file raises whatever libsndfile raises
-    return int(info.samplerate), int(info.frames), int(info.channels)
+def _trusting_read_audio(path, sample_rate, *, policy="convert", crop=None, min_samples=0):
+    """Decode the whole file, check nothing, raise whatever libsndfile raises (no AudioError, so no replacement)."""
+    from siren.data.audio import Decoded
 
-
-def _trusting_load_audio(path, sample_rate=16000, min_seconds=0.0):
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # no finiteness check, no AudioError
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     wav = torch.from_numpy(data).mean(dim=1)
     if sr != sample_rate:
         import torchaudio.functional as AF
 
         wav = AF.resample(wav, orig_freq=int(sr), new_freq=int(sample_rate))
-    return wav.contiguous()
+    start, num = crop(wav.shape[0]) if crop else (0, wav.shape[0])
+    return Decoded(
+        wav=wav[start : start + num].contiguous(), offset=start, total=wav.shape[0], decoded_bytes=data.size * 4
+    )
 
 
 def _always_finite(metrics):
@@ -178,10 +179,7 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
         ("siren.train.checkpoint:commit_step", _inplace_commit_step),
     ],
     "resume_trainer_state": [("siren.train.trainer:Trainer._restore_trainer_state", _no_trainer_state)],
-    "bad_audio_skip": [
-        ("siren.data.datasets:audio_info", _trusting_audio_info),
-        ("siren.data.datasets:load_audio", _trusting_load_audio),
-    ],
+    "bad_audio_skip": [("siren.data.datasets:read_audio", _trusting_read_audio)],
     "nonfinite_step_skip": [("siren.train.trainer:Trainer._step_is_finite", staticmethod(_always_finite))],
     "wandb_guard": [
         ("siren.train.tracking:Tracker._disable", _unguarded),

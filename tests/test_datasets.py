@@ -32,27 +32,75 @@ def utts(tmp_path) -> list[Utterance]:
     return [make_wav(tmp_path / f"u{k}.wav", 1.0 + 0.25 * k, freq=200.0 + 50 * k) for k in range(5)]
 
 
-def test_bad_files_excluded_at_construction(tmp_path, utts, caplog):
+def test_start_trusts_the_manifest_and_opens_no_file(tmp_path, utts, monkeypatch):
+    import soundfile
+
+    def no_io(*a, **k):
+        raise AssertionError("a file was opened at dataset start")
+
+    monkeypatch.setattr(soundfile, "info", no_io)
+    monkeypatch.setattr(soundfile, "SoundFile", no_io)
+    rows = utts + [
+        Utterance("gone", str(tmp_path / "gone.wav"), 1.0, "s"),  # found at load, not now
+        Utterance("short", str(tmp_path / "short.wav"), 0.2, "s"),
+        Utterance("nb", str(tmp_path / "nb.wav"), 1.0, "s", sample_rate=8000, channels=1),
+        Utterance("hi", str(tmp_path / "hi.wav"), 1.0, "s", sample_rate=48000, channels=2),
+    ]
+    ds = AudioDataset(rows, SR, segment_samples=SR, min_samples=8000)
+    assert [u.id for u in ds.utterances] == [u.id for u in utts] + ["gone", "hi"]
+    assert (
+        "too short" in ds.skipped[str(tmp_path / "short.wav")] and "narrowband" in ds.skipped[str(tmp_path / "nb.wav")]
+    )
+    skip = AudioDataset(rows, SR, segment_samples=SR, min_samples=8000, on_format_mismatch="skip")
+    assert "expected 16000 Hz" in skip.skipped[str(tmp_path / "hi.wav")]
+    conv = AudioDataset(rows, SR, segment_samples=SR, min_samples=8000, on_format_mismatch="convert")
+    assert set(conv.skipped) == {str(tmp_path / "short.wav")}
+
+
+def test_bad_files_found_at_load_are_replaced_and_counted(tmp_path, utts, caplog):
     bad = [
         Utterance("missing", str(tmp_path / "missing.wav"), 1.0, "s"),
         make_wav(tmp_path / "short.wav", 0.1),
         make_wav(tmp_path / "empty.wav", 0.0),
         Utterance("corrupt", str(tmp_path / "corrupt.wav"), 1.0, "s"),
-        make_wav(tmp_path / "short8k.wav", 0.4, sr=8000),  # 0.4 s at 8 kHz is 6400 samples at 16 kHz
+        make_wav(tmp_path / "short8k.wav", 0.4, sr=8000),
     ]
+    bad = [Utterance(u.id, u.path, 1.0, u.speaker) for u in bad]  # the manifest claims a usable duration
     (tmp_path / "corrupt.wav").write_bytes(b"not audio at all" * 50)
     with caplog.at_level(logging.WARNING, logger="siren"):
         ds = AudioDataset(utts[:2] + bad + utts[2:], SR, segment_samples=SR, min_samples=8000)
-    assert len(ds) == len(utts)
-    assert [u.id for u in ds.utterances] == [u.id for u in utts]
+        assert len(ds) == len(utts) + len(bad) and not ds.skipped
+        items = [ds[i] for i in range(len(ds))]
     assert set(ds.skipped) == {u.path for u in bad}
     assert "not found" in ds.skipped[bad[0].path] and "too short" in ds.skipped[bad[1].path]
-    assert sum("5 of 10 files excluded" in r.getMessage() for r in caplog.records) == 1
+    assert "narrowband" in ds.skipped[bad[4].path]
+    assert {it["replaced_from"] for it in items[2:7]} == {u.path for u in bad}
+    assert all(it["id"] == utts[2].id for it in items[2:7])  # each replaced by the next usable one
+    assert sum("failed to load" in r.getMessage() for r in caplog.records) == len(bad)
 
 
 def test_nothing_usable_raises(tmp_path):
     with pytest.raises(ValueError, match="no usable utterances"):
-        AudioDataset([Utterance("m", str(tmp_path / "m.wav"), 1.0, "s")], SR, SR, 100)
+        AudioDataset([Utterance("m", str(tmp_path / "m.wav"), 0.001, "s")], SR, SR, 100)
+    ds = AudioDataset([Utterance("m", str(tmp_path / "m.wav"), 1.0, "s")], SR, SR, 100)
+    with pytest.raises(RuntimeError, match="all 1 utterances failed to load"):
+        ds[0]
+
+
+def test_crops_read_only_their_frames(tmp_path, monkeypatch):
+    long = make_wav(tmp_path / "long.wav", 10.0)
+    hi = make_wav(tmp_path / "hi.wav", 10.0, sr=48000)
+    ds = AudioDataset([long, hi], SR, segment_samples=SR, min_samples=100, seed=1)
+    whole = AudioDataset([long, hi], SR, segment_samples=None, min_samples=100)
+    for i in range(2):
+        before = ds.decoded_bytes
+        it = ds[(3, i)]
+        ref = whole[i]["wav"][it["offset"] : it["offset"] + SR]
+        assert torch.allclose(it["wav"], ref, atol=1e-6)  # the same samples as cutting the decoded whole file
+        file_rate = (SR, 48000)[i]
+        # Bytes decoded: the 1-s crop (+ a resampling margin of a few ms at 48 kHz), not the 10-s file.
+        assert SR * 4 * file_rate / SR <= ds.decoded_bytes - before < 1.05 * SR * 4 * file_rate / SR
+    assert ds.used_bytes == SR * 4 + 3 * SR * 4  # the file bytes the two crops span (16 and 48 kHz)
 
 
 def test_nan_file_replaced_at_getitem(tmp_path, utts):
@@ -136,3 +184,33 @@ def test_speaker_balanced_subset():
     assert len({u.id for u in sub}) == 5
     assert sub == speaker_balanced_subset(list(reversed(utts)), 5, seed=0)
     assert len(speaker_balanced_subset(utts, 100, seed=0)) == len(utts)
+
+
+class _Batches:
+    """Two batches of two per epoch, in a seeded order per epoch (like the trainer's ShardedBatches)."""
+
+    num_batches = 2
+
+    def epoch(self, e: int) -> list[list[int]]:
+        perm = torch.randperm(4, generator=torch.Generator().manual_seed(e)).tolist()
+        return [perm[:2], perm[2:]]
+
+
+def test_persistent_workers_follow_the_epoch_without_a_new_loader(utts):
+    from siren.data.datasets import EpochBatchSampler
+
+    ds = AudioDataset(utts, SR, segment_samples=SR // 2, min_samples=100, seed=1)
+    sampler = EpochBatchSampler(_Batches())
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=collate, num_workers=1, persistent_workers=True
+    )
+    sampler.start(1, 1)
+    it = iter(loader)
+    got = [next(it) for _ in range(5)]  # epoch 1 from its second batch, then epochs 2 and 3 in one iterator
+    keys = [(1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    for batch, (e, pos) in zip(got, keys, strict=True):
+        want = collate([ds[(e, i)] for i in _Batches().epoch(e)[pos]])
+        assert torch.equal(batch["index"], want["index"]) and torch.equal(batch["offsets"], want["offsets"])
+        assert torch.equal(batch["wav"], want["wav"])
+    # The worker's copy of the dataset never saw set_epoch: the epoch travels with each key.
+    assert ds.epoch == 0 and len({tuple(b["offsets"].tolist()) for b in got}) > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,22 +54,37 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
             "samples.enabled": "false",
         },
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
-        "-m",
-        "siren",
-        "train",
-        "--config",
-        str(ROOT / "configs/demo/base.yaml"),
-        *args,
-    ]
-    r = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "terminate called" not in r.stderr
+
+    def launch(command: str) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
+            "-m",
+            "siren",
+            command,
+            "--config",
+            str(ROOT / "configs/demo/base.yaml"),
+            *args,
+        ]
+        r = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "terminate called" not in r.stderr
+        return r
+
+    # `siren cache`: both processes fill the teacher cache, each its share of train and of val.
+    r = launch("cache")
+    counts = {
+        (int(m[0]), m[1]): int(m[2]) for m in re.findall(r"rank (\d)/2 teacher (train|val): computed (\d+)", r.stdout)
+    }
+    assert set(counts) == {(0, "train"), (1, "train"), (0, "val"), (1, "val")}
+    assert all(n > 0 for n in counts.values()) and abs(counts[0, "train"] - counts[1, "train"]) <= 1
+    # The 2-process run finds everything cached: nothing is computed at start.
+    r = launch("train")
+    fills = re.findall(r"teacher cache \S+: (\d+) computed here, (\d+) reused", r.stderr)
+    assert len(fills) == 4 and all(int(c) == 0 and int(k) > 0 for c, k in fills), fills
 
     # One run directory, one W&B run, only rank 0 wrote metrics (no duplicated steps).
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -77,6 +93,15 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
     meta = json.loads((run / "checkpoints" / "step_4" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert all(x["frozen/ok"] == 1.0 for x in rows)
+
+    # The baseline profile: each rank profiled half of the reference subset and the sums were reduced, so it equals a
+    # one-process profile of the whole subset (here all of val, fewer than data.profile_utts).
+    from siren.metrics.profile import profile_checkpoint
+
+    prof = json.loads((run / "baseline_profile.json").read_text())
+    ref = profile_checkpoint(str(root / "codec"), str(corpus_dir / "val.jsonl"))
+    assert prof["num_utts"] == ref["num_utts"] > 1 and prof["histograms"] == ref["histograms"]
+    assert abs(prof["bps_entropy"] - ref["bps_entropy"]) < 1e-6 * ref["bps_entropy"]
 
     # Frozen fingerprints intact: the checkpoint's frozen tensors equal the baseline's.
     base = root / "codec" / "checkpoints" / "step_2" / "components"

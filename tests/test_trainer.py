@@ -99,6 +99,47 @@ def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, 
     assert prof["baseline_fingerprint"] == meta["baseline"]["fingerprint"]
 
 
+def test_adapt_teacher_targets_full_and_crop_agree_on_a_whole_utterance(codec_run, corpus_dir, teacher_dir, tmp_path):
+    from siren.data.cache_fill import TEACHER
+    from siren.data.datasets import collate
+    from siren.models.student_ssl import TinyHubert
+
+    torch.manual_seed(0)
+    TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(tmp_path / "student")
+    common = {"student_ssl.path": str(tmp_path / "student"), "train.max_steps": 1, "data.segment_seconds": 8.0}
+    full = Trainer(stage_config("adapt", corpus_dir, teacher_dir, tmp_path / "full", baseline=str(codec_run), **common))
+    crop = Trainer(
+        stage_config(
+            "adapt",
+            corpus_dir,
+            teacher_dir,
+            tmp_path / "crop",
+            baseline=str(codec_run),
+            **common,
+            **{"loss.teacher_targets": "crop"},
+        )
+    )
+    assert (tmp_path / "full" / "cache").is_dir() and not (tmp_path / "crop" / "cache").exists()  # crop: no cache
+    item = full.dataset[0]  # an 8-s segment holds the whole utterance: both modes see the same audio
+    assert item["length"] < full.dataset.segment_samples
+    batch = collate([item])
+    n = int(item["length"])
+    an = full.stage.student(full.modules, batch["wav"][:, :n])
+    n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
+    cached = full.stage._teacher_targets(
+        batch, batch[TEACHER]["sem_codes"].shape[1], batch[TEACHER]["pro_codes"].shape[1], "cpu"
+    )
+    live = crop.stage._crop_teacher(crop.modules, batch["wav"][:, :n], n_sem, n_pro)
+    for k in ("sem_latent", "pro_latent"):
+        assert torch.allclose(cached[k][:, : live[k].shape[1]], live[k], atol=2e-2, rtol=1e-2), k
+    assert torch.allclose(cached["spk_latent"], live["spk_latent"], atol=2e-2, rtol=1e-2)
+    for s in ("sem", "pro"):
+        agree = (cached[f"{s}_codes"][:, : live[f"{s}_codes"].shape[1]] == live[f"{s}_codes"]).float().mean()
+        assert agree > 0.95, (s, agree)
+    full.tracker.finish()
+    crop.tracker.finish()
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     t0 = time.time()
     while not path.exists():
@@ -151,22 +192,21 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):
     cache = tmp_path / "cache"
     ov = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"data.feature_cache": str(cache)})
     r = subprocess.run(
-        [sys.executable, "-m", "siren", "features", "--config", str(ROOT / "configs/demo/base.yaml"), *ov],
+        [sys.executable, "-m", "siren", "cache", "--config", str(ROOT / "configs/demo/base.yaml"), *ov],
         cwd=ROOT,
         env=subprocess_env,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    (key_dir,) = [p for p in cache.iterdir() if p.is_dir()]
-    meta = json.loads((key_dir / "meta.json").read_text())
-    assert meta["layer"] == 3 and meta["dim"] == 64
-    n_files = len(list(key_dir.glob("*.safetensors")))
-    assert n_files == 24  # train + val of the session corpus
+    assert "features train: computed" in r.stdout and "features val: computed" in r.stdout
+    dirs = sorted(p for p in cache.iterdir() if p.is_dir())
+    assert len(dirs) == 2  # train and val, each under its own key
+    before = {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()}
     cfg = stage_config(
         "codec",
         corpus_dir,
@@ -175,13 +215,34 @@ def test_feature_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_
         **{"data.feature_cache": str(cache), "train.max_steps": 2, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
+    assert {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()} == before  # found, nothing recomputed
     batch = tr.stream.next(0, 0)
     cached = tr.stage.feats(tr.modules["ssl"], batch)
     with torch.no_grad():
         live = tr.modules["ssl"](batch["wav"])
-    assert cached.shape == live.shape
+    # Cached features are fp16 of the whole utterance, cut to the crop: close to the crop's live features inside it.
+    assert cached.shape == live.shape and cached.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(cached[:, 2:-2], live[:, 2:-2], dim=-1).mean() > 0.9
     tr.fit()
-    assert len(list(key_dir.glob("*.safetensors"))) == n_files  # nothing recomputed
+    assert {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()} == before
+
+
+def test_one_data_loader_across_epochs(corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{"train.max_steps": 7, "train.checkpoint_every": 7, "samples.enabled": "false", "data.num_workers": 1},
+    )
+    tr = Trainer(cfg)
+    assert tr.batches.num_batches < 7  # the run crosses at least one epoch end
+    calls = []
+    real = tr.stream.sampler.start
+    monkeypatch.setattr(tr.stream.sampler, "start", lambda e, p: calls.append((e, p)) or real(e, p))
+    tr.fit()
+    assert calls == [(0, 0)]  # one iterator, one worker pool, for every epoch
+    assert tr.stream.loader.persistent_workers and tr.stream.loader.prefetch_factor == 4
 
 
 def test_offline_wandb_run_holds_the_same_history(codec_run):
@@ -214,3 +275,29 @@ def test_init_from_loads_weights_only(codec_run, corpus_dir, teacher_dir, tmp_pa
 
     with pytest.raises(SirenError, match="vocoder"):
         Trainer(cfg, init_from=str(codec_run), init_components=["vocoder"])
+
+
+def test_distill_checkpoint_holds_a_student_usable_outside_siren(corpus_dir, teacher_dir, tmp_path):
+    import shutil
+
+    from helpers import stage_config
+    from transformers import HubertModel
+
+    from siren.train.stages.adapt import load_student
+    from siren.train.trainer import Trainer
+
+    run = tmp_path / "distill"
+    cfg = stage_config("distill", corpus_dir, teacher_dir, run, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    tr = Trainer(cfg)
+    tr.fit()
+    export = run / "checkpoints" / "step_2" / "student"
+    elsewhere = tmp_path / "anywhere" / "my_student"
+    shutil.copytree(export, elsewhere)  # the directory alone, away from its run
+    hub = HubertModel.from_pretrained(elsewhere / "hubert").eval()
+    student = tr.modules["student_ssl"].eval()
+    wav = torch.randn(1, 16000)
+    with torch.no_grad():
+        assert torch.equal(hub(wav).last_hidden_state, student.hubert(wav).last_hidden_state)
+        cfg.student_ssl.path = str(elsewhere)
+        loaded = load_student(cfg).eval()
+        assert torch.equal(loaded(wav), student(wav))  # hubert + head

@@ -165,11 +165,16 @@ class DataConfig:
     val: str = ""
     segment_seconds: float = 2.0
     min_seconds: float = 0.5
-    # A file at another sample rate or with more than one channel: `skip` (excluded and counted, like a corrupt file) or
-    # `convert` (resampled to audio.sample_rate and mixed down to mono when loaded).
-    on_format_mismatch: Literal["skip", "convert"] = "skip"
+    # A file at another sample rate or with more than one channel: `resample_down` (higher rates resampled to
+    # audio.sample_rate and mixed to mono, lower rates skipped and counted), `skip` (anything else skipped and counted,
+    # like a corrupt file) or `convert` (every rate resampled, narrowband upsampled too).
+    on_format_mismatch: Literal["resample_down", "skip", "convert"] = "resample_down"
     num_workers: int = 0
+    # Root of the cache subsystem (`siren cache`): SSL features when set; adapt's teacher cache (default RUN/cache).
     feature_cache: str | None = None
+    cache_batch_seconds: float = 0.0  # padded seconds per forward when filling; 0 = one utterance (exact)
+    cache_verify: bool = True  # check every shard's CRC-32 at start (each rank a share)
+    profile_utts: int = 256  # speaker-balanced reference subset of the baseline profile (adapt)
 
 
 @dataclass
@@ -225,6 +230,9 @@ class LossConfig:
     stft: float = 1.0
     distill_l1: float = 1.0
     distill_cos: float = 1.0
+    # adapt: teacher targets from the cached whole-utterance teacher path cut to the crop (`full`), or from the teacher
+    # path run on the crop itself at every step (`crop`: what the student sees, no cache, one teacher forward per step).
+    teacher_targets: Literal["full", "crop"] = "full"
 
 
 @dataclass

@@ -1,148 +1,237 @@
-"""Training dataset: deterministic crops (exact resume), bad files excluded up front or replaced deterministically."""
+"""Training dataset over a columnar manifest: nothing opened at start, crops read only their frames, bad files replaced.
+
+Start-up trusts the manifest (`duration`, and `sample_rate`/`channels` when present) and only does vectorised checks,
+so it costs the same for 1,000 or 1,000,000 rows; a file that turns out unreadable, short, non-finite or of an unusable
+format when loaded is replaced deterministically by the next usable one and counted (DESIGN §17).
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from siren.data.audio import AudioError, audio_info, load_audio
-from siren.data.manifest import Utterance
+from siren.data.audio import AudioError, format_problem, read_audio
+from siren.data.manifest import ManifestTable, Utterance
 
 log = logging.getLogger("siren")
 
 
-def _resampled_length(frames: int, file_rate: int, sample_rate: int) -> int:
-    # torchaudio's resample returns ceil(frames * new / orig) samples.
-    return -(-frames * sample_rate // file_rate)
+class Rows(Sequence):
+    """The dataset's rows as `Utterance` objects, built on access (no list of a million objects)."""
+
+    def __init__(self, table: ManifestTable, rows: np.ndarray):
+        self.table, self.rows = table, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.table[int(r)] for r in self.rows[i]]
+        return self.table[int(self.rows[i])]
+
+
+def start_exclusions(table: ManifestTable, sample_rate: int, min_samples: int, policy: str) -> dict[int, str]:
+    """Rows the manifest already shows to be unusable → reason (vectorised; only the excluded rows cost Python)."""
+    out: dict[int, str] = {}
+    short = np.nonzero(table.duration * sample_rate < min_samples)[0]
+    for r in short:
+        out[int(r)] = (
+            f"too short: {float(table.duration[r]):.3f} s in the manifest < min_samples {min_samples} at {sample_rate} Hz"
+        )
+    known = table.sample_rate > 0
+    suspect = np.nonzero(known & ((table.sample_rate != sample_rate) | (table.channels > 1)))[0]
+    for r in suspect:
+        reason = format_problem(int(table.sample_rate[r]), max(1, int(table.channels[r])), sample_rate, policy)
+        if reason and int(r) not in out:
+            out[int(r)] = reason
+    return out
 
 
 class AudioDataset(torch.utils.data.Dataset):
     """Utterances as fixed-length segments (or whole, `segment_samples=None`).
 
-    Items: wav (S,) float32, length (valid samples before padding), offset (crop start, a multiple of `align`),
-    index, id, speaker, replaced_from (path of a file that failed to load and was replaced by this item, or None).
+    Index with `i` (the current `epoch`) or `(epoch, i)`: crops depend on (seed, epoch, i) only, so any worker or
+    process reproduces them, and a persistent DataLoader needs no per-epoch state in its workers.
 
-    A file at another sample rate or with several channels is excluded and counted like a corrupt one, unless `convert`
-    (config `data.on_format_mismatch: convert`): then it is resampled and mixed down to mono when loaded.
+    Items: wav (S,) float32, length (valid samples before padding), offset (crop start, a multiple of `align`),
+    index, row (manifest row), id, speaker, replaced_from (path of a file that failed to load and was replaced by this
+    item, or None), plus one entry per attached cache view (`attach`).
+
+    `on_format_mismatch`: `resample_down` (default: higher rates resampled down, several channels mixed to mono, lower
+    rates skipped), `skip` (anything but mono at `sample_rate` skipped) or `convert` (everything resampled and mixed).
     """
 
     def __init__(
         self,
-        utterances: list[Utterance],
+        utterances: ManifestTable | Sequence[Utterance],
         sample_rate: int,
         segment_samples: int | None,
         min_samples: int,
         seed: int = 0,
         align: int = 2560,
         train: bool = True,
-        convert: bool = False,
+        on_format_mismatch: str = "resample_down",
     ):
         if segment_samples is not None and segment_samples <= 0:
             raise ValueError(f"segment_samples must be positive or None, got {segment_samples}")
         if align <= 0:
             raise ValueError(f"align must be positive, got {align}")
+        format_problem(sample_rate, 1, sample_rate, on_format_mismatch)  # validates the policy name
+        table = utterances if isinstance(utterances, ManifestTable) else ManifestTable.from_utterances(utterances)
+        self.table = table
         self.sample_rate, self.segment_samples, self.min_samples = sample_rate, segment_samples, min_samples
-        self.seed, self.align, self.train = seed, align, train
+        self.seed, self.align, self.train, self.policy = seed, align, train, on_format_mismatch
         self.epoch = 0
-        self.skipped: dict[str, str] = {}
         self.load_failures = 0
-        self.utterances: list[Utterance] = []
-        # Header probes only: cheap, and they catch missing/unreadable/empty/short files before training starts.
-        for u in utterances:
-            try:
-                sr, frames, channels = audio_info(u.path)
-            except AudioError as exc:
-                self.skipped[u.path] = exc.reason
-                continue
-            n = _resampled_length(frames, sr, sample_rate)
-            if not convert and sr != sample_rate:
-                self.skipped[u.path] = f"sample rate {sr} Hz, expected {sample_rate} Hz (data.on_format_mismatch=skip)"
-            elif not convert and channels != 1:
-                self.skipped[u.path] = f"{channels} channels, expected mono (data.on_format_mismatch=skip)"
-            elif frames == 0:
-                self.skipped[u.path] = "empty audio (0 samples)"
-            elif n < min_samples:
-                self.skipped[u.path] = f"too short: {n} samples at {sample_rate} Hz < min_samples {min_samples}"
-            else:
-                self.utterances.append(u)
+        self.decoded_bytes = 0  # read amplification: float32 bytes decoded vs bytes of the items returned
+        self.used_bytes = 0
+        self.views: dict[str, object] = {}
+        excluded = start_exclusions(table, sample_rate, min_samples, on_format_mismatch)
+        self.skipped: dict[str, str] = {table.path(r): why for r, why in excluded.items()}
+        keep = np.ones(len(table), dtype=bool)
+        keep[list(excluded)] = False
+        self.rows = np.nonzero(keep)[0].astype(np.int64)
         if self.skipped:
             first = next(iter(self.skipped.items()))
             log.warning(
-                "dataset: %d of %d files excluded (e.g. %s: %s); see dataset.skipped",
+                "dataset: %d of %d files excluded by their manifest entry (e.g. %s: %s); see dataset.skipped",
                 len(self.skipped),
-                len(utterances),
+                len(table),
                 *first,
             )
-        if not self.utterances:
+        if not len(self.rows):
             reasons = "; ".join(f"{p}: {r}" for p, r in list(self.skipped.items())[:5])
             raise ValueError(
-                f"no usable utterances: all {len(utterances)} manifest entries were excluded "
+                f"no usable utterances: all {len(table)} manifest entries were excluded "
                 f"(min_samples={min_samples} at {sample_rate} Hz). First problems: {reasons or 'empty manifest'}"
             )
 
+    @property
+    def utterances(self) -> Rows:
+        return Rows(self.table, self.rows)
+
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.rows)
 
     def set_epoch(self, epoch: int) -> None:
-        """Crops depend on (seed, epoch, index) only, so any process reproduces them."""
+        """The epoch used when items are requested by a plain index."""
         self.epoch = int(epoch)
 
-    def crop_offset(self, i: int, num_samples: int) -> int:
+    def attach(self, name: str, view) -> None:
+        """Add `view.item(j, offset, length)` to every item j under `name` (e.g. cached features cut to the crop)."""
+        self.views[name] = view
+
+    def load_full(self, j: int) -> torch.Tensor:
+        """Item j's whole utterance (N,) under this dataset's format policy (what caches are computed from)."""
+        path = self.table.path(int(self.rows[j]))
+        return read_audio(path, self.sample_rate, policy=self.policy, min_samples=self.min_samples).wav
+
+    def crop_offset(self, i: int, num_samples: int, epoch: int | None = None) -> int:
         """Crop start for item i of an utterance with `num_samples` samples: a multiple of `align`, 0 when not training."""
         if not self.train or self.segment_samples is None or num_samples <= self.segment_samples:
             return 0
+        epoch = self.epoch if epoch is None else epoch
         # String seeds hash with SHA-512 inside `random`, independent of PYTHONHASHSEED, worker or process.
-        rng = random.Random(f"siren-crop:{self.seed}:{self.epoch}:{i}")
+        rng = random.Random(f"siren-crop:{self.seed}:{epoch}:{i}")
         return self.align * rng.randint(0, (num_samples - self.segment_samples) // self.align)
 
-    def __getitem__(self, i: int) -> dict:
-        n = len(self.utterances)
+    def __getitem__(self, key) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        n = len(self.rows)
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} utterances")
+        seg = self.segment_samples
+
+        def crop(total: int) -> tuple[int, int]:
+            return self.crop_offset(i, total, epoch), (total if seg is None else seg)
+
         replaced_from = None
         for k in range(n):
             j = (i + k) % n
-            u = self.utterances[j]
+            row = int(self.rows[j])
+            path = self.table.path(row)
             try:
-                wav = load_audio(u.path, self.sample_rate)
+                dec = read_audio(path, self.sample_rate, policy=self.policy, crop=crop, min_samples=self.min_samples)
+                extra = {name: v.item(j, dec.offset, dec.wav.shape[0]) for name, v in self.views.items()}
             except AudioError as exc:
                 # Data past the header can still be bad; replace deterministically instead of training on zeros.
-                if u.path not in self.skipped:
+                if path not in self.skipped:
                     log.warning(
-                        "dataset: %s failed to load (%s); replaced by the next usable utterance", u.path, exc.reason
+                        "dataset: %s failed to load (%s); replaced by the next usable utterance", path, exc.reason
                     )
-                self.skipped[u.path] = exc.reason
+                self.skipped[path] = exc.reason
                 self.load_failures += 1
-                replaced_from = replaced_from or u.path
+                replaced_from = replaced_from or path
                 continue
-            return self._item(wav, i, j, u, replaced_from)
+            self.decoded_bytes += dec.decoded_bytes
+            self.used_bytes += dec.used_bytes
+            return self._item(dec, j, row, replaced_from, extra)
         raise RuntimeError(f"dataset: all {n} utterances failed to load; see dataset.skipped: {self.skipped}")
 
-    def _item(self, wav: torch.Tensor, i: int, j: int, u: Utterance, replaced_from: str | None) -> dict:
-        offset = self.crop_offset(i, wav.shape[0])
-        if self.segment_samples is not None:
-            wav = wav[offset : offset + self.segment_samples]
-            length = wav.shape[0]
-            if length < self.segment_samples:
-                wav = torch.nn.functional.pad(wav, (0, self.segment_samples - length))
-        else:
-            length = wav.shape[0]
+    def _item(self, dec, j: int, row: int, replaced_from: str | None, extra: dict) -> dict:
+        wav = dec.wav
+        length = wav.shape[0]
+        if self.segment_samples is not None and length < self.segment_samples:
+            wav = torch.nn.functional.pad(wav, (0, self.segment_samples - length))
         return {
             "wav": wav,
             "length": int(length),
-            "offset": int(offset),
+            "offset": int(dec.offset),
             "index": j,
-            "id": u.id,
-            "speaker": u.speaker,
+            "row": row,
+            "id": self.table.ids[row],
+            "speaker": self.table.speaker(row),
             "replaced_from": replaced_from,
+            **extra,
         }
 
 
+def build_dataset(cfg, val: bool = False) -> AudioDataset:
+    """The train (or val) dataset of a config; the trainer and `siren cache` both build it here, so they agree on the
+    rows and therefore on the cache keys."""
+    from siren.data.manifest import read_table
+
+    d, sr = cfg.data, cfg.audio.sample_rate
+    return AudioDataset(
+        read_table(d.val if val else d.train, text=False),
+        sr,
+        int(d.segment_seconds * sr),
+        int(d.min_seconds * sr),
+        seed=cfg.train.seed,
+        train=not val,
+        on_format_mismatch=d.on_format_mismatch,
+    )
+
+
+class EpochBatchSampler:
+    """Batch sampler for one long-lived DataLoader: yields batches of `(epoch, index)` keys from `start(epoch, pos)`
+    on, through every later epoch. `batches.epoch(e)` gives epoch e's batches (this rank's share) and
+    `batches.num_batches` their count. Keys carry the epoch, so persistent workers need no per-epoch state."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.position = (0, 0)
+
+    def start(self, epoch: int, pos: int) -> None:
+        self.position = (int(epoch), int(pos))
+
+    def __iter__(self):
+        epoch, pos = self.position
+        while True:
+            for b in self.batches.epoch(epoch)[pos:]:
+                yield [(epoch, i) for i in b]
+            epoch, pos = epoch + 1, 0
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack items: wav (B, N) zero-padded to the longest, lengths/offsets/index (B,) long, ids, speakers, replaced."""
+    """Stack items: wav (B, N) zero-padded to the longest, lengths/offsets/index/rows (B,) long, ids, speakers, replaced,
+    and each attached view stacked."""
     if not items:
         raise ValueError("collate got an empty batch")
     n = max(it["wav"].shape[0] for it in items)
@@ -154,10 +243,22 @@ def collate(items: list[dict]) -> dict:
         "lengths": torch.tensor([it["length"] for it in items], dtype=torch.long),
         "offsets": torch.tensor([it["offset"] for it in items], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "rows": torch.tensor([it["row"] for it in items], dtype=torch.long),
         "ids": [it["id"] for it in items],
         "speakers": [it["speaker"] for it in items],
         "replaced": [it["replaced_from"] for it in items if it["replaced_from"] is not None],
+        **{k: _stack([it[k] for it in items]) for k in items[0] if k not in _ITEM_KEYS},
     }
+
+
+_ITEM_KEYS = {"wav", "length", "offset", "index", "row", "id", "speaker", "replaced_from"}
+
+
+def _stack(values: list):
+    """Attached views: a tensor per item → (B, ...); a dict of tensors per item → dict of (B, ...)."""
+    if isinstance(values[0], dict):
+        return {k: torch.stack([v[k] for v in values]) for k in values[0]}
+    return torch.stack(values)
 
 
 def speaker_balanced_subset(utterances: list[Utterance], n: int, seed: int) -> list[Utterance]:

@@ -1,7 +1,8 @@
 """Baseline profile (DESIGN §8): code histograms per stream and level, entropy, entropy-model bit/s on a reference set.
 
-`siren profile --checkpoint URI --data MANIFEST --out FILE.json`; the `adapt` stage computes it at start and caches it
-in `RUN/baseline_profile.json`, tagged with the baseline fingerprint and the code layout.
+`siren profile --checkpoint URI --data MANIFEST --out FILE.json`; the `adapt` stage computes it at start on a fixed
+speaker-balanced subset (`data.profile_utts`), every rank a share, and caches it in `RUN/baseline_profile.json` under a
+key (baseline fingerprint, audio settings, the subset's rows).
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from siren.errors import LayoutMismatch
 from siren.metrics.codebook import entropy_bits, histogram
 
 
-def compute_profile(
-    modules: dict[str, nn.Module], utterances, audio, device="cpu", max_utts: int | None = None
-) -> dict:
-    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model; `audio`: the run's audio section.
-    Full utterances, one at a time."""
+def profile_sums(modules: dict[str, nn.Module], utterances, audio, device="cpu") -> dict:
+    """Sums a profile is made of, over `utterances` (full, one at a time): per-stream histograms, bits, seconds, count.
+    `audio`: the run's audio section. Sums add across ranks, so each rank can take a share and the shares are reduced."""
     from siren.data.audio import load_audio
     from siren.models.roles import FrameGeometry
     from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
@@ -31,7 +30,7 @@ def compute_profile(
     layout = code_layout(modules)
     hists = {s: torch.zeros(L, K, dtype=torch.float64) for s, (K, L) in layout.items()}
     bits_total, seconds_total, n = 0.0, 0.0, 0
-    for u in utterances[: max_utts or len(utterances)]:
+    for u in utterances:
         wav = load_audio(u.path, sample_rate).to(device)
         with torch.no_grad():
             an = analyse(modules, modules["features"](wav[None]))
@@ -47,67 +46,86 @@ def compute_profile(
         bits_total += float(bits)
         seconds_total += float(seconds)
         n += 1
+    return {"layout": layout, "hists": hists, "bits": bits_total, "seconds": seconds_total, "n": n}
+
+
+def finish_profile(sums: dict) -> dict:
+    hists = sums["hists"]
     return {
-        "layout": {s: list(v) for s, v in layout.items()},
+        "layout": {s: list(v) for s, v in sums["layout"].items()},
         "histograms": {s: h.tolist() for s, h in hists.items()},
         "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
-        "bps_entropy": bits_total / max(seconds_total, 1e-9),
-        "bits": bits_total,
-        "num_utts": n,
-        "seconds": seconds_total,
+        "bps_entropy": sums["bits"] / max(sums["seconds"], 1e-9),
+        "num_utts": int(sums["n"]),
+        "seconds": sums["seconds"],
+    }
+
+
+def compute_profile(
+    modules: dict[str, nn.Module], utterances, audio, device="cpu", max_utts: int | None = None
+) -> dict:
+    """modules: `features` (ssl or student), factorizer, quantizers, entropy_model; `audio`: the audio section.
+    Full utterances, one at a time."""
+    return finish_profile(profile_sums(modules, utterances[: max_utts or len(utterances)], audio, device))
+
+
+def _reduce(sums: dict, ctx) -> dict:
+    """Sum the ranks' profile sums (a few small tensors: gathered, then added)."""
+    parts = ctx.gather({"hists": sums["hists"], "bits": sums["bits"], "seconds": sums["seconds"], "n": sums["n"]})
+    out = dict(sums)
+    out["hists"] = {s: sum(p["hists"][s] for p in parts) for s in sums["hists"]}
+    out["bits"] = sum(p["bits"] for p in parts)
+    out["seconds"] = sum(p["seconds"] for p in parts)
+    out["n"] = sum(p["n"] for p in parts)
+    return out
+
+
+def profile_key(stage, cfg, subset) -> dict:
+    """Everything that changes a baseline profile: the baseline, the audio settings and the reference rows."""
+    from siren.data.cache import row_digest
+    from siren.data.manifest import ManifestTable
+
+    table = ManifestTable.from_utterances(subset)
+    return {
+        "baseline": stage.baseline_fingerprint,
+        "sample_rate": cfg.audio.sample_rate,
+        "profile_utts": cfg.data.profile_utts,
+        "rows": row_digest(table, range(len(table))),
     }
 
 
 def load_or_compute_profile(path: Path, ctx, modules, utterances, stage) -> dict:
-    """Cached per run; recomputed never silently: a cached profile of another baseline or layout is an error.
+    """The baseline profile on a fixed speaker-balanced subset (`data.profile_utts`) of `utterances`, computed by every
+    rank on its share and reduced; cached in `path` under its key (a changed key recomputes, never reuses). A cached
+    profile of another baseline in the same run dir is an error."""
+    from siren.data.datasets import speaker_balanced_subset
 
-    Every rank profiles its share of the reference set (`ctx.shard`); the sums are gathered and rank 0 writes."""
+    cfg = stage.cfg
     layout = {s: list(v) for s, v in stage.code_layout(modules).items()}
-    if not path.is_file():  # every rank sees the same answer: the file is only written after the gather below
-        part = compute_profile(stage.profile_modules(modules), ctx.shard(list(utterances)), stage.cfg.audio, ctx.device)
-        prof = merge_profiles(ctx.gather(part))
+    subset = speaker_balanced_subset(list(utterances), cfg.data.profile_utts, cfg.train.seed)
+    key = profile_key(stage, cfg, subset)
+    cached = json.loads(path.read_text()) if path.is_file() else None
+    if cached is not None and cached.get("baseline_fingerprint") != stage.baseline_fingerprint:
+        raise LayoutMismatch(
+            f"{path} was computed for another baseline (fingerprint "
+            f"{str(cached.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
+            "use a new run dir or --fresh"
+        )
+    if cached is None or cached.get("key") != key:
+        sums = profile_sums(stage.profile_modules(modules), ctx.shard(subset), cfg.audio, ctx.device)
+        if ctx.world > 1:
+            sums = _reduce(sums, ctx)
+        prof = finish_profile(sums)
+        prof.update(key=key, baseline_fingerprint=stage.baseline_fingerprint, baseline_uri=stage.baseline_uri)
+        ctx.barrier()  # every rank has read `path` before rank 0 replaces it
         if ctx.is_main:
-            prof["baseline_fingerprint"] = stage.baseline_fingerprint
-            prof["baseline_uri"] = stage.baseline_uri
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(prof))
             os.replace(tmp, path)
-    ctx.barrier()
-    prof = json.loads(path.read_text())
-    if prof.get("baseline_fingerprint") != stage.baseline_fingerprint:
-        raise LayoutMismatch(
-            f"{path} was computed for another baseline (fingerprint "
-            f"{str(prof.get('baseline_fingerprint'))[:12]} ≠ {stage.baseline_fingerprint[:12]}); "
-            "use a new run dir or --fresh"
-        )
-    if prof["layout"] != layout:
-        raise LayoutMismatch(f"{path} has code layout {prof['layout']}, this run has {layout}")
-    return prof
-
-
-def merge_profiles(parts: list[dict]) -> dict:
-    """Profiles of disjoint utterance sets → the profile of their union (histograms, bits and seconds add up)."""
-    layout = parts[0]["layout"]
-    hists = {s: torch.zeros(L, K, dtype=torch.float64) for s, (K, L) in layout.items()}
-    bits = seconds = 0.0
-    n = 0
-    for p in parts:
-        if p["layout"] != layout:
-            raise LayoutMismatch(f"profile parts with different layouts: {p['layout']} vs {layout}")
-        for s in hists:
-            hists[s] += torch.tensor(p["histograms"][s], dtype=torch.float64)
-        bits += p["bits"]
-        seconds += p["seconds"]
-        n += p["num_utts"]
-    return {
-        "layout": layout,
-        "histograms": {s: h.tolist() for s, h in hists.items()},
-        "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
-        "bps_entropy": bits / max(seconds, 1e-9),
-        "bits": bits,
-        "num_utts": n,
-        "seconds": seconds,
-    }
+        cached = prof
+    if cached["layout"] != layout:
+        raise LayoutMismatch(f"{path} has code layout {cached['layout']}, this run has {layout}")
+    return cached
 
 
 def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | None = None) -> dict:

@@ -37,29 +37,30 @@ class ShardedBatches:
 class BatchStream:
     """`next(step, k)` → the collated micro-batch k of optimizer step `step` (0-based), host tensors.
 
-    The DataLoader is re-created only at an epoch start or on a resume, so sequential reads stay one iterator.
+    One DataLoader for the whole run (its workers persist); its sampler yields `(epoch, index)` keys from a start point
+    through every later epoch, so an epoch change rebuilds nothing. Only a jump (a resume) restarts the iterator.
     """
 
     def __init__(self, dataset, batches: ShardedBatches, grad_accum: int, num_workers: int):
-        self.dataset, self.batches, self.grad_accum, self.num_workers = dataset, batches, grad_accum, num_workers
-        self._it, self._epoch, self._next_micro = None, -1, -1
+        from siren.data.datasets import EpochBatchSampler, collate
+
+        self.batches, self.grad_accum = batches, grad_accum
+        self.sampler = EpochBatchSampler(batches)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        self._it, self._next_micro = None, -1
 
     def next(self, step: int, k: int) -> dict:
         micro = step * self.grad_accum + k
-        epoch, pos = divmod(micro, self.batches.num_batches)
-        if self._it is None or epoch != self._epoch or micro != self._next_micro:
-            self._it, self._epoch = self._iterator(epoch, pos), epoch
+        if self._it is None or micro != self._next_micro:
+            self.sampler.start(*divmod(micro, self.batches.num_batches))
+            self._it = iter(self.loader)
         self._next_micro = micro + 1
         return next(self._it)
-
-    def _iterator(self, epoch: int, start: int):
-        from siren.data.datasets import collate
-
-        self.dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=self.batches.epoch(epoch)[start:],
-            collate_fn=collate,
-            num_workers=self.num_workers,
-        )
-        return iter(loader)

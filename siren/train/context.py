@@ -27,10 +27,20 @@ class StageContext:
     val_utterances: Sequence[Any]
     barrier: Callable[[], None]
     mixed_precision: str = "no"
+    # The datasets themselves, for caches that attach per-item views to them (train; val or None).
+    train_dataset: Any = None
+    val_dataset: Any = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dist(self):
+        """The same process-group facts in the form the cache subsystem takes."""
+        from siren.data.cache import Dist
+
+        return Dist(rank=self.rank, world=self.world, barrier=self.barrier)
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of `items`: every world-th item from position `rank` (disjoint, covering, stable)."""

@@ -32,6 +32,7 @@ class CheckpointHook:
         meta: Callable[[int, dict[str, float]], dict],
         window_state: Callable[[], dict | None],
         samples: Callable[[Path, int], None] | None,
+        export: Callable[[Path], None] | None = None,
         share: Callable[[Path, int, bool], None] | None,
     ):
         self.run_dir, self.accelerator, self.registry, self.saved_modules = (
@@ -48,6 +49,7 @@ class CheckpointHook:
         )
         self.best = best or {"step": None, "value": None}
         self.meta, self.window_state, self.samples, self.share = meta, window_state, samples, share
+        self.export = export
         self.frozen_ok = 1.0
 
     def check_frozen(self) -> None:
@@ -74,6 +76,8 @@ class CheckpointHook:
             if window is not None:
                 torch.save(window, tmp / "trainer" / "codebook_window.pt")
             ckpt.save_components(tmp, self.saved_modules)
+            if self.export is not None:  # files for use outside SIREN (e.g. the distilled student)
+                self.export(tmp)
             is_best = consider_best and self._update_best(step, metrics)
             meta = self.meta(step, metrics)
             if self.samples is not None:

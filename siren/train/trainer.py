@@ -182,7 +182,8 @@ class Trainer:
         self.updater = Updater(self.optimizer, self.scheduler, params, t.max_grad_norm, scaler=acc.scaler)
 
         # Data: every rank its slice of one global order.
-        self.dataset = self._make_dataset(cfg.data.train, train=True)
+        self.dataset = self._build_dataset()
+        self.val_dataset = self._build_dataset(val=True) if cfg.data.val else None  # before set-up: caches attach
         self.batches = ShardedBatches(len(self.dataset), t.batch_size, self.world, self.rank, t.seed)
         self.stream = BatchStream(self.dataset, self.batches, t.grad_accum, cfg.data.num_workers)
         self.excluded = sorted(self.dataset.skipped)  # found up front, the same on every rank: counted once
@@ -198,9 +199,11 @@ class Trainer:
             world=self.world,
             run_dir=self.run_dir,
             train_utterances=self.dataset.utterances,
-            val_utterances=self._val_utterances(),
+            val_utterances=self.val_dataset.utterances if self.val_dataset is not None else [],
             barrier=acc.wait_for_everyone,
             mixed_precision=acc.mixed_precision,
+            train_dataset=self.dataset,
+            val_dataset=self.val_dataset,
         )
         self.stage.setup(self.ctx, self.modules)
         self.nominal_bps = self.stage.nominal_bps()
@@ -212,9 +215,7 @@ class Trainer:
         self.tracker = self._make_tracker()
 
         # Hooks the loop calls, each in its own module.
-        self.evaluate = Evaluator(
-            self.ctx, self.stage, lambda: self._make_dataset(cfg.data.val, train=False), t.batch_size
-        )
+        self.evaluate = Evaluator(self.ctx, self.stage, lambda: self.val_dataset, t.batch_size)
         samples = SamplesHook(cfg, self.stage, self.modules, acc.device, self.tracker, self.core, self.pipeline_paths)
         share = ShareHook(
             self.tracker, self.stage.name, self.run_name, cfg.tracking.project, cfg.tracking.upload_trainer_state
@@ -235,6 +236,7 @@ class Trainer:
             meta=self._meta,
             window_state=(lambda: window.state()) if window is not None else (lambda: None),
             samples=samples if self.is_main else None,
+            export=lambda tmp: self.stage.export(tmp, self.modules),
             share=share if self.is_main else None,
         )
         self.progress = Progress(t.max_steps, self.resume_step, t.status_every, self.is_main, acc.device)
@@ -427,29 +429,12 @@ class Trainer:
             except Exception as exc:
                 raise SirenError(f"samples: eval utterance {u.id} ({u.path}) cannot be read: {exc}") from exc
 
-    def _make_dataset(self, manifest: str, train: bool):
-        from siren.data.datasets import AudioDataset
-        from siren.data.manifest import read_manifest
+    def _build_dataset(self, val: bool = False):
+        from siren.data.datasets import build_dataset
 
-        d, sr = self.cfg.data, self.cfg.audio.sample_rate
-        if not manifest:
-            if train:
-                raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren corpus`)")
-            return None
-        return AudioDataset(
-            read_manifest(manifest),
-            sr,
-            int(d.segment_seconds * sr),
-            int(d.min_seconds * sr),
-            seed=self.cfg.train.seed,
-            train=train,
-            convert=d.on_format_mismatch == "convert",
-        )
-
-    def _val_utterances(self) -> list:
-        from siren.data.manifest import read_manifest
-
-        return read_manifest(self.cfg.data.val) if self.cfg.data.val else []
+        if not self.cfg.data.train:
+            raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren manifest`)")
+        return build_dataset(self.cfg, val)
 
     def _restore_trainer_state(self, path: Path) -> None:
         """Optimizer, scheduler and scaler states (accelerate) and the codebook window: what exact resume needs."""

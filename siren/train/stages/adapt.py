@@ -38,7 +38,6 @@ from siren.train.stages.common import (
 log = logging.getLogger("siren")
 
 CODEC_PARTS = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"]
-TEACHER_KEYS = ("sem_latent", "pro_latent", "spk_latent", "sem_codes", "pro_codes", "spk_codes")
 
 
 def baseline_fingerprint(meta: dict) -> str:
@@ -73,72 +72,6 @@ def describe_student(cfg, student) -> None:
     s = cfg.student_ssl
     s.hidden_size, s.num_layers, s.num_heads = hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads
     s.intermediate_size, s.conv_dim, s.teacher_dim = hc.intermediate_size, hc.conv_dim[0], student.dim
-
-
-class TeacherCache:
-    """Teacher-path latents and codes per utterance (full length), on disk under a baseline-fingerprint key."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.mem: dict[str, dict[str, torch.Tensor]] = {}
-
-    def path(self, utt_id: str) -> Path:
-        return self.root / f"{utt_id}.safetensors"
-
-    def get(self, utt_id: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        if utt_id not in self.mem:
-            p = self.path(utt_id)
-            if not p.is_file():
-                raise SirenError(f"teacher cache entry missing: {p}")
-            try:
-                self.mem[utt_id] = load_file(str(p))
-            except Exception as exc:
-                raise SirenError(f"teacher cache entry {p} is corrupt ({exc}); delete it to recompute") from exc
-        return self.mem[utt_id]
-
-    def fill(
-        self, stage: AdaptStage, modules: dict[str, nn.Module], utterances, sample_rate: int, device, progress=True
-    ) -> int:
-        from safetensors.torch import save_file
-        from tqdm import tqdm
-
-        from siren.data.audio import load_audio
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        todo = [u for u in utterances if not self.path(u.id).is_file()]
-        for u in tqdm(todo, desc="teacher cache", disable=not (todo and progress), leave=False):
-            wav = load_audio(u.path, sample_rate).to(device)
-            with torch.no_grad():
-                t = stage.teacher(modules, wav[None])
-            tensors = {k: v[0].detach().cpu().contiguous() for k, v in t.items()}
-            tmp = self.path(u.id).with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(self.path(u.id))
-        return len(todo)
-
-    def batch(
-        self, ids: list[str], offsets: torch.Tensor, n_sem: int, n_pro: int, device, geo: FrameGeometry
-    ) -> dict[str, torch.Tensor]:
-        """Crop each utterance's cached tensors to the training segment; pad past the end and mark it invalid."""
-        out: dict[str, list] = {k: [] for k in (*TEACHER_KEYS, "sem_valid", "pro_valid")}
-        for utt_id, off in zip(ids, offsets.tolist(), strict=True):
-            t = self.get(utt_id)
-            for stream, hop, n in (("sem", geo.sem_hop, n_sem), ("pro", geo.pro_hop, n_pro)):
-                start = off // hop
-                for kind in ("latent", "codes"):
-                    x = t[f"{stream}_{kind}"][start : start + n]
-                    pad = n - x.shape[0]
-                    if pad > 0:
-                        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-                    out[f"{stream}_{kind}"].append(x)
-                valid = torch.zeros(n, dtype=torch.bool)
-                valid[: max(0, min(n, t[f"{stream}_codes"].shape[0] - start))] = True
-                out[f"{stream}_valid"].append(valid)
-            out["spk_latent"].append(t["spk_latent"])
-            out["spk_codes"].append(t["spk_codes"])
-        return {k: torch.stack(v).to(device) for k, v in out.items()}
 
 
 class AdaptStage(Stage):
@@ -222,20 +155,22 @@ class AdaptStage(Stage):
             feats = modules["student_ssl"](wav)
         return analyse(modules, feats)
 
+    def frames_per_segment(self, modules, num_samples: int, device) -> tuple[int, int]:
+        """(sem, pro) frames the student path gives for a segment of `num_samples` samples."""
+        with torch.no_grad():
+            an = self.student(modules, torch.zeros(1, num_samples, device=device))
+        return an.sem.codes.shape[1], an.pro.codes.shape[1]
+
     def setup(self, ctx, modules) -> None:
+        from siren.data.cache_fill import fill_teacher
         from siren.metrics.drift import DriftReference
         from siren.metrics.profile import load_or_compute_profile
 
-        root = Path(self.cfg.data.feature_cache or ctx.run_dir / "cache")
-        self.cache = TeacherCache(root / f"teacher-{self.baseline_fingerprint[:16]}")
-        utts = list(ctx.train_utterances)  # + the val set, which the evaluation reads
-        known = {u.id for u in utts}
-        utts += [u for u in ctx.val_utterances if u.id not in known]
-        mine = ctx.shard(utts)  # every rank fills its own share; entries are per-utterance files written atomically
-        n = self.cache.fill(self, modules, mine, self.cfg.audio.sample_rate, ctx.device, progress=ctx.is_main)
-        log.info("teacher cache %s: rank %d computed %d, reused %d", self.cache.root, ctx.rank, n, len(mine) - n)
-        ctx.barrier()
-        reference = list(ctx.val_utterances or ctx.train_utterances)
+        # Teacher latents and codes for train and val (which the evaluation reads), each rank its share.
+        if self.cfg.loss.teacher_targets == "full":
+            root = Path(self.cfg.data.feature_cache or ctx.run_dir / "cache")
+            fill_teacher(self, modules, ctx.train_dataset, ctx.val_dataset, ctx.dist, ctx.device, root)
+        reference = ctx.val_utterances if len(ctx.val_utterances) else ctx.train_utterances
         profile = load_or_compute_profile(ctx.run_dir / "baseline_profile.json", ctx, modules, reference, self)
         self.drift_ref = DriftReference(profile, self.code_layout(modules), ctx.device)
 
@@ -257,7 +192,10 @@ class AdaptStage(Stage):
         mel = self.mel.to(wav.device)(wav)[..., : mel_hat.shape[-1]]
         mel_mask = frame_mask(lengths, self.cfg.audio.hop_length, mel_hat.shape[-1])
         n_sem, n_pro = an.sem.codes.shape[1], an.pro.codes.shape[1]
-        t = self.cache.batch(batch["ids"], batch["offsets"], n_sem, n_pro, wav.device, self.geo)
+        if self.cfg.loss.teacher_targets == "crop":
+            t = self._crop_teacher(modules, wav, n_sem, n_pro)
+        else:
+            t = self._teacher_targets(batch, n_sem, n_pro, wav.device)
         masks = stream_masks(lengths, an, self.geo)
         masks = {"sem": masks["sem"] & t["sem_valid"], "pro": masks["pro"] & t["pro_valid"]}
         q = {s: modules[f"{s}_quantizer"] for s in ("sem", "pro", "spk")}
@@ -292,6 +230,40 @@ class AdaptStage(Stage):
             codes=stream_codes(an, masks),
             ratios=ratios,
         )
+
+    def _crop_teacher(self, modules, wav: torch.Tensor, n_sem: int, n_pro: int) -> dict[str, torch.Tensor]:
+        """Teacher targets from the teacher path on the crop itself (B, N); frames past the audio are masked by the
+        batch lengths like the student's."""
+        with torch.no_grad():
+            t = self.teacher(modules, wav)
+        out = {k: v.detach() for k, v in t.items()}
+        for stream, n in (("sem", n_sem), ("pro", n_pro)):
+            for kind in ("latent", "codes"):
+                x = out[f"{stream}_{kind}"][:, :n]
+                if x.shape[1] < n:
+                    raise LayoutMismatch(f"teacher gives {x.shape[1]} {stream} frames on the crop, the student {n}")
+                out[f"{stream}_{kind}"] = x
+            out[f"{stream}_valid"] = torch.ones(wav.shape[0], n, dtype=torch.bool, device=wav.device)
+        return out
+
+    @staticmethod
+    def _teacher_targets(batch: dict, n_sem: int, n_pro: int, device) -> dict[str, torch.Tensor]:
+        """The cached teacher targets cut to the batch's crops (by the DataLoader workers), on `device`."""
+        from siren.data.cache_fill import TEACHER
+
+        if TEACHER not in batch:
+            raise SirenError("adapt: the batch carries no teacher targets (the teacher cache is not attached)")
+        t = batch[TEACHER]
+        if t["sem_codes"].shape[1] != n_sem or t["pro_codes"].shape[1] != n_pro:
+            raise LayoutMismatch(
+                f"cached teacher targets have {t['sem_codes'].shape[1]}/{t['pro_codes'].shape[1]} sem/pro frames per "
+                f"item, the student gives {n_sem}/{n_pro}"
+            )
+        out = {}
+        for k, v in t.items():
+            v = v.to(device, non_blocking=True)
+            out[k] = v.float() if "latent" in k else (v.long() if "codes" in k else v)
+        return out
 
     # Samples -----------------------------------------------------------------------------------------------------------
     def render(self, renderer, modules, utterances) -> list[Sample]:

@@ -7,6 +7,7 @@ No stage has its own loop: the `Trainer` builds the stage's components, freezes 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,6 +105,9 @@ class Stage:
 
     def nominal_bps(self) -> float | None:
         return None
+
+    def export(self, step_dir: Path, modules: dict[str, nn.Module]) -> None:
+        """Extra files a checkpoint carries for use outside SIREN (rank 0, inside the not yet committed step dir)."""
 
     # Per step ----------------------------------------------------------------------------------------------------------
     def step(self, modules: dict[str, nn.Module], batch: dict) -> StepOutput:

@@ -95,43 +95,34 @@ def entropy_rate(ent, masks: dict[str, torch.Tensor], geo: FrameGeometry) -> tup
 
 
 class FrozenFeatures:
-    """Frozen SSL features for a batch: computed on the fly, or cropped from the feature cache when
-    `data.feature_cache` is set (filled once at set-up, keyed by the model's fingerprint and layer)."""
+    """Frozen SSL features for a batch: computed on the fly, or cut from the feature cache when `data.feature_cache`
+    is set (filled at set-up for train and val, each rank its share; read in DataLoader workers)."""
 
     def __init__(self, cfg: SirenConfig):
         self.cfg = cfg
-        self.cache = None
 
     def setup(self, ctx, module: nn.Module) -> None:
-        root = self.cfg.data.feature_cache
-        if not root:
+        if not self.cfg.data.feature_cache:
             return
-        from siren.data.features_cli import open_cache
+        from siren.data.cache_fill import fill_features
 
-        self.cache = open_cache(self.cfg, module, root)
-        # Train and val (the evaluation reads val through this cache too); every rank computes its own share.
-        utts = list(ctx.train_utterances)
-        known = {u.id for u in utts}
-        utts += [u for u in ctx.val_utterances if u.id not in known]
-        with torch.no_grad():
-            n = self.cache.compute(
-                lambda w: module(w), ctx.shard(utts), self.cfg.audio.sample_rate, progress=ctx.is_main
-            )
-        log.info("feature cache %s: rank %d computed %d of its %d", self.cache.dir, ctx.rank, n, len(ctx.shard(utts)))
-        ctx.barrier()
+        fill_features(
+            self.cfg, module, ctx.train_dataset, ctx.val_dataset, ctx.dist, ctx.device, layer=self.cfg.ssl.layer
+        )
 
     def __call__(self, module: nn.Module, batch: dict) -> torch.Tensor:
         """(B, T, D) for batch["wav"] (B, N)."""
+        from siren.data.cache_fill import FEATURES
+
         wav = batch["wav"]
-        if self.cache is None:
+        if FEATURES not in batch:
             with torch.no_grad():
                 return module(wav)
+        feats = batch[FEATURES]["features"]
         T = module.num_frames(wav.shape[-1])
-        hop = self.cfg.audio.hop_length
-        feats = [
-            self.cache.crop(i, int(o) // hop, T) for i, o in zip(batch["ids"], batch["offsets"].tolist(), strict=True)
-        ]
-        return torch.stack(feats).to(wav.device)
+        if feats.shape[1] != T:
+            raise SirenError(f"cached features have {feats.shape[1]} frames per item, the model gives {T}")
+        return feats.to(wav.device, non_blocking=True).float()
 
 
 # ------------------------------------------------------------------------------------------------- checkpoint loading

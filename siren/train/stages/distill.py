@@ -1,18 +1,18 @@
 """`distill`: train TinyHubert (`student_ssl`) to reproduce the teacher's configured layer (DistilHuBERT-style).
 
 Loss = L1 + (1 − cosine similarity) between the student's head output and the teacher's hidden states, per frame.
+Every checkpoint also holds the student as STEP/student (HuBERT `save_pretrained` dir + head), usable outside SIREN.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from siren.errors import LayoutMismatch
 from siren.models.builders import build_component
 from siren.train.stages.base import Stage, StepOutput
-from siren.train.stages.common import frame_mask
+from siren.train.stages.common import FrozenFeatures, frame_mask
 
 
 class DistillStage(Stage):
@@ -27,12 +27,20 @@ class DistillStage(Stage):
         student = build_component("student_ssl", self.cfg)
         if student.dim != ssl.dim:
             raise LayoutMismatch(f"student_ssl.teacher_dim={student.dim} but the teacher's features are {ssl.dim}-d")
+        self.feats = FrozenFeatures(self.cfg)  # the teacher's layer on the fly, or cut from the feature cache
         return {"ssl": ssl, "student_ssl": student}
+
+    def setup(self, trainer) -> None:
+        self.feats.setup(trainer, trainer.modules["ssl"])
+
+    def export(self, step_dir, modules) -> None:
+        """STEP/student: the student as `TinyHubert.save_pretrained` writes it; STEP/student/hubert is a plain
+        `transformers.HubertModel.save_pretrained` dir, and `student_ssl.path` accepts STEP/student from anywhere."""
+        modules["student_ssl"].save_pretrained(step_dir / "student")
 
     def step(self, modules, batch) -> StepOutput:
         wav, lengths = batch["wav"], batch["lengths"]
-        with torch.no_grad():
-            target = modules["ssl"](wav)
+        target = self.feats(modules["ssl"], batch)
         pred = modules["student_ssl"](wav)
         T = min(pred.shape[1], target.shape[1])
         pred, target = pred[:, :T], target[:, :T]

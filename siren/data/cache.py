@@ -1,0 +1,436 @@
+"""One cache subsystem for everything computed from the audio by frozen models (SSL features, the adapt stage's teacher
+latents and codes), for train and val alike (DESIGN §17).
+
+- Filling: every rank computes its share `todo[rank::world]` of the entries still missing, in length-sorted order, and
+  writes its own shard files; barriers only separate the phases (list → verify → fill → index), so no rank works
+  alone while the others wait. `siren cache` and `siren train` run the same `ShardCache.ensure`.
+- Storage: a few large shard files (`*.bin`, fp16 values and small-int codes, entries back to back) each with an index
+  (`*.idx.npz`: entry positions, byte offsets, frame counts, the shard's CRC-32). A shard exists only once its index
+  is written (data first, then index, each by rename), so a kill mid-fill loses at most the shard being written and
+  the next fill resumes from the rest. A shard whose checksum does not match is reported, set aside and recomputed.
+- Reading: `CacheView.item` cuts an entry to a crop by memory-mapped slices, inside DataLoader workers; nothing is
+  memoised, so host memory does not grow with the corpus.
+- Key: the directory name is a digest of everything that changes the values: what is computed (model fingerprints,
+  SSL layer), the audio settings, and the manifest rows (path, size, mtime). A changed key is a new cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from siren.data.audio import AudioError
+from siren.data.manifest import ManifestTable
+
+log = logging.getLogger("siren")
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """One stored tensor per entry: `axis` names its time axis (entries of one axis share a frame count), or "" for
+    a per-utterance tensor of fixed shape. `dtype`: float16, int16 or int32."""
+
+    name: str
+    axis: str
+    dtype: str
+
+
+@dataclass
+class Dist:
+    """What filling needs from the process group: this rank, the world size and a barrier."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def from_accelerator(cls, acc) -> Dist:
+        return cls(rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone)
+
+
+class CacheCorrupt(RuntimeError):
+    """A shard's bytes do not match its recorded checksum or size."""
+
+
+def row_digest(table: ManifestTable, rows: np.ndarray) -> str:
+    """sha256 over (path, size, mtime) of the rows; size/mtime come from the manifest, or from the file when the
+    manifest does not record them."""
+    h = hashlib.sha256()
+    for r in rows:
+        r = int(r)
+        path = table.path(r)
+        size, mtime = int(table.size[r]), float(table.mtime[r])
+        if size < 0 or not np.isfinite(mtime):
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime
+            except OSError:
+                size, mtime = -1, float("nan")  # a missing file keys as missing; it fails when loaded
+        h.update(f"{path}\0{size}\0{mtime!r}\n".encode())
+    return h.hexdigest()
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class ShardCache:
+    """Entries (dicts of `fields`) for `rows` of `table` (entry j ↔ rows[j]) under `root/<kind>-<digest>/`."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        kind: str,
+        key: dict,
+        fields: Sequence[Field],
+        table: ManifestTable,
+        rows: np.ndarray,
+        *,
+        shard_bytes: int = 256 << 20,
+    ):
+        self.kind, self.fields, self.table = kind, list(fields), table
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.axes = sorted({f.axis for f in self.fields if f.axis})
+        self.key = {"format": FORMAT_VERSION, "kind": kind, **key, "fields": [vars(f) for f in self.fields]}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode())
+        digest.update(row_digest(table, self.rows).encode())
+        self.digest = digest.hexdigest()
+        self.dir = Path(root) / f"{kind}-{self.digest[:16]}"
+        self.shard_bytes = shard_bytes
+        self.shapes: dict[str, list[int]] | None = None  # trailing shape per field, known once something is stored
+        self._index: dict | None = None
+
+    # ---------------------------------------------------------------------------------------------------- listing
+    def _shards(self, *, trusted: bool) -> list[Path]:
+        """Index files of complete shards; `trusted` leaves out those marked corrupt."""
+        if not self.dir.is_dir():
+            return []
+        out = sorted(self.dir.glob("*.idx.npz"))
+        if trusted:
+            out = [p for p in out if not p.with_name(p.name[: -len(".idx.npz")] + ".corrupt").exists()]
+        return out
+
+    @staticmethod
+    def _bin(idx: Path) -> Path:
+        return idx.with_name(idx.name[: -len(".idx.npz")] + ".bin")
+
+    def verify_shard(self, idx: Path) -> None:
+        """Raise CacheCorrupt unless the shard's data has its recorded size and CRC-32."""
+        with np.load(idx) as z:
+            nbytes, crc = int(z["nbytes"]), int(z["crc"])
+        b = self._bin(idx)
+        if not b.is_file():
+            raise CacheCorrupt(f"cache shard {b} is missing (its index {idx.name} exists)")
+        if b.stat().st_size != nbytes:
+            raise CacheCorrupt(f"cache shard {b} has {b.stat().st_size} bytes, its index records {nbytes}")
+        got = _crc(b)
+        if got != crc:
+            raise CacheCorrupt(f"cache shard {b} fails its checksum (CRC-32 {got:08x}, recorded {crc:08x})")
+
+    def _load_index(self) -> dict:
+        """Entry → (shard, byte offset, frames per axis), from every trusted shard; -1 = missing, -2 = unusable."""
+        n = len(self.rows)
+        shard = np.full(n, -1, dtype=np.int32)
+        offset = np.zeros(n, dtype=np.int64)
+        frames = np.zeros((n, max(1, len(self.axes))), dtype=np.int32)
+        reasons: dict[int, str] = {}
+        bins: list[str] = []
+        for idx in self._shards(trusted=True):
+            with np.load(idx) as z:
+                pos, off, fr, bad = z["positions"], z["offsets"], z["frames"], z["bad"]
+                meta = json.loads(str(z["meta"]))
+            if meta["digest"] != self.digest:
+                raise CacheCorrupt(f"cache shard {idx} belongs to another key ({meta['digest'][:16]})")
+            self.shapes = self.shapes or meta["shapes"]
+            if meta["shapes"] and self.shapes and meta["shapes"] != self.shapes:
+                raise CacheCorrupt(f"cache shard {idx} stores shapes {meta['shapes']}, others {self.shapes}")
+            k = len(bins)
+            bins.append(str(self._bin(idx)))
+            shard[pos] = np.where(bad, -2, k)
+            offset[pos], frames[pos] = off, fr
+            for p, why in meta["bad"].items():
+                reasons[int(p)] = why
+        return {"shard": shard, "offset": offset, "frames": frames, "bins": bins, "reasons": reasons}
+
+    def missing(self) -> np.ndarray:
+        return np.nonzero(self._load_index()["shard"] == -1)[0]
+
+    # ---------------------------------------------------------------------------------------------------- filling
+    def ensure(
+        self,
+        load: Callable[[int], torch.Tensor],
+        compute: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]],
+        dist: Dist | None = None,
+        *,
+        batch_seconds: float = 0.0,
+        sample_rate: int = 16000,
+        verify: bool = True,
+        progress: bool = True,
+    ) -> dict:
+        """Verify (each rank a share of the shards), fill the missing entries (each rank `todo[rank::world]`), index.
+
+        `load(j)` → (N,) waveform of entry j (an AudioError marks the entry unusable); `compute(wavs)` → one dict of
+        field → tensor per waveform. Returns {'computed': this rank's count, 'reused': ..., 'total': ...}.
+        """
+        dist = dist or Dist()
+        if dist.rank == 0 and self.dir.is_dir():
+            for tmp in self.dir.glob("*.tmp"):  # left by a killed fill; nobody writes before the barrier below
+                tmp.unlink(missing_ok=True)
+        dist.barrier()
+        listed = self._shards(trusted=False)
+        for idx in listed[dist.rank :: dist.world] if verify else []:
+            try:
+                self.verify_shard(idx)
+            except CacheCorrupt as exc:
+                log.warning("%s; its entries will be recomputed", exc)
+                idx.with_name(idx.name[: -len(".idx.npz")] + ".corrupt").write_text(str(exc))
+        dist.barrier()
+        index = self._load_index()
+        todo = np.nonzero(index["shard"] == -1)[0]
+        # Length-sorted so each batch pads little; the stride gives every rank the same mix of lengths.
+        order = np.lexsort((todo, self.table.duration[self.rows[todo]]))
+        mine = todo[order][dist.rank :: dist.world]
+        t0 = time.perf_counter()
+        computed = self._fill(mine, load, compute, batch_seconds * sample_rate, progress and dist.rank == 0)
+        log.info(
+            "cache %s: rank %d computed %d of %d entries (%d reused) in %.1f s",
+            self.dir,
+            dist.rank,
+            computed,
+            len(self.rows),
+            len(self.rows) - len(todo),
+            time.perf_counter() - t0,
+        )
+        dist.barrier()
+        if dist.rank == 0:
+            self._drop_corrupt()
+        self._index = self._load_index()
+        left = int((self._index["shard"] == -1).sum())
+        if left:
+            raise RuntimeError(f"cache {self.dir}: {left} entries are still missing after filling (did a rank fail?)")
+        return {"computed": computed, "reused": len(self.rows) - len(todo), "total": len(self.rows)}
+
+    def _drop_corrupt(self) -> None:
+        for mark in self.dir.glob("*.corrupt"):
+            stem = mark.name[: -len(".corrupt")]
+            for suffix in (".idx.npz", ".bin", ".corrupt"):
+                (self.dir / f"{stem}{suffix}").unlink(missing_ok=True)
+
+    def _fill(self, mine: np.ndarray, load, compute, batch_samples: float, progress: bool) -> int:
+        from tqdm import tqdm
+
+        if not len(mine):
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "key.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
+        writer = _ShardWriter(self, uuid.uuid4().hex[:8])
+        bar = tqdm(total=len(mine), desc=f"cache {self.kind}", unit="utt", disable=not progress)
+        batch: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            outs = compute([w for _, w in batch])
+            if len(outs) != len(batch):
+                raise ValueError(f"cache compute returned {len(outs)} entries for {len(batch)} waveforms")
+            for (j, _), out in zip(batch, outs, strict=True):
+                writer.add(j, out)
+            bar.update(len(batch))
+            batch.clear()
+
+        for j in mine.tolist():
+            try:
+                wav = load(j)
+            except AudioError as exc:
+                writer.add_bad(j, exc.reason)
+                bar.update(1)
+                continue
+            # Batches of similar lengths up to batch_samples of padded audio (0: one utterance per forward).
+            if batch and (len(batch) + 1) * max(wav.shape[0], batch[0][1].shape[0]) > batch_samples:
+                flush()
+            batch.append((j, wav))
+        if batch:
+            flush()
+        writer.close()
+        bar.close()
+        return len(mine)
+
+    # ---------------------------------------------------------------------------------------------------- reading
+    def view(self, crops: dict[str, tuple[int, int | None]], valid: Sequence[str] = ()) -> CacheView:
+        """A reader for DataLoader workers: `crops` axis → (hop in samples, frames per item or None for all)."""
+        if self._index is None:
+            self._index = self._load_index()
+        if self.shapes is None:
+            raise RuntimeError(f"cache {self.dir} holds no entries")
+        return CacheView(self, crops, tuple(valid))
+
+
+class _ShardWriter:
+    """Appends entries to the current shard of one rank; a shard is committed (data, then index) when it is full."""
+
+    def __init__(self, cache: ShardCache, token: str):
+        self.cache, self.token, self.seq = cache, token, 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.positions, self.offsets, self.frames, self.bad = [], [], [], []
+        self.bad_reasons: dict[str, str] = {}
+        self.nbytes = 0
+
+    def add(self, j: int, out: dict[str, torch.Tensor]) -> None:
+        c = self.cache
+        frames = [0] * max(1, len(c.axes))
+        shapes = {}
+        blobs = []
+        for f in c.fields:
+            if f.name not in out:
+                raise ValueError(f"cache compute gave no {f.name!r} (gave {sorted(out)})")
+            x = out[f.name].detach().cpu()
+            if f.axis:
+                t = int(x.shape[0])
+                k = c.axes.index(f.axis)
+                if frames[k] and frames[k] != t:
+                    raise ValueError(f"fields on axis {f.axis!r} disagree in length ({frames[k]} vs {t} for {f.name})")
+                frames[k] = t
+                shapes[f.name] = list(x.shape[1:])
+            else:
+                shapes[f.name] = list(x.shape)
+            a = x.numpy().astype(f.dtype, copy=False)
+            if f.dtype.startswith("int") and not np.array_equal(a, x.numpy()):
+                raise ValueError(f"{f.name}: values do not fit {f.dtype}")
+            blobs.append(np.ascontiguousarray(a).tobytes())
+        if c.shapes is None:
+            c.shapes = shapes
+        elif shapes != c.shapes:
+            raise ValueError(f"entry {j}: shapes {shapes} differ from the cache's {c.shapes}")
+        self.positions.append(j)
+        self.offsets.append(self.nbytes)
+        self.frames.append(frames)
+        self.bad.append(False)
+        for b in blobs:
+            self.parts.append(b)
+            self.nbytes += len(b)
+        if self.nbytes >= c.shard_bytes:
+            self.commit()
+
+    def add_bad(self, j: int, reason: str) -> None:
+        self.positions.append(j)
+        self.offsets.append(self.nbytes)
+        self.frames.append([0] * max(1, len(self.cache.axes)))
+        self.bad.append(True)
+        self.bad_reasons[str(j)] = reason
+
+    def commit(self) -> None:
+        if not self.positions:
+            return
+        d = self.cache.dir
+        stem = f"shard-{self.token}-{self.seq:05d}"
+        self.seq += 1
+        tmp_bin = d / f"{stem}.bin.tmp"
+        crc = 0
+        with tmp_bin.open("wb") as f:
+            for p in self.parts:
+                f.write(p)
+                crc = zlib.crc32(p, crc)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_bin, d / f"{stem}.bin")
+        meta = {"digest": self.cache.digest, "shapes": self.cache.shapes, "bad": self.bad_reasons}
+        tmp_idx = d / f"{stem}.idx.npz.tmp"
+        with tmp_idx.open("wb") as f:
+            np.savez(
+                f,
+                positions=np.array(self.positions, dtype=np.int64),
+                offsets=np.array(self.offsets, dtype=np.int64),
+                frames=np.array(self.frames, dtype=np.int32).reshape(len(self.positions), -1),
+                bad=np.array(self.bad, dtype=bool),
+                nbytes=np.int64(self.nbytes),
+                crc=np.int64(crc),
+                meta=np.array(json.dumps(meta)),
+            )
+        os.replace(tmp_idx, d / f"{stem}.idx.npz")  # the shard exists from here on
+        self._reset()
+
+    def close(self) -> None:
+        self.commit()
+
+
+class CacheView:
+    """Cuts entries to crops by memory-mapped slices; picklable, and each process maps the shards it touches."""
+
+    def __init__(self, cache: ShardCache, crops: dict[str, tuple[int, int | None]], valid: tuple[str, ...]):
+        idx = cache._index
+        self.shard, self.offset, self.frames, self.bins = idx["shard"], idx["offset"], idx["frames"], idx["bins"]
+        self.reasons = idx["reasons"]
+        self.fields, self.axes, self.shapes = cache.fields, cache.axes, cache.shapes
+        self.crops, self.valid = crops, valid
+        for axis in (f.axis for f in self.fields if f.axis):
+            if axis not in crops:
+                raise ValueError(f"no crop rule for axis {axis!r} (have {sorted(crops)})")
+        self._maps: dict[int, np.memmap] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}  # maps are per process
+
+    def _map(self, k: int) -> np.memmap:
+        if k not in self._maps:
+            self._maps[k] = np.memmap(self.bins[k], dtype=np.uint8, mode="r")
+        return self._maps[k]
+
+    def entry(self, j: int) -> dict[str, np.ndarray]:
+        """Entry j uncut: field → array (read-only views into the shard)."""
+        k = int(self.shard[j])
+        if k == -2:
+            raise AudioError(f"cache entry {j}", f"unusable when the cache was filled: {self.reasons.get(j, '?')}")
+        if k < 0:
+            raise RuntimeError(f"cache entry {j} is missing; run `siren cache` (or the cache fill at start) again")
+        mm, pos = self._map(k), int(self.offset[j])
+        out = {}
+        for f in self.fields:
+            shape = ([int(self.frames[j, self.axes.index(f.axis)])] if f.axis else []) + self.shapes[f.name]
+            n = int(np.prod(shape)) * np.dtype(f.dtype).itemsize
+            out[f.name] = mm[pos : pos + n].view(f.dtype).reshape(shape)
+            pos += n
+        return out
+
+    def item(self, j: int, offset: int, length: int) -> dict[str, torch.Tensor]:
+        """Entry j cut to a crop starting at `offset` samples: frames [offset // hop, + n) per axis, zero-padded past
+        the end of the utterance, plus `<axis>_valid` masks for the axes in `valid`."""
+        e = self.entry(j)
+        out = {}
+        for f in self.fields:
+            x = e[f.name]
+            if f.axis:
+                hop, n = self.crops[f.axis]
+                start = offset // hop
+                t = x.shape[0]
+                if start >= t and t > 0 and f.axis not in self.valid:
+                    raise ValueError(f"cache entry {j}: a crop at frame {start} starts past its {t} frames")
+                n = t - start if n is None else n
+                y = np.zeros((n, *x.shape[1:]), dtype=x.dtype)
+                take = max(0, min(n, t - start))
+                y[:take] = x[start : start + take]
+                x = y
+            out[f.name] = torch.from_numpy(np.array(x))
+        for axis in self.valid:
+            hop, n = self.crops[axis]
+            t = int(self.frames[j, self.axes.index(axis)])
+            start = offset // hop
+            out[f"{axis}_valid"] = torch.arange(n) < max(0, min(n, t - start))
+        return out

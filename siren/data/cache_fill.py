@@ -1,0 +1,166 @@
+"""What the stages cache, through the one cache subsystem (`siren.data.cache`): frozen SSL features (codec, flow) and
+the adapt stage's teacher latents and codes, for the train and val datasets. Used by `siren train` at start and by
+`siren cache --config X [--what features|teacher]` (the same code, so a filled cache is simply found at start)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from siren.data.cache import Dist, Field, ShardCache
+from siren.data.datasets import AudioDataset
+
+log = logging.getLogger("siren")
+
+FEATURES = "ssl_features"  # batch key of cached SSL features
+TEACHER = "teacher"  # batch key of cached teacher targets
+
+
+def audio_key(cfg, ds: AudioDataset) -> dict:
+    a = cfg.audio
+    return {"sample_rate": a.sample_rate, "policy": ds.policy, "min_samples": ds.min_samples}
+
+
+def _datasets(train: AudioDataset, val: AudioDataset | None) -> list[tuple[str, AudioDataset]]:
+    return [("train", train)] + ([("val", val)] if val is not None else [])
+
+
+def _ensure(cache: ShardCache, ds: AudioDataset, compute: Callable, dist: Dist, cfg, what: str) -> dict:
+    rep = cache.ensure(
+        ds.load_full,
+        compute,
+        dist,
+        batch_seconds=cfg.data.cache_batch_seconds,
+        sample_rate=cfg.audio.sample_rate,
+        verify=cfg.data.cache_verify,
+    )
+    log.info("%s cache %s: %d computed here, %d reused, %d entries", what, cache.dir, *rep.values())
+    return rep
+
+
+def fill_features(
+    cfg, module: nn.Module, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, *, layer
+) -> dict[str, dict]:
+    """Fill the feature cache of `module` for train and val and attach it to both datasets (batch key FEATURES)."""
+    from siren.models.io import fingerprint
+
+    fp = fingerprint(module)
+    root = Path(cfg.data.feature_cache)
+    reports = {}
+
+    @torch.no_grad()
+    def compute(wavs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        n_max = max(w.shape[0] for w in wavs)
+        batch = torch.zeros(len(wavs), n_max)
+        for k, w in enumerate(wavs):
+            batch[k, : w.shape[0]] = w
+        out = module(batch.to(device)).float().cpu()
+        return [{"features": out[k, : module.num_frames(w.shape[0])]} for k, w in enumerate(wavs)]
+
+    for split, ds in _datasets(train, val):
+        key = {"model": fp, "layer": layer, "audio": audio_key(cfg, ds), "batch_seconds": cfg.data.cache_batch_seconds}
+        cache = ShardCache(root, "features", key, [Field("features", "t", "float16")], ds.table, ds.rows)
+        reports[split] = _ensure(cache, ds, compute, dist, cfg, "feature")
+        seg = ds.segment_samples
+        ds.attach(FEATURES, cache.view({"t": (cfg.audio.hop_length, module.num_frames(seg) if seg else None)}))
+    return reports
+
+
+def teacher_fields(layout: dict[str, tuple[int, int]]) -> list[Field]:
+    code = "int16" if max(k for k, _ in layout.values()) <= 32767 else "int32"
+    return [
+        Field("sem_latent", "sem", "float16"),
+        Field("pro_latent", "pro", "float16"),
+        Field("spk_latent", "", "float16"),
+        Field("sem_codes", "sem", code),
+        Field("pro_codes", "pro", code),
+        Field("spk_codes", "", code),
+    ]
+
+
+def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, root) -> dict:
+    """Fill the adapt stage's teacher cache (latents and codes of the baseline's own path on whole utterances) for
+    train and val, and attach crop-aligned views (batch key TEACHER) with `sem_valid`/`pro_valid` masks."""
+    from siren.models.io import fingerprint
+
+    cfg = stage.cfg
+    layout = stage.code_layout(modules)
+    reports = {}
+
+    @torch.no_grad()
+    def compute(wavs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for w in wavs:  # one at a time: the teacher path is not padding-invariant
+            t = stage.teacher(modules, w[None].to(device))
+            out.append({k: v[0].float().cpu() if "latent" in k else v[0].cpu() for k, v in t.items()})
+        return out
+
+    for split, ds in _datasets(train, val):
+        key = {
+            "baseline": stage.baseline_fingerprint,
+            "ssl": fingerprint(modules["ssl"]),
+            "layer": cfg.ssl.layer,
+            "audio": audio_key(cfg, ds),
+        }
+        cache = ShardCache(Path(root), "teacher", key, teacher_fields(layout), ds.table, ds.rows)
+        reports[split] = _ensure(cache, ds, compute, dist, cfg, "teacher")
+        n_sem, n_pro = stage.frames_per_segment(modules, ds.segment_samples, device)
+        geo = stage.geo  # samples per semantic / prosody frame, from the audio settings and the factorizer
+        ds.attach(
+            TEACHER, cache.view({"sem": (geo.sem_hop, n_sem), "pro": (geo.pro_hop, n_pro)}, valid=("sem", "pro"))
+        )
+    return reports
+
+
+def run_cache(args) -> int:
+    """`siren cache --config X [--what features|teacher]`: fill the caches a `siren train` with X would use."""
+    from accelerate import PartialState
+
+    from siren.config import load_config
+    from siren.errors import SirenError
+    from siren.models.builders import build_component
+    from siren.train.stages import make_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    what = args.what or ("teacher" if cfg.stage == "adapt" else "features")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    dist = Dist(rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
+    train, val = _build_datasets(cfg)
+    try:
+        if what == "features":
+            if not cfg.data.feature_cache:
+                raise SirenError("no feature cache directory: set data.feature_cache")
+            if cfg.stage not in ("codec", "flow", "distill"):
+                raise SirenError(f"stage {cfg.stage} reads no SSL features from a cache; use --what teacher")
+            module = build_component("ssl", cfg).eval().to(state.device)
+            reports = fill_features(cfg, module, train, val, dist, state.device, layer=cfg.ssl.layer)
+        else:
+            if cfg.stage != "adapt":
+                raise SirenError(f"--what teacher needs an adapt config (this one is stage {cfg.stage})")
+            stage = make_stage(cfg)
+            modules = {n: m.eval().to(state.device) for n, m in stage.build().items()}
+            root = cfg.data.feature_cache or Path(cfg.run_dir) / "cache"
+            reports = fill_teacher(stage, modules, train, val, dist, state.device, root)
+        for split, rep in reports.items():
+            print(
+                f"rank {dist.rank}/{dist.world} {what} {split}: computed {rep['computed']}, reused {rep['reused']}, "
+                f"entries {rep['total']}",
+                flush=True,
+            )
+    finally:
+        state.wait_for_everyone()
+        if state.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _build_datasets(cfg) -> tuple[AudioDataset, AudioDataset | None]:
+    """The train and val datasets exactly as the trainer builds them (same rows → same cache keys)."""
+    from siren.data.datasets import build_dataset
+
+    return build_dataset(cfg), build_dataset(cfg, val=True) if cfg.data.val else None
