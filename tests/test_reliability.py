@@ -53,7 +53,13 @@ def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(run.parent / "wandb"),
+            "SIREN_ARTIFACT_CACHE": str(run.parent / "artifacts"),  # hermetic: no index shared with other sessions
+            "PYTHONPATH": str(ROOT),
+        },
     )
     assert r.returncode == 0, r.stderr[-2000:]
     return run

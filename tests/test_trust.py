@@ -107,6 +107,22 @@ def test_frozen_ok_is_checked_every_step_and_logged_before_the_stop(corpus_dir, 
     assert all(r["frozen/ok"] == 1.0 for r in rows[:-1])
 
 
+def test_frozen_guard_names_the_tensor_and_catches_rebinding():
+    from siren.train.frozen_guard import FrozenGuard
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).eval().requires_grad_(False)
+    guard = FrozenGuard({"dec": m})
+    assert guard.check()
+    with torch.no_grad():
+        m[0].bias[1] += 1.0
+    with pytest.raises(FrozenViolation, match=r"dec\.0\.bias"):
+        guard.check()
+    guard = FrozenGuard({"dec": m})
+    m[1].weight.data = m[1].weight.data.clone()  # same values, new storage: the views taken at start no longer see it
+    with pytest.raises(FrozenViolation, match="re-bound"):
+        guard.check()
+
+
 # ------------------------------------------------------------------------------------------------------- verify
 @pytest.mark.parametrize(
     "exc",
