@@ -30,8 +30,8 @@ class DistillStage(Stage):
         self.feats = FrozenFeatures(self.cfg)  # the teacher's layer on the fly, or cut from the feature cache
         return {"ssl": ssl, "student_ssl": student}
 
-    def setup(self, trainer) -> None:
-        self.feats.setup(trainer, trainer.modules["ssl"])
+    def setup(self, ctx, modules) -> None:
+        self.feats.setup(ctx, modules["ssl"])
 
     def export(self, step_dir, modules) -> None:
         """STEP/student: the student as `TinyHubert.save_pretrained` writes it; STEP/student/hubert is a plain
