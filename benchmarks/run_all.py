@@ -393,6 +393,7 @@ def main() -> int:
             corpus, teacher, work / "codec_bits", student, work / "b8", batch=8, repeats=REPEATS
         )
         tr32 = bench_trainer_overhead(corpus, teacher, work / "codec_bits", student, work / "b32", batch=32, repeats=3)
+        ddp = bench_trainer_overhead_ddp(corpus, teacher, work / "codec_bits", student, work, batch=8, repeats=3)
         ld = bench_loader(corpus, teacher, work)
         speed = {p: bench_codec_speed(p, corpus, teacher, work) for p in ("tiny", "ultra200bps")}
         from bench_codec import run as bench_codec_run  # the codec as a product (issue 14)
@@ -427,6 +428,13 @@ def main() -> int:
             )
             for t in (tr, tr32)
         ],
+        (
+            f"2-process trainer step ÷ 2-process bare DDP loop (adapt, tiny, batch 8 per process, gloo on CPU, "
+            f"{ddp['step_ms']:.0f} ms/step; {ddp['repeats']} repeats ranged {ddp['trainer_over_bare_range'][0]:.3f}"
+            f"–{ddp['trainer_over_bare_range'][1]:.3f})",
+            f"{ddp['trainer_over_bare']:.3f}",
+            "≤ 1.03",
+        ),
         *[
             (
                 f"per-step codebook + drift metrics ÷ step time (adapt, batch {t['batch']}; repeats ranged "
@@ -479,10 +487,12 @@ def main() -> int:
     ]
     text += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out = ROOT / "BENCHMARKS.md"
-    if not out.exists():
-        out.write_text("# Benchmarks\n\nAppended by `make bench` (benchmarks/run_all.py). Newest last.\n")
-    with open(out, "a") as f:
-        f.write("\n".join(text) + "\n")
+    marker = "<!-- make bench inserts the newest section below this line -->"
+    doc = out.read_text() if out.exists() else f"# Benchmarks\n\n{marker}\n"
+    if marker not in doc:
+        doc = doc.rstrip("\n") + f"\n\n{marker}\n"
+    head, tail = doc.split(marker, 1)
+    out.write_text(head + marker + "\n" + "\n".join(text).lstrip("\n") + "\n" + tail)
     print("\n".join(text))
     return 0
 

@@ -169,7 +169,7 @@ def test_manifest_then_train_on_librispeech_and_24k_libritts(tmp_path, teacher_d
         **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
-    skipped = {**tr.dataset.skipped, **tr._val.skipped}
+    skipped = {**tr.dataset.skipped, **tr.val_dataset.skipped}
     assert [Path(p).name for p, why in skipped.items() if "narrowband" in why] == ["85_7_narrow.wav"]  # and counted
     rates = {int(tr.dataset.table.sample_rate[r]) for r in tr.dataset.rows}
     assert 24000 in rates  # LibriTTS rows train (resampled when read)

@@ -299,5 +299,6 @@ def test_distill_checkpoint_holds_a_student_usable_outside_siren(corpus_dir, tea
     with torch.no_grad():
         assert torch.equal(hub(wav).last_hidden_state, student.hubert(wav).last_hidden_state)
         cfg.student_ssl.path = str(elsewhere)
-        loaded = load_student(cfg).eval()
+        loaded, _record = load_student(cfg)
+        loaded = loaded.eval()
         assert torch.equal(loaded(wav), student(wav))  # hubert + head

@@ -256,6 +256,7 @@ def test_artifact_name_belongs_to_one_run_dir(corpus_dir, teacher_dir, tmp_path)
 
 # ------------------------------------------------------------------------------------------------ negative controls
 CONTROLS = [
+    ("test_frozen_guard_names_the_tensor_and_catches_rebinding", "frozen_step_check", r"DID NOT RAISE"),
     ("test_golden_indices_of_a_fixed_input", "fsq_grid", r"AssertionError"),
     ("test_code_language_covers_grid_constants", "code_language_grid_constants", r"grid constants are not part"),
     ("test_frozen_ok_is_checked_every_step_and_logged_before_the_stop", "frozen_step_check", r"not caught at the step"),

@@ -563,12 +563,10 @@ def train_from_cli(
     init_from: str | None = None,
     init_components: str | None = None,
 ) -> int:
-    # Rank 0 logs at INFO; other ranks only warnings and errors, each line carrying its rank.
+    # Under a launcher every log line (warnings included) carries the rank that wrote it.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tag = f" rank {rank}" if world > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s{tag} %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(levelname)s %(message)s")
     logging.captureWarnings(True)
     overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
     cfg = load_config(config, overrides)
