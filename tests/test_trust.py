@@ -163,13 +163,19 @@ def test_verify_without_thresholds_is_an_error(tmp_path, monkeypatch):
 def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
     """(start time, records) of every offline-run dir of a run, read back with `wandb leet inspect` (no server)."""
     out = []
-    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+    dirs = sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda d: d.stat().st_mtime)
+    for d in dirs:
         r = subprocess.run(
             [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(d)],
             capture_output=True,
             text=True,
-            check=True,
         )
+        if r.returncode != 0:
+            # A process SIGKILLed mid-write can leave a truncated file that cannot be read back. Only the killed run's
+            # dir may be like that: the run that resumed it rewinds to step 0 and re-logs the whole history, so what
+            # the truncated file held does not reach W&B's history either way.
+            assert d != dirs[-1], f"the newest offline run cannot be read back: {r.stderr[-1000:]}"
+            continue
         recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         runs = [x["run"] for x in recs if x.get("type") == "run"]
         if not runs:  # a process killed before W&B wrote anything to its file: nothing there to upload
