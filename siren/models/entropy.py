@@ -170,7 +170,8 @@ class StreamCoder:
             # Never read before written (attention sees entries 0 .. min(t, slots) only), so left uninitialised.
             self.keys = torch.empty(n, batch, H, self.slots + 1, hd, device=self.device)
             self.values = torch.empty(n, batch, H, self.slots + 1, hd, device=self.device)
-            self.bos_k = torch.zeros(n, batch, H, hd, device=self.device)  # unrotated: re-rotated once the window slides
+            # The BOS keys unrotated: re-rotated to the window's start once it slides.
+            self.bos_k = torch.zeros(n, batch, H, hd, device=self.device)
             self.inv_freq = ROPE_BASE ** (-torch.arange(hd // 2, dtype=torch.float64) / (hd // 2))
             self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             self._next = self._step(lm.bos.to(self.device).expand(batch, -1))
