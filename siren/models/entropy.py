@@ -67,14 +67,37 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """`window` (the context in tokens, BOS included): None when the whole sequence fits in it (plain causal
+        attention); otherwise token t sees the BOS, rotated to the window's start, and the last window − 1 tokens."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout.p if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p).transpose(1, 2).reshape(b, t, d)
-        x = x + self.dropout(self.proj(h))
+        if window is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            h = self._sliding_attention(q, k, v, cos, sin, window, p)
+        x = x + self.dropout(self.proj(h.transpose(1, 2).reshape(b, t, d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+    @staticmethod
+    def _sliding_attention(q, k, v, cos, sin, window: int, dropout_p: float) -> torch.Tensor:
+        """q, k, v (B, H, T, hd) unrotated; token 0 is the BOS → (B, H, T, hd): the attention `StreamCoder` computes
+        past its context, for all tokens at once (training on segments longer than the window)."""
+        T, slots = q.shape[2], window - 1
+        pos = torch.arange(T, device=q.device)
+        start = (pos - slots).clamp_min(0)  # where each token's window starts: the BOS key is rotated there
+        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_bos = apply_rope(k[:, :, :1].expand_as(k), cos[start], sin[start])  # (B, H, T, hd): one per query
+        s_bos = (q_r * k_bos).sum(-1, keepdim=True)
+        s_tok = q_r @ k_r[:, :, 1:].transpose(-1, -2)  # (B, H, T, T − 1): scores against tokens 1..T−1
+        j = pos[1:]
+        visible = (j[None] <= pos[:, None]) & (j[None] > pos[:, None] - slots)
+        s_tok = s_tok.masked_fill(~visible, float("-inf"))
+        att = torch.softmax(torch.cat([s_bos, s_tok], -1) / math.sqrt(q.shape[-1]), dim=-1)
+        att = F.dropout(att, dropout_p) if dropout_p else att
+        return att[..., :1] * v[:, :, :1] + att[..., 1:] @ v[:, :, 1:]
 
 
 class StreamLM(nn.Module):
@@ -109,21 +132,18 @@ class StreamLM(nn.Module):
     def logits_for_next(self, prev: torch.Tensor) -> torch.Tensor:
         """prev (B, P, L): codes of frames 0..P−1 → logits (B, P+1, L, K) for frames 0..P, all in one pass.
 
-        One pass needs the whole stream inside the context (P + 1 ≤ max_len); longer streams go through `StreamCoder`.
+        Streams longer than the context (P + 1 > max_len) get the sliding window `StreamCoder` uses, so a model trained
+        on segments longer than its window has seen the attention pattern of long-audio coding.
         """
         b, p, _ = prev.shape
-        if p + 1 > self.max_len:
-            raise ValueError(
-                f"a {p + 1}-frame stream exceeds the entropy model's max_len of {self.max_len} frames in one pass; "
-                "longer streams are scored frame by frame with a sliding context (eval mode)"
-            )
         x = self.bos.expand(b, 1, -1)
         if p:
             x = torch.cat([x, self.embed_codes(prev)], dim=1)
         cos, sin = rope_tables(torch.arange(p + 1), self.head_dim)
         cos, sin = cos.to(x.device), sin.to(x.device)
+        window = self.max_len if p + 1 > self.max_len else None
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, window)
         return self.head(self.norm(x)).view(b, p + 1, self.num_levels, self.codebook_size)
 
 
