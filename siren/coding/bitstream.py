@@ -9,7 +9,9 @@ Everything else is derived: levels and codebook sizes from the model, prosody fr
 to whole 8-frame blocks), samples = n_sem × the semantic hop.
 
 Determinism. Both sides get next-frame logits from the same incremental path (`EntropyModel.coder`, a key/value
-cache: linear in length). The logits become an integer frequency table by rounding their distance to the maximum onto
+cache: linear in length); the encoder, which knows every frame, runs it over the whole stream (`StreamCoder.run`: the
+same per-frame operations, tested bit for bit against the decoder's `logits`/`push`) and quantises and range-codes the
+stream in one call each. The logits become an integer frequency table by rounding their distance to the maximum onto
 a grid of LOGIT_STEP nats and looking the grid index up in a fixed integer table, so a float difference far below the
 grid step (another thread count, CPU or GPU) changes nothing unless a logit sits right on a rounding boundary. In that
 rare case the decoded codes differ, and the symbol hash (blake2b over the frame count, speaker, semantic and prosody
