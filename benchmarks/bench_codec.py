@@ -1,7 +1,8 @@
 """The codec as a product: entropy-coding cost vs length, long audio, the probability quantisation's cost, speed.
 
 Figures (goal in brackets), all at 1 CPU thread, medians of repeats:
-  1. entropy coding 60 s ÷ 10 s (encode + decode of the codes, `ultra200bps` entropy model) [≤ 6.5]
+  1. entropy coding 60 s ÷ 10 s (encode + decode of the codes, `ultra200bps` entropy model, interleaved; its 128-frame
+     context keeps the cost per frame constant past 5 s) [≤ 6.5]
   2. payload bit/s on 10 min ÷ on 10 s of the same speech (the codec2 clip repeated; tiny codec trained here) [≤ 1.02]
      and the 10-minute file decodes to the same codes
   3. bits coded with the integer frequency tables ÷ the entropy model's float estimate [≤ 1.005]
