@@ -9,7 +9,9 @@ Everything else is derived: levels and codebook sizes from the model, prosody fr
 to whole 8-frame blocks), samples = n_sem × the semantic hop.
 
 Determinism. Both sides get next-frame logits from the same incremental path (`EntropyModel.coder`, a key/value
-cache: linear in length). The logits become an integer frequency table by rounding their distance to the maximum onto
+cache: linear in length); the encoder, which knows every frame, runs it over the whole stream (`StreamCoder.run`: the
+same per-frame operations, tested bit for bit against the decoder's `logits`/`push`) and quantises and range-codes the
+stream in one call each. The logits become an integer frequency table by rounding their distance to the maximum onto
 a grid of LOGIT_STEP nats and looking the grid index up in a fixed integer table, so a float difference far below the
 grid step (another thread count, CPU or GPU) changes nothing unless a logit sits right on a rounding boundary. In that
 rare case the decoded codes differ, and the symbol hash (blake2b over the frame count, speaker, semantic and prosody
@@ -81,7 +83,11 @@ def model_id(modules: dict[str, nn.Module]) -> bytes:
 
 
 def quantized_probs(logits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """logits (L, K) → (L, K) float64 probabilities that are exact ratios of integer frequencies (see module doc)."""
+    """logits (..., K) → (..., K) float64 probabilities that are exact ratios of integer frequencies (see module doc).
+
+    Each row's result depends on that row alone and every step is exact or correctly rounded (float32 → float64,
+    subtraction, division by a power of two, rounding, a table look-up, an integer sum, one division), so quantising a
+    whole stream at once (the encoder) gives the same bits as quantising frame by frame (the decoder)."""
     lg = np.asarray(logits, dtype=np.float64)
     rel = (lg.max(-1, keepdims=True) - lg) / LOGIT_STEP
     idx = np.minimum(np.rint(rel), len(_FREQ_TABLE) - 1).astype(np.int64)
@@ -174,22 +180,19 @@ def encode_codes(
     enc = constriction.stream.queue.RangeEncoder()
     em = modules["entropy_model"]
     estimate = quantized = 0.0
-    coded: list[tuple[np.ndarray, np.ndarray]] = []  # (probs, symbols) per frame, in coding order
-    with torch.no_grad():
-        for stream, codes in (("sem", sem), ("pro", pro)):
-            coder = em.coder(stream)
-            codes = codes.to(next(em.parameters()).device)
-            for t in range(codes.shape[1]):
-                logits = coder.logits()[0].cpu()
-                probs = quantized_probs(logits)
-                symbols = codes[0, t].cpu().numpy().astype(np.int32)
-                enc.encode(symbols, fam, probs)
-                coded.append((probs, symbols))
-                rows = np.arange(len(symbols))
-                estimate -= float(torch.log_softmax(logits.double(), -1).numpy()[rows, symbols].sum()) / math.log(2)
-                quantized -= float(np.log2(probs[rows, symbols]).sum())
-                if t + 1 < codes.shape[1]:
-                    coder.push(codes[:, t])
+    coded: list[tuple[np.ndarray, np.ndarray]] = []  # (probs (N, K), symbols (N,)) per stream, in coding order
+    for stream, codes in (("sem", sem), ("pro", pro)):
+        # The decoder's frame-by-frame path, run over the known frames (`StreamCoder.run`): the same logits.
+        logits = em.coder(stream).run(codes.to(next(em.parameters()).device))[0].cpu()  # (T, L, K)
+        k = logits.shape[-1]
+        symbols = codes[0].cpu().numpy().astype(np.int32).reshape(-1)  # frame-major, level-minor: the coding order
+        probs = quantized_probs(logits.reshape(-1, k))
+        enc.encode(symbols, fam, probs)
+        coded.append((probs, symbols))
+        rows = np.arange(len(symbols))
+        logp = torch.log_softmax(logits.reshape(-1, k).double(), -1).numpy()
+        estimate -= float(logp[rows, symbols].sum()) / math.log(2)
+        quantized -= float(np.log2(probs[rows, symbols]).sum())
     payload = _shortest_payload(enc.get_compressed().astype(">u4").tobytes(), coded)
     K_spk = modules["spk_quantizer"].codebook_size
     n_sem = sem.shape[1]
@@ -255,16 +258,15 @@ def decode_codes(
     out = {}
     try:
         dec = constriction.stream.queue.RangeDecoder(_words(body[off:]))
-        with torch.no_grad():
-            for stream, n, L in (("sem", n_sem, l_sem), ("pro", n_sem // SEM_PER_PRO, l_pro)):
-                codes = torch.zeros(1, n, L, dtype=torch.long)
-                coder = em.coder(stream)
-                for t in range(n):
-                    probs = quantized_probs(coder.logits()[0].cpu())
-                    codes[0, t] = torch.from_numpy(np.asarray(dec.decode(fam, probs), dtype=np.int64))
-                    if t + 1 < n:
-                        coder.push(codes[:, t].to(dev))
-                out[stream] = codes
+        for stream, n, L in (("sem", n_sem, l_sem), ("pro", n_sem // SEM_PER_PRO, l_pro)):
+            codes = torch.zeros(1, n, L, dtype=torch.long)
+            coder = em.coder(stream)
+            for t in range(n):
+                probs = quantized_probs(coder.logits()[0].cpu().numpy())
+                codes[0, t] = torch.from_numpy(dec.decode(fam, probs).astype(np.int64))
+                if t + 1 < n:
+                    coder.push(codes[:, t].to(dev))
+            out[stream] = codes
     except (ValueError, RuntimeError, AssertionError) as exc:  # constriction rejects a stream it cannot read
         raise BitstreamError(f"the payload cannot be decoded ({exc}); the file is damaged") from exc
     check_symbol_hash(hd["hash"], symbol_hash(n_sem, spk, out["sem"], out["pro"]))

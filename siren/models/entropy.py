@@ -67,14 +67,37 @@ class CausalBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """`window` (the context in tokens, BOS included): None when the whole sequence fits in it (plain causal
+        attention); otherwise token t sees the BOS, rotated to the window's start, and the last window − 1 tokens."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.dropout.p if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p).transpose(1, 2).reshape(b, t, d)
-        x = x + self.dropout(self.proj(h))
+        if window is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            h = self._sliding_attention(q, k, v, cos, sin, window, p)
+        x = x + self.dropout(self.proj(h.transpose(1, 2).reshape(b, t, d)))
         return x + self.dropout(self.mlp(self.norm2(x)))
+
+    @staticmethod
+    def _sliding_attention(q, k, v, cos, sin, window: int, dropout_p: float) -> torch.Tensor:
+        """q, k, v (B, H, T, hd) unrotated; token 0 is the BOS → (B, H, T, hd): the attention `StreamCoder` computes
+        past its context, for all tokens at once (training on segments longer than the window)."""
+        T, slots = q.shape[2], window - 1
+        pos = torch.arange(T, device=q.device)
+        start = (pos - slots).clamp_min(0)  # where each token's window starts: the BOS key is rotated there
+        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_bos = apply_rope(k[:, :, :1].expand_as(k), cos[start], sin[start])  # (B, H, T, hd): one per query
+        s_bos = (q_r * k_bos).sum(-1, keepdim=True)
+        s_tok = q_r @ k_r[:, :, 1:].transpose(-1, -2)  # (B, H, T, T − 1): scores against tokens 1..T−1
+        j = pos[1:]
+        visible = (j[None] <= pos[:, None]) & (j[None] > pos[:, None] - slots)
+        s_tok = s_tok.masked_fill(~visible, float("-inf"))
+        att = torch.softmax(torch.cat([s_bos, s_tok], -1) / math.sqrt(q.shape[-1]), dim=-1)
+        att = F.dropout(att, dropout_p) if dropout_p else att
+        return att[..., :1] * v[:, :, :1] + att[..., 1:] @ v[:, :, 1:]
 
 
 class StreamLM(nn.Module):
@@ -109,33 +132,37 @@ class StreamLM(nn.Module):
     def logits_for_next(self, prev: torch.Tensor) -> torch.Tensor:
         """prev (B, P, L): codes of frames 0..P−1 → logits (B, P+1, L, K) for frames 0..P, all in one pass.
 
-        One pass needs the whole stream inside the context (P + 1 ≤ max_len); longer streams go through `StreamCoder`.
+        Streams longer than the context (P + 1 > max_len) get the sliding window `StreamCoder` uses, so a model trained
+        on segments longer than its window has seen the attention pattern of long-audio coding.
         """
         b, p, _ = prev.shape
-        if p + 1 > self.max_len:
-            raise ValueError(
-                f"a {p + 1}-frame stream exceeds the entropy model's max_len of {self.max_len} frames in one pass; "
-                "longer streams are scored frame by frame with a sliding context (eval mode)"
-            )
         x = self.bos.expand(b, 1, -1)
         if p:
             x = torch.cat([x, self.embed_codes(prev)], dim=1)
         cos, sin = rope_tables(torch.arange(p + 1), self.head_dim)
         cos, sin = cos.to(x.device), sin.to(x.device)
+        window = self.max_len if p + 1 > self.max_len else None
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, window)
         return self.head(self.norm(x)).view(b, p + 1, self.num_levels, self.codebook_size)
 
 
 class StreamCoder:
     """Incremental next-frame logits for one stream, with a key/value cache: cost per frame is O(context).
 
-    `logits()` gives (B, L, K) float32 for the next frame; `push(codes (B, L))` appends that frame. The range coder's
-    encoder and decoder both drive this object the same way, so the probabilities they see are computed by the same
-    operations on the same inputs. Inside the context this equals `logits_for_next` up to float rounding. Past it, the
-    window slides as in sliding-window attention: each layer attends to its cached keys/values of the last
-    `max_len − 1` frames plus the BOS, whose key is rotated to the window's start so it keeps its trained distance.
+    `logits()` gives (B, L, K) float32 for the next frame; `push(codes (B, L))` appends that frame; `run(codes)` scores
+    a whole known stream with the same per-frame operations (see its docstring). The range coder's encoder (`run`) and
+    decoder (`logits`/`push`) therefore compute every frame's probabilities with the same operations, on the same
+    shapes, from the same inputs: identical by construction (a test checks it bit for bit). Inside the context this equals `logits_for_next` up to float rounding. Past it, the window slides
+    as in sliding-window attention: each layer attends to its cached keys/values of the last `max_len − 1` frames plus
+    the BOS, whose key is rotated to the window's start so it keeps its trained distance.
+
+    The step is written for speed at batch 1 (about 20 tensor operations per layer): weights are bound once, the BOS
+    sits in entry 0 of the cache so attention is one `scaled_dot_product_attention`, rotations are looked up in
+    per-block tables that depend only on the absolute position, and everything runs under `torch.inference_mode`.
     """
+
+    ROPE_BLOCK = 1024  # positions per rotation table; a block's values depend only on its index
 
     def __init__(self, lm: StreamLM, batch: int = 1, device: torch.device | str = "cpu"):
         self.lm, self.batch = lm, batch
@@ -143,63 +170,142 @@ class StreamCoder:
         self.t = 0  # index of the next input token (0 = BOS, token j holds the codes of frame j − 1)
         n, H, hd = len(lm.blocks), lm.num_heads, lm.head_dim
         self.slots = lm.max_len - 1  # frame entries in the cache; a ring buffer (attention ignores key order)
-        # Keys are stored rotated at their absolute positions, so a query at position t sees distance t − j.
-        self.k = torch.zeros(n, batch, H, self.slots, hd, device=self.device)
-        self.v = torch.zeros(n, batch, H, self.slots, hd, device=self.device)
-        self.bos_k = torch.zeros(n, batch, H, 1, hd, device=self.device)  # unrotated: re-rotated at each step
-        self.bos_v = torch.zeros(n, batch, H, 1, hd, device=self.device)
-        self.inv_freq = ROPE_BASE ** (-torch.arange(hd // 2, dtype=torch.float64) / (hd // 2))
-        self.scale = 1.0 / math.sqrt(hd)
-        with torch.no_grad():
+        self.dim, self.levels, self.K = H * hd, lm.num_levels, lm.codebook_size
+        with torch.inference_mode():
+            # One weight list per block, bound once (a module attribute lookup costs as much as a small kernel).
+            self.layers = [
+                (
+                    b.norm1.weight, b.norm1.bias, b.norm1.eps, b.qkv.weight, b.qkv.bias, b.proj.weight, b.proj.bias,
+                    b.norm2.weight, b.norm2.bias, b.norm2.eps, b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight,
+                    b.mlp[2].bias,
+                )
+                for b in lm.blocks
+            ]  # fmt: skip
+            self.final = (lm.norm.weight, lm.norm.bias, lm.norm.eps, lm.head.weight, lm.head.bias)
+            # All levels' embeddings in one table: frame codes (B, L) → rows codes + level · K, summed over L.
+            self.embed = torch.cat([e.weight for e in lm.embed]).to(self.device)
+            self.offsets = torch.arange(lm.num_levels, device=self.device) * lm.codebook_size
+            # Keys/values per block: entry 0 is the BOS, entries 1.. a ring buffer of frames. Keys are stored rotated
+            # at their absolute positions, so a query at position t sees distance t − j.
+            # Never read before written (attention sees entries 0 .. min(t, slots) only), so left uninitialised.
+            self.keys = torch.empty(n, batch, H, self.slots + 1, hd, device=self.device)
+            self.values = torch.empty(n, batch, H, self.slots + 1, hd, device=self.device)
+            # The BOS keys unrotated: re-rotated to the window's start once it slides.
+            self.bos_k = torch.zeros(n, batch, H, hd, device=self.device)
+            self.inv_freq = ROPE_BASE ** (-torch.arange(hd // 2, dtype=torch.float64) / (hd // 2))
+            self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             self._next = self._step(lm.bos.to(self.device).expand(batch, -1))
 
     def logits(self) -> torch.Tensor:
         return self._next
 
-    @torch.no_grad()
     def push(self, codes: torch.Tensor) -> None:
         """codes (B, L) long: the frame whose logits `logits()` just gave."""
-        if codes.shape != (self.batch, self.lm.num_levels):
-            raise ValueError(f"expected codes ({self.batch}, {self.lm.num_levels}), got {tuple(codes.shape)}")
-        self._next = self._step(self.lm.embed_codes(codes.to(self.device)))
+        if codes.shape != (self.batch, self.levels):
+            raise ValueError(f"expected codes ({self.batch}, {self.levels}), got {tuple(codes.shape)}")
+        with torch.inference_mode():
+            self._next = self._step(self._embed(codes.to(self.device)))
+
+    def run(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T, L) of a stream this coder has not seen yet → logits (B, T, L, K) float32, frame t from frames
+        < t: exactly the `logits()` a decoder gets when it `push`es the same frames one by one.
+
+        The per-frame operations are those of `push`, with the same shapes and inputs, in the same order within each
+        frame and within each layer's cache; only the loops are swapped (layer outside, frame inside), so one layer's
+        weights stay in the CPU cache while every frame goes through it (a few per cent faster on a 2-core machine).
+        That cannot change a bit: no operation sees another frame's data other than through the cache, which each
+        layer fills in the same order either way."""
+        if self.t != 1:
+            raise RuntimeError("StreamCoder.run needs a fresh coder (frames were already pushed)")
+        if codes.dim() != 3 or codes.shape[0] != self.batch or codes.shape[2] != self.levels:
+            raise ValueError(f"expected codes ({self.batch}, T, {self.levels}), got {tuple(codes.shape)}")
+        b, T = codes.shape[0], codes.shape[1]
+        out = torch.empty(b, T, self.levels, self.K)
+        if T == 0:
+            return out
+        out[:, 0] = self._next
+        with torch.inference_mode():
+            codes = codes.to(self.device)
+            xs = [self._embed(codes[:, j])[:, None] for j in range(T - 1)]  # token t = j + 1 holds frame j
+            ropes = [self._ropes(t) for t in range(1, T)]
+            for i in range(len(self.layers)):
+                for j in range(T - 1):
+                    xs[j] = self._layer(i, xs[j], j + 1, ropes[j])
+            for j in range(T - 1):
+                out[:, j + 1] = self._head(xs[j])
+        self.t = T
+        if T > 1:
+            self._next = out[:, -1].clone()
+        return out
+
+    def _rope(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos (hd,) and signed sin (hd,) for one position: rotate(x) = x · cos + swap_halves(x) · sin."""
+        blk, i = divmod(pos, self.ROPE_BLOCK)
+        if blk not in self._tables:
+            p = torch.arange(blk * self.ROPE_BLOCK, (blk + 1) * self.ROPE_BLOCK, dtype=torch.float64)
+            ang = p[:, None] * self.inv_freq[None]
+            c, s = ang.cos().float(), ang.sin().float()
+            self._tables[blk] = (torch.cat([c, c], 1).to(self.device), torch.cat([-s, s], 1).to(self.device))
+            for old in [k for k in self._tables if k < blk - 1 - self.slots // self.ROPE_BLOCK]:
+                del self._tables[old]  # positions only grow: the window's start never goes back
+        c, s = self._tables[blk]
+        return c[i], s[i]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.addcmul(x * cos, x.roll(half, -1), sin)
+
+    def _embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, L) → (B, D): the sum of the per-level embeddings."""
+        return self.embed[codes + self.offsets].sum(1)
+
+    def _ropes(self, t: int) -> tuple:
+        """Rotations for token t and, once the window slides, for the BOS at the window's start."""
+        start = t - self.slots
+        return (*self._rope(t), *(self._rope(start) if start > 0 else (None, None))) if t else None
+
+    def _layer(self, i: int, x: torch.Tensor, t: int, ropes: tuple | None) -> torch.Tensor:
+        """Block i on token t: x (B, 1, D) → (B, 1, D), writing the token's key/value into the block's cache."""
+        w1, b1, e1, wqkv, bqkv, wp, bp, w2, b2, e2, wf1, bf1, wf2, bf2 = self.layers[i]
+        b, d, H, hd = x.shape[0], self.dim, self.lm.num_heads, self.lm.head_dim
+        h = F.layer_norm(x, (d,), w1, b1, e1)
+        qkv = F.linear(h, wqkv, bqkv).view(b, 3, H, hd)
+        if t == 0:  # the BOS: position 0 (no rotation) and attends to itself only
+            self.bos_k[i] = qkv[:, 1]
+            self.keys[i, :, :, 0] = qkv[:, 1]
+            self.values[i, :, :, 0] = qkv[:, 2]
+            o = qkv[:, 2]  # softmax over a single key
+        else:
+            cos, sin, cos0, sin0 = ropes
+            qk = self._rotate(qkv[:, :2], cos, sin)  # (B, 2, H, hd)
+            slot = 1 + (t - 1) % self.slots
+            self.keys[i, :, :, slot] = qk[:, 1]
+            self.values[i, :, :, slot] = qkv[:, 2]
+            if cos0 is not None:  # the window slides: the BOS key moves to its start
+                self.keys[i, :, :, 0] = self._rotate(self.bos_k[i], cos0, sin0)
+            n_keys = 1 + min(t, self.slots)  # the BOS + the frame entries visible to this token
+            o = F.scaled_dot_product_attention(
+                qk[:, 0, :, None], self.keys[i, :, :, :n_keys], self.values[i, :, :, :n_keys]
+            )[:, :, 0]
+        x = x + F.linear(o.reshape(b, 1, d), wp, bp)
+        h = F.layer_norm(x, (d,), w2, b2, e2)
+        return x + F.linear(F.gelu(F.linear(h, wf1, bf1)), wf2, bf2)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, D) after the last block → logits (B, L, K) float32."""
+        wn, bn, en, wh, bh = self.final
+        out = F.linear(F.layer_norm(x, (self.dim,), wn, bn, en), wh, bh)
+        return out.view(x.shape[0], self.levels, self.K).float()
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, D) input token at index self.t → logits (B, L, K) for the frame after it."""
-        lm, t = self.lm, self.t
-        b, d = x.shape
-        H, hd = lm.num_heads, lm.head_dim
-        # Rotation for this token (position t) and for the BOS at the start of the current window.
-        ang = torch.tensor([t, max(0, t - self.slots)], dtype=torch.float64)[:, None] * self.inv_freq[None]
-        cos, sin = ang.cos().float().to(self.device), ang.sin().float().to(self.device)
-        n_keys = min(t, self.slots)  # frame entries visible after this token is written
-        slot = (t - 1) % self.slots
+        """x (B, D) input token at index self.t → logits (B, L, K) for the frame after it. Call in inference mode."""
+        t, ropes = self.t, self._ropes(self.t)
         x = x[:, None]  # (B, 1, D)
-        for i, blk in enumerate(lm.blocks):
-            h = F.layer_norm(x, (d,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-            qkv = F.linear(h, blk.qkv.weight, blk.qkv.bias).view(b, 3, H, 1, hd)  # (B, 3, H, 1, hd)
-            if t == 0:  # the BOS attends to itself only (position 0: no rotation)
-                q, k, v = qkv.unbind(1)
-                self.bos_k[i], self.bos_v[i] = k, v
-            else:
-                qk = apply_rope(qkv[:, :2], cos[:1], sin[:1])
-                q, v = qk[:, 0], qkv[:, 2]
-                self.k[i, :, :, slot] = qk[:, 1, :, 0]
-                self.v[i, :, :, slot] = v[:, :, 0]
-                # BOS scored apart so the cache is never copied (cost per step stays O(visible keys)).
-                s_bos = (q * apply_rope(self.bos_k[i], cos[1:], sin[1:])).sum(-1, keepdim=True)
-                s_frames = q @ self.k[i, :, :, :n_keys].transpose(-1, -2)
-                att = torch.softmax(torch.cat([s_bos, s_frames], -1) * self.scale, dim=-1)
-                o = att[..., :1] * self.bos_v[i] + att[..., 1:] @ self.v[i, :, :, :n_keys]
-            if t == 0:
-                o = v  # softmax over a single key
-            o = o.transpose(1, 2).reshape(b, 1, d)
-            x = x + F.linear(o, blk.proj.weight, blk.proj.bias)
-            h = F.layer_norm(x, (d,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
-            fc1, fc2 = blk.mlp[0], blk.mlp[2]
-            x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, t, ropes)
         self.t += 1
-        out = F.linear(F.layer_norm(x, (d,), lm.norm.weight, lm.norm.bias, lm.norm.eps), lm.head.weight, lm.head.bias)
-        return out.view(b, lm.num_levels, lm.codebook_size).float()
+        return self._head(x)
 
 
 class EntropyModel(nn.Module):
@@ -247,16 +353,7 @@ class EntropyModel(nn.Module):
     def stream_logits(self, stream: str, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, T, L) → logits (B, T, L, K) for each frame given the frames before it, frame by frame (any T)."""
         self._check(stream, codes)
-        c = self.coder(stream, codes.shape[0])
-        out = []
-        for t in range(codes.shape[1]):
-            out.append(c.logits())
-            if t + 1 < codes.shape[1]:
-                c.push(codes[:, t])
-        lm = self.streams[stream]
-        if not out:
-            return codes.new_zeros((codes.shape[0], 0, lm.num_levels, lm.codebook_size), dtype=torch.float32)
-        return torch.stack(out, 1)
+        return self.coder(stream, codes.shape[0]).run(codes)
 
     @fp32_island
     def forward(self, codes: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor] | None = None) -> EntropyResult:
