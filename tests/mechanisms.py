@@ -348,5 +348,6 @@ MECHANISMS.update(
         "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
         "config_migration": [("siren.config.loader:migrate", _no_migration)],
         "empty_migration_table": [("siren.config.migrations:MIGRATIONS", {0: _bump_only})],
+        "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],
     }
 )
