@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--step", required=True, type=int)
     p.add_argument("--data", help="manifest (default: verify.data or data.val of the run)")
+    p.add_argument("--wav", help="judge this one audio file instead of an eval set (not with --data)")
     p.add_argument("--threshold", action="append", default=[], help="override a threshold: NAME=VALUE")
     p.add_argument("--no-wandb", action="store_true")
 

@@ -6,6 +6,11 @@ A sweep file is an ordinary W&B sweep YAML whose parameters are dotted SIREN con
 - Offline: the same YAML is driven locally by W&B's open-source engine (`sweeps` package); each trial is a subprocess
   running the sweep's `command` with the W&B macros expanded, in its own run dir, as an offline W&B run in one group.
   The sweep metric is read back from each trial's `RUN/metrics.jsonl` and trials are ranked best-first.
+
+Ranking reads the metric the way W&B's sweep controller does: the run summary, which for a key logged with `log()` and
+no `define_metric` aggregation (SIREN defines none) is its last logged value. A sweep whose metric the swept keys scale
+(the weighted total loss while loss weights vary, or a loss term while its own weight varies) is refused at start:
+its ranking would measure the weights, not the runs.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
         ]
         if "${program}" in command and "program" not in config:
             problems.append("command uses ${program} but the sweep has no 'program'")
+    if isinstance(metric, dict) and metric.get("name") and (problem := metric_scaled_by_sweep(config)) is not None:
+        problems.append(problem)
     for key, spec in (config.get("parameters") or {}).items():
         if isinstance(spec, dict) and "parameters" in spec:
             problems.append(f"parameter {key!r}: nested parameters are not supported, use dotted keys ({key}.<field>)")
@@ -87,6 +94,43 @@ def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
     if problems:
         raise SweepError(f"invalid sweep file {path}:\n" + "\n".join(f"  - {p}" for p in problems))
     return config
+
+
+def swept_keys(config: Mapping[str, Any]) -> list[str]:
+    """Parameters that take more than one value (a fixed `value:` or a one-item `values:` list is not swept)."""
+    out = []
+    for key, spec in (config.get("parameters") or {}).items():
+        if isinstance(spec, dict) and ("value" in spec or len(spec.get("values", [None, None])) == 1):
+            continue
+        out.append(key)
+    return out
+
+
+def metric_scaled_by_sweep(config: Mapping[str, Any]) -> str | None:
+    """Why the sweep metric cannot rank these trials, or None: it must not be a loss the swept weights scale.
+
+    `train/loss` and `eval/loss` are the weighted sum of the loss terms, so sweeping any `loss.<term>` weight scales
+    them; `train/<term>` / `eval/<term>` is the term a larger `loss.<term>` weight pushes down directly.
+    """
+    name = str(config["metric"]["name"])
+    weights = [k for k in swept_keys(config) if k.startswith("loss.")]
+    if not weights:
+        return None
+    split, _, term = name.partition("/")
+    if split not in ("train", "eval"):
+        return None
+    if term == "loss":
+        return (
+            f"metric {name!r} is the weighted sum of the loss terms and the sweep varies the weights "
+            f"{', '.join(weights)}: it would rank the weights, not the runs; rank by a metric they do not scale "
+            "(e.g. eval/drift/sem/agreement, goal: maximize)"
+        )
+    if f"loss.{term}" in weights:
+        return (
+            f"metric {name!r} is the loss term whose weight loss.{term} the sweep varies: a larger weight lowers it "
+            "by construction; rank by a metric the weights do not drive (e.g. eval/drift/sem/agreement, goal: maximize)"
+        )
+    return None
 
 
 def config_key_problem(key: str) -> str | None:
@@ -228,7 +272,8 @@ def build_command(sweep_config: Mapping[str, Any], overrides: Sequence[str]) -> 
 
 # -------------------------------------------------------------------------------------------------------------- results
 def read_metric(run_dir: str | os.PathLike[str], name: str) -> float | None:
-    """Last value of `name` logged in `RUN/metrics.jsonl`; None when the file is missing or never logged it."""
+    """W&B's summary value of `name`: its last value in `RUN/metrics.jsonl` (the same history W&B holds, a resumed run's
+    re-logged steps included); None when the file is missing or never logged it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None

@@ -4,6 +4,8 @@ Loads `step_N` of an `adapt` run and the baseline named in its meta.json, runs b
 reports code agreement per stream/level, JS and entropy deltas, entropy-model and real-bitstream bit/s, and mel distances
 of the full pipeline's output. Thresholds (`verify.thresholds`, `min/<metric>` or `max/<metric>`) decide pass/fail.
 Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, layout mismatch, bad threshold).
+`--wav FILE` judges one audio file instead of the eval set (the seed guide's "check this recording" workflow), with the
+same thresholds; its outputs go to `RUN/verify/step_N/wav/<file stem>/`.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def run_verify(
     data: str | None = None,
     thresholds: dict[str, float] | None = None,
     use_wandb: bool = True,
+    wav: str | Path | None = None,
 ) -> dict:
     from siren.data.audio import load_audio, save_audio
     from siren.data.datasets import speaker_balanced_subset
@@ -136,6 +139,10 @@ def run_verify(
     from siren.train.stages.common import code_layout
 
     run = Path(run)
+    if wav is not None:
+        if data is not None:
+            raise VerifyError("verify takes an eval manifest (--data) or one file (--wav), not both")
+        _check_wav(wav)  # before the checkpoints load: a wrong path fails at once
     adapted, base = _load(run, step)
     cfg = adapted.cfg
     la, lb = code_layout(adapted.modules), code_layout(base.modules)
@@ -145,20 +152,25 @@ def run_verify(
     th.update(thresholds or {})
     require_thresholds(th, run)
     check_thresholds(th, expected_metrics(la))  # before the expensive part: a typo fails at once
-    manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
-    # Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not judged on one voice.
-    utts = speaker_balanced_subset(read_manifest(manifest), cfg.verify.max_utts, seed=0)
-    if not utts:
-        raise VerifyError(f"the eval manifest {manifest} holds no utterance")
-    if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
-        utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
+    if wav is not None:
+        manifest = str(wav)
+        utts = [Utterance(id=Path(wav).stem, path=str(wav), duration=0.0, speaker="file")]
+        out_dir = run / "verify" / f"step_{step}" / "wav" / Path(wav).stem
+    else:
+        manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
+        # Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not judged on one voice.
+        utts = speaker_balanced_subset(read_manifest(manifest), cfg.verify.max_utts, seed=0)
+        if not utts:
+            raise VerifyError(f"the eval manifest {manifest} holds no utterance")
+        if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
+            utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
+        out_dir = run / "verify" / f"step_{step}"
     codecs, pipe = _codecs(adapted, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the accelerator when there is one
     for c in codecs.values():
         c.to(device)
     a = cfg.audio
     mel_fn = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
-    out_dir = run / "verify" / f"step_{step}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     hist = {w: {s: 0 for s in la} for w in ("adapted", "baseline")}
@@ -233,7 +245,10 @@ def run_verify(
                     save_audio(out_dir / f"{u.id}_{w}.wav", res[w][2][0], a.sample_rate)
                 save_mel_png(out_dir / f"{u.id}_{w}.png", res[w][1][0, :, :T], f"{u.id} {w}")
     if seconds == 0:
-        raise VerifyError(f"no usable utterance in {manifest}")
+        what = (
+            f"{wav} is too short to hold one prosody frame" if wav is not None else f"no usable utterance in {manifest}"
+        )
+        raise VerifyError(what)
 
     metrics: dict[str, float] = {}
     for s in la:
@@ -268,6 +283,7 @@ def run_verify(
         "step": step,
         "baseline": adapted.meta["baseline"],
         "eval_set": manifest,
+        "out_dir": str(out_dir),
         "num_utts": len(per_utt),
         "seconds": seconds,
         "metrics": metrics,
@@ -282,6 +298,18 @@ def run_verify(
     if use_wandb:
         _log_wandb(report, adapted, run, step)
     return report
+
+
+def _check_wav(path: str | Path) -> None:
+    """The one file `--wav` names must exist and be readable audio (its header is read, not its samples)."""
+    from siren.data.audio import AudioError, audio_info
+
+    try:
+        _, frames, _ = audio_info(path)
+    except AudioError as exc:
+        raise VerifyError(f"--wav {exc}") from exc
+    if frames == 0:
+        raise VerifyError(f"--wav {path}: empty audio (0 samples)")
 
 
 def require_thresholds(th: dict[str, float], run: Path) -> None:
@@ -450,9 +478,10 @@ def _verify_cli(args) -> int:
         except ValueError:
             print(f"error: --threshold {k}: {v!r} is not a number")
             return EXIT_ERROR
-    report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb)
+    wav = getattr(args, "wav", None)
+    report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb, wav=wav)
     print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
-    print(f"report: {Path(args.run) / 'verify' / f'step_{args.step}' / 'report.md'}")
+    print(f"report: {Path(report['out_dir']) / 'report.md'}")
     if not report["checks"]:  # run_verify refuses an empty threshold set; a report without checks is no pass
         raise VerifyError("the report holds no threshold check")
     return EXIT_PASS if report["passed"] else EXIT_FAIL

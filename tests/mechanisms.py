@@ -325,6 +325,16 @@ def _no_claim(self, run_dir):
     return None
 
 
+def _no_migration(tree, source="saved config", *, default_version=0):
+    """A loader without a schema version: an old saved config is read as if it were current, silently."""
+    return tree
+
+
+def _bump_only(tree):
+    """A version bump whose migration fills in nothing (the schema grew, the table did not)."""
+    return []
+
+
 MECHANISMS.update(
     {
         "code_language_grid_constants": [("siren.lineage:_all_tensors", _state_dict_only)],
@@ -334,5 +344,8 @@ MECHANISMS.update(
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],
         "fsq_grid": [("siren.models.quantizers:FSQ.__init__", _fsq_even_grid)],
         "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
+        "config_migration": [("siren.config.loader:migrate", _no_migration)],
+        "empty_migration_table": [("siren.config.migrations:MIGRATIONS", {0: _bump_only})],
+        "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],
     }
 )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mechanisms
 import pytest
 import yaml
 
@@ -25,6 +26,7 @@ from siren.sweep import (
 REPO = Path(__file__).resolve().parents[1]
 ADAPT_LR = REPO / "launch" / "sweeps" / "adapt_lr.yaml"
 ADAPT_LOSS = REPO / "launch" / "sweeps" / "adapt_loss_weights.yaml"
+ADAPT_LR_DDP = REPO / "launch" / "sweeps" / "adapt_lr_ddp.yaml"
 
 # `sweeps` 0.2.0 declares its pydantic model the pydantic-1 way; the warnings are theirs, not ours.
 pytestmark = [
@@ -42,10 +44,30 @@ def write_sweep(tmp_path: Path, **overrides) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------- loading
-@pytest.mark.parametrize("path", [ADAPT_LR, ADAPT_LOSS])
+@pytest.mark.parametrize("path", [ADAPT_LR, ADAPT_LOSS, ADAPT_LR_DDP])
 def test_shipped_sweeps_are_valid(path):
-    config = load_sweep(path)
-    assert config["metric"]["name"] == "train/loss"
+    load_sweep(path)
+
+
+def test_sweep_metric_scaled_by_swept_weights_is_refused(tmp_path):
+    """The loss-weight sweep ranks by held-out agreement (maximize); ranking it by the weighted total loss, or by a
+    term whose own weight is swept, is refused at start, naming the metric and the weights."""
+    config = yaml.safe_load(ADAPT_LOSS.read_text())
+    assert config["metric"] == {"name": "eval/drift/sem/agreement", "goal": "maximize"}
+    for metric, why in [("train/loss", "weighted sum"), ("eval/loss", "weighted sum"), ("eval/latent", "loss.latent")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**config, "metric": {"name": metric, "goal": "minimize"}}))
+        with pytest.raises(SweepError, match=f"metric '{metric}'.*{why}"):
+            load_sweep(path)
+    # A weight held at one value is not swept, and a loss term whose weight is fixed may rank a sweep of another one.
+    fixed = {**config, "parameters": {**config["parameters"], "loss.latent": {"value": 1.0}}}
+    for metric, ok in [("train/loss", False), ("eval/latent", True), ("eval/agreement", False)]:
+        path.write_text(yaml.safe_dump({**fixed, "metric": {"name": metric, "goal": "minimize"}}))
+        if ok:
+            load_sweep(path)
+        else:
+            with pytest.raises(SweepError, match=metric):
+                load_sweep(path)
 
 
 def test_invalid_sweep_reports_the_schemas_messages(tmp_path):
@@ -214,3 +236,61 @@ def test_trial_that_never_logs_the_metric_is_a_failure(tmp_path):
 
     ranked = run_sweep(ADAPT_LR, 1, online=False, runs_root=tmp_path / "runs", runner=runner)
     assert ranked[0]["metric"] is None and "train/loss" in ranked[0]["error"]
+
+
+# ------------------------------------------------------------------------------------------------- data-parallel trials
+def _wandb_summary(run_dir: Path) -> dict:
+    """The summary W&B holds for a trial, read back from its offline run file (no server)."""
+    (d,) = sorted((run_dir / "wandb").glob("offline-run-*"))
+    exe = str(Path(sys.executable).with_name("wandb"))
+    out = subprocess.run([exe, "leet", "inspect", "--json", str(d)], capture_output=True, text=True, check=True)
+    summary: dict = {}
+    for rec in (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")):
+        if rec.get("type") == "summary":
+            summary.update(rec["summary"].get("update", {}))  # later updates win, as in W&B's summary
+    return summary
+
+
+def test_ddp_sweep_runs_trials_of_two_processes(corpus_dir, teacher_dir, tmp_path):
+    """The shipped data-parallel sweep's command (accelerate launch, 2 CPU processes) runs two offline trials on the tiny
+    codec stage; each trial ran with world size 2, and its ranked value is the summary W&B holds for it."""
+    from helpers import free_port, stage_overrides
+
+    shipped = yaml.safe_load(ADAPT_LR_DDP.read_text())
+    command = list(shipped["command"])
+    at = command.index("--config_file")
+    assert command[at - 1] == "accelerate.commands.launch" and command[at + 1] == "launch/accelerate/cpu_ddp.yaml"
+    # The demo's adapt needs a trained baseline: the same launch on the tiny codec stage, paths made absolute.
+    command = [str(REPO / c) if c.startswith(("launch/", "configs/")) else c for c in command]
+    command[command.index(str(REPO / "configs/demo/adapt.yaml"))] = str(REPO / "configs/demo/base.yaml")
+    command[at + 2 : at + 2] = ["--main_process_port", str(free_port())]
+    sweep = {
+        **shipped,
+        "name": "ddp",
+        "method": "grid",
+        "metric": {"name": "eval/loss", "goal": "minimize"},
+        "parameters": {"optim.lr": {"values": [1.0e-3, 3.0e-3]}},
+        "command": command,
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    ov = {"train.max_steps": 2, "train.checkpoint_every": 2, "samples.enabled": "false", "train.batch_size": 2}
+    extra = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "unused", **ov)
+    ranked = run_sweep(path, 2, online=False, runs_root=tmp_path / "runs", extra_overrides=extra)
+    assert [t["error"] for t in ranked] == [None, None], ranked
+    assert ranked[0]["metric"] <= ranked[1]["metric"]
+    for t in ranked:
+        run_dir = Path(t["run_dir"])
+        meta = json.loads((run_dir / "checkpoints" / "step_2" / "meta.json").read_text())
+        assert meta["world_size"] == 2, f"{t['name']} ran with world size {meta['world_size']}"
+        assert _wandb_summary(run_dir)["eval/loss"] == pytest.approx(t["metric"]), "ranked value != W&B summary"
+
+
+# ------------------------------------------------------------------------------------------------ negative controls
+@pytest.mark.parametrize(
+    "test_name, mechanism", [("test_sweep_metric_scaled_by_swept_weights_is_refused", "sweep_metric_scale_check")]
+)
+def test_fails_with_mechanism_disabled(test_name, mechanism, tmp_path, monkeypatch):
+    mechanisms.disable(mechanism, monkeypatch)
+    with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
+        globals()[test_name](tmp_path)

@@ -260,6 +260,77 @@ def test_artifact_name_belongs_to_one_run_dir(corpus_dir, teacher_dir, tmp_path)
         Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "b" / "adapt", **ov))
 
 
+# --------------------------------------------------------------------------------------- old checkpoints keep loading
+V0_CONFIG = Path(__file__).resolve().parent / "fixtures" / "config_v0.json"  # schema 0 (commit 76f6ab9), its defaults
+
+
+def _keys(tree: dict, shape: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of `tree`, descending where `shape` (a schema's defaults) has a section, not into free mappings."""
+    out = set()
+    for k, v in tree.items():
+        if isinstance(v, dict) and isinstance(shape.get(k), dict) and shape[k]:
+            out |= _keys(v, shape[k], f"{prefix}{k}.")
+        else:
+            out.add(prefix + k)
+    return out
+
+
+def _as_v0(tree: dict, v0: dict) -> dict:
+    """`tree` cut down to the keys schema version 0 had (what the trainer of that commit wrote into meta.json)."""
+    return {k: _as_v0(v, v0[k]) if isinstance(v0.get(k), dict) and v0[k] else v for k, v in tree.items() if k in v0}
+
+
+def test_old_checkpoint_loads_through_the_logged_migration(corpus_dir, teacher_dir, tmp_path, caplog):
+    """A checkpoint whose meta.json config is in the version-0 form (no `schema_version`, none of the keys issues 12-13
+    added) loads through the migration table: every added key is logged once, the migrated config equals the one the
+    current code wrote, and the components load strictly. A version from the future is an error naming it."""
+    from siren.config.loader import config_from_dict
+    from siren.config.migrations import SCHEMA_VERSION
+    from siren.train.stages.common import load_checkpoint
+
+    v0 = json.loads(V0_CONFIG.read_text())
+    ov = {"train.max_steps": 1, "samples.enabled": "false", "tracking.mode": "disabled"}
+    run = tmp_path / "codec"
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **ov)).fit()
+    step = run / "checkpoints" / "step_1"
+    meta = json.loads((step / "meta.json").read_text())
+    current = meta["config"]
+    assert current["schema_version"] == SCHEMA_VERSION, "the dumped config does not carry its schema version"
+
+    old = _as_v0(current, v0)
+    assert _keys(old, v0) == _keys(v0, v0), "the test's version-0 form differs from the frozen fixture"
+    (step / "meta.json").write_text(json.dumps({**meta, "config": old}))
+    caplog.set_level("WARNING", logger="siren")
+    loaded = load_checkpoint(str(step), ["factorizer", "sem_quantizer", "decoder"])
+    assert set(loaded.modules) == {"factorizer", "sem_quantizer", "decoder"}
+    log = "\n".join(r.getMessage() for r in caplog.records if "schema_version 0 -> 1" in r.getMessage())
+    assert log, "no migration was logged for a version-0 config"
+    for key in ("train.frozen_check_every", "tracking.upload_trainer_state", "flow.target", "ssl.weights"):
+        assert f"`{key}:" in log, f"the migration log does not name {key}: {log}"
+    assert loaded.cfg == config_from_dict(current), "the migrated config differs from the one the current code wrote"
+
+    caplog.clear()  # the same source migrates again silently: each change is logged once
+    load_checkpoint(str(step), ["decoder"])
+    assert not [r for r in caplog.records if "schema_version 0 -> 1" in r.getMessage()]
+
+    (step / "meta.json").write_text(json.dumps({**meta, "config": {**current, "schema_version": SCHEMA_VERSION + 1}}))
+    with pytest.raises(Exception, match=f"schema_version {SCHEMA_VERSION + 1}.*newer SIREN"):
+        load_checkpoint(str(step), ["decoder"])
+
+
+def test_every_schema_key_is_reached_by_the_migrations():
+    """Migrating the version-0 defaults gives every key of the current schema: a field added without a migration (and
+    a version bump) fails here."""
+    import dataclasses
+
+    from siren.config.migrations import migrate
+    from siren.config.schema import SirenConfig
+
+    migrated = migrate(json.loads(V0_CONFIG.read_text()), "fixture")
+    current = dataclasses.asdict(SirenConfig())
+    assert _keys(migrated, current) == _keys(current, current)
+
+
 # ------------------------------------------------------------------------------------------------ negative controls
 CONTROLS = [
     ("test_frozen_guard_names_the_tensor_and_catches_rebinding", "frozen_step_check", r"DID NOT RAISE"),
@@ -270,6 +341,8 @@ CONTROLS = [
     ("test_verify_without_thresholds_is_an_error", "verify_requires_thresholds", r"went on without thresholds"),
     ("test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics", "wandb_rewind", r"stale value|W&B steps"),
     ("test_artifact_name_belongs_to_one_run_dir", "artifact_name_claim", r"DID NOT RAISE"),
+    ("test_old_checkpoint_loads_through_the_logged_migration", "config_migration", r"no migration was logged"),
+    ("test_every_schema_key_is_reached_by_the_migrations", "empty_migration_table", r"AssertionError"),
 ]
 _NOT_CONTROLLED = {"test_every_trust_test_has_a_control", "test_fails_with_mechanism_disabled"}
 

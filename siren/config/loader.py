@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from siren.config.migrations import SCHEMA_VERSION, migrate
 from siren.config.schema import SirenConfig
 
 
@@ -218,7 +219,8 @@ def validate(tree: dict, source: str = "config") -> SirenConfig:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SirenConfig:
     """Load, merge (`extends`), override and validate a config file."""
     tree = apply_overrides(load_tree(path), list(overrides))
-    return validate(tree, str(path))
+    # A file without `schema_version` was written against the current schema; one with an older version migrates.
+    return validate(migrate(tree, str(path), default_version=SCHEMA_VERSION), str(path))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -229,6 +231,7 @@ def dump_config(cfg: SirenConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def config_from_dict(tree: dict) -> SirenConfig:
-    """Rebuild a config saved in a checkpoint's meta.json / config.yaml."""
-    return validate(tree, "saved config")
+def config_from_dict(tree: dict, source: str = "saved config") -> SirenConfig:
+    """Rebuild a config saved in a checkpoint's meta.json / config.yaml; one without `schema_version` is version 0
+    (written before versions existed) and is migrated, each change logged."""
+    return validate(migrate(tree, source, default_version=0), source)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from siren.config.migrations import SCHEMA_VERSION
+
 STAGES = ("codec", "flow", "vocoder", "distill", "adapt")
 COMPONENTS = (
     "ssl",
@@ -273,6 +275,8 @@ class VerifyConfig:
 # ----------------------------------------------------------------------------------------------------------------- root
 @dataclass
 class SirenConfig:
+    # Written into every dumped config and meta.json; older saved configs load through `siren.config.migrations`.
+    schema_version: int = SCHEMA_VERSION
     stage: Literal["codec", "flow", "vocoder", "distill", "adapt"] = "codec"
     run_dir: str = "runs/default"
     preset: str = ""

@@ -145,7 +145,7 @@ def load_checkpoint(uri: str, names: list[str], *, ssl_cfg_from: SirenConfig | N
 
     path = resolve_checkpoint(uri)
     meta = read_meta(path)
-    cfg = config_from_dict(meta["config"])
+    cfg = config_from_dict(meta["config"], f"{path}/meta.json")
     if ssl_cfg_from is not None:
         cfg.ssl = ssl_cfg_from.ssl
     # Weights come from this checkpoint: build the student from its recorded architecture, not from its source path.
