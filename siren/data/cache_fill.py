@@ -110,9 +110,7 @@ def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, 
         reports[split] = _ensure(cache, ds, compute, dist, cfg, "teacher")
         n_sem, n_pro = stage.frames_per_segment(modules, ds.segment_samples, device)
         geo = stage.geo  # samples per semantic / prosody frame, from the audio settings and the factorizer
-        ds.attach(
-            TEACHER, cache.view({"sem": (geo.sem_hop, n_sem), "pro": (geo.pro_hop, n_pro)}, valid=("sem", "pro"))
-        )
+        ds.attach(TEACHER, cache.view({"sem": (geo.sem_hop, n_sem), "pro": (geo.pro_hop, n_pro)}, valid=("sem", "pro")))
     return reports
 
 
