@@ -232,7 +232,7 @@ def test_evaluation_is_split_across_ranks_and_equals_one_process(corpus_dir, tea
         return real_step(modules, batch)
 
     tr.stage.step = recording_step
-    factory = lambda: tr._make_dataset(tr.cfg.data.val, train=False)  # noqa: E731
+    factory = lambda: tr.val_dataset  # noqa: E731
     parts, n = [], None
     for rank in (0, 1):
         seen.append([])

@@ -163,8 +163,10 @@ def test_verify_without_thresholds_is_an_error(tmp_path, monkeypatch):
 def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
     """(start time, records) of every offline-run dir of a run, read back with `wandb leet inspect` (no server)."""
     out = []
-    dirs = sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda d: d.stat().st_mtime)
+    dirs = sorted((run_dir / "wandb").glob("offline-run-*"))  # names begin with the start time
     for d in dirs:
+        if not list(d.glob("run-*.wandb")):  # a process killed before W&B created its file: nothing to sync
+            continue
         r = subprocess.run(
             [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(d)],
             capture_output=True,

@@ -53,6 +53,10 @@ _V1_ADDED = {
     ("train", "frozen_check_every"): 1,
     ("train", "hang_timeout_s"): 1800.0,
     ("tracking", "upload_trainer_state"): False,
+    ("data", "cache_batch_seconds"): 0.0,
+    ("data", "cache_verify"): True,
+    ("data", "profile_utts"): 256,
+    ("loss", "teacher_targets"): "full",
 }
 
 
@@ -70,7 +74,8 @@ def _add(tree: dict, section: str, key: str, value, changes: list[str]) -> None:
 
 
 def _v0_to_v1(tree: dict) -> list[str]:
-    """Version 0 (before issues 12-13) → 1: component-source keys, the frozen check, trainer-state upload, versions."""
+    """Version 0 → 1: component-source keys, status/hang/frozen-check settings, trainer-state upload, the cache and
+    profile settings and the teacher-target choice, the version itself."""
     changes: list[str] = []
     for section in _V0_COMPONENTS:
         for key, value in _V1_COMPONENT_SOURCE.items():
