@@ -98,7 +98,7 @@ class NoCheckpoint:
 
     frozen_ok = 1.0
 
-    def __call__(self, step, metrics, consider_best=True):
+    def __call__(self, step, metrics, **kwargs):
         return None
 
 

@@ -121,6 +121,12 @@ def test_frozen_guard_names_the_tensor_and_catches_rebinding():
     m[1].weight.data = m[1].weight.data.clone()  # same values, new storage: the views taken at start no longer see it
     with pytest.raises(FrozenViolation, match="re-bound"):
         guard.check()
+    # A write through `.data` bypasses the version counter: the periodic checksum still finds it.
+    guard = FrozenGuard({"dec": m}, checksum_every=3)
+    m[1].weight.data[0, 0] += 1.0
+    assert guard.check() and guard.check()
+    with pytest.raises(FrozenViolation, match=r"dec\.1\.weight"):
+        guard.check()
 
 
 # ------------------------------------------------------------------------------------------------------- verify

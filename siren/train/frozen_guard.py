@@ -1,16 +1,19 @@
-"""`frozen/ok` every step: a cheap on-device check that no frozen component moved (DESIGN §5, §7).
+"""`frozen/ok` every step: a cheap check that no frozen component moved (DESIGN §5, §7).
 
-The full guarantee is the sha256 fingerprint, recomputed at every checkpoint; hashing on the host every step would cost
-more than the step. In between, every `train.frozen_check_every` steps, every frozen tensor (parameters and buffers,
-non-persistent grid constants included) is read as integers with the same bits, and their exact int64 sum is compared
-with the one taken at start. Any change of one element changes the sum; a change that keeps the sum of bit patterns
-exactly equal (a permutation, say) is left to the checkpoint's sha256.
+The full guarantee is the sha256 fingerprint, recomputed at every checkpoint; hashing every step would cost more than
+the step. In between, every `train.frozen_check_every` steps (default 1):
 
-Cost: the integer views are made once at start and alias the tensors' storage, so a step costs one concatenation and
-one sum per element width plus one host sync, whatever the number of tensors (per-tensor sums cost ~10 µs each, which
-is milliseconds for a 100-tensor model and several % of a short step). A tensor re-bound to new storage (`p.data = …`)
-would escape its view, so every check also compares storage pointers. Frozen modules must also still be in eval mode
-with `requires_grad=False` (guarantees 1 and 2). On a mismatch the per-tensor sums name what moved.
+- every frozen tensor (parameters and buffers, non-persistent grid constants included) must still live in the storage
+  it had at start (`p.data = …` re-binds a tensor) and carry the same autograd version counter (every in-place write
+  through a tensor op — `add_`, `copy_`, an optimizer step, `load_state_dict` — bumps it). That costs a few µs per
+  tensor and no device work;
+- when a version moved, an exact integer checksum of the tensors' bits decides whether the values changed (writing the
+  same values back is not a violation), and the per-tensor sums name what moved;
+- every `checksum_every`-th check the checksum runs anyway: it also catches writes that bypass the version counter
+  (through `.data` or a NumPy view). The checksum reads views made once at start (one concatenation and one sum per
+  element width, one host sync); per-tensor sums would cost ~10 µs each, several % of a short step.
+
+Frozen modules must also still be in eval mode with `requires_grad=False` (guarantees 1 and 2).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def bit_checksum(t: torch.Tensor) -> torch.Tensor:
 class FrozenGuard:
     """Reference checksum taken at start; `check()` → True, or raises FrozenViolation naming what moved."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.modules = modules
+    def __init__(self, modules: dict[str, nn.Module], checksum_every: int = 50):
+        self.modules, self.checksum_every = modules, max(1, checksum_every)
+        self._calls = 0
         self.tensors: list[tuple[str, torch.Tensor]] = []
         for comp, m in modules.items():
             seen: set[int] = set()
@@ -58,6 +62,7 @@ class FrozenGuard:
                 raise ValueError(f"frozen tensor {name} is not contiguous; the per-step check needs a view of it")
         self._views = [_bits(t) for _, t in self.tensors]
         self._ptrs = [t.data_ptr() for _, t in self.tensors]
+        self._versions = [t._version for _, t in self.tensors]
         groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for v in self._views:
             groups.setdefault((v.dtype, v.device), []).append(v)
@@ -72,11 +77,22 @@ class FrozenGuard:
         device = self._groups[0][0].device
         return torch.stack([s.to(device, non_blocking=True) for s in sums])
 
+    def _check_modes(self) -> bool:
+        bad = set()
+        if any(s.training for s in self._submodules):
+            bad |= {c for c, m in self.modules.items() if any(s.training for s in m.modules())}
+        if any(p.requires_grad for p in self._params):
+            bad |= {c for c, m in self.modules.items() if any(p.requires_grad for p in m.parameters())}
+        if bad:
+            raise FrozenViolation(f"frozen component(s) {', '.join(sorted(bad))} left eval mode or require gradients")
+        return True
+
     def _per_tensor(self) -> list[int]:
         return [int(bit_checksum(t)) for _, t in self.tensors]
 
     def check(self) -> bool:
-        """One reduction per element width and one host sync; raises FrozenViolation naming each changed component."""
+        """Storage pointers and version counters every call; the checksum (one reduction per element width, one host
+        sync) when a version moved and on every `checksum_every`-th call. Raises FrozenViolation naming what changed."""
         rebound = [n for (n, t), p in zip(self.tensors, self._ptrs, strict=True) if t.data_ptr() != p]
         if rebound:
             comps = sorted({n.split(".", 1)[0] for n in rebound})
@@ -84,19 +100,13 @@ class FrozenGuard:
                 f"frozen component(s) changed during training: {', '.join(comps)} "
                 f"({', '.join(rebound[:5])}{' …' if len(rebound) > 5 else ''} were re-bound to new storage)"
             )
+        self._calls += 1
+        versions = [t._version for _, t in self.tensors]
+        if versions == self._versions and self._calls % self.checksum_every != 0:
+            return self._check_modes()
         if bool(torch.equal(self._checksum(), self.reference)):
-            bad_mode = (
-                {c for c, m in self.modules.items() if any(s.training for s in m.modules())}
-                if any(s.training for s in self._submodules)
-                else set()
-            )
-            if any(p.requires_grad for p in self._params):
-                bad_mode |= {c for c, m in self.modules.items() if any(p.requires_grad for p in m.parameters())}
-            if not bad_mode:
-                return True
-            raise FrozenViolation(
-                f"frozen component(s) {', '.join(sorted(bad_mode))} left eval mode or require gradients"
-            )
+            self._versions = versions  # written, but with the same values
+            return self._check_modes()
         now, ref = self._per_tensor(), self._reference_per_tensor
         names = [n for (n, _), a, b in zip(self.tensors, now, ref, strict=True) if a != b]
         comps = sorted({n.split(".", 1)[0] for n in names}) or sorted(self.modules)
