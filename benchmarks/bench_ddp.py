@@ -23,34 +23,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import torch  # noqa: E402
+from run_all import _BareLoop  # noqa: E402
 
 
-class BareDDP:
-    def __init__(self, built):
-        built.tracker.finish()
-        self.t = built
-        self.params = [p for g in built.optimizer.param_groups for p in g["params"]]
-        groups = [
-            {"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]}
-            for g in built.optimizer.param_groups
-        ]
-        self.opt = torch.optim.AdamW(groups, betas=tuple(built.cfg.optim.betas))
+class BareDDP(_BareLoop):
+    """The bare loop with the stage step inside the Trainer's DDP-wrapped core: gradients sync in backward."""
 
-    def step(self, i: int) -> float:
-        from siren.data.datasets import collate
-
-        t0 = time.perf_counter()
-        epoch, pos = divmod(i, self.t.batches.num_batches)
-        self.t.dataset.set_epoch(epoch)
-        batch = collate([self.t.dataset[k] for k in self.t.batches.epoch(epoch)[pos]])
-        out = self.t.core(self.t.stage.step, self.t.frozen, batch)["out"]  # DDP forward: gradients sync in backward
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.t.cfg.train.max_grad_norm)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        float(out.loss.detach())
-        return time.perf_counter() - t0
+    def forward(self, batch):
+        return self.t.core(self.t.stage.step, self.t.frozen, batch)["out"]
 
 
 def main() -> int:

@@ -115,6 +115,9 @@ class _BareLoop:
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, betas=tuple(built.cfg.optim.betas))  # the trainer's groups and settings
 
+    def forward(self, batch):
+        return self.t.stage.step(self.t.modules, batch)
+
     def step(self, i: int) -> float:
         from siren.data.datasets import collate
 
@@ -122,7 +125,7 @@ class _BareLoop:
         epoch, pos = divmod(i, self.t.batches.num_batches)
         self.t.dataset.set_epoch(epoch)
         batch = collate([self.t.dataset[k] for k in self.t.batches.epoch(epoch)[pos]])
-        out = self.t.stage.step(self.t.modules, batch)
+        out = self.forward(batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.t.cfg.train.max_grad_norm)
         self.opt.step()

@@ -349,3 +349,28 @@ MECHANISMS.update(
         "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],
     }
 )
+
+
+# --------------------------------------------------------------------------------------------- the control runner
+def assert_fails_without(fn, mechanism: str, failure: str, request, monkeypatch, fixed: dict | None = None) -> None:
+    """Run test function `fn` with `mechanism` switched off (in this process and in `python -m siren` subprocesses)
+    and require it to fail on its own check: the failure text must match the regex `failure`. Parameters named in
+    `fixed` get those values; every other parameter is a fixture."""
+    import inspect
+    import re
+
+    import pytest
+
+    monkeypatch.setenv(ENV, mechanism)  # reaches `python -m siren` subprocesses via tests/controls
+    disable(mechanism, monkeypatch)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in (fixed or {}).items() if k in params}
+    for name in params:
+        if name not in kwargs:
+            kwargs[name] = request.getfixturevalue(name)
+    with pytest.raises((Exception, pytest.fail.Exception, KeyboardInterrupt)) as info:
+        fn(**kwargs)
+    text = f"{info.type.__name__}: {info.value}"
+    assert re.search(failure, text), (
+        f"{fn.__name__} failed without {mechanism}, but not on its own check: {text[:2000]}"
+    )

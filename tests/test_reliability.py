@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import time
@@ -377,16 +375,6 @@ _NOT_CONTROLLED = {"test_every_reliability_test_has_a_control", "test_fails_with
     "test_name, mechanism, failure", CONTROLS, ids=[f"{t[5:]}-without-{m}" for t, m, _ in CONTROLS]
 )
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
-    monkeypatch.setenv(mechanisms.ENV, mechanism)  # reaches `python -m siren` subprocesses via tests/controls
-    mechanisms.disable(mechanism, monkeypatch)
-    fn = globals()[test_name]
-    kwargs = {}
-    for name in inspect.signature(fn).parameters:
-        if name == "poison":
-            kwargs[name] = float("nan")
-        else:
-            kwargs[name] = request.getfixturevalue(name)
-    with pytest.raises((Exception, pytest.fail.Exception)) as info:
-        fn(**kwargs)
-    text = f"{info.type.__name__}: {info.value}"
-    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"
+    mechanisms.assert_fails_without(
+        globals()[test_name], mechanism, failure, request, monkeypatch, {"poison": float("nan")}
+    )

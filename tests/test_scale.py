@@ -3,7 +3,6 @@ evaluation split across ranks, progress, preemption and hang reports — each re
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -450,14 +449,4 @@ def test_every_scale_test_has_a_control():
 
 @pytest.mark.parametrize("test_name, mechanism, failure", CONTROLS, ids=[f"{m}" for _, m, _ in CONTROLS])
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
-    monkeypatch.setenv(mechanisms.ENV, mechanism)  # reaches `python -m siren` subprocesses via tests/controls
-    mechanisms.disable(mechanism, monkeypatch)
-    fn = globals()[test_name]
-    kwargs = {"procs": 1} if "procs" in inspect.signature(fn).parameters else {}
-    for name in inspect.signature(fn).parameters:
-        if name not in kwargs:
-            kwargs[name] = request.getfixturevalue(name)
-    with pytest.raises((Exception, pytest.fail.Exception)) as info:
-        fn(**kwargs)
-    text = f"{info.type.__name__}: {info.value}"
-    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"
+    mechanisms.assert_fails_without(globals()[test_name], mechanism, failure, request, monkeypatch, {"procs": 1})

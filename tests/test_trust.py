@@ -4,9 +4,7 @@ metrics.jsonl. Each test is rerun with its mechanism switched off (bottom of the
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -364,16 +362,6 @@ def test_every_trust_test_has_a_control():
     "test_name, mechanism, failure", CONTROLS, ids=[f"{t[5:]}-without-{m}" for t, m, _ in CONTROLS]
 )
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
-    monkeypatch.setenv(mechanisms.ENV, mechanism)
-    mechanisms.disable(mechanism, monkeypatch)
-    fn = globals()[test_name]
-    kwargs = {}
-    for name in inspect.signature(fn).parameters:
-        if name == "exc":
-            kwargs[name] = RuntimeError("a bug")
-        else:
-            kwargs[name] = request.getfixturevalue(name)
-    with pytest.raises((Exception, pytest.fail.Exception, KeyboardInterrupt)) as info:
-        fn(**kwargs)
-    text = f"{info.type.__name__}: {info.value}"
-    assert re.search(failure, text), f"{test_name} failed without {mechanism}, but not on its own check: {text[:2000]}"
+    mechanisms.assert_fails_without(
+        globals()[test_name], mechanism, failure, request, monkeypatch, {"exc": RuntimeError("a bug")}
+    )
