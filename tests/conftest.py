@@ -52,6 +52,9 @@ def teacher_dir(tmp_path_factory) -> Path:
 def subprocess_env(hermetic_wandb) -> dict:
     """Environment for `python -m siren` subprocesses: hermetic W&B (set above), the repo on the path."""
     env = dict(os.environ)
+    # Each subprocess runs its own W&B service, as a real run does: one shared with this test process would write
+    # the subprocess's offline files after the subprocess has exited.
+    env.pop("WANDB_SERVICE", None)
     env["PYTHONPATH"] = str(ROOT)
     if env.get("SIREN_TEST_DISABLE"):  # a negative control: the subprocess switches the mechanism off at start-up
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "controls"), str(ROOT)])

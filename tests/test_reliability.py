@@ -52,7 +52,7 @@ def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
         capture_output=True,
         text=True,
         env={
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # its own W&B service, as a real run
             "WANDB_MODE": "offline",
             "WANDB_DIR": str(run.parent / "wandb"),
             "SIREN_ARTIFACT_CACHE": str(run.parent / "artifacts"),  # hermetic: no index shared with other sessions
