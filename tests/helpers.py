@@ -54,6 +54,7 @@ def stage_config(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra
 
 def siren_train(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     env = dict(env or os.environ)
+    env.pop("WANDB_SERVICE", None)  # its own W&B service, as a real run
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "siren", "train", *args], env=env, cwd=ROOT, capture_output=True, text=True, **kw
