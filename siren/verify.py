@@ -106,17 +106,7 @@ def _codecs(adapted, base) -> tuple[dict, list[str]]:
             pipe.update(ck.modules)
     codecs = {}
     for w, ck, feat in (("adapted", adapted, "student_ssl"), ("baseline", base, "ssl")):
-        from siren.models.mel import MelDomain
-
-        codecs[w] = Codec(
-            {**{n: m for n, m in ck.modules.items() if n != "features"}, **pipe},
-            mel_domain=MelDomain.of_audio(cfg.audio),
-            sample_rate=cfg.audio.sample_rate,
-            hop_length=cfg.audio.hop_length,
-            feature_extractor=feat,
-            flow_steps=cfg.flow.steps,
-            flow_solver=cfg.flow.solver,
-        )
+        codecs[w] = Codec.from_config({**{n: m for n, m in ck.modules.items() if n != "features"}, **pipe}, cfg, feat)
     return codecs, sorted(pipe)
 
 

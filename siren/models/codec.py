@@ -176,20 +176,24 @@ class Codec(nn.Module):
         def load_features() -> nn.Module:
             return load_checkpoint(str(path), [feat]).modules[feat]
 
+        codec = cls.from_config(mods, cfg, feat, features_loader=load_features, source=source)
+        return codec.to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, components: dict[str, nn.Module], cfg, feature_extractor: str, **kwargs) -> Codec:
+        """A Codec over `components` with the audio front end and flow solver of config `cfg`."""
         from siren.models.mel import MelDomain
 
-        codec = cls(
-            mods,
+        return cls(
+            components,
             mel_domain=MelDomain.of_audio(cfg.audio),
             sample_rate=cfg.audio.sample_rate,
             hop_length=cfg.audio.hop_length,
-            feature_extractor=feat,
+            feature_extractor=feature_extractor,
             flow_steps=cfg.flow.steps,
             flow_solver=cfg.flow.solver,
-            features_loader=load_features,
-            source=source,
+            **kwargs,
         )
-        return codec.to(device).eval().requires_grad_(False)
 
     def _check_mel_domains(self) -> None:
         from siren.models.mel import MelDomainError, convert_mel, domain_of

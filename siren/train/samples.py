@@ -63,17 +63,7 @@ def pipeline_codec(trainer, modules, *, features: str, factorizer: str = "factor
     vocoder = load_pipeline(trainer, "vocoder")
     if vocoder is not None:
         comps["vocoder"] = vocoder
-    from siren.models.mel import MelDomain
-
-    return Codec(
-        comps,
-        mel_domain=MelDomain.of_audio(cfg.audio),
-        sample_rate=cfg.audio.sample_rate,
-        hop_length=cfg.audio.hop_length,
-        feature_extractor=features,
-        flow_steps=cfg.flow.steps,
-        flow_solver=cfg.flow.solver,
-    )
+    return Codec.from_config(comps, cfg, features)
 
 
 def synthesize(codec, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
