@@ -240,8 +240,9 @@ def test_samples_render_through_the_foreign_pipeline(acme):
 
     samples = acme["runs"] / "adapt" / "checkpoints" / "step_3" / "samples"
     wavs = sorted(p.name for p in samples.glob("*.wav"))
-    assert any(n.endswith("_adapted.wav") for n in wavs) and any(n.endswith("_baseline.wav") for n in wavs)
-    data, sr = sf.read(str(next(samples.glob("*_adapted.wav"))))
+    assert any(n.endswith("_adapted.flow-vocoder.wav") for n in wavs)
+    assert any(n.endswith("_baseline.flow-vocoder.wav") for n in wavs)
+    data, sr = sf.read(str(next(samples.glob("*_adapted.flow-vocoder.wav"))))
     assert sr == 16000 and data.std() > 0
 
 

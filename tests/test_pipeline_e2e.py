@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,12 +75,16 @@ def test_every_stage_wrote_checkpoints_and_samples(pipeline):
         meta = json.loads((pipeline / stage / "checkpoints" / latest / "meta.json").read_text())
         assert meta["stage"] == stage
     samples = pipeline / "adapt" / "checkpoints" / "step_4" / "samples"
-    names = {p.name for p in samples.iterdir()}
-    ids = {n.rsplit("_", 1)[0] for n in names}
+    names = {p.name for p in samples.iterdir()} - {"index.json"}
+    ids = {n.split(".")[0].rsplit("_", 1)[0] for n in names}
     for i in ids:  # aligned: original, adapted and baseline audio + mel images for each clip
-        for v in ("original", "adapted", "baseline"):
-            assert f"{i}_{v}.wav" in names and f"{i}_{v}.png" in names
-    wav, sr = sf.read(samples / f"{sorted(ids)[0]}_adapted.wav")
+        assert f"{i}_original.wav" in names and f"{i}_original.png" in names
+        for v in ("adapted", "baseline"):  # each names the path that rendered it: fuser + flow, then the vocoder
+            assert f"{i}_{v}.flow-vocoder.wav" in names and f"{i}_{v}.flow-vocoder.png" in names
+    index = json.loads((samples / "index.json").read_text())
+    assert set(index["pipeline"]) == {"flow", "vocoder"}
+    assert all(Path(p).name.startswith("step_") for p in index["pipeline"].values())  # the resolved step dirs
+    wav, sr = sf.read(samples / f"{sorted(ids)[0]}_adapted.flow-vocoder.wav")
     assert sr == 16000 and wav.ndim == 1 and np.isfinite(wav).all() and np.abs(wav).max() > 0
     assert (pipeline / "adapt" / "checkpoints" / "step_2" / "samples").is_dir()  # samples at every checkpoint
 

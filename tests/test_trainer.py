@@ -57,8 +57,39 @@ def test_codec_run_layout_and_metrics(codec_run):
     assert (codec_run / "checkpoints" / "latest").read_text().strip() == "step_6"
     meta = json.loads((codec_run / "checkpoints" / "step_6" / "meta.json").read_text())
     assert meta["stage"] == "codec" and meta["frozen"] == ["ssl"] and meta["wandb"]["id"]
-    assert (codec_run / "checkpoints" / "step_6" / "samples").is_dir()
+    samples = codec_run / "checkpoints" / "step_6" / "samples"
+    names = {p.name for p in samples.iterdir()}
+    # No pipeline configured: the decoder head rendered a mel and nothing made audio; the file names say so.
+    assert any(n.endswith("_decoder.decoder_head.png") for n in names), names
+    assert not any("_decoder" in n and n.endswith(".wav") for n in names)
+    assert json.loads((samples / "index.json").read_text())["pipeline"] == {}
     assert list((codec_run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_sample_without_its_rendering_path_is_an_error(corpus_dir, teacher_dir, tmp_path):
+    """Sample files name the path that rendered them; a stage that does not say which path it used is refused."""
+    from types import SimpleNamespace
+
+    from siren.errors import SirenError
+    from siren.train.samples import render_samples
+    from siren.train.stages.base import Sample
+
+    cfg = stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run")
+
+    def render(renderer, modules, inputs, paths):
+        return [Sample(id=u.id, audio={"original": w}, mels={"decoder": w[None, :80]}, paths=paths) for u, w in inputs]
+
+    def hook(paths):
+        stage = SimpleNamespace(name="codec", render=lambda r, m, i: render(r, m, i, paths))
+        tracker = SimpleNamespace(media_enabled=False)
+        return SimpleNamespace(
+            cfg=cfg, device=torch.device("cpu"), stage=stage, modules={}, tracker=tracker, pipeline_paths={}
+        )
+
+    written = render_samples(hook({"decoder": "decoder_head"}), tmp_path / "ok", 1)
+    assert any(p.name.endswith("_decoder.decoder_head.png") for p in written)
+    with pytest.raises(SirenError, match="without the path that rendered it"):
+        render_samples(hook({}), tmp_path / "bad", 1)
 
 
 def test_adapt_keeps_frozen_bit_identical_and_logs_drift(codec_run, corpus_dir, teacher_dir, tmp_path):

@@ -410,6 +410,12 @@ class Codec(nn.Module):
     def mel_path(self) -> str:
         return "fuser+flow" if self.has("fuser", "flow") else "decoder head"
 
+    @property
+    def render_path(self) -> str:
+        """A file-name-safe tag of the path `decode` takes: `flow` or `decoder_head`, then `-vocoder` when audio is made."""
+        mel = "flow" if self.has("fuser", "flow") else "decoder_head"
+        return f"{mel}-vocoder" if self.has("vocoder") else mel
+
     @torch.no_grad()
     def decode(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> torch.Tensor:
         """Codes → wav (B, N) at `sample_rate`, N = max valid samples; items past their length are zero."""

@@ -9,11 +9,14 @@ the step dirs it recorded. An unset `pipeline.*` renders what the stage can with
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 SAMPLE_SEED = 1234  # flow noise for samples: fixed, and drawn from its own generator so training RNG is untouched
@@ -83,8 +86,6 @@ def eval_utterances(cfg) -> list:
         by_id = {u.id: u for u in utts}
         missing = [i for i in cfg.samples.utterances if i not in by_id]
         if missing:
-            from siren.errors import SirenError
-
             raise SirenError(f"samples.utterances names ids not in {cfg.data.val or cfg.data.train}: {missing}")
         return [by_id[i] for i in cfg.samples.utterances]
     return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
@@ -130,28 +131,46 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
     written = []
     if samples:
         out_dir.mkdir(parents=True, exist_ok=True)
+    index = []
     for s in samples:
+        for variant in (*s.audio, *s.mels):
+            if variant != "original" and not s.paths.get(variant):
+                raise SirenError(
+                    f"{trainer.stage.name}.render gave variant {variant!r} of {s.id} without the path that rendered it "
+                    "(Sample.paths): a sample must name its pipeline"
+                )
         for variant, wav in s.audio.items():
-            p = out_dir / f"{s.id}_{variant}.wav"
+            p = out_dir / sample_file(s, variant, "wav")
             save_audio(p, wav.detach().float().cpu(), cfg.audio.sample_rate)
             written.append(p)
         for variant, mel in s.mels.items():
-            p = out_dir / f"{s.id}_{variant}.png"
-            save_mel_png(p, mel, f"{s.id} {variant} (step {step})")
+            p = out_dir / sample_file(s, variant, "png")
+            save_mel_png(p, mel, f"{s.id} {variant} [{s.paths.get(variant, 'input')}] (step {step})")
             written.append(p)
+        index.append({"id": s.id, "paths": {v: s.paths.get(v, "input") for v in (*s.audio, *s.mels)}})
+    if samples:  # which checkpoints the pipeline parts came from, beside the files they rendered
+        sources = {k: str(v) for k, v in trainer.pipeline_paths.items()}
+        (out_dir / "index.json").write_text(json.dumps({"step": step, "pipeline": sources, "samples": index}, indent=1))
     if trainer.tracker.media_enabled and samples:  # building media costs time: only when W&B is on
         import wandb
 
         variants = sorted({v for s in samples for v in (*s.audio, *s.mels)}, key=_variant_order)
-        columns = ["id"] + [f"audio/{v}" for v in variants] + [f"mel/{v}" for v in variants]
+        label = {v: v if v == "original" else f"{v} [{samples[0].paths[v]}]" for v in variants}
+        columns = ["id"] + [f"audio/{label[v]}" for v in variants] + [f"mel/{label[v]}" for v in variants]
         table = wandb.Table(columns=columns)
         for s in samples:
             row = [s.id]
-            row += [wandb.Audio(str(out_dir / f"{s.id}_{v}.wav")) if v in s.audio else None for v in variants]
-            row += [wandb.Image(str(out_dir / f"{s.id}_{v}.png")) if v in s.mels else None for v in variants]
+            row += [wandb.Audio(str(out_dir / sample_file(s, v, "wav"))) if v in s.audio else None for v in variants]
+            row += [wandb.Image(str(out_dir / sample_file(s, v, "png"))) if v in s.mels else None for v in variants]
             table.add_data(*row)
         trainer.tracker.log_media({"samples": table}, step)
     return written
+
+
+def sample_file(sample, variant: str, ext: str) -> str:
+    """`<id>_<variant>.<path>.<ext>` (`<id>_original.<ext>` for the input): the file names the path that rendered it."""
+    path = sample.paths.get(variant)
+    return f"{sample.id}_{variant}.{path}.{ext}" if path else f"{sample.id}_{variant}.{ext}"
 
 
 def _variant_order(v: str) -> tuple[int, str]:

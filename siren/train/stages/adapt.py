@@ -281,5 +281,6 @@ class AdaptStage(Stage):
                 mels[variant] = mel[0]
                 if audio_out is not None:
                     audio[variant] = audio_out[0]
-            out.append(Sample(id=utt.id, audio=audio, mels=mels))
+            paths = {variant: codec.render_path for variant, codec in codecs.items()}
+            out.append(Sample(id=utt.id, audio=audio, mels=mels, paths=paths))
         return out

@@ -56,6 +56,9 @@ class Sample:
     id: str
     audio: dict[str, torch.Tensor]
     mels: dict[str, torch.Tensor]
+    # variant → the path that rendered it (e.g. "flow-vocoder", "decoder_head"); every variant but "original" has one,
+    # and it is part of each file name and W&B column, so a sample can never be mistaken for another path's output.
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 class Stage:

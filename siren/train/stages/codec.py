@@ -95,5 +95,5 @@ class CodecStage(Stage):
             mels = {"original": mel_of(self, wav), "decoder": mel_hat[0]}
             if audio_out is not None:
                 audio["decoder"] = audio_out[0]
-            out.append(Sample(id=utt.id, audio=audio, mels=mels))
+            out.append(Sample(id=utt.id, audio=audio, mels=mels, paths={"decoder": codec.render_path}))
         return out

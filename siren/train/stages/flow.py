@@ -99,7 +99,12 @@ class FlowStage(Stage):
         out = []
         for utt, wav in utterances:
             mel, audio = synthesize(codec, wav)
-            s = Sample(id=utt.id, audio={"original": wav}, mels={"original": mel_of(self, wav), "flow": mel[0]})
+            s = Sample(
+                id=utt.id,
+                audio={"original": wav},
+                mels={"original": mel_of(self, wav), "flow": mel[0]},
+                paths={"flow": codec.render_path},
+            )
             if audio is not None:
                 s.audio["flow"] = audio[0]
             out.append(s)

@@ -57,6 +57,7 @@ class VocoderStage(Stage):
                     id=utt.id,
                     audio={"original": wav, "vocoded": wav_hat},
                     mels={"original": mel_of(self, wav), "vocoded": mel_of(self, wav_hat)},
+                    paths={"vocoded": "mel-vocoder"},  # the original's mel through the vocoder being trained
                 )
             )
         return out
