@@ -273,9 +273,29 @@ def _rank_sleep(arg: str) -> None:
     BatchStream.next = next_or_hang
 
 
+def _frozen_tamper(arg: str) -> None:
+    """`frozen_tamper:R:S`: rank R nudges one weight of its frozen `decoder` copy during step S (the others do not)."""
+    import os
+
+    from siren.train.trainer import Trainer
+
+    rank, step = (int(x) for x in arg.split(":"))
+    real = Trainer._train_step
+
+    def tampering(self, s, preempt):
+        out = real(self, s, preempt)
+        if int(os.environ.get("RANK", "0")) == rank and s + 1 == step:
+            with torch.no_grad():
+                next(self.frozen["decoder"].parameters()).view(-1)[0] += 1e-3
+        return out
+
+    Trainer._train_step = tampering
+
+
 FAULTS: dict[str, Callable[[str], None]] = {
     "slow_checkpoint_write": _slow_checkpoint_write,
     "rank_sleep": _rank_sleep,
+    "frozen_tamper": _frozen_tamper,
 }
 
 
@@ -294,6 +314,10 @@ def _state_dict_only(module):
 
 def _guard_never_checks(self):
     return True  # frozen/ok stays 1 between checkpoints whatever happened
+
+
+def _own_rank_only(ok, rank, world, device):
+    return [] if ok else [rank]  # each rank judges its own copy; the others never hear of it
 
 
 def _naive_verdict(fn):
@@ -339,6 +363,7 @@ MECHANISMS.update(
     {
         "code_language_grid_constants": [("siren.lineage:_all_tensors", _state_dict_only)],
         "frozen_step_check": [("siren.train.frozen_guard:FrozenGuard.check", _guard_never_checks)],
+        "frozen_check_all_ranks": [("siren.train.trainer:ranks_that_failed", _own_rank_only)],
         "verify_exit_guard": [("siren.verify:guarded_verdict", _naive_verdict)],
         "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],

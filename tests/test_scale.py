@@ -410,6 +410,30 @@ def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_pa
     assert str(HANG_EXIT_CODE) in out
 
 
+# -------------------------------------------------------------------------------- frozen/ok agreed by every rank
+def test_a_frozen_weight_moved_on_one_rank_stops_every_rank(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    """Rank 1 alone nudges its copy of the frozen decoder at step 3: every rank stops at step 3, and rank 0 (the one
+    that logs) records frozen/ok = 0 for that step, although its own copy never moved."""
+    env = with_fault(subprocess_env, "frozen_tamper:1:3")
+    run = tmp_path / "run"
+    ov = {
+        "trainable": "[factorizer,sem_quantizer,pro_quantizer,spk_quantizer,entropy_model]",
+        "train.max_steps": 6,
+        "train.checkpoint_every": 6,
+        "train.hang_timeout_s": 60,
+        "samples.enabled": "false",
+    }
+    r = _run(launch_cmd("codec", corpus_dir, teacher_dir, run, **ov), env, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, "the run finished although rank 1's frozen decoder moved"
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows and rows[-1]["step"] == 3 and rows[-1]["frozen/ok"] == 0.0, (
+        f"rank 0 did not log frozen/ok = 0 at step 3: {[(x['step'], x['frozen/ok']) for x in rows]}\n{out[-2000:]}"
+    )
+    assert all(x["frozen/ok"] == 1.0 for x in rows[:-1])
+    assert "step 3 (on rank 1 of 2)" in out, out[-3000:]
+
+
 # --------------------------------------------------------------------------------------------- negative controls
 CONTROLS = [
     (
@@ -427,6 +451,7 @@ CONTROLS = [
     ("test_grad_accum_metrics_cover_every_micro_batch", "micro_batch_metrics", r"codebook counts differ"),
     ("test_sigterm_checkpoints_the_current_step_and_resumes_bitwise", "preemption_signals", r"assert -15 == 75"),
     ("test_a_hung_rank_is_reported_with_its_stacks", "hang_watchdog", r"the run finished although rank 1 hung"),
+    ("test_a_frozen_weight_moved_on_one_rank_stops_every_rank", "frozen_check_all_ranks", r"did not log frozen/ok = 0"),
     (
         "test_slurm_script_forwards_usr1_to_every_rank_and_requeues",
         "preemption_signals",

@@ -34,7 +34,7 @@ from siren.train import checkpoint as ckpt
 from siren.train.batches import BatchStream, ShardedBatches
 from siren.train.context import StageContext
 from siren.train.evaluation import Evaluator
-from siren.train.frozen_guard import FrozenGuard
+from siren.train.frozen_guard import FrozenGuard, ranks_that_failed
 from siren.train.optim import Updater, lr_factor
 from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
@@ -353,18 +353,26 @@ class Trainer:
 
     def _check_frozen(self, step: int, full: bool) -> FrozenViolation | None:
         """Cheap check every `train.frozen_check_every` steps, sha256 when `full`; returns the violation (not raised, so
-        the caller logs frozen/ok = 0 first). Every rank checks its own copy; all ranks agree on the outcome."""
+        the caller logs frozen/ok = 0 first). Every rank checks its own copy; one all-reduce makes every rank agree."""
         every = self.cfg.train.frozen_check_every
+        checked = (every > 0 and step % every == 0) or full
+        if not checked:
+            return None
+        local = None
         try:
             if every > 0 and step % every == 0:
                 self.frozen_guard.check()
             if full:
                 self.registry.check_frozen()
         except FrozenViolation as exc:
-            self.frozen_ok = 0.0
-            return FrozenViolation(f"step {step}: {exc}")
-        self.frozen_ok = 1.0
-        return None
+            local = exc
+        failed = ranks_that_failed(local is None, self.rank, self.world, self.accelerator.device)
+        if not failed:
+            self.frozen_ok = 1.0
+            return None
+        self.frozen_ok = 0.0
+        where = f" (on rank {', '.join(map(str, failed))} of {self.world})" if self.world > 1 else ""
+        return FrozenViolation(f"step {step}{where}: {local if local is not None else 'a frozen component moved'}")
 
     @staticmethod
     def _step_is_finite(metrics: dict[str, float]) -> bool:
