@@ -88,6 +88,9 @@ def test_dataset_items_carry_the_crop_of_the_cache(ds, tmp_path):
     cache = make(ds, tmp_path / "c")
     cache.ensure(ds.load_full, Counting(), progress=False)
     ds.attach("feats", cache.view({"t": (HOP, (SR // 2) // HOP)}))
+    # Crops now start on the view's frame grid (no constant: the view's hops decide); off the grid, cached frames of
+    # the whole utterance would not be the crop's frames and the comparison below fails.
+    assert ds.align == HOP
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate, num_workers=1)
     for batch in loader:  # cut in the worker process, from memory-mapped shards
         for b in range(batch["wav"].shape[0]):

@@ -8,6 +8,7 @@ format when loaded is replaced deterministically by the next usable one and coun
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -74,7 +75,7 @@ class AudioDataset(torch.utils.data.Dataset):
         segment_samples: int | None,
         min_samples: int,
         seed: int = 0,
-        align: int = 2560,
+        align: int = 1,
         train: bool = True,
         on_format_mismatch: str = "resample_down",
     ):
@@ -124,8 +125,13 @@ class AudioDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def attach(self, name: str, view) -> None:
-        """Add `view.item(j, offset, length)` to every item j under `name` (e.g. cached features cut to the crop)."""
+        """Add `view.item(j, offset, length)` to every item j under `name` (e.g. cached features cut to the crop).
+
+        From now on crops start on a multiple of every hop the view cuts by (its frame geometry, e.g. the feature hop
+        and the semantic and prosody code hops), so a cached frame of the whole utterance is the crop's frame."""
         self.views[name] = view
+        hops = [int(hop) for hop, _ in getattr(view, "crops", {}).values()]
+        self.align = math.lcm(self.align, *hops)
 
     def load_full(self, j: int) -> torch.Tensor:
         """Item j's whole utterance (N,) under this dataset's format policy (what caches are computed from)."""
