@@ -367,6 +367,9 @@ MECHANISMS.update(
         "verify_exit_guard": [("siren.verify:guarded_verdict", _naive_verdict)],
         "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],
+        "unique_default_run_name": [
+            ("siren.train.trainer:default_run_name", lambda entity, project, stage, run_dir: Path(run_dir).name)
+        ],
         "fsq_grid": [("siren.models.quantizers:FSQ.__init__", _fsq_even_grid)],
         "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
         "config_migration": [("siren.config.loader:migrate", _no_migration)],

@@ -266,6 +266,26 @@ def test_artifact_name_belongs_to_one_run_dir(corpus_dir, teacher_dir, tmp_path)
         Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "b" / "adapt", **ov))
 
 
+def test_a_second_clone_with_the_same_run_dir_name_gets_its_own_artifact_name(corpus_dir, teacher_dir, tmp_path):
+    """Two clones each running `runs/demo/codec` must both train (the demo works in the second clone) without sharing
+    `codec-codec:latest`: the second run's default name carries a hash of its directory, and a resume keeps it."""
+    from siren.artifacts import resolve_checkpoint
+
+    ov = {"train.max_steps": 2, "samples.enabled": "false", "tracking.mode": "disabled"}
+    first, second = tmp_path / "clone1" / "codec", tmp_path / "clone2" / "codec"
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, first, **ov)).fit()
+    t = Trainer(stage_config("codec", corpus_dir, teacher_dir, second, **ov))
+    assert t.run_name != "codec" and t.run_name.startswith("codec-"), t.run_name
+    t.fit()
+    resumed = Trainer(stage_config("codec", corpus_dir, teacher_dir, second, **{**ov, "train.max_steps": 3}))
+    assert resumed.run_name == t.run_name  # recorded in meta.json, not recomputed
+    resumed.fit()
+    project = "siren-demo"
+    assert resolve_checkpoint(f"wandb:local/{project}/codec-codec:latest") == first / "checkpoints" / "step_2"
+    mine = resolve_checkpoint(f"wandb:local/{project}/codec-{t.run_name}:latest")
+    assert mine == second / "checkpoints" / "step_3"
+
+
 # --------------------------------------------------------------------------------------- old checkpoints keep loading
 V0_CONFIG = Path(__file__).resolve().parent / "fixtures" / "config_v0.json"  # schema 0 (commit 76f6ab9), its defaults
 
@@ -347,6 +367,11 @@ CONTROLS = [
     ("test_verify_without_thresholds_is_an_error", "verify_requires_thresholds", r"went on without thresholds"),
     ("test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics", "wandb_rewind", r"stale value|W&B steps"),
     ("test_artifact_name_belongs_to_one_run_dir", "artifact_name_claim", r"DID NOT RAISE"),
+    (
+        "test_a_second_clone_with_the_same_run_dir_name_gets_its_own_artifact_name",
+        "unique_default_run_name",
+        r"already belongs to the run",
+    ),
     ("test_old_checkpoint_loads_through_the_logged_migration", "config_migration", r"no migration was logged"),
     ("test_every_schema_key_is_reached_by_the_migrations", "empty_migration_table", r"AssertionError"),
 ]

@@ -11,6 +11,7 @@ and exact on CPU; SIGTERM/SIGUSR1 checkpoint and exit; a hung rank is reported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
 from siren.train.samples import SamplesHook
 from siren.train.saving import CheckpointHook
-from siren.train.sharing import ShareHook
+from siren.train.sharing import ShareHook, default_run_name
 from siren.train.stages import make_stage
 from siren.train.stages.base import Stage, StepOutput
 from siren.train.step_metrics import StepMetrics
@@ -510,9 +511,16 @@ class Trainer:
             use_checkpoint_artifact(tracker.run, uri)
         return tracker
 
-    @property
+    @functools.cached_property
     def run_name(self) -> str:
-        return self.cfg.tracking.run_name or self.run_dir.resolve().name
+        """`tracking.run_name`, else the name this run already used (a resume keeps it), else the run dir's name
+        (made unique when another run directory already owns that artifact name)."""
+        tr = self.cfg.tracking
+        if tr.run_name:
+            return tr.run_name
+        if self.resume_meta.get("run_name"):
+            return self.resume_meta["run_name"]
+        return default_run_name(tr.entity, tr.project, self.stage.name, self.run_dir)
 
     def _meta(self, step: int, metrics: dict[str, float]) -> dict:
         fps = {n: fingerprint(m) for n, m in self.modules.items()}
