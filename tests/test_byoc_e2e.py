@@ -294,3 +294,50 @@ def test_codec_trains_from_scratch_with_a_foreign_factorizer(corpus_dir, teacher
     assert type(codec.components["factorizer"]).__name__ == "AnalyzerAsFactorizer"
     codes = codec.encode(0.1 * torch.randn(16000))
     assert torch.equal(codec.from_bytes(codec.to_bytes(codes).data).sem, codes.sem)
+
+
+def test_adapt_with_a_foreign_student_imported_from_torch_save(acme, corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    """A team's own distilled encoder (not a TinyHubert) enters through `siren import --stage distill` and drives an
+    adapt run; the adapt checkpoint rebuilds the foreign student class and holds its exact weights."""
+    from acme_codec import nets
+    from safetensors.torch import load_file
+
+    from siren.config import load_config
+    from siren.importer import import_run
+    from siren.train.stages.common import load_checkpoint
+
+    monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(tmp_path / "artifacts"))
+    torch.manual_seed(3)
+    enc = nets.FrameEncoder(320, 32, 64)
+    torch.save({"encoder": _prefixed(enc.state_dict())}, tmp_path / "student.pt")
+    cfg_path = tmp_path / "acme.yaml"
+    tree = acme_yaml(acme["root"], teacher_dir)
+    tree["student_ssl"] = {
+        "target": NETS + "FrameEncoder",
+        "args": {"hop": 320, "width": 32, "out_ch": 64},
+        "adapter": AD + "EncoderAsFeatures",
+        "weights": str(tmp_path / "student.pt"),
+        "weights_key": "encoder",
+        "rename": {"^module\\.": ""},
+    }
+    cfg_path.write_text(yaml.safe_dump(tree))
+    import_run(load_config(cfg_path), "distill", tmp_path / "student")
+    run = tmp_path / "adapt"
+    extra = {
+        "student_ssl.path": str(tmp_path / "student"),
+        "train.max_steps": 2,
+        "train.checkpoint_every": 2,
+        "samples.enabled": "false",
+        "tracking.mode": "disabled",
+    }
+    last = Trainer(
+        stage_config("adapt", corpus_dir, teacher_dir, run, baseline=str(acme["runs"] / "codec"), **extra)
+    ).fit()
+    assert last["frozen/ok"] == 1.0 and "drift/sem/agreement" in last
+    meta = _meta(run, 2)
+    assert meta["targets"]["student_ssl"]["target"] == NETS + "FrameEncoder"
+    assert meta["consumed"]["student_ssl"]["path"] == str((tmp_path / "student" / "checkpoints" / "step_0").resolve())
+    saved = load_file(str(run / "checkpoints" / "step_2" / "components" / "student_ssl.safetensors"))
+    assert torch.equal(saved["net.frontend.weight"], enc.state_dict()["frontend.weight"])  # frozen: the file's weights
+    ck = load_checkpoint(str(run), ["student_ssl"])
+    assert type(ck.modules["student_ssl"]).__name__ == "EncoderAsFeatures"

@@ -175,3 +175,17 @@ class StreamRates(nn.Module):
     def __init__(self, num_bytes: int, hidden: int):
         super().__init__()
         self.by_stream = nn.ModuleDict({k: ByteRate(num_bytes, hidden) for k in ("semantic", "prosodic")})
+
+
+class FrameEncoder(nn.Module):
+    """ACME's small distilled speech encoder: wav (B, N) → (B, out_ch, N // hop), channel-first, one strided conv
+    front end and a pointwise stack (what ACME used instead of a TinyHubert)."""
+
+    def __init__(self, hop: int, width: int, out_ch: int):
+        super().__init__()
+        self.stride = hop
+        self.frontend = nn.Conv1d(1, width, kernel_size=hop, stride=hop)
+        self.mix = nn.Sequential(nn.GELU(), nn.Conv1d(width, width, 1), nn.GELU(), nn.Conv1d(width, out_ch, 1))
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.frontend(wav[:, None]))

@@ -157,3 +157,21 @@ class MelVocoderAsVocoder(nn.Module):
 
     def forward(self, mel):
         return self.net(mel)[:, 0]
+
+
+class EncoderAsFeatures(nn.Module):
+    """ACME's FrameEncoder as a SIREN feature extractor: wav (B, N) → (B, N // hop, out_ch) channel-last."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def dim(self) -> int:
+        return self.net.mix[-1].out_channels
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.net.stride
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.net(wav).transpose(1, 2)

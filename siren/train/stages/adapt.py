@@ -55,21 +55,37 @@ def load_student(cfg) -> tuple[nn.Module, dict]:
     if not path:
         raise SirenError("adapt needs student_ssl.path: a distill run (runs/.../distill) or a saved TinyHubert dir")
     p = Path(path)
+    source = None
     if p.is_dir() and (p / "hubert").is_dir():
         student = TinyHubert.from_pretrained(p)
         record = {"uri": str(path), "path": str(p.resolve()), "fingerprint": fingerprint(student), "stage": None}
-    else:
+    else:  # a distill run, SIREN-trained or imported (`siren import --stage distill` of a foreign student)
         ck = load_checkpoint(path, ["student_ssl"])
         student = ck.modules["student_ssl"]
         record = checkpoint_record(path, ck.path, ck.meta)
-    describe_student(cfg, student)
+        source = ck.cfg.student_ssl
+    describe_student(cfg, student, source)
     return student, record
 
 
-def describe_student(cfg, student) -> None:
-    """Record the loaded student's real architecture in the run's config, so its checkpoints rebuild it exactly."""
-    hc = student.hubert.config
+def describe_student(cfg, student, source=None) -> None:
+    """Record the loaded student's real architecture in the run's config, so its checkpoints rebuild it exactly: a
+    foreign student (its checkpoint's `student_ssl.target`) keeps its class, args and adapter; a TinyHubert its sizes."""
     s = cfg.student_ssl
+    if source is not None and source.target:
+        s.target, s.args = source.target, dict(source.args)
+        s.adapter, s.adapter_args = source.adapter, dict(source.adapter_args)
+        s.weights, s.weights_key, s.rename = None, None, {}  # the checkpoint holds the weights
+        s.allow_missing, s.allow_unexpected = [], []
+        return
+    hubert = getattr(student, "hubert", None)
+    if hubert is None:
+        raise SirenError(
+            f"student_ssl is a {type(student).__module__}.{type(student).__name__} without a recorded target: "
+            "import a foreign student with `siren import --stage distill` (student_ssl.target + weights) and point "
+            "student_ssl.path at that run"
+        )
+    hc = hubert.config
     s.hidden_size, s.num_layers, s.num_heads = hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads
     s.intermediate_size, s.conv_dim, s.teacher_dim = hc.intermediate_size, hc.conv_dim[0], student.dim
 
