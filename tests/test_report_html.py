@@ -17,15 +17,13 @@ import mechanisms
 import numpy as np
 import pytest
 import torch
-from report_page import CHROMIUM, assert_media_playable, media_status, parse_page, screenshot
+from report_page import CHROMIUM, NO_BROWSER, assert_media_playable, media_status, parse_page, screenshot
 
 from siren.data.audio import save_audio
 from siren.report_html import VARIANTS, write_report_html
 from siren.train.samples import save_mel_png
 
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (make test installs it: apt-get install chromium)"
-)
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
 IDS = ("spk0_utt0", "spk1_utt3")
 
 
