@@ -476,7 +476,7 @@ def _verify_cli(args) -> int:
     wav = getattr(args, "wav", None)
     report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb, wav=wav)
     print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
-    print(f"report: {Path(report['out_dir']) / 'report.md'}")
+    print(f"report: {Path(report['out_dir']) / 'report.md'} (the page to open: report.html beside it)")
     if not report["checks"]:  # run_verify refuses an empty threshold set; a report without checks is no pass
         raise VerifyError("the report holds no threshold check")
     return EXIT_PASS if report["passed"] else EXIT_FAIL
