@@ -39,10 +39,25 @@ $(STAMP)/voices:
 	fi
 	@touch $@
 
-test: install
+# Chromium for the test that opens verify's report.html in a real headless browser (tests only: `demo` stays lean).
+$(STAMP)/browser:
+	@mkdir -p $(STAMP)
+	@if ! command -v chromium >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian chromium (headless browser for the report test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
+	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
+	  else \
+	    echo "missing: chromium — install with: sudo apt-get install -y chromium"; exit 1; \
+	  fi; \
+	fi
+	@touch $@
+
+test: install $(STAMP)/browser
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
-test-all: install
+test-all: install $(STAMP)/browser
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)/install

@@ -154,7 +154,7 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> 
         f"{m['mel_l1/adapted_vs_truth']:.3f} (baseline {m['mel_l1/baseline_vs_truth']:.3f}, silence "
         f"{m['mel_l1/silence_vs_truth']:.3f}, noise {m['mel_l1/noise_vs_truth']:.3f})"
     )
-    print(f"   report: {report_path.with_suffix('.md')}")
+    print(f"   report: {report_path.with_suffix('.html')} (open in a browser; also {report_path.with_suffix('.md')})")
     print("\n== where things are")
     for r in results:
         rd = Path(r["run_dir"])

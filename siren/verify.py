@@ -6,6 +6,7 @@ of the full pipeline's output. Thresholds (`verify.thresholds`, `min/<metric>` o
 Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, layout mismatch, bad threshold).
 `--wav FILE` judges one audio file instead of the eval set (the seed guide's "check this recording" workflow), with the
 same thresholds; its outputs go to `RUN/verify/step_N/wav/<file stem>/`.
+Beside report.json and report.md, `report.html` (siren/report_html.py) is the page a person opens: players, mels, tables.
 """
 
 from __future__ import annotations
@@ -285,6 +286,9 @@ def run_verify(
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(format_report(report))
+    from siren.report_html import write_report_html
+
+    write_report_html(report, out_dir)
     if use_wandb:
         _log_wandb(report, adapted, run, step)
     return report
@@ -410,6 +414,7 @@ def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
             use_checkpoint_artifact(wb, uri)
         wb.summary.update({f"verify/{k}": v for k, v in report["metrics"].items()})
         wb.summary["verify/passed"] = int(report["passed"])
+        wb.log({"verify/report": wandb.Html(Path(report["out_dir"]) / "report.html", inject=False)})
         wb.finish()
     except Exception as exc:  # the report on disk is the result; W&B is a copy of it
         log.warning("verify: W&B logging failed: %r", exc)
@@ -471,7 +476,7 @@ def _verify_cli(args) -> int:
     wav = getattr(args, "wav", None)
     report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb, wav=wav)
     print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
-    print(f"report: {Path(report['out_dir']) / 'report.md'}")
+    print(f"report: {Path(report['out_dir']) / 'report.md'} (the page to open: report.html beside it)")
     if not report["checks"]:  # run_verify refuses an empty threshold set; a report without checks is no pass
         raise VerifyError("the report holds no threshold check")
     return EXIT_PASS if report["passed"] else EXIT_FAIL

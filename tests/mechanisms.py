@@ -375,6 +375,9 @@ MECHANISMS.update(
         "config_migration": [("siren.config.loader:migrate", _no_migration)],
         "empty_migration_table": [("siren.config.migrations:MIGRATIONS", {0: _bump_only})],
         "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],
+        # report.html links its media by file name (works only beside them) and pastes text in unescaped.
+        "report_embeds_media": [("siren.report_html:_data_uri", lambda path: path.name)],
+        "report_escapes_text": [("siren.report_html:_esc", str)],
     }
 )
 

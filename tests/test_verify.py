@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import stage_config
+from report_page import CHROMIUM, NO_BROWSER, assert_media_playable, media_status, parse_page
 
 from siren.data.manifest import read_manifest
 from siren.train.trainer import Trainer
@@ -56,6 +57,12 @@ def test_verify_one_wav(adapt_run, corpus_dir, capsys):
     assert (out / f"{wav.stem}_original.wav").is_file() and (out / f"{wav.stem}_adapted.png").is_file()
     assert not (adapt_run / "verify" / "step_2" / "report.json").exists(), "a one-file check overwrote the eval report"
     assert report["metrics"]["agreement/sem"] <= 1.0
+    page = parse_page((out / "report.html").read_text())  # the page a person opens shows this very report
+    assert page.verdict == "PASS" and [c[0] for c in page.tables["checks"][1:]] == [
+        c["threshold"] for c in report["checks"]
+    ]
+    played = ["original", "adapted", "baseline"] if "vocoder" in report["pipeline"] else ["original"]
+    assert [a["data-media"] for a in page.audio] == [f"{wav.stem}_{v}.wav" for v in played] and len(page.img) == 3
     assert _verify(adapt_run, wav=str(wav), threshold=["min/agreement/sem=1.01"]) == EXIT_FAIL
 
     capsys.readouterr()
@@ -63,3 +70,14 @@ def test_verify_one_wav(adapt_run, corpus_dir, capsys):
     assert "missing.wav: file not found" in capsys.readouterr().out
     assert _verify(adapt_run, wav=str(wav), data=str(corpus_dir / "val.jsonl")) == EXIT_ERROR
     assert "not both" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
+def test_verify_report_opens_in_a_browser(adapt_run, corpus_dir):
+    """The report.html a real verify wrote opens in headless Chromium with playable audio and decoded mel images."""
+    wav = Path(read_manifest(corpus_dir / "val.jsonl")[1].path)
+    assert _verify(adapt_run, wav=str(wav)) == EXIT_PASS
+    out = adapt_run / "verify" / "step_2" / "wav" / wav.stem
+    report = json.loads((out / "report.json").read_text())
+    audio = 3 if "vocoder" in report["pipeline"] else 1  # this run has no vocoder: the original plays, mels show
+    assert_media_playable(media_status(out / "report.html"), audio=audio, images=3)
