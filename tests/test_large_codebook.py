@@ -150,7 +150,7 @@ def test_sparse_window_resumes_exactly_and_ignores_code_order():
 
 
 def test_window_memory_is_bounded_at_2_20_codes():
-    """8 steps × 800 codes at 2^20 codes per level: the window holds one int32 per code plus the step keys (4 MB),
+    """8 steps × 800 codes at 2^20 codes per level: the window holds one int32 per code and one int32 scratch mark per code plus the step keys (8 MB),
     not window × codebook floats (the dense window's 72 MB; 400 MB at the default 50 steps)."""
     layout = {"sem": (2**20, 1)}
     w = make_window(layout, 8)
@@ -162,7 +162,7 @@ def test_window_memory_is_bounded_at_2_20_codes():
         else:
             w.push_flat(stream_histograms(layout, {"sem": (codes, None)}))
     mb = w.nbytes() / 2**20
-    assert mb < 8, f"the codebook window holds {mb:.0f} MB"
+    assert mb < 12, f"the codebook window holds {mb:.0f} MB"
     vec = dict(zip(w.names(), w.vector().tolist(), strict=True))
     assert all(math.isfinite(v) for v in vec.values()) and 0 < vec["codebook/sem/l0/usage"] <= 8 * 800 / 2**20
 

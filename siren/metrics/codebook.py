@@ -135,12 +135,23 @@ class DigitLayout:
         self.valid = torch.tensor(valid, dtype=torch.long, device=device)
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def row_table(self, num_rows: int) -> torch.Tensor:
-        """(num_rows + 1,) long: the digit row of each layout row (the extra last one is the trash row), −1 if none."""
-        t = torch.full((num_rows + 1,), -1, dtype=torch.long)
+    def row_tables(self, base: torch.Tensor) -> torch.Tensor:
+        """Per layout row (its first key in `base` (R + 1,), the last row being trash) one float64 row of
+        [base, 1/basis_0 … 1/basis_dmax, levels_0 … levels_(dmax−1), first bin of each dim] (`SparseCodebookWindow`).
+        Rows without digits get 1/basis 0 (digits 0) and bins past `flat_size`, which no metric reads."""
+        d, dev = self.dmax, self.levels.device
+        t = torch.zeros(base.numel(), 1 + (d + 1) + 2 * d, dtype=torch.float64, device=dev)
+        t[:, 0] = base.to(torch.float64)
+        t[:, d + 2 : 2 * d + 2] = 1.0
+        j = torch.arange(d, device=dev, dtype=torch.float64)
+        t[:, 2 * d + 2 :] = self.flat_size + j * self.lmax
         for i, (_, _, r, _) in enumerate(self.rows):
-            t[r] = i
-        return t.to(self.levels.device)
+            lv = self.levels[i].to(torch.float64)
+            basis = torch.cat([self.basis[i].to(torch.float64), (self.basis[i, -1] * self.levels[i, -1]).reshape(1)])
+            t[r, 1 : d + 2] = 1.0 / basis
+            t[r, d + 2 : 2 * d + 2] = lv
+            t[r, 2 * d + 2 :] = (i * d + j) * self.lmax
+        return t
 
     def flat_index(self, drow: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Bins of codes (n,) of digit rows drow (n,) → (n, dmax) flat indices into the (Rd, dmax, lmax) bins."""

@@ -123,7 +123,8 @@ class DriftReference:
         self.q = torch.cat(qs).to(device)
         g = lambda x: -x * torch.log2(x.clamp_min(1e-300))  # noqa: E731
         self.entropy = torch.zeros(r, dtype=torch.float64, device=device).index_add_(0, self.row, g(self.q))
-        self.half_q_entropy = torch.zeros_like(self.entropy).index_add_(0, self.row, g(self.q / 2))
+        self.half_q, self.g_half_q = self.q / 2, g(self.q / 2)  # per code, constant over the run
+        self.half_q_entropy = torch.zeros_like(self.entropy).index_add_(0, self.row, self.g_half_q)
 
     def names(self) -> list[str]:
         return [f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits") for s in self.layout] + ["drift/bps_delta"]

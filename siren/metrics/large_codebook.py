@@ -82,16 +82,46 @@ class SparseCodebookWindow:
             self._stream_base[s] = self.base[r : r + L]
             r += L
         self.digits = DigitLayout(self.layout, digits or {}, self.device)
-        self._row_digit = self.digits.row_table(len(self.rows))  # (R + 1,) digit-row index per row, −1 where none
-        self._code_base = torch.cat([self.base, self.base.new_full((1,), self.trash)])  # key − this = code
+        # Per row (+ the trash row): its FSQ digit levels, bases and first bin, as one gather per step; rows without
+        # digits (and trash) point at an extra bin row that no metric reads.
+        self._digit_tab = self.digits.row_tables(torch.cat([self.base, self.base.new_full((1,), self.trash)]))
         self._reset()
 
     def _reset(self) -> None:
         self.counts = torch.zeros(self.trash + 1, dtype=torch.int32, device=self.device)
+        self.mark = torch.zeros(self.trash + 1, dtype=torch.int32, device=self.device)  # scratch: dedupe per push
         self.sums = torch.zeros(len(self.rows) + 1, 3, dtype=torch.long, device=self.device)  # per row: S, seen, N
-        self.digit_counts = torch.zeros(self.digits.flat_size + 1, dtype=torch.long, device=self.device)
+        bins = self.digits.flat_size + self.digits.dmax * self.digits.lmax  # + the bins of rows without digits
+        self.digit_counts = torch.zeros(bins, dtype=torch.long, device=self.device)
         self.ring: list[torch.Tensor | None] = [None] * self.window
         self.pos = 0
+        self._table = torch.zeros(1, 2, dtype=torch.long, device=self.device)  # count c → (fixed c·log2 c, c > 0)
+        self._signs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _count_table(self, most: int) -> torch.Tensor:
+        """Lookup table c → (round(c·log2 c · 2^32), c > 0) for every count a window can hold (c ≤ `most`)."""
+        if most >= self._table.shape[0]:
+            if most * math.log2(max(most, 2)) * _FIX >= 2**62:  # Σ c·log2 c ≤ N·log2 N must fit in int64
+                raise ValueError(
+                    f"a codebook window of {self.window} steps × up to {most // self.window} codes per step is too "
+                    "large for its exact sums; lower train.codebook_window"
+                )
+            c = torch.arange(2 * most + 1, dtype=torch.float64, device=self.device)  # headroom: grows rarely
+            fx = torch.round(c * torch.log2(c.clamp_min(1.0)) * _FIX).to(torch.long)
+            self._table = torch.stack([fx, (c > 0).to(torch.long)], 1)
+        return self._table
+
+    def _sign(self, n_new: int, n_old: int) -> tuple[torch.Tensor, ...]:
+        """+1 for the n_new entering keys, −1 for the n_old leaving ones (int32 for the counts, int64 for the sums, and
+        repeated per digit for the digit bins), and occurrence ids 0…m−1 (int32); cached per shape."""
+        key = (n_new, n_old)
+        if key not in self._signs:
+            s = torch.ones(n_new + n_old, dtype=torch.long, device=self.device)
+            s[n_new:] = -1
+            ids = torch.arange(n_new + n_old, dtype=torch.int32, device=self.device)
+            self._signs[key] = (s.to(torch.int32), s, ids, s.repeat_interleave(self.digits.dmax))
+        return self._signs[key]
 
     # ------------------------------------------------------------------------------------------------------- filling
     def keys(self, codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
@@ -112,47 +142,42 @@ class SparseCodebookWindow:
     def push(self, keys: torch.Tensor) -> None:
         """Add one step's keys (n,) and evict the step that falls out of the window: O(n + evicted), never O(K)."""
         keys = keys.to(self.device, torch.long).reshape(-1)
-        old = self.ring[self.pos % self.window]
-        n_old = 0 if old is None else old.numel()
-        # N·log2 N · 2^32 must fit in int64: N ≤ window × the largest step.
-        most = self.window * max(keys.numel(), n_old, 2)
-        if most * math.log2(most) * _FIX >= 2**62:
-            raise ValueError(
-                f"codebook window of {self.window} steps × {keys.numel()} codes per step is too large for exact sums; "
-                "lower train.codebook_window"
-            )
-        touched = keys if old is None else torch.cat([keys, old])
-        sign = torch.ones_like(touched)
-        sign[keys.numel() :] = -1
-        before = self.counts[touched]
-        self.counts.index_add_(0, touched, sign.to(torch.int32))
-        after = self.counts[touched]
-        # Every key once: sort, then the first of each run carries the change of its count.
-        srt, order = torch.sort(touched)
-        first = torch.ones_like(srt, dtype=torch.bool)
-        first[1:] = srt[1:] != srt[:-1]
-        b, a = before[order], after[order]
-        d_s = (_fixed_xlogx(a) - _fixed_xlogx(b)) * first
-        d_seen = ((a > 0).to(torch.long) - (b > 0).to(torch.long)) * first
-        row = torch.searchsorted(self.ends, srt, right=True)  # trash → R
-        self.sums.index_add_(0, row, torch.stack([d_s, d_seen, sign[order]], 1))
-        if self.digits.rows:
-            self._push_digits(srt, row, sign[order])
-        self.ring[self.pos % self.window] = keys
+        slot = self.pos % self.window
+        old = self.ring[slot]
+        self.ring[slot] = keys
         self.pos += 1
+        self._stats = None
+        n_old = 0 if old is None else old.numel()
+        table = self._count_table(self.window * max(t.numel() for t in self.ring if t is not None))
+        touched = keys if old is None else torch.cat([keys, old])
+        sign32, sign, ids, sign_digits = self._sign(keys.numel(), n_old)
+        # Each key's change is counted once: at the occurrence whose id a scatter left in `mark` (any one of them).
+        self.mark.index_put_((touched,), ids)
+        first = self.mark[touched] == ids
+        before = self.counts[touched]
+        self.counts.index_add_(0, touched, sign32)
+        after = self.counts[touched]
+        d = (table[after] - table[before]) * first[:, None]  # (m, 2): change of fixed c·log2 c and of "seen"
+        row = torch.searchsorted(self.ends, touched, right=True)  # trash → R
+        self.sums.index_add_(0, row, torch.cat([d, sign[:, None]], 1))
+        if self.digits.rows:  # per-dimension digit bins, +1 / −1 per entering / leaving code
+            self.digit_counts.index_add_(0, self._digit_bins(touched, row), sign_digits)
 
-    def _push_digits(self, keys: torch.Tensor, row: torch.Tensor, sign: torch.Tensor) -> None:
-        """Per-dimension digit counts of FSQ rows: (rows, dims, levels) bins, +1 / −1 per entering / leaving code."""
-        d = self._row_digit[row]  # (n,) digit row or −1
-        code = keys - self._code_base[row]
-        idx = self.digits.flat_index(d.clamp_min(0), code)  # (n, dmax)
-        idx = torch.where((d >= 0)[:, None], idx, torch.full_like(idx, self.digits.flat_size))
-        self.digit_counts.index_add_(0, idx.reshape(-1), sign[:, None].expand_as(idx).reshape(-1))
+    def _digit_bins(self, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Bins (m·dmax,) of the FSQ digits of keys (m,) in rows (m,). With F_j = ⌊code / basis_j⌋ (basis_dmax = K),
+        digit_j = F_j − levels_j · F_(j+1); float64 is exact here and far faster than int64 division, and the
+        +0.5 keeps every quotient ≥ 2^-21 away from an integer, so rounding of 1/basis never flips a floor."""
+        d = self.digits.dmax
+        tab = self._digit_tab[row]  # (m, 1 + (d + 1) + d + d): base, 1/basis_0..d, levels, first bins
+        code = keys.to(torch.float64) - tab[:, 0] + 0.5
+        F = torch.floor(code[:, None] * tab[:, 1 : d + 2])
+        digit = F[:, :d] - tab[:, d + 2 : 2 * d + 2] * F[:, 1:]
+        return (tab[:, 2 * d + 2 :] + digit).to(torch.long).reshape(-1)
 
     def nbytes(self) -> int:
         """Memory this window holds (counts, sums, digit bins and the ring of step keys)."""
         ring = sum(t.numel() * t.element_size() for t in self.ring if t is not None)
-        own = (self.counts, self.sums, self.digit_counts)
+        own = (self.counts, self.mark, self.sums, self.digit_counts, self._table)
         return ring + sum(t.numel() * t.element_size() for t in own)
 
     def state(self) -> dict:
@@ -175,20 +200,23 @@ class SparseCodebookWindow:
         out = [f"codebook/{s}/{lv}/{kind}" for kind in ("usage", "perplexity", "dead") for s, lv in self.rows]
         return out + self.digits.names()
 
-    def _entropy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row S = Σ c·log2 c and N = Σ c as float64, and the entropy in bits of the window's histogram."""
-        s = self.sums[:-1].to(torch.float64)
-        S, n = s[:, 0] / _FIX, s[:, 2]
-        ent = torch.where(n > 0, torch.log2(n.clamp_min(1)) - S / n.clamp_min(1), torch.zeros_like(n))
-        return S, n, ent
+    def _entropy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row S = Σ c·log2 c, N = Σ c and codes seen as float64, and the entropy in bits of the window's
+        histogram (kept until the next push, for the drift of the same step)."""
+        if self._stats is None:
+            s = self.sums[:-1].to(torch.float64)
+            S, seen, n = s[:, 0] / _FIX, s[:, 1], s[:, 2]
+            n1 = n.clamp_min(1)
+            ent = torch.where(n > 0, torch.log2(n1) - S / n1, torch.zeros_like(n))
+            self._stats = (S, n, seen, ent)
+        return self._stats
 
     def vector(self) -> torch.Tensor:
         """All metrics in the order of `names()`, as one float64 vector on the device: O(rows), not O(K)."""
-        _, _, ent = self._entropy()
-        seen = self.sums[:-1, 1].to(torch.float64)
+        _, _, seen, ent = self._entropy()
         out = torch.cat([seen / self.row_k, torch.exp2(ent), self.row_k - seen])
         if self.digits.rows:
-            out = torch.cat([out, self.digits.vector(self.digit_counts[:-1].to(torch.float64))])
+            out = torch.cat([out, self.digits.vector(self.digit_counts[: self.digits.flat_size].to(torch.float64))])
         return out
 
     def drift_rows(self, ref) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,13 +224,11 @@ class SparseCodebookWindow:
         entropy(baseline). O(baseline support), never O(K):
         H(m) = Σ_q g(q/2) + Σ_p g(p/2) + Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)], g(x) = −x log2 x, where
         Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums, and the last sum runs over the baseline's codes."""
-        S, n, ent = self._entropy()
-        c = self.counts[ref.keys].to(torch.float64)
-        nr = n[ref.row].clamp_min(1)
-        p, q = c / nr, ref.q
-        both = _g(p / 2 + q / 2) - _g(p / 2) - _g(q / 2)
-        cross = torch.zeros_like(n).index_add_(0, ref.row, both)
+        S, n, _, ent = self._entropy()
         n1 = n.clamp_min(1)
+        half_p = self.counts[ref.keys] / (2 * n1)[ref.row]  # p/2 at the baseline's codes
+        both = _g(half_p + ref.half_q) - _g(half_p) - ref.g_half_q
+        cross = torch.zeros_like(n).index_add_(0, ref.row, both)
         half_p = torch.where(n > 0, (n1 * torch.log2(2 * n1) - S) / (2 * n1), torch.zeros_like(n))
         h_m = ref.half_q_entropy + half_p + cross
         js = (h_m - 0.5 * (ent + ref.entropy)).clamp_min(0.0)
