@@ -152,12 +152,14 @@ class SparseCodebookWindow:
         touched = keys if old is None else torch.cat([keys, old])
         sign32, sign, ids, sign_digits = self._sign(keys.numel(), n_old)
         # Each key's change is counted once: at the occurrence whose id a scatter left in `mark` (any one of them).
-        self.mark.index_put_((touched,), ids)
-        first = self.mark[touched] == ids
-        before = self.counts[touched]
+        self.mark.scatter_(0, touched, ids)
+        first = self.mark.index_select(0, touched) == ids
+        before = self.counts.index_select(0, touched)
         self.counts.index_add_(0, touched, sign32)
-        after = self.counts[touched]
-        d = (table[after] - table[before]) * first[:, None]  # (m, 2): change of fixed c·log2 c and of "seen"
+        after = self.counts.index_select(0, touched)
+        d = (table.index_select(0, after) - table.index_select(0, before)) * first[
+            :, None
+        ]  # (m, 2): change of fixed c·log2 c and of "seen"
         row = torch.searchsorted(self.ends, touched, right=True)  # trash → R
         self.sums.index_add_(0, row, torch.cat([d, sign[:, None]], 1))
         if self.digits.rows:  # per-dimension digit bins, +1 / −1 per entering / leaving code
@@ -168,7 +170,7 @@ class SparseCodebookWindow:
         digit_j = F_j − levels_j · F_(j+1); float64 is exact here and far faster than int64 division, and the
         +0.5 keeps every quotient ≥ 2^-21 away from an integer, so rounding of 1/basis never flips a floor."""
         d = self.digits.dmax
-        tab = self._digit_tab[row]  # (m, 1 + (d + 1) + d + d): base, 1/basis_0..d, levels, first bins
+        tab = self._digit_tab.index_select(0, row)  # (m, 1 + (d + 1) + d + d): base, 1/basis_0..d, levels, first bins
         code = keys.to(torch.float64) - tab[:, 0] + 0.5
         F = torch.floor(code[:, None] * tab[:, 1 : d + 2])
         digit = F[:, :d] - tab[:, d + 2 : 2 * d + 2] * F[:, 1:]
@@ -226,7 +228,7 @@ class SparseCodebookWindow:
         Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums, and the last sum runs over the baseline's codes."""
         S, n, _, ent = self._entropy()
         n1 = n.clamp_min(1)
-        half_p = self.counts[ref.keys] / (2 * n1)[ref.row]  # p/2 at the baseline's codes
+        half_p = self.counts.index_select(0, ref.keys) / (2 * n1).index_select(0, ref.row)  # p/2 at baseline codes
         both = _g(half_p + ref.half_q) - _g(half_p) - ref.g_half_q
         cross = torch.zeros_like(n).index_add_(0, ref.row, both)
         half_p = torch.where(n > 0, (n1 * torch.log2(2 * n1) - S) / (2 * n1), torch.zeros_like(n))
