@@ -189,7 +189,8 @@ def test_codec_trains_with_a_2_16_code_fsq_level(corpus_dir, teacher_dir, tmp_pa
     tr = Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **ov))
     assert tr.step_metrics.sources.layout["sem"][0] == 4**8
     tr.fit()
-    assert tr.step_metrics.window.sparse and tr.step_metrics.window.nbytes() < 2 * 4**8 * 4
+    # 2 × int32 per code + the ring: under 4 MB (a dense window: 50 steps × 6 rows × 4^8 float64 = 157 MB)
+    assert tr.step_metrics.window.sparse and tr.step_metrics.window.nbytes() < 4 * 2**20
     rows = [json.loads(x) for x in (Path(tmp_path / "run") / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "codebook/sem/l0/usage" in r]
     assert len(steps) == 3
@@ -200,3 +201,30 @@ def test_codec_trains_with_a_2_16_code_fsq_level(corpus_dir, teacher_dir, tmp_pa
         assert 0 < r["codebook/sem/l0/usage"] <= 1 and r["codebook/sem/l0/dead"] < 4**8
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer" / "codebook_window.pt")
     assert "sparse_keys" in state and state["pos"] == 3
+
+
+def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
+    from siren.metrics.profile import finish_profile
+
+    K = DENSE_MAX_CODES * 2
+    g = torch.Generator().manual_seed(6)
+    hist = torch.zeros(2, K, dtype=torch.float64)
+    hist.index_add_(1, torch.randint(0, K, (300,), generator=g), torch.ones(2, 300, dtype=torch.float64))
+    small = torch.ones(1, 16, dtype=torch.float64)
+    sums = {"layout": {"sem": (K, 2), "spk": (16, 1)}, "hists": {"sem": hist, "spk": small}, "bits": 1.0}
+    prof = finish_profile({**sums, "seconds": 1.0, "n": 1})
+    stored = json.loads(json.dumps(prof))["histograms"]
+    assert isinstance(stored["spk"], list) and set(stored["sem"]) == {"codes", "counts"}
+    assert sum(len(c) for c in stored["sem"]["codes"]) == int((hist > 0).sum())
+    layout = {"sem": (K, 2), "spk": (16, 1)}
+    prof = {**prof, "histograms": stored}
+    sparse_ref, dense_ref = DriftReference(prof, layout), DriftReference(prof, layout, sparse=False)
+    assert sparse_ref.sparse and torch.allclose(sparse_ref.entropy, dense_ref.entropy)
+    w_s, w_d = make_window(layout, 3), make_window(layout, 3, sparse=False)
+    codes = {"sem": (torch.randint(0, K, (2, 30, 2), generator=g), None), "spk": (torch.randint(0, 16, (2, 1)), None)}
+    w_s.push(w_s.keys(codes))
+    w_d.push_flat(stream_histograms(layout, codes))
+    bps = torch.tensor(0.0, dtype=torch.float64)
+    w_d.vector()  # leaves the rows' distributions in w_d.stats
+    want = dense_ref.vector(w_d.running, bps, w_d.stats)
+    assert torch.allclose(sparse_ref.from_rows(*w_s.drift_rows(sparse_ref), bps), want, atol=1e-9)

@@ -3,8 +3,9 @@
 The dense `CodebookWindow` keeps a (window, rows, K) float64 ring of histograms: 50 steps × 2^20 codes is 400 MB per
 level, and every step reads all K entries. `SparseCodebookWindow` keeps instead
 - the window's codes, one flat key tensor per step (memory: window × codes per step), and
-- one int32 count per code of the window (4 MB per 2^20-code level, never window × K), updated only at the codes that
-  enter or leave the window, and per row exact integer sums: codes seen, N = Σ c and S = Σ c·log2 c in fixed point.
+- one int32 count per code (4 MB per 2^20-code level, never window × K) and one int32 scratch mark per code (to count
+  each touched code once without sorting), updated only at the codes that enter or leave the window, and per row exact
+  integer sums: codes seen, N = Σ c and S = Σ c·log2 c in fixed point (c·log2 c from a lookup table over counts).
 So a step costs O(codes in the step + codes evicted), never O(K): usage = seen / K, dead = K − seen, entropy =
 log2 N − S / N. The sums are integers, so the metrics depend only on the window's counts — not on the order of codes,
 on how a step was split into micro-batches or ranks, or on a resume. All shapes are static: no host sync.
