@@ -168,9 +168,15 @@ def bench_trainer_overhead(
         metric_t, reduce_t = _Timer(), _Timer()
         real_hist = step_metrics_mod.stream_histograms
         step_metrics_mod.stream_histograms = metric_t.wrap(real_hist)
-        sm.window.push_flat = metric_t.wrap(sm.window.push_flat)
+        if sm.window.sparse:  # large codebooks: keys, push and drift rows instead of histograms
+            sm.window.keys = metric_t.wrap(sm.window.keys)
+            sm.window.push = metric_t.wrap(sm.window.push)
+            sm.window.drift_rows = metric_t.wrap(sm.window.drift_rows)
+            sm.sources.drift.from_rows = metric_t.wrap(sm.sources.drift.from_rows)
+        else:  # (drift.vector calls from_rows itself: wrapped once, here)
+            sm.window.push_flat = metric_t.wrap(sm.window.push_flat)
+            sm.sources.drift.vector = metric_t.wrap(sm.sources.drift.vector)
         sm.window.vector = metric_t.wrap(sm.window.vector)
-        sm.sources.drift.vector = metric_t.wrap(sm.sources.drift.vector)
         real_reduce = sm.reduce
 
         def reduce_and_sync(*a, real_reduce=real_reduce, metric_t=metric_t, reduce_t=reduce_t, **k):
@@ -404,7 +410,7 @@ def main() -> int:
         product = bench_codec_run(work, corpus, teacher)
         from bench_codebooks import run as bench_codebooks_run  # large implicit codebooks (issue 12)
 
-        codebooks = bench_codebooks_run()
+        codebooks = bench_codebooks_run(tr["step_ms"])  # as a fraction of the tiny adapt step measured above
         from bench_frozen_check import run as bench_frozen_run  # frozen/ok every step (issue 13)
 
         frozen = bench_frozen_run(work, corpus, teacher)

@@ -121,7 +121,12 @@ def _skip_nonfinite_without_scaler(self, finite):
 def _last_micro_batch_only(self, out):
     """Metrics of the last micro-batch only: the accumulated sums are dropped at every micro-batch."""
     self._vec = None
+    self._keys = []
     _REAL_ADD(self, out)
+
+
+def _never_large(layout):
+    return False  # every codebook gets the dense window, whatever its size
 
 
 def _no_signal_handlers(self):
@@ -191,6 +196,7 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "per_rank_streams": [("siren.train.trainer:rank_stream_seed", _same_stream_on_every_rank)],
     "fp16_overflow_through_scaler": [("siren.train.optim:Updater.apply", _skip_nonfinite_without_scaler)],
     "micro_batch_metrics": [("siren.train.step_metrics:StepMetrics.add", _last_micro_batch_only)],
+    "sparse_codebook_window": [("siren.metrics.large_codebook:is_large", _never_large)],
     "preemption_signals": [("siren.train.supervision:Preemption.__enter__", _no_signal_handlers)],
     "hang_watchdog": [("siren.train.supervision:Watchdog.__enter__", _no_watchdog)],
     "fp32_islands": _unwrap_fp32_islands(),

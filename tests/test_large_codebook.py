@@ -1,71 +1,230 @@
-"""Large implicit codebooks (DESIGN §7, §18): the sparse window gives the dense window's metrics exactly, JS drift
-equal to the dense reference, per-dimension FSQ digit usage, and memory that does not grow with the codebook."""
+"""Large implicit codebooks (DESIGN §7, §18): the sparse window gives the dense window's metrics and JS drift, the
+trainer picks it by codebook size, FSQ digit metrics follow the quantizer's own codes, memory does not grow with
+window × codebook, and a tiny codec trains with a 2^16-code FSQ level."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
 from siren.metrics.codebook import CodebookWindow, stream_histograms
 from siren.metrics.drift import DriftReference
-from siren.metrics.large_codebook import SparseCodebookWindow
+from siren.metrics.large_codebook import DENSE_MAX_CODES, SparseCodebookWindow, make_window
+from siren.models.quantizers import ResidualFSQ
+from siren.train.stages.base import MetricSources, StepOutput
+from siren.train.step_metrics import StepMetrics
+from tests import mechanisms
 
 LAYOUT = {"sem": (81, 2), "pro": (27, 1), "spk": (16, 4)}
+DIGITS = {"sem": [3, 3, 3, 3], "pro": [3, 3, 3]}
 
 
-def _step(g: torch.Generator):
-    sem = torch.randint(0, 81, (3, 10, 2), generator=g) % (5 + int(torch.randint(0, 70, (1,), generator=g)))
-    pro = torch.randint(0, 27, (3, 3, 1), generator=g)
-    mask_s = torch.rand(3, 10, generator=g) > 0.2
-    spk = torch.randint(0, 16, (3, 4), generator=g)
-    return {"sem": (sem, mask_s), "pro": (pro, None), "spk": (spk, None)}
+def _step(g: torch.Generator, layout=LAYOUT, B=3, T=10):
+    (ks, ls), (kp, lp), (kk, lk) = layout["sem"], layout["pro"], layout["spk"]
+    span = 5 + int(torch.randint(0, ks - 5, (1,), generator=g))  # a varying part of the codebook in use
+    sem = torch.randint(0, ks, (B, T, ls), generator=g) % span
+    pro = torch.randint(0, kp, (B, 3, lp), generator=g)
+    spk = torch.randint(0, kk, (B, lk), generator=g)
+    return {"sem": (sem, torch.rand(B, T, generator=g) > 0.2), "pro": (pro, None), "spk": (spk, None)}
+
+
+def _profile(layout, g):
+    counts = {s: torch.randint(0, 5, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()}
+    return {
+        "layout": {s: list(v) for s, v in layout.items()},
+        "histograms": {s: h.tolist() for s, h in counts.items()},
+        "bps_entropy": 10.0,
+    }
 
 
 def test_sparse_window_equals_dense_window_and_drift_through_evictions():
     g = torch.Generator().manual_seed(0)
-    dense = CodebookWindow(LAYOUT, window=4)
-    sparse = SparseCodebookWindow(LAYOUT, window=4, capacity=8)  # grows on the first push
-    ref_counts = {s: torch.randint(0, 5, (L, K), generator=g).to(torch.float64) for s, (K, L) in LAYOUT.items()}
-    profile = {
-        "layout": {s: list(v) for s, v in LAYOUT.items()},
-        "histograms": {s: h.tolist() for s, h in ref_counts.items()},
-        "bps_entropy": 0.0,
-    }
-    drift = DriftReference(profile, LAYOUT)
-    sparse.set_reference(ref_counts)
+    dense = CodebookWindow(LAYOUT, window=4, digits=DIGITS)
+    sparse = SparseCodebookWindow(LAYOUT, window=4, digits=DIGITS)
+    profile = _profile(LAYOUT, g)
+    ref_d, ref_s = DriftReference(profile, LAYOUT, sparse=False), DriftReference(profile, LAYOUT, sparse=True)
+    bps = torch.tensor(12.0, dtype=torch.float64)
     for _ in range(7):  # more steps than the window: evictions happen
         codes = _step(g)
         dense.push_flat(stream_histograms(LAYOUT, codes))
-        sparse.push(SparseCodebookWindow.rows_from_codes(LAYOUT, codes))
+        sparse.push(sparse.keys(codes))
         dv, sv = dense.vector(), sparse.vector()
         assert dense.names() == sparse.names()
-        assert torch.allclose(dv, sv, atol=1e-9), (dv - sv).abs().max()
-        js, dent = sparse.drift_rows()
-        want = drift.vector(dense.running, torch.zeros(()), dense.stats)
-        # DriftReference averages rows per stream: do the same with the sparse rows.
-        per_stream = torch.stack([js, dent]) @ drift.padded.stream_mean.T
-        assert torch.allclose(per_stream.reshape(-1), want[:-1], atol=1e-9)
+        assert torch.allclose(dv, sv, rtol=0, atol=1e-9), (dv - sv).abs().max()
+        want = ref_d.vector(dense.running, bps, dense.stats)
+        got = ref_s.from_rows(*sparse.drift_rows(ref_s), bps)
+        assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
 
 
-def test_fsq_digit_usage_counts_the_levels_seen_per_dimension():
+def _reduce_all(sparse: bool, layout, digits, steps, window=3, accum=1):
+    """Per-step metric dicts from `StepMetrics` (what the trainer logs) with the window forced dense or sparse."""
+    g = torch.Generator().manual_seed(1)
+    drift = DriftReference(_profile(layout, g), layout, sparse=sparse)
+    sources = MetricSources(layout=layout, drift=drift, drift_rate="rate/bps_entropy", digits=digits)
+    sm = StepMetrics(sources, window, torch.device("cpu"), world=1, grad_accum=accum)
+    assert sm.window.sparse is sparse
+    out = []
+    for codes in steps:
+        for part in range(accum):  # a step split into micro-batches along the batch
+            sl = slice(part * 4 // accum, (part + 1) * 4 // accum)
+            mb = {s: (c[sl], None if m is None else m[sl]) for s, (c, m) in codes.items()}
+            rate = (torch.tensor(3.0), torch.tensor(0.25))
+            sm.add(StepOutput(torch.tensor(1.0), {}, codes=mb, ratios={"rate/bps_entropy": rate}))
+        out.append(sm.reduce(None, torch.tensor(0.0), {}))
+    return out
+
+
+def test_trainer_metrics_are_the_same_through_either_window_at_2_10_codes():
+    layout = {"sem": (2**10, 2), "pro": (27, 1), "spk": (16, 4)}
+    digits = {"sem": [4] * 5, "pro": [3, 3, 3]}
+    g = torch.Generator().manual_seed(2)
+    steps = [_step(g, layout, B=4, T=40) for _ in range(6)]
+    dense, sparse = _reduce_all(False, layout, digits, steps), _reduce_all(True, layout, digits, steps)
+    for d, s in zip(dense, sparse, strict=True):
+        assert list(d) == list(s)
+        bad = {k: (d[k], s[k]) for k in d if abs(d[k] - s[k]) > 1e-6}
+        assert not bad, bad
+    keys = dense[-1]
+    assert {"drift/sem/js", "codebook/sem/l1/dead", "codebook/sem/l0/digit4/perplexity"} <= set(keys)
+    assert 0 < keys["drift/sem/js"] < 1
+    # Micro-batches merge into the same counts: the sparse metrics are exact integers of the counts, so equal bitwise.
+    assert _reduce_all(True, layout, digits, steps, accum=2) == sparse
+
+
+def test_the_window_is_chosen_by_codebook_size():
+    assert not make_window({"sem": (DENSE_MAX_CODES, 1)}, 2).sparse
+    assert make_window({"sem": (DENSE_MAX_CODES + 1, 1)}, 2).sparse
+    assert not make_window({"sem": (2**20, 1)}, 2, sparse=False).sparse
+
+
+def test_fsq_digit_metrics_follow_the_quantizers_own_codes():
     levels = [5, 4, 3]
+    q = ResidualFSQ(dim=6, levels=levels, num_residual=1)
+    z = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(3)) * 3
+    codes = q(z).codes  # (B, T, 1)
     K = math.prod(levels)
-    w = SparseCodebookWindow({"sem": (K, 1)}, window=2, digits={"sem": levels})
-    # codes whose digits (d0 + 5·d1 + 20·d2) cover d0 ∈ {0, 4}, d1 ∈ {1}, d2 ∈ {0, 1, 2}
-    codes = torch.tensor([[0 + 5 * 1 + 20 * 0, 4 + 5 * 1 + 20 * 1, 0 + 5 * 1 + 20 * 2, -1]])
-    w.push(codes)
+    assert q.digit_levels == levels and q.codebook_size == K
+    # The quantizer's own per-dimension values: indices_to_codes gives each dim's grid value in [-1, 1].
+    values = q.fsq.indices_to_codes(codes[..., 0]).reshape(-1, 3)
+    for sparse in (False, True):
+        w = make_window({"sem": (K, 1)}, 2, digits={"sem": levels}, sparse=sparse)
+        if sparse:
+            w.push(w.keys({"sem": (codes, None)}))
+        else:
+            w.push_flat(stream_histograms({"sem": (K, 1)}, {"sem": (codes, None)}))
+        got = dict(zip(w.names(), w.vector().tolist(), strict=True))
+        for j, lv in enumerate(levels):
+            vals, counts = torch.unique(values[:, j], return_counts=True)
+            p = counts.double() / counts.sum()
+            assert got[f"codebook/sem/l0/digit{j}/usage"] == pytest.approx(len(vals) / lv)
+            assert got[f"codebook/sem/l0/digit{j}/perplexity"] == pytest.approx(
+                float(torch.exp2(-(p * p.log2()).sum()))
+            )
+
+
+def test_digit_levels_must_make_the_codebook():
+    with pytest.raises(ValueError, match="do not make its codebook"):
+        SparseCodebookWindow({"sem": (81, 1)}, 2, digits={"sem": [3, 3, 3]})
+
+
+def test_sparse_window_resumes_exactly_and_ignores_code_order():
+    g = torch.Generator().manual_seed(4)
+    steps = [_step(g) for _ in range(6)]
+    a, b = SparseCodebookWindow(LAYOUT, 4, digits=DIGITS), SparseCodebookWindow(LAYOUT, 4, digits=DIGITS)
+    for codes in steps[:5]:
+        a.push(a.keys(codes))
+        k = b.keys(codes)
+        b.push(k[torch.randperm(k.numel(), generator=g)])  # another order of the same codes (other ranks' split)
+    assert torch.equal(a.vector(), b.vector())
+    c = SparseCodebookWindow(LAYOUT, 4, digits=DIGITS)
+    c.load_state(a.state())
+    for w in (a, c):
+        w.push(w.keys(steps[5]))
+    assert torch.equal(a.vector(), c.vector()) and a.pos == c.pos == 6
+    with pytest.raises(ValueError, match="dense window"):
+        c.load_state(CodebookWindow(LAYOUT, 4).state())
+
+
+def test_window_memory_is_bounded_at_2_20_codes():
+    """8 steps × 800 codes at 2^20 codes per level: the window holds one int32 per code and one int32 scratch mark per code plus the step keys (8 MB),
+    not window × codebook floats (the dense window's 72 MB; 400 MB at the default 50 steps)."""
+    layout = {"sem": (2**20, 1)}
+    w = make_window(layout, 8)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(12):
+        codes = ((torch.rand(8, 100, 1, generator=g) ** 4) * 2**20).long()
+        if w.sparse:
+            w.push(w.keys({"sem": (codes, None)}))
+        else:
+            w.push_flat(stream_histograms(layout, {"sem": (codes, None)}))
+    mb = w.nbytes() / 2**20
+    assert mb < 12, f"the codebook window holds {mb:.0f} MB"
     vec = dict(zip(w.names(), w.vector().tolist(), strict=True))
-    assert vec["codebook/sem/l0/digit0/usage"] == 2 / 5
-    assert vec["codebook/sem/l0/digit1/usage"] == 1 / 4
-    assert vec["codebook/sem/l0/digit2/usage"] == 3 / 3
-    assert vec["codebook/sem/l0/usage"] == 3 / K and vec["codebook/sem/l0/dead"] == K - 3
+    assert all(math.isfinite(v) for v in vec.values()) and 0 < vec["codebook/sem/l0/usage"] <= 8 * 800 / 2**20
 
 
-def test_sparse_window_memory_does_not_grow_with_the_codebook():
-    small = SparseCodebookWindow({"sem": (2**8, 1)}, window=50, capacity=800)
-    huge = SparseCodebookWindow({"sem": (2**20, 1)}, window=50, capacity=800)
-    assert small.ring.numel() == huge.ring.numel() == 50 * 800
-    huge.push(torch.randint(0, 2**20, (1, 800)))
-    vec = dict(zip(huge.names(), huge.vector().tolist(), strict=True))
-    assert 0 < vec["codebook/sem/l0/usage"] <= 800 / 2**20
+def test_bounded_memory_fails_without_the_sparse_window(request, monkeypatch):
+    mechanisms.assert_fails_without(
+        test_window_memory_is_bounded_at_2_20_codes, "sparse_codebook_window", r"the codebook window holds", request,
+        monkeypatch,
+    )  # fmt: skip
+
+
+def test_codec_trains_with_a_2_16_code_fsq_level(corpus_dir, teacher_dir, tmp_path):
+    """A tiny codec whose semantic FSQ has 4^8 = 65,536 codes per level: per-step codebook and digit metrics exist and
+    are finite, the trainer uses the sparse window, and the window's memory is bounded; the checkpoint resumes it."""
+    from siren.train.trainer import Trainer
+    from tests.helpers import stage_config
+
+    ov = {
+        "train.max_steps": 3,
+        "train.checkpoint_every": 3,
+        "samples.enabled": "false",
+        "sem_quantizer.levels": "[4,4,4,4,4,4,4,4]",
+    }
+    tr = Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **ov))
+    assert tr.step_metrics.sources.layout["sem"][0] == 4**8
+    tr.fit()
+    # 2 × int32 per code + the ring: under 4 MB (a dense window: 50 steps × 6 rows × 4^8 float64 = 157 MB)
+    assert tr.step_metrics.window.sparse and tr.step_metrics.window.nbytes() < 4 * 2**20
+    rows = [json.loads(x) for x in (Path(tmp_path / "run") / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "codebook/sem/l0/usage" in r]
+    assert len(steps) == 3
+    for r in steps:
+        keys = [k for k in r if k.startswith("codebook/sem/l0/")]
+        assert len(keys) == 3 + 2 * 8, keys
+        assert all(math.isfinite(r[k]) for k in keys)
+        assert 0 < r["codebook/sem/l0/usage"] <= 1 and r["codebook/sem/l0/dead"] < 4**8
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_3" / "trainer" / "codebook_window.pt")
+    assert "sparse_keys" in state and state["pos"] == 3
+
+
+def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
+    from siren.metrics.profile import finish_profile
+
+    K = DENSE_MAX_CODES * 2
+    g = torch.Generator().manual_seed(6)
+    hist = torch.zeros(2, K, dtype=torch.float64)
+    hist.index_add_(1, torch.randint(0, K, (300,), generator=g), torch.ones(2, 300, dtype=torch.float64))
+    small = torch.ones(1, 16, dtype=torch.float64)
+    sums = {"layout": {"sem": (K, 2), "spk": (16, 1)}, "hists": {"sem": hist, "spk": small}, "bits": 1.0}
+    prof = finish_profile({**sums, "seconds": 1.0, "n": 1})
+    stored = json.loads(json.dumps(prof))["histograms"]
+    assert isinstance(stored["spk"], list) and set(stored["sem"]) == {"codes", "counts"}
+    assert sum(len(c) for c in stored["sem"]["codes"]) == int((hist > 0).sum())
+    layout = {"sem": (K, 2), "spk": (16, 1)}
+    prof = {**prof, "histograms": stored}
+    sparse_ref, dense_ref = DriftReference(prof, layout), DriftReference(prof, layout, sparse=False)
+    assert sparse_ref.sparse and torch.allclose(sparse_ref.entropy, dense_ref.entropy)
+    w_s, w_d = make_window(layout, 3), make_window(layout, 3, sparse=False)
+    codes = {"sem": (torch.randint(0, K, (2, 30, 2), generator=g), None), "spk": (torch.randint(0, 16, (2, 1)), None)}
+    w_s.push(w_s.keys(codes))
+    w_d.push_flat(stream_histograms(layout, codes))
+    bps = torch.tensor(0.0, dtype=torch.float64)
+    w_d.vector()  # leaves the rows' distributions in w_d.stats
+    want = dense_ref.vector(w_d.running, bps, w_d.stats)
+    assert torch.allclose(sparse_ref.from_rows(*w_s.drift_rows(sparse_ref), bps), want, atol=1e-9)

@@ -11,6 +11,32 @@ import torch
 
 from siren.errors import LayoutMismatch
 from siren.metrics.codebook import PaddedLayout, entropy_bits
+from siren.metrics.large_codebook import is_large
+
+
+def level_counts(hist, level: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of a profile histogram → (codes with a count, their counts float64). `hist` is dense (L × K nested
+    lists) or sparse (`{"codes": [[...] per level], "counts": [[...] per level]}`, for large codebooks)."""
+    if isinstance(hist, dict):
+        codes = torch.tensor(hist["codes"][level], dtype=torch.long)
+        counts = torch.tensor(hist["counts"][level], dtype=torch.float64)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            raise LayoutMismatch(f"baseline profile has codes outside [0, {K}) at level {level}")
+        return codes, counts
+    row = torch.tensor(hist[level], dtype=torch.float64)
+    nz = torch.nonzero(row).flatten()
+    return nz, row[nz]
+
+
+def dense_histogram(hist, K: int, L: int) -> torch.Tensor:
+    """A profile histogram (dense or sparse, see `level_counts`) as a dense (L, K) float64 tensor."""
+    if not isinstance(hist, dict):
+        return torch.tensor(hist, dtype=torch.float64)
+    out = torch.zeros(L, K, dtype=torch.float64)
+    for lvl in range(L):
+        codes, counts = level_counts(hist, lvl, K)
+        out[lvl].index_add_(0, codes, counts)
+    return out
 
 
 def js_divergence_bits(p_counts: torch.Tensor, q_counts: torch.Tensor) -> torch.Tensor:
@@ -47,7 +73,13 @@ def agreement_counts(codes: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor 
 class DriftReference:
     """Baseline histograms (from the baseline profile) on the device, checked against the live code layout."""
 
-    def __init__(self, profile: dict, layout: dict[str, tuple[int, int]], device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        profile: dict,
+        layout: dict[str, tuple[int, int]],
+        device: torch.device | str = "cpu",
+        sparse: bool | None = None,
+    ):
         prof_layout = {s: tuple(v) for s, v in profile["layout"].items()}
         want = {s: tuple(v) for s, v in layout.items()}
         if prof_layout != want:
@@ -56,12 +88,43 @@ class DriftReference:
                 "(streams → (codebook size, levels)); drift would compare different codebooks"
             )
         self.layout = want
+        self.bps_entropy = float(profile["bps_entropy"])
+        # (S, R) averaging matrix: per-stream mean over that stream's levels.
+        n_rows = sum(L for _, L in want.values())
+        self.stream_mean = torch.zeros(len(want), n_rows, dtype=torch.float64)
+        r = 0
+        for i, (_, L) in enumerate(want.values()):
+            self.stream_mean[i, r : r + L] = 1.0 / L
+            r += L
+        self.stream_mean = self.stream_mean.to(device)
+        self.sparse = is_large(want) if sparse is None else sparse
+        if self.sparse:  # the baseline's codes only: O(its support), never O(K) (`SparseCodebookWindow.drift_rows`)
+            self._build_sparse(profile["histograms"], device)
+            return
         self.padded = PaddedLayout(want, device)
-        hist = {s: torch.tensor(profile["histograms"][s], dtype=torch.float64, device=device) for s in want}
-        self.hist = self.padded.pad(hist)  # (R, Kmax)
+        hist = {s: dense_histogram(profile["histograms"][s], K, L) for s, (K, L) in want.items()}
+        self.hist = self.padded.pad(hist).to(device)  # (R, Kmax)
         self.entropy = entropy_bits(self.hist)  # (R,)
         self.q = self.hist / self.hist.sum(-1, keepdim=True).clamp_min(1)
-        self.bps_entropy = float(profile["bps_entropy"])
+
+    def _build_sparse(self, histograms: dict, device) -> None:
+        """Per baseline code with a count: its window key (row base + code), row and probability q; per row the
+        entropy H(q) and Σ g(q/2) = (H(q) + 1) / 2 for a non-empty row."""
+        keys, rows, qs, base, r = [], [], [], 0, 0
+        for s, (K, L) in self.layout.items():
+            for lvl in range(L):
+                codes, counts = level_counts(histograms[s], lvl, K)
+                keys.append(codes + base)
+                rows.append(torch.full_like(codes, r))
+                qs.append(counts / counts.sum().clamp_min(1))
+                base, r = base + K, r + 1
+        self.keys = torch.cat(keys).to(device)
+        self.row = torch.cat(rows).to(device)
+        self.q = torch.cat(qs).to(device)
+        g = lambda x: -x * torch.log2(x.clamp_min(1e-300))  # noqa: E731
+        self.entropy = torch.zeros(r, dtype=torch.float64, device=device).index_add_(0, self.row, g(self.q))
+        self.half_q, self.g_half_q = self.q / 2, g(self.q / 2)  # per code, constant over the run
+        self.half_q_entropy = torch.zeros_like(self.entropy).index_add_(0, self.row, self.g_half_q)
 
     def names(self) -> list[str]:
         return [f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits") for s in self.layout] + ["drift/bps_delta"]
@@ -76,6 +139,10 @@ class DriftReference:
         `stats` its rows' (distribution, entropy) when already computed (`CodebookWindow.stats`).
 
         JS(p, q) = H((p + q) / 2) − (H(p) + H(q)) / 2, which reuses the entropies the codebook metrics need anyway."""
+        if self.sparse:
+            raise RuntimeError(
+                "a sparse DriftReference reads a SparseCodebookWindow: use from_rows(window.drift_rows())"
+            )
         if stats is None:
             p = window_running / window_running.sum(-1, keepdim=True).clamp_min(1)
             stats = (p, -(p * torch.log2(p.clamp_min(1e-30))).sum(-1))
@@ -83,8 +150,12 @@ class DriftReference:
         m = 0.5 * (p + self.q)
         h_m = -(m * torch.log2(m.clamp_min(1e-30))).sum(-1)
         js = (h_m - 0.5 * (ent + self.entropy)).clamp_min(0.0)
-        per_row = torch.stack([js, ent - self.entropy])
-        per_stream = per_row @ self.padded.stream_mean.T  # (2, S): mean over each stream's levels
+        return self.from_rows(js, ent - self.entropy, bps_entropy)
+
+    def from_rows(self, js: torch.Tensor, entropy_delta: torch.Tensor, bps_entropy: torch.Tensor) -> torch.Tensor:
+        """Per-row JS and entropy delta (R,) → the drift metrics in the order of `names()` (means over levels)."""
+        per_row = torch.stack([js, entropy_delta])
+        per_stream = per_row @ self.stream_mean.T  # (2, S): mean over each stream's levels
         bps = (bps_entropy.to(torch.float64).reshape(1) - self.bps_entropy).to(per_stream.device)
         return torch.cat([per_stream.reshape(-1), bps])
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from siren.errors import LayoutMismatch
 from siren.metrics.codebook import entropy_bits, histogram
+from siren.metrics.large_codebook import DENSE_MAX_CODES
 
 
 def profile_sums(modules: dict[str, nn.Module], utterances, audio, device="cpu") -> dict:
@@ -49,11 +50,21 @@ def profile_sums(modules: dict[str, nn.Module], utterances, audio, device="cpu")
     return {"layout": layout, "hists": hists, "bits": bits_total, "seconds": seconds_total, "n": n}
 
 
+def stored_histogram(h: torch.Tensor) -> list | dict:
+    """A stream's (L, K) counts as stored in the profile: dense nested lists up to `DENSE_MAX_CODES` codes per level,
+    above it only the codes with a count (`{"codes": [[...] per level], "counts": [[...] per level]}`), which is what
+    the sparse drift reference reads (`siren.metrics.drift.level_counts`)."""
+    if h.shape[-1] <= DENSE_MAX_CODES:
+        return h.tolist()
+    nz = [torch.nonzero(row).flatten() for row in h]
+    return {"codes": [i.tolist() for i in nz], "counts": [row[i].tolist() for row, i in zip(h, nz, strict=True)]}
+
+
 def finish_profile(sums: dict) -> dict:
     hists = sums["hists"]
     return {
         "layout": {s: list(v) for s, v in sums["layout"].items()},
-        "histograms": {s: h.tolist() for s, h in hists.items()},
+        "histograms": {s: stored_histogram(h) for s, h in hists.items()},
         "entropy_bits": {s: entropy_bits(h).tolist() for s, h in hists.items()},
         "bps_entropy": sums["bits"] / max(sums["seconds"], 1e-9),
         "num_utts": int(sums["n"]),

@@ -106,6 +106,11 @@ class ResidualFSQ(nn.Module):
         return self.num_levels
 
     @property
+    def digit_levels(self) -> list[int]:
+        """A code is Σ_j digit_j · Π_{i<j} levels_i (digit 0 least significant): the levels of each dimension."""
+        return list(self.fsq.levels)
+
+    @property
     def bits_per_code(self) -> float:
         return math.log2(self.codebook_size)
 

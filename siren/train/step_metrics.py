@@ -1,7 +1,8 @@
 """A step's metrics: every micro-batch accumulated, one all-reduce across ranks, one host copy (DESIGN §7, §17).
 
 Per micro-batch the stage's loss terms (as means over ranks × micro-batches), ratio sums (numerator, denominator) and
-code histograms are added into one float64 vector; `reduce` appends the step's counters, all-reduces the vector once
+code histograms are added into one float64 vector (for large codebooks, `siren.metrics.large_codebook`, the codes are
+kept instead and gathered across ranks); `reduce` appends the step's counters, all-reduces the vector once
 (sum), then derives ratios, the codebook window's usage/perplexity/dead and — when the stage handed over a drift
 reference — the drift metrics, and copies everything to the host in one go.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from siren.metrics.codebook import CodebookWindow, stream_histograms
+from siren.metrics.codebook import stream_histograms
+from siren.metrics.large_codebook import make_window
 from siren.train.stages.base import MetricSources, StepOutput
 
 
@@ -19,8 +21,16 @@ class StepMetrics:
 
     def __init__(self, sources: MetricSources, window: int, device: torch.device, world: int, grad_accum: int):
         self.sources, self.device, self.world, self.grad_accum = sources, device, world, grad_accum
-        self.window = CodebookWindow(sources.layout, window, device) if sources.layout else None
+        # Dense window for small codebooks; above `DENSE_MAX_CODES` codes per level the sparse one (the drift
+        # reference, when there is one, made the same choice for the same layout).
+        sparse = sources.drift.sparse if sources.drift is not None else None
+        self.window = (
+            make_window(sources.layout, window, device, digits=sources.digits, sparse=sparse)
+            if sources.layout
+            else None
+        )
         self._vec: torch.Tensor | None = None
+        self._keys: list[torch.Tensor] = []  # sparse window: the step's code keys, one tensor per micro-batch
         self._scalar_names: list[str] = []
         self._ratio_names: list[str] = []
 
@@ -34,7 +44,9 @@ class StepMetrics:
                 .detach()
                 .reshape(-1)
             )
-        if self.window is not None:
+        if self.window is not None and self.window.sparse:
+            self._keys.append(self.window.keys(out.codes))
+        elif self.window is not None:
             parts.append(stream_histograms(self.sources.layout, out.codes))
         vec = torch.cat([p.to(self.device) for p in parts])
         if self._vec is None:
@@ -62,9 +74,12 @@ class StepMetrics:
             outs.append(ratios)
         i = n_s + 2 * n_r
         if self.window is not None:
-            k = self.window.padded.flat_idx.numel()
-            self.window.push_flat(vec[i : i + k])
-            i += k
+            if self.window.sparse:
+                self.window.push(self._gather_keys(accelerator))
+            else:
+                k = self.window.padded.flat_idx.numel()
+                self.window.push_flat(vec[i : i + k])
+                i += k
             names += self.window.names()
             outs.append(self.window.vector())
             drift = self.sources.drift
@@ -72,11 +87,11 @@ class StepMetrics:
                 if ratios is None or self.sources.drift_rate not in self._ratio_names:
                     raise RuntimeError(f"the stage's drift rate {self.sources.drift_rate!r} is not among its ratios")
                 names += drift.names()
-                outs.append(
-                    drift.vector(
-                        self.window.running, ratios[self._ratio_names.index(self.sources.drift_rate)], self.window.stats
-                    )
-                )
+                rate = ratios[self._ratio_names.index(self.sources.drift_rate)]
+                if self.window.sparse:
+                    outs.append(drift.from_rows(*self.window.drift_rows(drift), rate))
+                else:
+                    outs.append(drift.vector(self.window.running, rate, self.window.stats))
         names += list(counters)
         outs.append(vec[i:])
         names.append("train/grad_norm")
@@ -84,3 +99,14 @@ class StepMetrics:
         host = torch.cat(outs).tolist()  # the one host sync of the step
         self._vec = None
         return dict(zip(names, host, strict=True))
+
+    def _gather_keys(self, accelerator) -> torch.Tensor:
+        """The step's code keys of every micro-batch and rank (the sparse window's counts are merged by gathering
+        codes, not by summing histograms; the metrics depend only on the counts, not on the order)."""
+        if not self._keys:
+            raise RuntimeError("StepMetrics: no codes were added for the sparse codebook window this step")
+        keys = torch.cat(self._keys)
+        self._keys = []
+        if self.world > 1:
+            keys = accelerator.gather(accelerator.pad_across_processes(keys, dim=0, pad_index=self.window.trash))
+        return keys

@@ -465,7 +465,7 @@ class Trainer:
                 f"checkpoint is incomplete: {wpath} is missing (the codebook window cannot resume exactly)"
             )
         state = torch.load(wpath, map_location="cpu")  # a rank's device may print as "cpu:0", which torch.load refuses
-        window.load({s: b.to(self.accelerator.device) for s, b in state["buffers"].items()}, state["pos"])
+        window.load_state(state)
 
     def _make_tracker(self):
         if not self.is_main:

@@ -193,7 +193,12 @@ class AdaptStage(Stage):
     def metric_sources(self, modules):
         from siren.train.stages.base import MetricSources
 
-        return MetricSources(layout=self.code_layout(modules), drift=self.drift_ref, drift_rate="rate/bps_entropy")
+        return MetricSources(
+            layout=self.code_layout(modules),
+            drift=self.drift_ref,
+            drift_rate="rate/bps_entropy",
+            digits=self.code_digits(modules),
+        )
 
     def profile_modules(self, modules) -> dict[str, nn.Module]:
         """The baseline's own analysis path, for the baseline profile."""

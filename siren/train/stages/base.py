@@ -36,12 +36,14 @@ class MetricSources:
     """What a stage hands to the trainer for per-step metrics.
 
     `layout`: stream → (codebook size, levels) of the codes its steps report (empty: no codebook metrics);
+    `digits`: for streams whose codes are FSQ mixed-radix numbers, the FSQ levels per dimension;
     `drift`: the baseline's code statistics, and `drift_rate` the ratio (a key of `StepOutput.ratios`) holding the
     live bit/s that `drift/bps_delta` compares with the baseline's.
     """
 
     layout: dict[str, tuple[int, int]] = field(default_factory=dict)
     drift: DriftReference | None = None
+    digits: dict[str, list[int]] = field(default_factory=dict)  # FSQ stream → levels per dimension (digit metrics)
     drift_rate: str | None = None
 
     def __post_init__(self):
@@ -89,7 +91,17 @@ class Stage:
 
     def metric_sources(self, modules: dict[str, nn.Module]) -> MetricSources:
         """The per-step metric sources this stage hands to the trainer: its code layout and, if any, a drift reference."""
-        return MetricSources(layout=self.code_layout(modules))
+        return MetricSources(layout=self.code_layout(modules), digits=self.code_digits(modules))
+
+    def code_digits(self, modules: dict[str, nn.Module]) -> dict[str, list[int]]:
+        """Streams whose quantizer (`<stream>_quantizer`) reports `digit_levels` (FSQ: codes are mixed-radix numbers
+        of per-dimension digits) → those levels, for the per-dimension digit metrics."""
+        out = {}
+        for s in self.code_layout(modules):
+            levels = getattr(modules.get(f"{s}_quantizer"), "digit_levels", None)
+            if levels:
+                out[s] = [int(v) for v in levels]
+        return out
 
     def lineage(self) -> dict:
         """What this stage consumed, for `meta.json`: the baseline's URI, resolved step dir and fingerprint."""
