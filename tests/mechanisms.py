@@ -322,6 +322,13 @@ def _guard_never_checks(self):
     return True  # frozen/ok stays 1 between checkpoints whatever happened
 
 
+def _rank_keys_only(self, accelerator):
+    """The sparse window fed this rank's codes only: rank 0 would log half the global batch."""
+    keys = torch.cat(self._keys)
+    self._keys = []
+    return keys
+
+
 def _own_rank_only(ok, rank, world, device):
     return [] if ok else [rank]  # each rank judges its own copy; the others never hear of it
 
@@ -373,6 +380,7 @@ MECHANISMS.update(
         "verify_exit_guard": [("siren.verify:guarded_verdict", _naive_verdict)],
         "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],
+        "sparse_window_gather": [("siren.train.step_metrics:StepMetrics._gather_keys", _rank_keys_only)],
         "unique_default_run_name": [
             ("siren.train.trainer:default_run_name", lambda entity, project, stage, run_dir: Path(run_dir).name)
         ],

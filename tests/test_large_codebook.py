@@ -228,3 +228,37 @@ def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
     w_d.vector()  # leaves the rows' distributions in w_d.stats
     want = dense_ref.vector(w_d.running, bps, w_d.stats)
     assert torch.allclose(sparse_ref.from_rows(*w_s.drift_rows(sparse_ref), bps), want, atol=1e-9)
+
+
+def test_two_processes_give_the_sparse_metrics_of_one(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    """2 gloo processes × batch 4 log the codebook metrics of 1 process × batch 8 at a 2^16-code level: the sparse
+    window merges every rank's codes (gathered), so what rank 0 logs covers the whole global batch. Step 1 runs on the
+    same weights in both runs, so its metrics must be equal."""
+    import subprocess
+
+    from siren.train.trainer import Trainer
+    from tests.helpers import ROOT, launch_cmd, reset_accelerate, stage_config
+
+    ov = {"train.max_steps": 1, "samples.enabled": "false", "sem_quantizer.levels": "[4,4,4,4,4,4,4,4]"}
+    reset_accelerate()
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "one", **ov, **{"train.batch_size": 8})).fit()
+    reset_accelerate()
+    cmd = launch_cmd("codec", corpus_dir, teacher_dir, tmp_path / "two", **ov, **{"train.batch_size": 4})
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    def codebook(run):
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        return {k: v for k, v in row.items() if k.startswith("codebook/sem/")}
+
+    one, two = codebook(tmp_path / "one"), codebook(tmp_path / "two")
+    assert one and set(one) == set(two)
+    differ = {k: (one[k], two[k]) for k in one if one[k] != pytest.approx(two[k], rel=1e-6, abs=1e-9)}
+    assert not differ, f"2-process sparse codebook metrics differ from 1 process: {differ}"
+
+
+def test_two_processes_fail_without_the_sparse_gather(request, monkeypatch):
+    mechanisms.assert_fails_without(
+        test_two_processes_give_the_sparse_metrics_of_one, "sparse_window_gather", r"differ from 1 process", request,
+        monkeypatch,
+    )  # fmt: skip
