@@ -320,7 +320,7 @@ def _judge_share(job: _Job, ranks: Ranks) -> dict:
         "records": records,
         "pipeline": pipe,
         "rangeable": rangeable,
-        "quality": scorers is not None,
+        "quality": None if scorers is None else list(scorers),  # the quality metrics scored
     }
 
 
@@ -373,7 +373,7 @@ def _report(job: _Job, parts: list[dict], use_wandb: bool) -> dict:
             r["row"]["quality"] = r["quality"]
         if not scored:
             log.info("verify: no utterance has audio from both systems (no vocoder?); quality metrics not computed")
-        metrics.update(pool_quality([r["quality"] for r in scored]))
+        metrics.update(pool_quality([r["quality"] for r in scored], parts[0]["quality"]))
 
     checks = []
     for key, limit in sorted(job.thresholds.items()):
