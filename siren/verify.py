@@ -6,6 +6,9 @@ of the full pipeline's output. Thresholds (`verify.thresholds`, `min/<metric>` o
 Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, layout mismatch, bad threshold).
 `--wav FILE` judges one audio file instead of the eval set (the seed guide's "check this recording" workflow), with the
 same thresholds; its outputs go to `RUN/verify/step_N/wav/<file stem>/`.
+Under `accelerate launch` each process judges utterances `i % world == rank`; rank 0 reduces the code counts and the
+per-utterance values in utterance order (the report does not depend on the number of processes), writes the report
+and logs to W&B, and every process returns its verdict; an error on any process is exit 2 on all.
 """
 
 from __future__ import annotations
