@@ -562,7 +562,10 @@ def _leave_process_group(code: int) -> None:
     rank, world = _process_group()
     if world > 1:
         print(f"verify: rank {rank}/{world} exits {code}", flush=True)
-        torch.distributed.destroy_process_group()
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as exc:  # the verdict stands: a group broken by a failed peer must not make it a crash
+            log.warning("verify: leaving the process group failed: %r", exc)
 
 
 def guarded_verdict(fn) -> int:
