@@ -7,6 +7,9 @@ Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, la
 `--wav FILE` judges one audio file instead of the eval set (the seed guide's "check this recording" workflow), with the
 same thresholds; its outputs go to `RUN/verify/step_N/wav/<file stem>/`.
 Beside report.json and report.md, `report.html` (siren/report_html.py) is the page a person opens: players, mels, tables.
+Under `accelerate launch` each process judges utterances `i % world == rank`; rank 0 reduces the code counts and the
+per-utterance values in utterance order (the report does not depend on the number of processes), writes the report
+and logs to W&B, and every process returns its verdict; an error on any process is exit 2 on all.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ import difflib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +30,8 @@ from siren.errors import LayoutMismatch, SirenError
 
 log = logging.getLogger("siren")
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+COLLECTIVE_TIMEOUT_S = 1800  # a rank waits at most this long for its peers at one exchange
+DISTANCES = ("adapted_vs_truth", "baseline_vs_truth", "adapted_vs_baseline", "silence_vs_truth", "noise_vs_truth")
 
 
 class VerifyError(SirenError):
@@ -111,6 +120,55 @@ def _codecs(adapted, base) -> tuple[dict, list[str]]:
     return codecs, sorted(pipe)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes of one verify: under `accelerate launch` each rank judges utterances `i % world == rank` and rank 0
+    reduces (DESIGN §17); a plain `siren verify` is rank 0 of 1."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls) -> Ranks:
+        from accelerate import PartialState
+
+        # cpu=...: without it, launched CPU ranks would not join one gloo group (launch/accelerate/cpu_ddp.yaml);
+        # the timeout bounds how long a rank waits for a stuck peer at a collective
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, fn: Callable[[], Any], gather: bool = False) -> Any:
+        """Run `fn` on every rank, then exchange whether it failed: when any rank failed every rank raises (the failed
+        one its own exception), so no rank waits for a crashed peer and all end with exit 2. → `fn`'s result, or with
+        `gather` every rank's result in rank order (small picklable objects only)."""
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # re-raised below, once the peers have heard of it
+            result, error = None, exc
+        if self.world > 1:
+            said = f"{type(error).__name__}: {error}" if error is not None else None
+            out: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(out, (said, result if gather else None))
+        if error is not None:
+            raise error
+        if self.world == 1:
+            return [result] if gather else result
+        failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(out) if e is not None]
+        if failed:
+            raise VerifyError(f"verify failed on another process ({'; '.join(failed)}); no verdict")
+        return [res for _, res in out] if gather else result
+
+
+def shard(items: Sequence[Any], rank: int, world: int) -> list[tuple[int, Any]]:
+    """This rank's (index, item) pairs: every world-th item from position `rank` (disjoint, covering, stable)."""
+    return [(i, items[i]) for i in range(rank, len(items), world)]
+
+
 def run_verify(
     run: str | Path,
     step: int,
@@ -119,14 +177,33 @@ def run_verify(
     use_wandb: bool = True,
     wav: str | Path | None = None,
 ) -> dict:
-    from siren.data.audio import load_audio, save_audio
+    """Judge `step` of adapt run `run`; under `accelerate launch` every process judges its share of the eval set and
+    every process returns the same report (rank 0 writes it)."""
+    ranks = Ranks.start()
+    job = ranks.agree(lambda: _prepare(run, step, data, thresholds, wav))
+    parts = ranks.agree(lambda: _judge_share(job, ranks), gather=True)  # every rank's share, in rank order
+    return ranks.agree(lambda: _report(job, parts, use_wandb) if ranks.is_main else None, gather=True)[0]
+
+
+@dataclass
+class _Job:
+    """What every rank knows before judging: the checkpoints, the eval set and where the outputs go."""
+
+    run: Path
+    step: int
+    adapted: Any
+    layout: dict
+    thresholds: dict
+    manifest: str
+    utts: list
+    out_dir: Path
+    wav: Path | None
+    base: Any
+
+
+def _prepare(run, step, data, thresholds, wav) -> _Job:
     from siren.data.datasets import speaker_balanced_subset
     from siren.data.manifest import Utterance, read_manifest
-    from siren.metrics.codebook import entropy_bits, histogram, level_names
-    from siren.metrics.drift import js_divergence_bits
-    from siren.models.mel import MelSpectrogram
-    from siren.models.roles import can_range_code
-    from siren.train.samples import save_mel_png
     from siren.train.stages.common import code_layout
 
     run = Path(run)
@@ -156,30 +233,35 @@ def run_verify(
         if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
             utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
         out_dir = run / "verify" / f"step_{step}"
-    codecs, pipe = _codecs(adapted, base)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the accelerator when there is one
+    return _Job(run, step, adapted, la, th, manifest, utts, out_dir, None if wav is None else Path(wav), base)
+
+
+def _judge_share(job: _Job, ranks: Ranks) -> dict:
+    """Encode, decode and score this rank's utterances. → sums that add across ranks exactly (code counts,
+    histograms) and one record per utterance (floats, reduced in utterance order by rank 0)."""
+    from siren.data.audio import load_audio, save_audio
+    from siren.metrics.codebook import histogram
+    from siren.models.mel import MelSpectrogram
+    from siren.models.roles import can_range_code
+    from siren.train.samples import save_mel_png
+
+    la, cfg, out_dir = job.layout, job.adapted.cfg, job.out_dir
+    codecs, pipe = _codecs(job.adapted, job.base)
+    device = ranks.device  # the accelerator when there is one (this rank's, under a launch)
     for c in codecs.values():
         c.to(device)
     a = cfg.audio
     mel_fn = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rangeable = {w: can_range_code(c.components["entropy_model"]) for w, c in codecs.items()}
+    scorers = _quality_scorers()
 
     hist = {w: {s: 0 for s in la} for w in ("adapted", "baseline")}
     eq = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
     tot = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
-    bits = {"adapted": 0.0, "baseline": 0.0}
-    real_bits = {"adapted": 0.0, "baseline": 0.0}
-    header_bits = {"adapted": 0.0, "baseline": 0.0}
-    seconds = 0.0
-    dist = {
-        "adapted_vs_truth": [],
-        "baseline_vs_truth": [],
-        "adapted_vs_baseline": [],
-        "silence_vs_truth": [],
-        "noise_vs_truth": [],
-    }
-    per_utt = []
-    for i, u in enumerate(utts):
+    records = []
+    mine = shard(job.utts, ranks.rank, ranks.world)
+    for i, u in mine:
         wav = load_audio(u.path, a.sample_rate)
         try:
             codes = {w: c.encode(wav) for w, c in codecs.items()}
@@ -189,29 +271,26 @@ def run_verify(
         n = codes["adapted"].num_samples[0]
         wav = wav[None, :n]
         truth = mel_fn(wav)
-        res = {}
+        res, rec = {}, {"index": i, "samples": n, "bits": {}, "real_bits": {}, "header_bits": {}}
         with torch.no_grad():
             for w, codec in codecs.items():
                 c = codes[w]
                 ent = codec.components["entropy_model"]({"sem": c.sem.to(device), "pro": c.pro.to(device)})
-                bits[w] += float(ent.total_bits["sem"].sum() + ent.total_bits["pro"].sum())
-                if can_range_code(codec.components["entropy_model"]):  # a rate-only model has no real bitstream
+                rec["bits"][w] = float(ent.total_bits["sem"].sum() + ent.total_bits["pro"].sum())
+                if rangeable[w]:  # a rate-only model has no real bitstream
                     enc = codec.to_bytes(c)
-                    real_bits[w] += 8 * len(enc.data)
-                    header_bits[w] += enc.header_bits
-                else:
-                    real_bits[w] = header_bits[w] = None
+                    rec["real_bits"][w] = 8 * len(enc.data)
+                    rec["header_bits"][w] = enc.header_bits
                 for s in la:
-                    hist[w][s] = hist[w][s] + histogram(getattr(c, s), None, la[s][0])
+                    hist[w][s] = hist[w][s] + histogram(getattr(c, s), None, la[s][0]).cpu()
                 mel = codec.decode_mel(c)
                 audio = codec.vocode(mel).cpu() if codec.has("vocoder") else None
                 res[w] = (c, mel.cpu(), audio)
-            seconds += n / a.sample_rate
         for s in la:
             ca, cb = getattr(res["adapted"][0], s), getattr(res["baseline"][0], s)
             ca = ca if ca.dim() == 3 else ca[:, None]
             cb = cb if cb.dim() == 3 else cb[:, None]
-            eq[s] += (ca == cb).to(torch.float64).sum(dim=(0, 1))
+            eq[s] += (ca == cb).to(torch.float64).sum(dim=(0, 1)).cpu()
             tot[s] += ca.shape[0] * ca.shape[1]
         T = min(truth.shape[-1], res["adapted"][1].shape[-1])
         tr = truth[..., :T]
@@ -225,21 +304,51 @@ def run_verify(
             "silence_vs_truth": (silence - tr).abs().mean(),
             "noise_vs_truth": (noise - tr).abs().mean(),
         }
-        for k, v in d.items():
-            dist[k].append(float(v))
-        per_utt.append({"id": u.id, **{k: float(v) for k, v in d.items()}})
-        if i < 4 or u.id == "real_human_codec2":
+        rec["row"] = {"id": u.id, **{k: float(v) for k, v in d.items()}}
+        if scorers is not None and all(res[w][2] is not None for w in ("adapted", "baseline")):
+            rec["quality"] = _score_quality(scorers, u, wav[0], {w: res[w][2][0] for w in res}, a.sample_rate)
+        records.append(rec)
+        if i < 4 or u.id == "real_human_codec2":  # written by the rank that judged it
             save_audio(out_dir / f"{u.id}_original.wav", wav[0], a.sample_rate)
             save_mel_png(out_dir / f"{u.id}_original.png", tr[0], f"{u.id} original")
             for w in ("adapted", "baseline"):
                 if res[w][2] is not None:
                     save_audio(out_dir / f"{u.id}_{w}.wav", res[w][2][0], a.sample_rate)
                 save_mel_png(out_dir / f"{u.id}_{w}.png", res[w][1][0, :, :T], f"{u.id} {w}")
-    if seconds == 0:
+    if ranks.world > 1:
+        print(f"verify: rank {ranks.rank}/{ranks.world} judged {len(mine)} of {len(job.utts)} utterances", flush=True)
+    return {
+        "hist": hist,
+        "eq": eq,
+        "tot": tot,
+        "records": records,
+        "pipeline": pipe,
+        "rangeable": rangeable,
+        "quality": None if scorers is None else list(scorers),  # the quality metrics scored
+    }
+
+
+def _report(job: _Job, parts: list[dict], use_wandb: bool) -> dict:
+    """Rank 0: reduce every rank's share, compute the metrics and the verdict, write report.json/.md, log to W&B."""
+    from siren.metrics.codebook import entropy_bits, level_names
+    from siren.metrics.drift import js_divergence_bits
+
+    la, out_dir = job.layout, job.out_dir
+    # utterance order, whatever rank judged each: the float sums below do not depend on the number of processes
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+    if not records:
+        wav = job.wav
         what = (
-            f"{wav} is too short to hold one prosody frame" if wav is not None else f"no usable utterance in {manifest}"
+            f"{wav} is too short to hold one prosody frame"
+            if wav is not None
+            else f"no usable utterance in {job.manifest}"
         )
         raise VerifyError(what)
+    hist = {w: {s: sum(p["hist"][w][s] for p in parts) for s in la} for w in ("adapted", "baseline")}
+    eq = {s: sum(p["eq"][s] for p in parts) for s in la}
+    tot = {s: sum(p["tot"][s] for p in parts) for s in la}
+    sample_rate = job.adapted.cfg.audio.sample_rate
+    seconds = sum(r["samples"] / sample_rate for r in records)
 
     metrics: dict[str, float] = {}
     for s in la:
@@ -251,17 +360,27 @@ def run_verify(
             (entropy_bits(hist["adapted"][s]) - entropy_bits(hist["baseline"][s])).mean()
         )
     for w in ("adapted", "baseline"):
-        metrics[f"bps_entropy/{w}"] = bits[w] / seconds
-        if real_bits[w] is not None:  # absent for a rate-only entropy model: a threshold on it fails as missing
-            metrics[f"bps_real/{w}"] = real_bits[w] / seconds
-            metrics[f"bps_real_payload/{w}"] = (real_bits[w] - header_bits[w]) / seconds
+        metrics[f"bps_entropy/{w}"] = sum(r["bits"][w] for r in records) / seconds
+        if parts[0]["rangeable"][w]:  # absent for a rate-only entropy model: a threshold on it fails as missing
+            real = sum(r["real_bits"][w] for r in records)
+            metrics[f"bps_real/{w}"] = real / seconds
+            metrics[f"bps_real_payload/{w}"] = (real - sum(r["header_bits"][w] for r in records)) / seconds
     metrics["bps_ratio"] = metrics["bps_entropy/adapted"] / max(metrics["bps_entropy/baseline"], 1e-9)
-    for k, v in dist.items():
-        metrics[f"mel_l1/{k}"] = sum(v) / len(v)
-    metrics.update(_optional_quality(out_dir))
+    for k in DISTANCES:
+        metrics[f"mel_l1/{k}"] = sum(r["row"][k] for r in records) / len(records)
+    per_utt = [r["row"] for r in records]
+    if parts[0]["quality"]:
+        from siren.metrics.quality import pool_quality
+
+        scored = [r for r in records if "quality" in r]
+        for r in scored:
+            r["row"]["quality"] = r["quality"]
+        if not scored:
+            log.info("verify: no utterance has audio from both systems (no vocoder?); quality metrics not computed")
+        metrics.update(pool_quality([r["quality"] for r in scored], parts[0]["quality"]))
 
     checks = []
-    for key, limit in sorted(th.items()):
+    for key, limit in sorted(job.thresholds.items()):
         kind, _, name = key.partition("/")
         if name not in metrics:  # e.g. an eval-extra metric when the extra is not installed: a failed check
             checks.append({"threshold": key, "limit": limit, "value": None, "ok": False, "missing": True})
@@ -270,17 +389,17 @@ def run_verify(
         checks.append({"threshold": key, "limit": limit, "value": metrics[name], "ok": bool(ok)})
     passed = all(c["ok"] for c in checks)
     report = {
-        "run": str(run),
-        "step": step,
-        "baseline": adapted.meta["baseline"],
-        "eval_set": manifest,
+        "run": str(job.run),
+        "step": job.step,
+        "baseline": job.adapted.meta["baseline"],
+        "eval_set": job.manifest,
         "out_dir": str(out_dir),
         "num_utts": len(per_utt),
         "seconds": seconds,
         "metrics": metrics,
         "checks": checks,
         "passed": passed,
-        "pipeline": pipe,
+        "pipeline": parts[0]["pipeline"],
         "per_utterance": per_utt,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -290,7 +409,7 @@ def run_verify(
 
     write_report_html(report, out_dir)
     if use_wandb:
-        _log_wandb(report, adapted, run, step)
+        _log_wandb(report, job.adapted, job.run, job.step)
     return report
 
 
@@ -325,10 +444,7 @@ def expected_metrics(layout: dict[str, tuple[int, int]]) -> set[str]:
         names |= {f"agreement/{s}/{lv}" for lv in level_names(s, L)}
     for w in ("adapted", "baseline"):
         names |= {f"bps_entropy/{w}", f"bps_real/{w}", f"bps_real_payload/{w}"}
-    names |= {
-        f"mel_l1/{k}"
-        for k in ("adapted_vs_truth", "baseline_vs_truth", "adapted_vs_baseline", "silence_vs_truth", "noise_vs_truth")
-    }
+    names |= {f"mel_l1/{k}" for k in DISTANCES}
     for m in ("pesq", "stoi", "spk_sim", "wer", "dnsmos"):
         names |= {f"quality/{m}/adapted", f"quality/{m}/baseline", f"quality/{m}/failed"}
     return names
@@ -346,24 +462,34 @@ def check_thresholds(th: dict[str, float], known: set[str]) -> None:
         raise VerifyError("; ".join(problems))
 
 
-def _optional_quality(out_dir: Path) -> dict[str, float]:
-    """DNSMOS / WER / speaker similarity / PESQ / STOI need the `eval` extra; without it they are reported absent."""
-    import importlib.util
+def _quality_scorers() -> dict | None:
+    """DNSMOS / WER / speaker similarity / PESQ / STOI scorers; None without the `eval` extra (reported absent)."""
+    from siren.metrics.quality import build_scorers, missing_eval_libraries
 
-    missing = [
-        m
-        for m in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos", "onnxruntime")
-        if importlib.util.find_spec(m) is None
-    ]
+    missing = missing_eval_libraries()
     if missing:
         log.info(
             "verify: eval extra not installed (%s missing): DNSMOS/WER/speaker/PESQ/STOI not computed",
             ", ".join(missing),
         )
-        return {}
-    from siren.metrics.quality import quality_metrics
+        return None
+    return build_scorers()
 
-    return quality_metrics(out_dir)
+
+def _score_quality(scorers: dict, u, original: torch.Tensor, coded: dict, sample_rate: int) -> dict:
+    """One utterance's quality row (siren.metrics.quality.score_utterance) from the in-memory audio, clamped to
+    [-1, 1] as the written wav files are, at the metrics' 16 kHz; WER against the manifest text when it has one."""
+    from siren.metrics.quality import SAMPLE_RATE, score_utterance
+
+    def prep(x: torch.Tensor):
+        x = x.detach().float().cpu().clamp(-1.0, 1.0)
+        if sample_rate != SAMPLE_RATE:
+            import torchaudio.functional as AF
+
+            x = AF.resample(x, orig_freq=sample_rate, new_freq=SAMPLE_RATE)
+        return x.numpy()
+
+    return score_utterance(u.id, prep(original), {w: prep(x) for w, x in coded.items()}, scorers, u.text or None)
 
 
 def format_report(r: dict) -> str:
@@ -423,7 +549,28 @@ def _log_wandb(report: dict, adapted, run: Path, step: int) -> None:
 def verify_cli(args) -> int:
     """Exit 0 = pass, 1 = a threshold failed, 2 = anything else went wrong (never a pass or a fail by accident)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return guarded_verdict(lambda: _verify_cli(args))
+    code = guarded_verdict(lambda: _verify_cli(args))
+    _leave_process_group(code)
+    return code
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world) of the launched process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _leave_process_group(code: int) -> None:
+    rank, world = _process_group()
+    if world > 1:
+        print(f"verify: rank {rank}/{world} exits {code}", flush=True)
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as exc:  # the verdict stands: a group broken by a failed peer must not make it a crash
+            log.warning("verify: leaving the process group failed: %r", exc)
 
 
 def guarded_verdict(fn) -> int:
@@ -475,8 +622,9 @@ def _verify_cli(args) -> int:
             return EXIT_ERROR
     wav = getattr(args, "wav", None)
     report = run_verify(args.run, args.step, args.data, thresholds, use_wandb=not args.no_wandb, wav=wav)
-    print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
-    print(f"report: {Path(report['out_dir']) / 'report.md'} (the page to open: report.html beside it)")
+    if _process_group()[0] == 0:  # every rank holds the report and returns its verdict; rank 0 prints it
+        print(format_report({**report, "metrics": {k: v for k, v in report["metrics"].items() if "/l" not in k}}))
+        print(f"report: {Path(report['out_dir']) / 'report.md'} (the page to open: report.html beside it)")
     if not report["checks"]:  # run_verify refuses an empty threshold set; a report without checks is no pass
         raise VerifyError("the report holds no threshold check")
     return EXIT_PASS if report["passed"] else EXIT_FAIL

@@ -298,10 +298,58 @@ def _frozen_tamper(arg: str) -> None:
     Trainer._train_step = tampering
 
 
+def stub_quality_scorers(calls: list | None = None) -> dict:
+    """Quality scorers without the `eval` extra: deterministic functions of the audio (and, for WER, of the manifest
+    text through the real WER scorer with a fake ASR that hears "one two three" in any audio). Each call is appended
+    to `calls` as (metric, utterance id)."""
+    import numpy as np
+
+    from siren.metrics.quality import _wer_scorer
+
+    def counted(name, fn):
+        def score(uid, ref, deg, text=None):
+            if calls is not None:
+                calls.append((name, uid))
+            return fn(uid, ref, deg, text)
+
+        return score
+
+    def level(uid, ref, deg, text=None):
+        return float(np.abs(deg).mean() / max(np.abs(ref).mean(), 1e-9))
+
+    wer = _wer_scorer(transcribe=lambda wav: "one two three")
+    return {"stoi": counted("stoi", level), "wer": counted("wer", wer)}
+
+
+def _verify_quality_stub(arg: str) -> None:
+    """`verify_quality_stub`: verify scores quality with `stub_quality_scorers` (as if the eval extra were installed)."""
+    import siren.verify
+
+    siren.verify._quality_scorers = stub_quality_scorers
+
+
+def _verify_rank_crash(arg: str) -> None:
+    """`verify_rank_crash:R`: rank R (the launcher's RANK) raises when verify loads its first utterance's audio."""
+    import os
+
+    import siren.data.audio
+
+    real = siren.data.audio.load_audio
+
+    def crash(path, *a, **kw):
+        if int(os.environ.get("RANK", "0")) == int(arg):
+            raise RuntimeError(f"injected crash on rank {arg}")
+        return real(path, *a, **kw)
+
+    siren.data.audio.load_audio = crash
+
+
 FAULTS: dict[str, Callable[[str], None]] = {
     "slow_checkpoint_write": _slow_checkpoint_write,
     "rank_sleep": _rank_sleep,
     "frozen_tamper": _frozen_tamper,
+    "verify_quality_stub": _verify_quality_stub,
+    "verify_rank_crash": _verify_rank_crash,
 }
 
 
@@ -386,6 +434,8 @@ MECHANISMS.update(
         ],
         "fsq_grid": [("siren.models.quantizers:FSQ.__init__", _fsq_even_grid)],
         "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
+        # every rank judges every utterance (no split): rank 0 reduces each utterance world times
+        "verify_split": [("siren.verify:shard", lambda items, rank, world: list(enumerate(items)))],
         "config_migration": [("siren.config.loader:migrate", _no_migration)],
         "empty_migration_table": [("siren.config.migrations:MIGRATIONS", {0: _bump_only})],
         "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],

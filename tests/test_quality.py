@@ -12,15 +12,20 @@ import numpy as np
 import pytest
 
 from siren.metrics.quality import (
+    EVAL_LIBS,
     METRICS,
     SYSTEMS,
+    MetricFailed,
+    _wer_scorer,
     edit_distance,
     find_utterances,
+    normalize_text,
+    pool_quality,
     quality_metrics,
+    score_utterance,
     word_error_rate,
 )
 
-EVAL_LIBS = ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos", "onnxruntime")
 TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."
 
 
@@ -100,6 +105,58 @@ def test_no_coded_audio_is_empty_and_no_originals_raises(tmp_path):
         quality_metrics(tmp_path, metrics=("pesq", "mosnet"))
 
 
+def test_normalize_text():
+    assert normalize_text("Return all breakpoints for filename:lineno.") == "return all breakpoints for filename lineno"
+    assert normalize_text("  It's   FINE, isn't it? ") == "it's fine isn't it"
+    assert normalize_text("...") == ""
+
+
+def test_wer_against_the_manifest_text_else_the_asr_of_the_original():
+    """The reference is the text when the utterance has words in it; otherwise the transcript of the original."""
+    heard = {1.0: "hello world", 0.5: "hello word"}  # a fake ASR keyed by the signal's level
+    asr = _wer_scorer(transcribe=lambda wav: heard[float(wav[0])])
+    orig, coded = np.full(4, 1.0), np.full(4, 0.5)
+    assert asr("u", orig, coded, "Hello, there world!") == pytest.approx(2 / 3)  # vs "hello there world"
+    assert asr("u", orig, orig, "Hello, there world!") == pytest.approx(1 / 3)
+    assert asr("v", orig, coded, None) == pytest.approx(1 / 2)  # vs "hello world", the original's transcript
+    assert asr("v", orig, orig, "") == 0.0
+    assert asr("w", orig, orig, "?!") == 0.0  # text without a word is no reference
+    deaf = _wer_scorer(transcribe=lambda wav: "")
+    with pytest.raises(MetricFailed, match="no word"):
+        deaf("x", orig, coded, None)
+    assert deaf("x", orig, coded, "some text") == 1.0
+
+
+def test_score_utterance_and_pool_count_failures_and_references():
+    def level(uid, ref, deg, text=None):
+        if not np.any(deg):
+            raise MetricFailed("silent")
+        return float(np.abs(deg).mean())
+
+    scorers = {"stoi": level, "wer": _wer_scorer(transcribe=lambda wav: "a b")}
+    orig = np.full(8, 0.5, dtype=np.float32)
+    rows = [
+        score_utterance("u1", orig, {"adapted": orig, "baseline": 0 * orig}, scorers, "a b c"),
+        score_utterance("u2", orig, {"adapted": orig / 2, "baseline": np.full(8, np.nan)}, scorers, None),
+    ]
+    assert rows[0]["stoi/baseline"] is None and rows[1]["stoi/baseline"] is None  # silence; non-finite samples
+    assert rows[1]["wer/baseline"] is None
+    assert (rows[0]["wer_reference"], rows[1]["wer_reference"]) == ("manifest", "asr")
+    pooled = pool_quality(rows, ("stoi", "wer"))
+    assert pooled == {
+        "quality/num_utts": 2.0,
+        "quality/stoi/adapted": pytest.approx(0.375),
+        "quality/stoi/failed": 2.0,  # never averaged in as a value
+        "quality/wer/adapted": pytest.approx((1 / 3 + 0) / 2),
+        "quality/wer/baseline": pytest.approx(1 / 3),
+        "quality/wer/failed": 1.0,
+        "quality/wer/reference_manifest": 1.0,
+        "quality/wer/reference_asr": 1.0,
+    }
+    assert "quality/stoi/baseline" not in pooled  # every pair failed: no average for it
+    assert pool_quality([], ("stoi",)) == {}
+
+
 def test_import_loads_no_eval_library():
     code = (
         "import sys, siren.metrics.quality; "
@@ -146,7 +203,9 @@ def scored(tmp_path_factory):
 
 def test_keys(scored):
     expected = {f"quality/{m}/{s}" for m in METRICS for s in SYSTEMS} | {f"quality/{m}/failed" for m in METRICS}
-    assert set(scored) == expected | {"quality/num_utts"}
+    references = {"quality/wer/reference_manifest", "quality/wer/reference_asr"}
+    assert set(scored) == expected | references | {"quality/num_utts"}
+    assert scored["quality/wer/reference_asr"] == 2  # no text in a folder of files
     assert scored["quality/num_utts"] == 2  # novoc has no coded audio
     assert all(np.isfinite(v) for v in scored.values())
 

@@ -1,16 +1,24 @@
-"""`siren verify --wav FILE` (siren/verify.py): one recording judged against the baseline with the run's thresholds."""
+"""`siren verify` (siren/verify.py): `--wav FILE`, one recording judged against the baseline with the run's thresholds;
+quality scored on every eval utterance (WER against the manifest text when there is one); and the eval set split across
+processes under `accelerate launch` with the report of a single process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import mechanisms
 import pytest
-from helpers import stage_config
+from helpers import ROOT, free_port, stage_config, with_fault
 from report_page import CHROMIUM, NO_BROWSER, assert_media_playable, media_status, parse_page
 
-from siren.data.manifest import read_manifest
+from siren.data.manifest import read_manifest, write_manifest
 from siren.train.trainer import Trainer
 from siren.verify import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, verify_cli
 
@@ -30,7 +38,13 @@ def adapt_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     try:
         Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **common)).fit()
         Trainer(stage_config("distill", corpus_dir, teacher_dir, root / "distill", **common)).fit()
-        extra = {**common, "verify.real_clip": None, "student_ssl.path": str(root / "distill")}
+        Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
+        extra = {
+            **common,
+            "verify.real_clip": None,
+            "student_ssl.path": str(root / "distill"),
+            "pipeline.vocoder": str(root / "vocoder"),  # rendered audio: quality metrics have something to score
+        }
         Trainer(
             stage_config("adapt", corpus_dir, teacher_dir, root / "adapt", baseline=str(root / "codec"), **extra)
         ).fit()
@@ -81,3 +95,125 @@ def test_verify_report_opens_in_a_browser(adapt_run, corpus_dir):
     report = json.loads((out / "report.json").read_text())
     audio = 3 if "vocoder" in report["pipeline"] else 1  # this run has no vocoder: the original plays, mels show
     assert_media_playable(media_status(out / "report.html"), audio=audio, images=3)
+
+
+def _eval_manifest(corpus_dir: Path, path: Path, n: int, untexted: int) -> Path:
+    """n training utterances (several speakers); the last `untexted` of them without their text."""
+    utts = read_manifest(corpus_dir / "train.jsonl")[:n]
+    assert all(u.text for u in utts)
+    utts = [dataclasses.replace(u, text="") if k >= n - untexted else u for k, u in enumerate(utts)]
+    return write_manifest(path, utts)
+
+
+def test_quality_on_every_utterance_and_wer_against_the_text(adapt_run, corpus_dir, tmp_path, monkeypatch, capsys):
+    """With the eval extra (stub scorers here), every eval utterance is scored — not only the few written as files —
+    and WER is against the manifest text when the utterance has one, else against the ASR of the original."""
+    import siren.verify
+
+    calls: list = []
+    monkeypatch.setattr(siren.verify, "_quality_scorers", lambda: mechanisms.stub_quality_scorers(calls))
+    data = _eval_manifest(corpus_dir, tmp_path / "eval.jsonl", n=6, untexted=2)
+    rc = _verify(adapt_run, data=str(data))
+    assert rc == EXIT_PASS, capsys.readouterr().out
+    report = json.loads((adapt_run / "verify" / "step_2" / "report.json").read_text())
+    ids = [u["id"] for u in report["per_utterance"]]
+    assert len(ids) == report["num_utts"] == 6
+    for metric in ("stoi", "wer"):  # one call per utterance and system
+        assert sorted(uid for m, uid in calls if m == metric) == sorted(ids * 2)
+    m = report["metrics"]
+    assert m["quality/num_utts"] == 6
+    assert (m["quality/wer/reference_manifest"], m["quality/wer/reference_asr"]) == (4, 2)
+    texts = {u.id: u.text for u in read_manifest(data)}
+    for row in report["per_utterance"]:
+        q = row["quality"]
+        if texts[row["id"]]:  # the fake ASR hears "one two three", which is not the text
+            assert q["wer_reference"] == "manifest" and q["wer/adapted"] > 0.5
+        else:  # the fake ASR of the original is the reference, so the coded audio's transcript matches it
+            assert q["wer_reference"] == "asr" and q["wer/adapted"] == q["wer/baseline"] == 0.0
+    stoi = [r["quality"]["stoi/adapted"] for r in report["per_utterance"]]
+    assert m["quality/stoi/adapted"] == pytest.approx(sum(stoi) / 6)
+
+
+def _compare_reports(one: dict, two: dict) -> None:
+    assert two["num_utts"] == one["num_utts"], "num_utts differs between 1 and 2 processes"
+    assert [r["id"] for r in two["per_utterance"]] == [r["id"] for r in one["per_utterance"]], "per_utterance differs"
+    assert two["seconds"] == pytest.approx(one["seconds"], rel=1e-9)
+    assert set(two["metrics"]) == set(one["metrics"])
+    exact = re.compile(r"^(agreement/|js/|entropy_delta_bits/|quality/num_utts|quality/\w+/failed|quality/wer/ref)")
+    for k, v in one["metrics"].items():
+        if exact.match(k):  # from code counts: the same codes give the same numbers
+            assert two["metrics"][k] == v, k
+        else:
+            assert two["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    for r1, r2 in zip(one["per_utterance"], two["per_utterance"], strict=True):
+        for k, v in r1.items():
+            if isinstance(v, float):
+                assert r2[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (r1["id"], k)
+        assert r2.get("quality", {}).keys() == r1.get("quality", {}).keys()
+    assert [c["ok"] for c in two["checks"]] == [c["ok"] for c in one["checks"]]
+
+
+def _verify_cmd(run: Path, data: Path, launch: bool) -> list[str]:
+    launcher = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+    ]
+    args = ["--run", str(run), "--step", "2", "--data", str(data), "--threshold", "min/agreement/sem=0.0"]
+    return [sys.executable, *(launcher if launch else []), "-m", "siren", "verify", *args, "--no-wandb"]
+
+
+def test_two_processes_give_the_one_process_report(adapt_run, corpus_dir, tmp_path, subprocess_env):
+    """`accelerate launch` with 2 gloo processes: each judges utterances i % 2, rank 0 reduces, and the report (metrics,
+    quality included, and per-utterance rows in utterance order) is the single-process one; the media files of the
+    first utterances are written by the rank that judged them."""
+    data = _eval_manifest(corpus_dir, tmp_path / "eval.jsonl", n=5, untexted=2)  # odd: ranks get 3 and 2
+    env = {**with_fault(subprocess_env, "verify_quality_stub"), "OMP_NUM_THREADS": "1"}  # same threads in both runs
+    out = adapt_run / "verify" / "step_2"
+    reports = {}
+    for launch in (False, True):
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run(
+            _verify_cmd(adapt_run, data, launch), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        reports[launch] = json.loads((out / "report.json").read_text())
+    _compare_reports(reports[False], reports[True])
+    assert reports[True]["metrics"]["quality/num_utts"] == 5
+    assert "rank 0/2 judged 3 of 5 utterances" in r.stdout and "rank 1/2 judged 2 of 5 utterances" in r.stdout, r.stdout
+    assert "rank 0/2 exits 0" in r.stdout and "rank 1/2 exits 0" in r.stdout
+    for row in reports[True]["per_utterance"][:4]:  # rows 0, 2 from rank 0; rows 1, 3 from rank 1
+        for w in ("original", "adapted", "baseline"):
+            assert (out / f"{row['id']}_{w}.wav").is_file() and (out / f"{row['id']}_{w}.png").is_file()
+
+
+def test_a_crash_on_one_rank_is_exit_2_on_every_rank(adapt_run, corpus_dir, tmp_path, subprocess_env):
+    """An exception on rank 1 alone: both ranks exit 2 (rank 0 names rank 1's error) and nobody waits for the other."""
+    data = _eval_manifest(corpus_dir, tmp_path / "eval.jsonl", n=3, untexted=0)
+    r = subprocess.run(
+        _verify_cmd(adapt_run, data, launch=True),
+        env=with_fault(subprocess_env, "verify_rank_crash:1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "rank 0/2 exits 2" in text and "rank 1/2 exits 2" in text, text[-4000:]
+    assert "verify failed on another process (rank 1: RuntimeError: injected crash on rank 1)" in text
+
+
+CONTROLS = [
+    ("test_two_processes_give_the_one_process_report", "verify_split", r"num_utts differs"),
+]
+
+
+@pytest.mark.parametrize(
+    "test_name, mechanism, failure", CONTROLS, ids=[f"{t[5:]}-without-{m}" for t, m, _ in CONTROLS]
+)
+def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
+    mechanisms.assert_fails_without(globals()[test_name], mechanism, failure, request, monkeypatch)

@@ -1,19 +1,22 @@
 """Perceptual quality of rendered audio (the optional `eval` extra): PESQ, STOI, speaker similarity, WER, DNSMOS.
 
-`quality_metrics(out_dir)` reads the `<id>_original.wav` / `<id>_adapted.wav` / `<id>_baseline.wav` triples that
-`siren verify` writes (16 kHz mono) and returns, for SYSTEM in adapted/baseline, averages over utterances:
+`score_utterance(uid, original, coded, scorers, text)` scores one utterance from in-memory 16 kHz mono waveforms;
+`siren verify` calls it on every eval utterance and pools the rows with `pool_quality`. `quality_metrics(out_dir)` does
+the same for the `<id>_original.wav` / `<id>_adapted.wav` / `<id>_baseline.wav` triples in a folder. Keys, for SYSTEM
+in adapted/baseline, averages over utterances:
 
 - `quality/pesq/SYSTEM`    wideband PESQ (MOS-LQO, ~1.0–4.64) of the coded audio against the original
 - `quality/stoi/SYSTEM`    STOI (0–1) against the original
 - `quality/spk_sim/SYSTEM` cosine similarity of resemblyzer speaker embeddings (coded vs original)
-- `quality/wer/SYSTEM`     word error rate of the pocketsphinx transcript of the coded audio, with the pocketsphinx
-                           transcript of the original as the reference (consistency, not accuracy: there is no
-                           ground-truth text here)
+- `quality/wer/SYSTEM`     word error rate of the pocketsphinx transcript of the coded audio against the utterance's
+                           manifest text when it has one (accuracy), else against the pocketsphinx transcript of the
+                           original (consistency); both sides lower-cased, punctuation removed
+- `quality/wer/reference_manifest`, `quality/wer/reference_asr`  how many utterances had each WER reference
 - `quality/dnsmos/SYSTEM`  DNSMOS P.835 overall score (no reference) of the coded audio
 - `quality/<metric>/failed` utterance×system pairs the library could not score (e.g. PESQ on silence); they are left
                            out of that metric's average, never replaced by a value. A metric whose every pair failed
                            for a system has no average key for it.
-- `quality/num_utts`       utterances that have both coded files (the others were written without a vocoder)
+- `quality/num_utts`       utterances scored (those with audio from both systems; without a vocoder there is none)
 
 Every model used here ships inside its wheel (resemblyzer `pretrained.pt`, pocketsphinx `en-us`, speechmos
 `dnsmos_models/*.onnx`), so nothing is downloaded. Each library is imported only when its scorer is built.
@@ -21,9 +24,11 @@ Every model used here ships inside its wheel (resemblyzer `pretrained.pt`, pocke
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +40,11 @@ SAMPLE_RATE = 16000
 METRICS = ("pesq", "stoi", "spk_sim", "wer", "dnsmos")
 SYSTEMS = ("adapted", "baseline")
 
-# scorer(utterance id, original (N,), coded (M,)) -> value; raises MetricFailed when the library cannot score the pair
-Scorer = Callable[[str, np.ndarray, np.ndarray], float]
+EVAL_LIBS = ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos", "onnxruntime")
+
+# scorer(utterance id, original (N,), coded (M,), manifest text or None) -> value; raises MetricFailed when the
+# library cannot score the pair
+Scorer = Callable[[str, np.ndarray, np.ndarray, "str | None"], float]
 
 
 class MetricFailed(Exception):
@@ -68,6 +76,21 @@ def word_error_rate(ref: str, hyp: str) -> float:
     if not ref_words:
         raise ValueError("word_error_rate: the reference transcript is empty, so WER is undefined")
     return edit_distance(ref_words, hyp_words) / len(ref_words)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased words with punctuation removed ("Hello, world." → "hello world"): the form WER compares."""
+    return " ".join(re.sub(r"[^\w']+", " ", text.lower()).split())
+
+
+def wer_reference(text: str | None) -> str:
+    """ "manifest" when the utterance's text holds a word (WER against it), else "asr" (against the original's ASR)."""
+    return "manifest" if text and normalize_text(text) else "asr"
+
+
+def missing_eval_libraries() -> list[str]:
+    """The `eval` extra's packages that are not installed (none of them is imported here)."""
+    return [m for m in EVAL_LIBS if importlib.util.find_spec(m) is None]
 
 
 def find_utterances(out_dir: Path) -> list[Utterance]:
@@ -120,7 +143,7 @@ def _aligned(ref: np.ndarray, deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _pesq_scorer() -> Scorer:
     from pesq import PesqError, pesq
 
-    def score(uid: str, ref: np.ndarray, deg: np.ndarray) -> float:
+    def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
         ref, deg = _aligned(ref, deg)
         if _is_silent(ref) or _is_silent(deg):
             raise MetricFailed("silent audio")
@@ -136,7 +159,7 @@ def _pesq_scorer() -> Scorer:
 def _stoi_scorer() -> Scorer:
     from pystoi import stoi
 
-    def score(uid: str, ref: np.ndarray, deg: np.ndarray) -> float:
+    def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
         ref, deg = _aligned(ref, deg)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -169,7 +192,7 @@ def _spk_sim_scorer() -> Scorer:
             raise MetricFailed("non-finite speaker embedding")
         return e
 
-    def score(uid: str, ref: np.ndarray, deg: np.ndarray) -> float:
+    def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
         if uid not in cache:
             cache[uid] = embed(ref)
         e_ref, e_deg = cache[uid], embed(deg)
@@ -179,11 +202,10 @@ def _spk_sim_scorer() -> Scorer:
     return score
 
 
-def _wer_scorer() -> Scorer:
+def _pocketsphinx() -> Callable[[np.ndarray], str]:
     from pocketsphinx import Decoder
 
     decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")  # default en-us acoustic model + LM from the wheel
-    cache: dict[str, str] = {}
 
     def transcribe(wav: np.ndarray) -> str:
         pcm = np.round(np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
@@ -193,12 +215,25 @@ def _wer_scorer() -> Scorer:
         hyp = decoder.hyp()
         return "" if hyp is None else hyp.hypstr  # None: the decoder recognised no word at all
 
-    def score(uid: str, ref: np.ndarray, deg: np.ndarray) -> float:
-        if uid not in cache:
-            cache[uid] = transcribe(ref)
-        if not cache[uid].split():
-            raise MetricFailed("pocketsphinx recognised no word in the original, so WER is undefined")
-        return word_error_rate(cache[uid], transcribe(deg))
+    return transcribe
+
+
+def _wer_scorer(transcribe: Callable[[np.ndarray], str] | None = None) -> Scorer:
+    """WER of `transcribe(coded)` (pocketsphinx by default) against the manifest text, else against
+    `transcribe(original)`."""
+    transcribe = transcribe or _pocketsphinx()
+    cache: dict[str, str] = {}
+
+    def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
+        if wer_reference(text) == "manifest":
+            reference = normalize_text(text)
+        else:
+            if uid not in cache:
+                cache[uid] = normalize_text(transcribe(ref))
+            reference = cache[uid]
+            if not reference:
+                raise MetricFailed("pocketsphinx recognised no word in the original (and no text), so WER is undefined")
+        return word_error_rate(reference, normalize_text(transcribe(deg)))
 
     return score
 
@@ -206,7 +241,7 @@ def _wer_scorer() -> Scorer:
 def _dnsmos_scorer() -> Scorer:
     from speechmos import dnsmos
 
-    def score(uid: str, ref: np.ndarray, deg: np.ndarray) -> float:
+    def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
         if deg.size == 0:
             raise MetricFailed("empty audio")  # speechmos tiles short clips by doubling, which never ends on 0 samples
         return float(dnsmos.run(deg, sr=SAMPLE_RATE)["ovrl_mos"])
@@ -223,8 +258,63 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
 }
 
 
+def build_scorers(metrics: Sequence[str] = METRICS) -> dict[str, Scorer]:
+    """One scorer per metric name (each imports its library here); an unknown name is a KeyError naming the known."""
+    unknown = [m for m in metrics if m not in SCORERS]
+    if unknown:
+        raise KeyError(f"quality metrics: unknown metric(s) {unknown}; known: {', '.join(SCORERS)}")
+    return {name: SCORERS[name]() for name in metrics}
+
+
+def score_utterance(
+    uid: str,
+    original: np.ndarray,
+    coded: Mapping[str, np.ndarray],
+    scorers: Mapping[str, Scorer],
+    text: str | None = None,
+) -> dict:
+    """Score one utterance: original (N,) and coded {system: (M,)} 16 kHz mono float waveforms, `text` its manifest
+    transcript or None. → {"<metric>/<system>": value, or None where the library could not score it,
+    "wer_reference": "manifest" | "asr" when WER is scored}."""
+    row: dict = {}
+    for name, scorer in scorers.items():
+        for system in SYSTEMS:
+            deg = coded[system]
+            try:
+                if not (np.isfinite(original).all() and np.isfinite(deg).all()):
+                    raise MetricFailed("non-finite samples")
+                row[f"{name}/{system}"] = float(scorer(uid, original, deg, text))
+            except MetricFailed as e:
+                row[f"{name}/{system}"] = None
+                log.warning("quality: %s failed on %s (%s): %s", name, uid, system, e)
+    if "wer" in scorers:
+        row["wer_reference"] = wer_reference(text)
+    return row
+
+
+def pool_quality(rows: Sequence[Mapping], metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Means over the utterance rows of `score_utterance` (failed pairs counted, not averaged); {} for no row."""
+    if not rows:
+        return {}
+    out: dict[str, float] = {"quality/num_utts": float(len(rows))}
+    for name in metrics:
+        failed = 0
+        for system in SYSTEMS:
+            values = [r[f"{name}/{system}"] for r in rows]
+            ok = [v for v in values if v is not None]
+            failed += len(values) - len(ok)
+            if ok:
+                out[f"quality/{name}/{system}"] = float(np.mean(ok))
+        out[f"quality/{name}/failed"] = float(failed)
+    if "wer" in metrics:
+        for ref in ("manifest", "asr"):
+            out[f"quality/wer/reference_{ref}"] = float(sum(r["wer_reference"] == ref for r in rows))
+    return out
+
+
 def quality_metrics(out_dir: Path, metrics: Sequence[str] = METRICS) -> dict[str, float]:
-    """Average quality metrics of the adapted and baseline audio in `out_dir` (see the module docstring for keys).
+    """Average quality metrics of the adapted and baseline audio in `out_dir` (see the module docstring for keys;
+    no text is known here, so WER is against the original's transcript).
 
     Returns {} when no utterance has coded audio (no vocoder configured). Raises on unknown metric names, missing
     originals, or audio that is not 16 kHz mono.
@@ -236,22 +326,9 @@ def quality_metrics(out_dir: Path, metrics: Sequence[str] = METRICS) -> dict[str
     if not utts:
         log.info("quality: no utterance in %s has adapted+baseline audio (no vocoder?); nothing to score", out_dir)
         return {}
-    audio = {u.id: {"original": load_wav(u.original), **{s: load_wav(getattr(u, s)) for s in SYSTEMS}} for u in utts}
-
-    out: dict[str, float] = {"quality/num_utts": float(len(utts))}
-    for name in metrics:
-        scorer = SCORERS[name]()
-        values: dict[str, list[float]] = {s: [] for s in SYSTEMS}
-        failed = 0
-        for u in utts:
-            for system in SYSTEMS:
-                try:
-                    values[system].append(scorer(u.id, audio[u.id]["original"], audio[u.id][system]))
-                except MetricFailed as e:
-                    failed += 1
-                    log.warning("quality: %s failed on %s (%s): %s", name, u.id, system, e)
-        for system in SYSTEMS:
-            if values[system]:
-                out[f"quality/{name}/{system}"] = float(np.mean(values[system]))
-        out[f"quality/{name}/failed"] = float(failed)
-    return out
+    scorers = build_scorers(metrics)
+    rows = [
+        score_utterance(u.id, load_wav(u.original), {s: load_wav(getattr(u, s)) for s in SYSTEMS}, scorers)
+        for u in utts
+    ]
+    return pool_quality(rows, metrics)
