@@ -173,3 +173,15 @@ def test_unusable_file_is_recorded_and_replaced_by_the_dataset(ds, tmp_path):
         and item["index"] == 4
         and "not found" in next(iter(ds.skipped.values()))
     )
+
+
+def test_the_teacher_cache_is_refused_when_adapt_runs_the_teacher_on_crops(corpus_dir, teacher_dir, tmp_path, capsys):
+    """`loss.teacher_targets: crop` (the default) reads no teacher cache: `siren cache` says so instead of filling one."""
+    from helpers import ROOT, stage_overrides
+
+    from siren.cli import main
+
+    args = stage_overrides("adapt", corpus_dir, teacher_dir, tmp_path / "run", baseline=str(tmp_path / "none"))
+    rc = main(["cache", "--config", str(ROOT / "configs/demo/base.yaml"), *args])
+    assert rc == 2
+    assert "nothing to fill" in capsys.readouterr().err and not (tmp_path / "run" / "cache").exists()

@@ -52,6 +52,7 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
             "train.checkpoint_every": 2,
             "train.batch_size": batch,
             "samples.enabled": "false",
+            "loss.teacher_targets": "full",  # whole-utterance targets from the cache that `siren cache` fills
         },
     )
 

@@ -138,7 +138,17 @@ def test_adapt_teacher_targets_full_and_crop_agree_on_a_whole_utterance(codec_ru
     torch.manual_seed(0)
     TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(tmp_path / "student")
     common = {"student_ssl.path": str(tmp_path / "student"), "train.max_steps": 1, "data.segment_seconds": 8.0}
-    full = Trainer(stage_config("adapt", corpus_dir, teacher_dir, tmp_path / "full", baseline=str(codec_run), **common))
+    full = Trainer(
+        stage_config(
+            "adapt",
+            corpus_dir,
+            teacher_dir,
+            tmp_path / "full",
+            baseline=str(codec_run),
+            **common,
+            **{"loss.teacher_targets": "full"},
+        )
+    )
     crop = Trainer(
         stage_config(
             "adapt",

@@ -140,6 +140,12 @@ def run_cache(args) -> int:
         else:
             if cfg.stage != "adapt":
                 raise SirenError(f"--what teacher needs an adapt config (this one is stage {cfg.stage})")
+            if cfg.loss.teacher_targets != "full":
+                raise SirenError(
+                    f"loss.teacher_targets is {cfg.loss.teacher_targets!r}: adapt runs the teacher on each crop and "
+                    "reads no teacher cache, so there is nothing to fill; pass loss.teacher_targets=full (to the cache "
+                    "command and to the adapt run) to use whole-utterance targets from the cache"
+                )
             stage = make_stage(cfg)
             modules = {n: m.eval().to(state.device) for n, m in stage.build().items()}
             root = cfg.data.feature_cache or Path(cfg.run_dir) / "cache"
