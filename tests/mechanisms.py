@@ -415,6 +415,12 @@ def _no_migration(tree, source="saved config", *, default_version=0):
     return tree
 
 
+def _schema_version() -> int:
+    from siren.config.migrations import SCHEMA_VERSION
+
+    return SCHEMA_VERSION
+
+
 def _bump_only(tree):
     """A version bump whose migration fills in nothing (the schema grew, the table did not)."""
     return []
@@ -437,7 +443,9 @@ MECHANISMS.update(
         # every rank judges every utterance (no split): rank 0 reduces each utterance world times
         "verify_split": [("siren.verify:shard", lambda items, rank, world: list(enumerate(items)))],
         "config_migration": [("siren.config.loader:migrate", _no_migration)],
-        "empty_migration_table": [("siren.config.migrations:MIGRATIONS", {0: _bump_only})],
+        "empty_migration_table": [
+            ("siren.config.migrations:MIGRATIONS", {v: _bump_only for v in range(_schema_version())})
+        ],
         "sweep_metric_scale_check": [("siren.sweep:metric_scaled_by_sweep", lambda config: None)],
         # report.html links its media by file name (works only beside them) and pastes text in unescaped.
         "report_embeds_media": [("siren.report_html:_data_uri", lambda path: path.name)],

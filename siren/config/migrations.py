@@ -20,7 +20,7 @@ from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The component sections of version 0 and the keys issue 12 added to each (where a component comes from, DESIGN §18).
 _V0_COMPONENTS = (
@@ -85,8 +85,15 @@ def _v0_to_v1(tree: dict) -> list[str]:
     return changes
 
 
+def _v1_to_v2(tree: dict) -> list[str]:
+    """Version 1 → 2: the optimizer implementation, `auto` (PyTorch's default, what version 1 used)."""
+    changes: list[str] = []
+    _add(tree, "optim", "impl", "auto", changes)
+    return changes
+
+
 # from-version → function that edits the tree in place to the next version and returns the changes it made.
-MIGRATIONS: dict[int, Callable[[dict], list[str]]] = {0: _v0_to_v1}
+MIGRATIONS: dict[int, Callable[[dict], list[str]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 
 _logged: set[tuple[str, int]] = set()
 

@@ -177,7 +177,8 @@ class Trainer:
         param_groups = self.registry.param_groups(groups, cfg.optim.lr, cfg.optim.weight_decay)
         self.group_names = [g.pop("name") for g in param_groups]
         core = TrainableCore({n: self.modules[n] for n in self.plan.trainable_components})
-        optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas))
+        impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "auto": {}}[cfg.optim.impl]
+        optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas), **impl)
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, o.scheduler, o.warmup_steps, t.max_steps)
