@@ -1,0 +1,63 @@
+"""`siren demo` runs independent stages side by side (siren/demo.py `run_wave`): the CPU threads are split between
+them, and a stage that fails stops the others at once and is the one named in the error."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from siren import demo
+
+
+class FakeStage:
+    """A `demo._Stage` whose subprocess is a shell command chosen per stage name (no training)."""
+
+    commands: dict[str, list[str]] = {}
+    envs: dict[str, dict] = {}
+
+    def __init__(self, stage, env, root, data, position):
+        self.stage, self.done, self.t0 = stage, False, time.perf_counter()
+        self.run_dir = Path(root) / stage
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "train.log").write_text(f"{stage} log line\n")
+        FakeStage.envs[stage] = env
+        self.proc = subprocess.Popen(FakeStage.commands[stage])
+
+    def wait(self):
+        return self.proc.wait()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def result(self):
+        return {"stage": self.stage, "code": self.proc.returncode}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(demo, "_Stage", FakeStage)
+    FakeStage.envs.clear()
+    return FakeStage
+
+
+def test_a_wave_splits_the_threads_and_waits_for_every_stage(fake, tmp_path):
+    fake.commands = {"vocoder": ["sleep", "0.3"], "distill": ["true"]}
+    out = demo.run_wave(("vocoder", "distill"), {"OMP_NUM_THREADS": "4"}, str(tmp_path), "data")
+    assert [r["code"] for r in out] == [0, 0]
+    assert fake.envs["vocoder"]["OMP_NUM_THREADS"] == fake.envs["distill"]["OMP_NUM_THREADS"] == "2"
+    fake.commands = {"codec": ["true"]}
+    demo.run_wave(("codec",), {"OMP_NUM_THREADS": "4"}, str(tmp_path), "data")
+    assert fake.envs["codec"]["OMP_NUM_THREADS"] == "4"  # alone: all of them
+
+
+def test_a_failing_stage_stops_the_others_and_is_named(fake, tmp_path):
+    fake.commands = {"vocoder": ["sleep", "60"], "distill": ["sh", "-c", "sleep 0.3; exit 3"]}
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"stage distill failed \(exit 3\)") as info:
+        demo.run_wave(("vocoder", "distill"), {}, str(tmp_path), "data")
+    assert time.perf_counter() - t0 < 20, "the other stage was waited out, not stopped"
+    assert "distill log line" in str(info.value)  # the failing stage's log tail, not the stopped one's
