@@ -45,7 +45,7 @@ class _Stage:
         from siren.config import load_config
         from siren.train.checkpoint import latest_step
 
-        self.stage, self.t0 = stage, time.perf_counter()
+        self.stage, self.t0, self.t_end = stage, time.perf_counter(), None
         self.cfg_path = Path("configs/demo") / f"{stage}.yaml"
         self.overrides = stage_overrides(stage, root, data)
         cfg = load_config(self.cfg_path, self.overrides)
@@ -92,6 +92,7 @@ class _Stage:
             return 0
         code = self.proc.wait()
         self.thread.join()
+        self.t_end = self.t_end or time.perf_counter()  # its own end, not its wave's
         return code
 
     def stop(self) -> None:
@@ -108,7 +109,7 @@ class _Stage:
             "run_dir": str(self.run_dir),
             "steps": last.get("step", 0),
             "loss": last.get("train/loss"),
-            "wall_s": time.perf_counter() - self.t0,
+            "wall_s": (self.t_end or time.perf_counter()) - self.t0,
             "skipped": self.done,
             "last": last,
         }
