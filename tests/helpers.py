@@ -79,16 +79,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) -> list[str]:
-    """`accelerate launch` with 2 gloo CPU processes (launch/accelerate/cpu_ddp.yaml) of `siren train` on a free port."""
+def accelerate_launch() -> list[str]:
+    """The arguments after `python` of `accelerate launch` with 2 gloo CPU processes (cpu_ddp.yaml) on a free port."""
     return [
-        sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
         "--main_process_port",
         str(free_port()),
+    ]
+
+
+def launch_cmd(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) -> list[str]:
+    """`accelerate launch` with 2 gloo CPU processes (launch/accelerate/cpu_ddp.yaml) of `siren train` on a free port."""
+    return [
+        sys.executable,
+        *accelerate_launch(),
         "-m",
         "siren",
         "train",

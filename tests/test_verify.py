@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import mechanisms
 import pytest
-from helpers import ROOT, free_port, stage_config, with_fault
+from helpers import ROOT, accelerate_launch, stage_config, with_fault
 from report_page import CHROMIUM, NO_BROWSER, assert_media_playable, media_status, parse_page
 
 from siren.data.manifest import read_manifest, write_manifest
@@ -154,14 +154,7 @@ def _compare_reports(one: dict, two: dict) -> None:
 
 
 def _verify_cmd(run: Path, data: Path, launch: bool) -> list[str]:
-    launcher = [
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
-        "--main_process_port",
-        str(free_port()),
-    ]
+    launcher = accelerate_launch()
     args = ["--run", str(run), "--step", "2", "--data", str(data), "--threshold", "min/agreement/sem=0.0"]
     return [sys.executable, *(launcher if launch else []), "-m", "siren", "verify", *args, "--no-wandb"]
 
