@@ -61,3 +61,23 @@ def test_a_failing_stage_stops_the_others_and_is_named(fake, tmp_path):
         demo.run_wave(("vocoder", "distill"), {}, str(tmp_path), "data")
     assert time.perf_counter() - t0 < 20, "the other stage was waited out, not stopped"
     assert "distill log line" in str(info.value)  # the failing stage's log tail, not the stopped one's
+
+
+def test_stages_get_the_free_cores_only(monkeypatch):
+    """On 2 cores with one kept busy by another process, a lone stage gets 1 thread (2 would collapse); with none
+    busy it gets PyTorch's default; side by side, one each."""
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "busy_cores", lambda seconds=0.5: 1.0)
+    assert demo.wave_threads(1, {}) == 1
+    monkeypatch.setattr(demo, "busy_cores", lambda seconds=0.5: 0.1)
+    assert demo.wave_threads(1, {}) is None and demo.wave_threads(2, {}) == 1
+    assert demo.wave_threads(1, {"OMP_NUM_THREADS": "3"}) == 3  # the user's budget wins
+
+
+def test_busy_cores_sees_a_busy_process():
+    proc = subprocess.Popen(["python3", "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert demo.busy_cores(0.5) > 0.5
+    finally:
+        proc.kill()
