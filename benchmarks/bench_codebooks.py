@@ -128,9 +128,9 @@ def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
 
 
 def run(step_ms: float, device: str = "cpu", make_trainer=None, host: str = "tiny adapt") -> list[tuple[str, str, str]]:
-    """Rows for run_all: per (2^8, 2^16, 2^20) the chosen path's cost ÷ step time — inside the steps of a real training
-    run when `make_trainer` is given (run_all: tiny adapt runs; `host` names them in the row), else timed alone ÷ `step_ms` — and the dense path timed
-    alone ÷ `step_ms` beside it."""
+    """Rows for run_all: per (2^8, 2^16, 2^20) the chosen path's cost ÷ step time — inside the steps of a real
+    training run when `make_trainer` is given (run_all: tiny adapt runs; `host` names them in the row), else timed
+    alone ÷ `step_ms` — and both paths timed alone ÷ `step_ms` beside it."""
     rows = []
     for bits in (8, 16, 20):
         K = 2**bits
