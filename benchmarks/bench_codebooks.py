@@ -7,12 +7,13 @@ Per step: one sem stream, 1 level, an FSQ of 4-level dimensions (digit metrics i
 codebook after the all-reduce: codes → histogram or keys, push, metrics, drift, host copy.
 
 How the chosen path is timed (`in_training`): the way a training step pays it. A real tiny adapt run (the factory
-`run_all` passes) trains for `TRAIN_STEPS` steps; at the end of every step (after `StepMetrics.reduce`) the chosen
+`run_all` passes) trains for its `train.max_steps` (60 there); at the end of every step (after `StepMetrics.reduce`) the chosen
 window does one step of this work on that step's synthetic codes, timed with `time.perf_counter`, so its memory
 accesses meet the caches as a training step leaves them. The figure is the median over steps of (metric time ÷ that
 step's own time without it; a step's time = wall time between the ends of two consecutive steps). The 2^20 codes of the
 synthetic window stand in for the run's codebook: a tiny codec run with a real 2^20-code FSQ
-(`sem_quantizer.levels=[4]*10`) took ~11 s per step on the 2-core CPU machine, which would hide the metrics' cost instead of measuring it.
+(`sem_quantizer.levels=[4]*10`) took ~11 s per step on the 2-core CPU machine, which would hide the metrics' cost
+instead of measuring it.
 The dense window is timed alone (`alone`: its steps back to back, not interleaved with anything — interleaving its
 400 MB at 2^20 with the sparse window evicted the sparse window's caches), and reported beside it for comparison.
 Standalone (`python benchmarks/bench_codebooks.py --step-ms MS`) there is no training run: both paths are timed alone
@@ -31,7 +32,7 @@ from siren.metrics.codebook import stream_histograms
 from siren.metrics.drift import DriftReference
 from siren.metrics.large_codebook import make_window
 
-WINDOW, CODES_PER_STEP, STEPS, WARMUP, TRAIN_STEPS = 50, 800, 60, 5, 60
+WINDOW, CODES_PER_STEP, STEPS, WARMUP = 50, 800, 60, 5
 
 
 def _codes(K: int, g: torch.Generator) -> torch.Tensor:
