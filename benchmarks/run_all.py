@@ -410,7 +410,20 @@ def main() -> int:
         product = bench_codec_run(work, corpus, teacher)
         from bench_codebooks import run as bench_codebooks_run  # large implicit codebooks (issue 12)
 
-        codebooks = bench_codebooks_run(tr["step_ms"])  # as a fraction of the tiny adapt step measured above
+        from siren.train.trainer import Trainer
+
+        def adapt_trainer(n=iter(range(10**6))):  # a fresh tiny adapt run (batch 8) for each timed codebook size
+            t = Trainer(
+                cfg_for(
+                    "adapt", corpus, teacher, work / f"codebooks_{next(n)}", baseline=str(work / "codec_bits"),
+                    **{"student_ssl.path": str(student), "train.max_steps": 60, "train.checkpoint_every": 10**6},
+                )
+            )  # fmt: skip
+            t.checkpoint = NoCheckpoint()
+            return t
+
+        # timed inside real tiny adapt steps; the dense path alone ÷ the adapt step measured above, beside it
+        codebooks = bench_codebooks_run(tr["step_ms"], make_trainer=adapt_trainer)
         from bench_frozen_check import run as bench_frozen_run  # frozen/ok every step (issue 13)
 
         frozen = bench_frozen_run(work, corpus, teacher)
