@@ -568,6 +568,9 @@ def _leave_process_group(code: int) -> None:
     if world > 1:
         print(f"verify: rank {rank}/{world} exits {code}", flush=True)
         try:
+            # Every rank reaches this point (an error on any rank was agreed on before): leave together, so no rank
+            # tears its group down while a peer still talks to it (gloo aborts the process then, after the verdict).
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         except Exception as exc:  # the verdict stands: a group broken by a failed peer must not make it a crash
             log.warning("verify: leaving the process group failed: %r", exc)
