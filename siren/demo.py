@@ -153,6 +153,7 @@ def run_wave(wave: tuple[str, ...], env: dict, root: str, data: str) -> list[dic
     threads = wave_threads(len(wave), env)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    print(f"== {' + '.join(wave)}: {threads or 'all'} CPU thread(s) each", flush=True)
     stages = [_Stage(stage, env, root, data, position=i) for i, stage in enumerate(wave)]
     codes: dict[str, int] = {}
     try:
