@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, stage_config, stage_overrides
+from helpers import ROOT, accelerate_launch, stage_config, stage_overrides
 from safetensors.torch import load_file
 
 from siren.train.trainer import Trainer
@@ -59,10 +59,7 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
     def launch(command: str) -> subprocess.CompletedProcess:
         cmd = [
             sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(ROOT / "launch/accelerate/cpu_ddp.yaml"),
+            *accelerate_launch(),
             "-m",
             "siren",
             command,
