@@ -3,8 +3,10 @@ picks (`siren.metrics.large_codebook.make_window`: dense up to 2^12 codes per le
 codes per level, and the dense window beside it.
 
 Per step: one sem stream, 1 level, an FSQ of 4-level dimensions (digit metrics included), batch 8 × 4 s at 25 Hz
-(800 codes), window 50 steps, JS drift against a baseline of 20,000 codes — everything `StepMetrics` does for the
-codebook after the all-reduce: codes → histogram or keys, push, metrics, drift, host copy.
+(800 codes), window 50 steps, JS drift against a baseline of 20,000 codes — a `StepMetrics` (what the trainer runs)
+adding one micro-batch (a loss, the bit-rate ratio, the codes) and reducing it: histogram or keys, push, metrics,
+drift, the host copy. The figure thus also holds the step's scalar bookkeeping (a few tens of µs), which a step pays
+with or without codebook metrics.
 
 How the chosen path is timed (`in_training`): the way a training step pays it. A real tiny adapt run (the factory
 `run_all` passes) trains for its `train.max_steps` (60 there); at the end of every step (after `StepMetrics.reduce`) the chosen
@@ -28,9 +30,10 @@ import time
 
 import torch
 
-from siren.metrics.codebook import stream_histograms
 from siren.metrics.drift import DriftReference
 from siren.metrics.large_codebook import make_window
+from siren.train.stages.base import MetricSources, StepOutput
+from siren.train.step_metrics import StepMetrics
 
 WINDOW, CODES_PER_STEP, STEPS, WARMUP = 50, 800, 60, 5
 
@@ -42,26 +45,33 @@ def _codes(K: int, g: torch.Generator) -> torch.Tensor:
 
 
 class _Path:
-    """One window (+ drift reference) doing a step's codebook metrics the way `StepMetrics.reduce` does."""
+    """One `StepMetrics` (the trainer's per-step metrics) with a codebook window (+ drift reference) forced dense or
+    sparse, and its twin without codebook metrics; a step adds one micro-batch (a loss, the bit-rate ratio, the codes)
+    to each and reduces it, host copy included. Its cost is the difference: what the codebook metrics add."""
 
     def __init__(self, K: int, sparse: bool, profile: dict, device: str):
         layout = {"sem": (K, 1)}
-        self.layout = layout
-        self.window = make_window(layout, WINDOW, device, digits={"sem": [4] * (K.bit_length() // 2)}, sparse=sparse)
-        self.drift = DriftReference(profile, layout, device, sparse=sparse)
-        self.rate = torch.zeros((), dtype=torch.float64, device=device)
+        drift = DriftReference(profile, layout, device, sparse=sparse)
+        digits = {"sem": [4] * (K.bit_length() // 2)}
+        sources = MetricSources(layout=layout, drift=drift, drift_rate="rate/bps_entropy", digits=digits)
+        self.metrics = StepMetrics(sources, WINDOW, torch.device(device), world=1, grad_accum=1)
+        self.bare = StepMetrics(MetricSources(), WINDOW, torch.device(device), world=1, grad_accum=1)
+        self.window = self.metrics.window
+        assert self.window.sparse is sparse
+        one = torch.ones((), dtype=torch.float64, device=device)
+        self.loss, self.rate, self.grad_norm = one, (one * 150, one), one
 
-    def step(self, codes: torch.Tensor) -> None:
-        w, c = self.window, {"sem": (codes, None)}
-        if w.sparse:
-            w.push(w.keys(c))
-            drift = self.drift.from_rows(*w.drift_rows(self.drift), self.rate)
-        else:
-            w.push_flat(stream_histograms(self.layout, c))
-        vec = w.vector()  # the dense drift reads the stats this leaves
-        if not w.sparse:
-            drift = self.drift.vector(w.running, self.rate, w.stats)
-        torch.cat([vec, drift]).tolist()
+    def step(self, codes: torch.Tensor) -> float:
+        """One step through both (with codebook metrics first, as a training step's end would); → seconds the
+        codebook metrics added."""
+        out = StepOutput(self.loss, {}, codes={"sem": (codes, None)}, ratios={"rate/bps_entropy": self.rate})
+        t0 = time.perf_counter()
+        self.metrics.add(out)
+        self.metrics.reduce(None, self.grad_norm, {})
+        t1 = time.perf_counter()
+        self.bare.add(out)
+        self.bare.reduce(None, self.grad_norm, {})
+        return (t1 - t0) - (time.perf_counter() - t1)
 
 
 def _profile_and_steps(K: int, n: int, device: str) -> tuple[dict, list[torch.Tensor]]:
@@ -83,10 +93,9 @@ def alone(K: int, sparse: bool, device: str = "cpu") -> dict:
     p = _Path(K, sparse, profile, device)
     times = []
     for i, codes in enumerate(steps):
-        t = time.perf_counter()
-        p.step(codes)
+        cost = p.step(codes)
         if i >= WARMUP:
-            times.append(time.perf_counter() - t)
+            times.append(cost)
     return {"ms": statistics.median(times) * 1e3, "mb": p.window.nbytes() / 2**20}
 
 
@@ -100,22 +109,23 @@ def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
     profile, steps = _profile_and_steps(K, n, device)
     p = _Path(K, sparse, profile, device)
     real_reduce = tr.step_metrics.reduce
-    metric_s: list[float] = []
+    metric_s: list[float] = []  # what the codebook metrics added
     ends: list[float] = []
+    spent: list[float] = []  # the whole benchmark work (both StepMetrics), taken out of the step time
 
     def reduce_then_metrics(*a, **k):
         out = real_reduce(*a, **k)
         t = time.perf_counter()
-        p.step(steps[len(metric_s) % n])
+        metric_s.append(p.step(steps[len(metric_s) % n]))
         t_end = time.perf_counter()
-        metric_s.append(t_end - t)
         ends.append(t_end)
+        spent.append(t_end - t)
         return out
 
     tr.step_metrics.reduce = reduce_then_metrics
     tr.fit()
-    # step i (i ≥ 1): from the end of step i − 1 to its own end, less its metric work
-    step_s = [ends[i] - ends[i - 1] - metric_s[i] for i in range(1, len(ends))]
+    # step i (i ≥ 1): from the end of step i − 1 to its own end, less the benchmark's work
+    step_s = [ends[i] - ends[i - 1] - spent[i] for i in range(1, len(ends))]
     fr = [m / s for m, s in zip(metric_s[1:], step_s, strict=True)][WARMUP:]
     return {
         "frac": statistics.median(fr),

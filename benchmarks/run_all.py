@@ -168,15 +168,13 @@ def bench_trainer_overhead(
         metric_t, reduce_t = _Timer(), _Timer()
         real_hist = step_metrics_mod.stream_histograms
         step_metrics_mod.stream_histograms = metric_t.wrap(real_hist)
-        if sm.window.sparse:  # large codebooks: keys, push and drift rows instead of histograms
-            sm.window.keys = metric_t.wrap(sm.window.keys)
-            sm.window.push = metric_t.wrap(sm.window.push)
-            sm.window.drift_rows = metric_t.wrap(sm.window.drift_rows)
-            sm.sources.drift.from_rows = metric_t.wrap(sm.sources.drift.from_rows)
+        if sm.window.sparse:  # large codebooks: keys, push, summary and its host arithmetic instead of histograms
+            for name in ("keys", "push", "summary", "finish"):
+                setattr(sm.window, name, metric_t.wrap(getattr(sm.window, name)))
         else:  # (drift.vector calls from_rows itself: wrapped once, here)
             sm.window.push_flat = metric_t.wrap(sm.window.push_flat)
             sm.sources.drift.vector = metric_t.wrap(sm.sources.drift.vector)
-        sm.window.vector = metric_t.wrap(sm.window.vector)
+            sm.window.vector = metric_t.wrap(sm.window.vector)
         real_reduce = sm.reduce
 
         def reduce_and_sync(*a, real_reduce=real_reduce, metric_t=metric_t, reduce_t=reduce_t, **k):

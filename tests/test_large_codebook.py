@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,10 +42,12 @@ def _profile(layout, g):
     }
 
 
-def test_sparse_window_equals_dense_window_and_drift_through_evictions():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])  # host arrays (CPU training) / device tensors (accelerators)
+def test_sparse_window_equals_dense_window_and_drift_through_evictions(backend):
     g = torch.Generator().manual_seed(0)
     dense = CodebookWindow(LAYOUT, window=4, digits=DIGITS)
-    sparse = SparseCodebookWindow(LAYOUT, window=4, digits=DIGITS)
+    sparse = SparseCodebookWindow(LAYOUT, window=4, digits=DIGITS, backend=backend)
+    assert sparse.host is (backend == "numpy")
     profile = _profile(LAYOUT, g)
     ref_d, ref_s = DriftReference(profile, LAYOUT, sparse=False), DriftReference(profile, LAYOUT, sparse=True)
     bps = torch.tensor(12.0, dtype=torch.float64)
@@ -52,21 +55,24 @@ def test_sparse_window_equals_dense_window_and_drift_through_evictions():
         codes = _step(g)
         dense.push_flat(stream_histograms(LAYOUT, codes))
         sparse.push(sparse.keys(codes))
-        dv, sv = dense.vector(), sparse.vector()
+        dv, sv = dense.vector(), torch.from_numpy(sparse.vector())
         assert dense.names() == sparse.names()
         assert torch.allclose(dv, sv, rtol=0, atol=1e-9), (dv - sv).abs().max()
         want = ref_d.vector(dense.running, bps, dense.stats)
-        got = ref_s.from_rows(*sparse.drift_rows(ref_s), bps)
+        got = torch.from_numpy(sparse.drift_vector(ref_s, float(bps)))
         assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
 
 
-def _reduce_all(sparse: bool, layout, digits, steps, window=3, accum=1):
-    """Per-step metric dicts from `StepMetrics` (what the trainer logs) with the window forced dense or sparse."""
+def _reduce_all(sparse: bool, layout, digits, steps, window=3, accum=1, backend=None):
+    """Per-step metric dicts from `StepMetrics` (what the trainer logs) with the window forced dense or sparse (and
+    the sparse window's backend forced: "torch" is what an accelerator gets)."""
     g = torch.Generator().manual_seed(1)
     drift = DriftReference(_profile(layout, g), layout, sparse=sparse)
     sources = MetricSources(layout=layout, drift=drift, drift_rate="rate/bps_entropy", digits=digits)
     sm = StepMetrics(sources, window, torch.device("cpu"), world=1, grad_accum=accum)
     assert sm.window.sparse is sparse
+    if backend is not None:
+        sm.window = SparseCodebookWindow(layout, window, digits=digits, backend=backend)
     out = []
     for codes in steps:
         for part in range(accum):  # a step split into micro-batches along the batch
@@ -93,6 +99,10 @@ def test_trainer_metrics_are_the_same_through_either_window_at_2_10_codes():
     assert 0 < keys["drift/sem/js"] < 1
     # Micro-batches merge into the same counts: the sparse metrics are exact integers of the counts, so equal bitwise.
     assert _reduce_all(True, layout, digits, steps, accum=2) == sparse
+    # The accelerator path (the window's arrays as device tensors, its summary in the step's host copy) logs the same.
+    on_device = _reduce_all(True, layout, digits, steps, backend="torch")
+    for h, t in zip(sparse, on_device, strict=True):
+        assert list(h) == list(t) and all(abs(h[k] - t[k]) <= 1e-9 for k in h), {k: (h[k], t[k]) for k in h}
 
 
 def test_the_window_is_chosen_by_codebook_size():
@@ -139,12 +149,12 @@ def test_sparse_window_resumes_exactly_and_ignores_code_order():
         a.push(a.keys(codes))
         k = b.keys(codes)
         b.push(k[torch.randperm(k.numel(), generator=g)])  # another order of the same codes (other ranks' split)
-    assert torch.equal(a.vector(), b.vector())
+    assert np.array_equal(a.vector(), b.vector())
     c = SparseCodebookWindow(LAYOUT, 4, digits=DIGITS)
     c.load_state(a.state())
     for w in (a, c):
         w.push(w.keys(steps[5]))
-    assert torch.equal(a.vector(), c.vector()) and a.pos == c.pos == 6
+    assert np.array_equal(a.vector(), c.vector()) and a.pos == c.pos == 6
     with pytest.raises(ValueError, match="dense window"):
         c.load_state(CodebookWindow(LAYOUT, 4).state())
 
@@ -219,7 +229,7 @@ def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
     layout = {"sem": (K, 2), "spk": (16, 1)}
     prof = {**prof, "histograms": stored}
     sparse_ref, dense_ref = DriftReference(prof, layout), DriftReference(prof, layout, sparse=False)
-    assert sparse_ref.sparse and torch.allclose(sparse_ref.entropy, dense_ref.entropy)
+    assert sparse_ref.sparse and torch.allclose(torch.from_numpy(sparse_ref.entropy), dense_ref.entropy)
     w_s, w_d = make_window(layout, 3), make_window(layout, 3, sparse=False)
     codes = {"sem": (torch.randint(0, K, (2, 30, 2), generator=g), None), "spk": (torch.randint(0, 16, (2, 1)), None)}
     w_s.push(w_s.keys(codes))
@@ -227,7 +237,7 @@ def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
     bps = torch.tensor(0.0, dtype=torch.float64)
     w_d.vector()  # leaves the rows' distributions in w_d.stats
     want = dense_ref.vector(w_d.running, bps, w_d.stats)
-    assert torch.allclose(sparse_ref.from_rows(*w_s.drift_rows(sparse_ref), bps), want, atol=1e-9)
+    assert torch.allclose(torch.from_numpy(w_s.drift_vector(sparse_ref, float(bps))), want, atol=1e-9)
 
 
 def test_two_processes_give_the_sparse_metrics_of_one(corpus_dir, teacher_dir, tmp_path, subprocess_env):

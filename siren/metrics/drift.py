@@ -7,6 +7,7 @@ averaged over levels; `drift/<STREAM>/entropy_delta_bits` — entropy(window) �
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from siren.errors import LayoutMismatch
@@ -98,8 +99,8 @@ class DriftReference:
             r += L
         self.stream_mean = self.stream_mean.to(device)
         self.sparse = is_large(want) if sparse is None else sparse
-        if self.sparse:  # the baseline's codes only: O(its support), never O(K) (`SparseCodebookWindow.drift_rows`)
-            self._build_sparse(profile["histograms"], device)
+        if self.sparse:  # the baseline's codes only: O(its support), never O(K) (`SparseCodebookWindow.summary`)
+            self._build_sparse(profile["histograms"])
             return
         self.padded = PaddedLayout(want, device)
         hist = {s: dense_histogram(profile["histograms"][s], K, L) for s, (K, L) in want.items()}
@@ -107,24 +108,23 @@ class DriftReference:
         self.entropy = entropy_bits(self.hist)  # (R,)
         self.q = self.hist / self.hist.sum(-1, keepdim=True).clamp_min(1)
 
-    def _build_sparse(self, histograms: dict, device) -> None:
-        """Per baseline code with a count: its window key (row base + code), row and probability q; per row the
-        entropy H(q) and Σ g(q/2) = (H(q) + 1) / 2 for a non-empty row."""
+    def _build_sparse(self, histograms: dict) -> None:
+        """Host (numpy) arrays for `SparseCodebookWindow`, which moves them to its own backend: per baseline code with
+        a count its window key (row base + code), row, q/2 and g(q/2); per row the entropy H(q) and Σ g(q/2)."""
         keys, rows, qs, base, r = [], [], [], 0, 0
         for s, (K, L) in self.layout.items():
             for lvl in range(L):
                 codes, counts = level_counts(histograms[s], lvl, K)
-                keys.append(codes + base)
-                rows.append(torch.full_like(codes, r))
-                qs.append(counts / counts.sum().clamp_min(1))
+                keys.append(codes.numpy() + base)
+                rows.append(np.full(codes.numel(), r, dtype=np.int64))
+                qs.append((counts / counts.sum().clamp_min(1)).numpy())
                 base, r = base + K, r + 1
-        self.keys = torch.cat(keys).to(device)
-        self.row = torch.cat(rows).to(device)
-        self.q = torch.cat(qs).to(device)
-        g = lambda x: -x * torch.log2(x.clamp_min(1e-300))  # noqa: E731
-        self.entropy = torch.zeros(r, dtype=torch.float64, device=device).index_add_(0, self.row, g(self.q))
-        self.half_q, self.g_half_q = self.q / 2, g(self.q / 2)  # per code, constant over the run
-        self.half_q_entropy = torch.zeros_like(self.entropy).index_add_(0, self.row, self.g_half_q)
+        self.keys, self.row, q = np.concatenate(keys), np.concatenate(rows), np.concatenate(qs)
+        g = lambda x: -x * np.log2(np.maximum(x, 1e-300))  # noqa: E731
+        self.entropy = np.bincount(self.row, g(q), r)
+        self.half_q, self.g_half_q = q / 2, g(q / 2)  # per code, constant over the run
+        self.half_q_entropy = np.bincount(self.row, self.g_half_q, r)
+        self.stream_mean_host = self.stream_mean.cpu().numpy()
 
     def names(self) -> list[str]:
         return [f"drift/{s}/{k}" for k in ("js", "entropy_delta_bits") for s in self.layout] + ["drift/bps_delta"]
@@ -140,9 +140,7 @@ class DriftReference:
 
         JS(p, q) = H((p + q) / 2) − (H(p) + H(q)) / 2, which reuses the entropies the codebook metrics need anyway."""
         if self.sparse:
-            raise RuntimeError(
-                "a sparse DriftReference reads a SparseCodebookWindow: use from_rows(window.drift_rows())"
-            )
+            raise RuntimeError("a sparse DriftReference is read by SparseCodebookWindow.finish, not here")
         if stats is None:
             p = window_running / window_running.sum(-1, keepdim=True).clamp_min(1)
             stats = (p, -(p * torch.log2(p.clamp_min(1e-30))).sum(-1))

@@ -2,13 +2,20 @@
 
 The dense `CodebookWindow` keeps a (window, rows, K) float64 ring of histograms: 50 steps × 2^20 codes is 400 MB per
 level, and every step reads all K entries. `SparseCodebookWindow` keeps instead
-- the window's codes, one flat key tensor per step (memory: window × codes per step), and
-- one int32 count per code (4 MB per 2^20-code level, never window × K) and one int32 scratch mark per code (to count
-  each touched code once without sorting), updated only at the codes that enter or leave the window, and per row exact
-  integer sums: codes seen, N = Σ c and S = Σ c·log2 c in fixed point (c·log2 c from a lookup table over counts).
-So a step costs O(codes in the step + codes evicted), never O(K): usage = seen / K, dead = K − seen, entropy =
-log2 N − S / N. The sums are integers, so the metrics depend only on the window's counts — not on the order of codes,
-on how a step was split into micro-batches or ranks, or on a resume. All shapes are static: no host sync.
+- the window's codes, one flat key array per step (memory: window × codes per step),
+- one int32 count per code (4 MB per 2^20-code level, never window × K), updated only at the codes that enter or leave
+  the window, and per row exact integer sums: codes seen, N = Σ c and S = Σ c·log2 c in fixed point (c·log2 c from a
+  lookup table over counts),
+- per step its FSQ digit histogram (rows × digits × levels bins), so an evicted step is subtracted without recomputing.
+So a step costs O(codes in the step + codes evicted), never O(K). The sums are integers, so the metrics depend only on
+the window's counts — not on the order of codes, on how a step was split into micro-batches or ranks, or on a resume.
+
+Where it runs. Per step the window does ~25 array operations on a few thousand elements and the metrics need ~30 more
+on a few numbers per row, so on a CPU the cost is the library's per-operation overhead, not arithmetic. On the CPU the
+window's arrays are numpy arrays (a fraction of torch's per-op cost at these sizes); on an accelerator they are device
+tensors (the codes never leave the device). One algorithm, written once against `_NumpyOps` / `_TorchOps`. In both,
+`summary()` reduces the window to O(rows) numbers that travel in the step's one host copy, and `finish()` turns them
+into the metrics on the host (`siren.train.step_metrics.StepMetrics.reduce`).
 
 `make_window` picks: the dense window up to `DENSE_MAX_CODES` codes per level (where it is cheap and exact), the sparse
 one above. Both give the same metric names (`CodebookWindow.names()`) and values.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from siren.metrics.codebook import CodebookWindow, DigitLayout, Layout, level_names
@@ -45,17 +53,106 @@ def make_window(
     return cls(layout, window, device, digits=digits)
 
 
-def _fixed_xlogx(c: torch.Tensor) -> torch.Tensor:
-    """round(c · log2 c · 2^32) as int64 for integer counts c ≥ 0 (0 for c ∈ {0, 1})."""
-    x = c.to(torch.float64)
-    return torch.round(x * torch.log2(x.clamp_min(1.0)) * _FIX).to(torch.long)
+class _NumpyOps:
+    """The window's array operations on host numpy arrays (CPU training)."""
+
+    host = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def asarray(self, x, dtype: str) -> np.ndarray:
+        if torch.is_tensor(x):
+            x = x.detach().cpu().numpy()
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def zeros(self, shape, dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def arange(self, n: int, dtype: str) -> np.ndarray:
+        return np.arange(n, dtype=dtype)
+
+    def cat(self, xs) -> np.ndarray:
+        return np.concatenate(xs)
+
+    def unique_inverse(self, x) -> tuple[np.ndarray, np.ndarray]:
+        return np.unique(x, return_inverse=True)
+
+    def bincount(self, x, weights=None, n: int = 0) -> np.ndarray:
+        return np.bincount(x, weights, n)
+
+    def searchsorted(self, sorted_, v, right: bool) -> np.ndarray:
+        return np.searchsorted(sorted_, v, side="right" if right else "left")
+
+    def cast(self, x, dtype: str) -> np.ndarray:
+        return x.astype(dtype)
+
+    def cumsum0(self, x) -> np.ndarray:
+        return np.cumsum(x, 0)
+
+    floor, log2 = staticmethod(np.floor), staticmethod(np.log2)
+
+    def clamp_min(self, x, v: float) -> np.ndarray:
+        return np.maximum(x, v)
+
+    def minimum(self, a, b) -> np.ndarray:
+        return np.minimum(a, b)
+
+    def to_host(self, x) -> np.ndarray:
+        return x
+
+
+class _TorchOps(_NumpyOps):
+    """The same operations on device tensors (accelerator training: the codes stay on the device)."""
+
+    host = False
+
+    def asarray(self, x, dtype: str) -> torch.Tensor:
+        return torch.as_tensor(x).to(self.device, getattr(torch, dtype)).contiguous()
+
+    def zeros(self, shape, dtype: str) -> torch.Tensor:
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+
+    def arange(self, n: int, dtype: str) -> torch.Tensor:
+        return torch.arange(n, dtype=getattr(torch, dtype), device=self.device)
+
+    def cat(self, xs) -> torch.Tensor:
+        return torch.cat(list(xs))
+
+    def unique_inverse(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.unique(x, sorted=True, return_inverse=True)
+
+    def bincount(self, x, weights=None, n: int = 0) -> torch.Tensor:
+        return torch.bincount(x, weights, n)
+
+    def searchsorted(self, sorted_, v, right: bool) -> torch.Tensor:
+        return torch.searchsorted(sorted_, v, right=right)
+
+    def cast(self, x, dtype: str) -> torch.Tensor:
+        return x.to(getattr(torch, dtype))
+
+    def cumsum0(self, x) -> torch.Tensor:
+        return torch.cumsum(x, 0)
+
+    floor, log2 = staticmethod(torch.floor), staticmethod(torch.log2)
+
+    def clamp_min(self, x, v: float) -> torch.Tensor:
+        return x.clamp_min(v)
+
+    def minimum(self, a, b) -> torch.Tensor:
+        return torch.minimum(a, b)
+
+    def to_host(self, x) -> np.ndarray:
+        return x.detach().cpu().numpy()
 
 
 class SparseCodebookWindow:
-    """Window of the last `window` steps' codes for every (stream, level) row of `layout`, on `device`.
+    """Window of the last `window` steps' codes for every (stream, level) row of `layout`.
 
     A code of row r has the flat key `base[r] + code`; an invalid (masked) frame has the key `trash` (counted in an
-    extra row that no metric reads). `keys(codes)` makes a step's keys, `push(keys)` adds them.
+    extra row that no metric reads). `keys(codes)` makes a step's keys on the codes' device, `push(keys)` adds them,
+    `summary(ref)` reduces the window to O(rows) numbers, `finish(summary, ref, rate)` gives the metrics on the host.
+    `backend`: "numpy" (host arrays) or "torch" (tensors on `device`); default numpy on a CPU device, else torch.
     """
 
     sparse = True
@@ -66,127 +163,114 @@ class SparseCodebookWindow:
         window: int,
         device: torch.device | str = "cpu",
         digits: dict[str, list[int]] | None = None,
+        backend: str | None = None,
     ):
         if window < 1:
             raise ValueError(f"train.codebook_window must be >= 1, got {window}")
         self.layout, self.window, self.device = dict(layout), window, torch.device(device)
+        backend = backend or ("numpy" if self.device.type == "cpu" else "torch")
+        if backend not in ("numpy", "torch"):
+            raise ValueError(f"sparse codebook window backend must be 'numpy' or 'torch', got {backend!r}")
+        self.xp = (_NumpyOps if backend == "numpy" else _TorchOps)(self.device)
+        self.host = self.xp.host
         self.rows = [(s, lv) for s, (_, L) in self.layout.items() for lv in level_names(s, L)]
         row_k = [K for K, L in self.layout.values() for _ in range(L)]
-        self.row_k = torch.tensor(row_k, dtype=torch.float64, device=self.device)
-        ends = torch.tensor(row_k, dtype=torch.long, device=self.device).cumsum(0)
-        self.base = ends - self.row_k.to(torch.long)  # (R,) first key of each row
-        self.ends = ends
+        self.row_k = np.array(row_k, dtype=np.float64)
+        ends = np.cumsum(np.array(row_k, dtype=np.int64))
+        base = ends - np.array(row_k, dtype=np.int64)  # (R,) first key of each row
         self.trash = int(ends[-1]) if len(row_k) else 0
-        self._stream_base = {}
-        r = 0
+        self.ends = self.xp.asarray(ends, "int64")  # row r holds keys [base[r], ends[r]); keys ≥ ends[-1] are trash
+        self._bounds = self.xp.asarray(np.append(ends, self.trash + 1), "int64")  # + the trash row's end
+        self._key_base, r = {}, 0  # stream → (L,) first key of each level, on the device the codes come from
         for s, (_, L) in self.layout.items():
-            self._stream_base[s] = self.base[r : r + L]
+            self._key_base[s] = torch.as_tensor(base[r : r + L], device=self.device)
             r += L
-        self.digits = DigitLayout(self.layout, digits or {}, self.device)
-        # Per row (+ the trash row): its FSQ digit levels, bases and first bin, as one gather per step; rows without
-        # digits (and trash) point at an extra bin row that no metric reads.
-        self._digit_tab = self.digits.row_tables(torch.cat([self.base, self.base.new_full((1,), self.trash)]))
+        self.digits = DigitLayout(self.layout, digits or {})
+        self._split = _DigitSplit(self.digits, np.append(base, self.trash), self.xp)
+        self._refs: dict[int, tuple] = {}  # id(drift reference) → its arrays in this window's backend
         self._reset()
 
     def _reset(self) -> None:
-        self.counts = torch.zeros(self.trash + 1, dtype=torch.int32, device=self.device)
-        self.mark = torch.zeros(self.trash + 1, dtype=torch.int32, device=self.device)  # scratch: dedupe per push
-        self.sums = torch.zeros(len(self.rows) + 1, 3, dtype=torch.long, device=self.device)  # per row: S, seen, N
-        bins = self.digits.flat_size + self.digits.dmax * self.digits.lmax  # + the bins of rows without digits
-        self.digit_counts = torch.zeros(bins, dtype=torch.long, device=self.device)
-        self.ring: list[torch.Tensor | None] = [None] * self.window
+        xp = self.xp
+        self.counts = xp.zeros(self.trash + 1, "int32")
+        self.sums = xp.zeros((len(self.rows) + 1, 3), "int64")  # per row (+ trash): S, seen, N
+        self.digit_counts = xp.zeros(self._split.n_bins, "float64")  # the window's low/high digit-group histogram
+        self.ring: list = [None] * self.window  # per step: its keys
         self.pos = 0
-        self._table = torch.zeros(1, 2, dtype=torch.long, device=self.device)  # count c → (fixed c·log2 c, c > 0)
-        self._signs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._table = xp.zeros((1, 3), "int64")  # count c → (fixed c·log2 c, c > 0, c)
+        self._signs: dict[tuple[int, int], object] = {}
 
-    def _count_table(self, most: int) -> torch.Tensor:
-        """Lookup table c → (round(c·log2 c · 2^32), c > 0) for every count a window can hold (c ≤ `most`)."""
+    def _count_table(self, most: int):
+        """Lookup table c → (round(c·log2 c · 2^32), c > 0, c) for every count a window can hold (c ≤ `most`)."""
         if most >= self._table.shape[0]:
             if most * math.log2(max(most, 2)) * _FIX >= 2**62:  # Σ c·log2 c ≤ N·log2 N must fit in int64
                 raise ValueError(
                     f"a codebook window of {self.window} steps × up to {most // self.window} codes per step is too "
                     "large for its exact sums; lower train.codebook_window"
                 )
-            c = torch.arange(2 * most + 1, dtype=torch.float64, device=self.device)  # headroom: grows rarely
-            fx = torch.round(c * torch.log2(c.clamp_min(1.0)) * _FIX).to(torch.long)
-            self._table = torch.stack([fx, (c > 0).to(torch.long)], 1)
+            c = np.arange(2 * most + 1, dtype=np.float64)  # headroom: grows rarely
+            fx = np.round(c * np.log2(np.maximum(c, 1.0)) * _FIX).astype(np.int64)
+            self._table = self.xp.asarray(np.stack([fx, (c > 0).astype(np.int64), c.astype(np.int64)], 1), "int64")
         return self._table
 
-    def _sign(self, n_new: int, n_old: int) -> tuple[torch.Tensor, ...]:
-        """+1 for the n_new entering keys, −1 for the n_old leaving ones (int32 for the counts, int64 for the sums, and
-        repeated per digit for the digit bins), and occurrence ids 0…m−1 (int32); cached per shape."""
+    def _sign(self, n_new: int, n_old: int):
+        """+1 for the n_new entering keys, −1 for the n_old leaving ones (float64: bincount weights); cached."""
         key = (n_new, n_old)
         if key not in self._signs:
-            s = torch.ones(n_new + n_old, dtype=torch.long, device=self.device)
-            s[n_new:] = -1
-            ids = torch.arange(n_new + n_old, dtype=torch.int32, device=self.device)
-            self._signs[key] = (s.to(torch.int32), s, ids, s.repeat_interleave(self.digits.dmax))
+            self._signs[key] = self.xp.asarray(np.r_[np.ones(n_new), -np.ones(n_old)], "float64")
         return self._signs[key]
 
     # ------------------------------------------------------------------------------------------------------- filling
     def keys(self, codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """A step's (or micro-batch's) codes (stream → (codes (B, T, L) or (B, G), mask (B, T) or None)) → flat keys
-        (n,) long, `trash` for masked frames. Static shapes: the mask is applied by `where`, not by indexing."""
+        (n,) long on the codes' device, `trash` for masked frames. Static shapes: the mask is applied by `where`."""
         out = []
         for s in self.layout:
             c, mask = codes[s]
             c = c.detach()
             if c.dim() == 2:
                 c = c.unsqueeze(1)
-            k = c + self._stream_base[s].to(c.device)
+            k = c + self._key_base[s].to(c.device)
             if mask is not None:
                 k = torch.where(mask.bool()[..., None], k, torch.full_like(k, self.trash))
             out.append(k.reshape(-1))
-        return torch.cat(out).to(self.device)
+        return torch.cat(out)
 
-    def push(self, keys: torch.Tensor) -> None:
-        """Add one step's keys (n,) and evict the step that falls out of the window: O(n + evicted), never O(K)."""
-        keys = keys.to(self.device, torch.long).reshape(-1)
+    def push(self, keys) -> None:
+        """Add one step's keys (n,) (a tensor or array) and evict the step that falls out of the window:
+        O(n + evicted), never O(K). Each distinct touched key changes its count once, by its net change."""
+        xp = self.xp
+        keys = xp.asarray(keys, "int64").reshape(-1)
         slot = self.pos % self.window
         old = self.ring[slot]
         self.ring[slot] = keys
         self.pos += 1
-        self._stats = None
-        n_old = 0 if old is None else old.numel()
-        table = self._count_table(self.window * max(t.numel() for t in self.ring if t is not None))
-        touched = keys if old is None else torch.cat([keys, old])
-        sign32, sign, ids, sign_digits = self._sign(keys.numel(), n_old)
-        # Each key's change is counted once: at the occurrence whose id a scatter left in `mark` (any one of them).
-        self.mark.scatter_(0, touched, ids)
-        first = self.mark.index_select(0, touched) == ids
-        before = self.counts.index_select(0, touched)
-        self.counts.index_add_(0, touched, sign32)
-        after = self.counts.index_select(0, touched)
-        d = (table.index_select(0, after) - table.index_select(0, before)) * first[
-            :, None
-        ]  # (m, 2): change of fixed c·log2 c and of "seen"
-        row = torch.searchsorted(self.ends, touched, right=True)  # trash → R
-        self.sums.index_add_(0, row, torch.cat([d, sign[:, None]], 1))
-        if self.digits.rows:  # per-dimension digit bins, +1 / −1 per entering / leaving code
-            self.digit_counts.index_add_(0, self._digit_bins(touched, row), sign_digits)
-
-    def _digit_bins(self, keys: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Bins (m·dmax,) of the FSQ digits of keys (m,) in rows (m,). With F_j = ⌊code / basis_j⌋ (basis_dmax = K),
-        digit_j = F_j − levels_j · F_(j+1); float64 is exact here and far faster than int64 division, and the
-        +0.5 keeps every quotient ≥ 2^-21 away from an integer, so rounding of 1/basis never flips a floor."""
-        d = self.digits.dmax
-        tab = self._digit_tab.index_select(0, row)  # (m, 1 + (d + 1) + d + d): base, 1/basis_0..d, levels, first bins
-        code = keys.to(torch.float64) - tab[:, 0] + 0.5
-        F = torch.floor(code[:, None] * tab[:, 1 : d + 2])
-        digit = F[:, :d] - tab[:, d + 2 : 2 * d + 2] * F[:, 1:]
-        return (tab[:, 2 * d + 2 :] + digit).to(torch.long).reshape(-1)
+        table = self._count_table(self.window * max(k.shape[0] for k in self.ring if k is not None))
+        touched = keys if old is None else xp.cat([keys, old])
+        sign = self._sign(keys.shape[0], touched.shape[0] - keys.shape[0])
+        uniq, inv = xp.unique_inverse(touched)  # sorted: rows are contiguous runs of it
+        delta = xp.cast(xp.bincount(inv, sign, uniq.shape[0]), "int32")
+        before = self.counts[uniq]
+        after = before + delta
+        self.counts[uniq] = after
+        d = table[after] - table[before]  # (u, 3): change of fixed c·log2 c, of "seen" and of c
+        # per-row sums of d: differences of its running sum at the rows' ends (exact in int64, wrapping included)
+        run = xp.cumsum0(xp.cat([xp.zeros((1, 3), "int64"), d]))
+        at = run[xp.searchsorted(uniq, self._bounds, right=False)]
+        self.sums += xp.cat([at[:1], at[1:] - at[:-1]])
+        if self.digits.rows:  # FSQ digits: the entering codes' low/high digit groups counted in, the leaving out
+            self.digit_counts += self._split.histogram(touched, sign)
 
     def nbytes(self) -> int:
-        """Memory this window holds (counts, sums, digit bins and the ring of step keys)."""
-        ring = sum(t.numel() * t.element_size() for t in self.ring if t is not None)
-        own = (self.counts, self.mark, self.sums, self.digit_counts, self._table)
-        return ring + sum(t.numel() * t.element_size() for t in own)
+        """Memory this window holds (counts, sums, digit-group bins and the ring of step keys)."""
+        arrays = [self.counts, self.sums, self.digit_counts, self._table]
+        arrays += [t for t in self.ring if t is not None]
+        return sum(int(t.nbytes) for t in arrays)
 
     def state(self) -> dict:
         """The ring of step keys, oldest first, and the step count: everything else is rebuilt from it."""
         steps = [self.ring[(self.pos + i) % self.window] for i in range(self.window)]
-        return {"sparse_keys": [t.clone() for t in steps if t is not None], "pos": self.pos}
+        return {"sparse_keys": [torch.tensor(self.xp.to_host(t)) for t in steps if t is not None], "pos": self.pos}
 
     def load_state(self, state: dict) -> None:
         """Restore a saved window (resume): the counts and sums are rebuilt exactly (integers) from the keys."""
@@ -196,47 +280,163 @@ class SparseCodebookWindow:
         steps = state["sparse_keys"]
         self.pos = int(state["pos"]) - len(steps)
         for k in steps:
-            self.push(k.to(self.device))
+            self.push(k)
 
     # ----------------------------------------------------------------------------------------------------- reading
     def names(self) -> list[str]:
         out = [f"codebook/{s}/{lv}/{kind}" for kind in ("usage", "perplexity", "dead") for s, lv in self.rows]
         return out + self.digits.names()
 
-    def _entropy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row S = Σ c·log2 c, N = Σ c and codes seen as float64, and the entropy in bits of the window's
-        histogram (kept until the next push, for the drift of the same step)."""
-        if self._stats is None:
-            s = self.sums[:-1].to(torch.float64)
-            S, seen, n = s[:, 0] / _FIX, s[:, 1], s[:, 2]
-            n1 = n.clamp_min(1)
-            ent = torch.where(n > 0, torch.log2(n1) - S / n1, torch.zeros_like(n))
-            self._stats = (S, n, seen, ent)
-        return self._stats
+    def _ref(self, ref):
+        """A sparse `DriftReference`'s per-code arrays (window keys, rows, q/2, g(q/2)) in this window's backend."""
+        if id(ref) not in self._refs:
+            xp = self.xp
+            self._refs = {
+                id(ref): (
+                    xp.asarray(ref.keys, "int64"),
+                    xp.asarray(ref.row, "int64"),
+                    xp.asarray(ref.half_q, "float64"),
+                    xp.asarray(ref.g_half_q, "float64"),
+                )
+            }
+        return self._refs[id(ref)]
 
-    def vector(self) -> torch.Tensor:
-        """All metrics in the order of `names()`, as one float64 vector on the device: O(rows), not O(K)."""
-        _, _, seen, ent = self._entropy()
-        out = torch.cat([seen / self.row_k, torch.exp2(ent), self.row_k - seen])
+    def summary(self, ref=None):
+        """The window as O(rows) float64 numbers, in this window's backend: per row S = Σ c·log2 c, codes seen and
+        N = Σ c, then (with a sparse drift reference `ref`) per row Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)]
+        (g(x) = −x log2 x; O(baseline support), never O(K)), then the digit bins. `finish` reads it."""
+        xp, R = self.xp, len(self.rows)
+        s = xp.cast(self.sums[:R], "float64")
+        parts = [s[:, 0] / _FIX, s[:, 1], s[:, 2]]
+        if ref is not None:
+            keys, row, half_q, g_half_q = self._ref(ref)
+            two_n = 2.0 * xp.clamp_min(s[:, 2], 1.0)
+            half_p = xp.cast(self.counts[keys], "float64") / two_n[row]  # p/2 at the baseline's codes
+            both = _g(xp, half_p + half_q) - _g(xp, half_p) - g_half_q
+            parts.append(xp.bincount(row, both, R))
         if self.digits.rows:
-            out = torch.cat([out, self.digits.vector(self.digit_counts[: self.digits.flat_size].to(torch.float64))])
-        return out
+            parts.append(self._split.digit_bins(self.digit_counts))
+        return xp.cat(parts)
 
-    def drift_rows(self, ref) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: JS divergence (bits) of the window vs `ref` (a sparse `DriftReference`) and entropy(window) −
-        entropy(baseline). O(baseline support), never O(K):
-        H(m) = Σ_q g(q/2) + Σ_p g(p/2) + Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)], g(x) = −x log2 x, where
-        Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums, and the last sum runs over the baseline's codes."""
-        S, n, _, ent = self._entropy()
-        n1 = n.clamp_min(1)
-        half_p = self.counts.index_select(0, ref.keys) / (2 * n1).index_select(0, ref.row)  # p/2 at baseline codes
-        both = _g(half_p + ref.half_q) - _g(half_p) - ref.g_half_q
-        cross = torch.zeros_like(n).index_add_(0, ref.row, both)
-        half_p = torch.where(n > 0, (n1 * torch.log2(2 * n1) - S) / (2 * n1), torch.zeros_like(n))
-        h_m = ref.half_q_entropy + half_p + cross
-        js = (h_m - 0.5 * (ent + ref.entropy)).clamp_min(0.0)
-        return js, ent - ref.entropy
+    def finish(self, summary: np.ndarray, ref=None, bps_entropy: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Host arithmetic on a `summary` (numpy): the codebook metrics in `names()` order and, with `ref`, the drift
+        metrics in `ref.names()` order (JS of each row's window histogram vs the baseline's, entropy delta, averaged
+        over each stream's levels; bit/s delta). H(m) = Σ_q g(q/2) + Σ_p g(p/2) + cross, where
+        Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums."""
+        R = len(self.rows)
+        S, seen, n = summary[:R], summary[R : 2 * R], summary[2 * R : 3 * R]
+        at = 3 * R
+        n1 = np.maximum(n, 1.0)
+        ent = np.where(n > 0, np.log2(n1) - S / n1, 0.0)
+        out = [seen / self.row_k, np.exp2(ent), self.row_k - seen]
+        drift = None
+        if ref is not None:
+            cross, at = summary[at : at + R], at + R
+            half_p = np.where(n > 0, (n1 * np.log2(2 * n1) - S) / (2 * n1), 0.0)
+            js = np.maximum(ref.half_q_entropy + half_p + cross - 0.5 * (ent + ref.entropy), 0.0)
+            per_stream = np.stack([js, ent - ref.entropy]) @ ref.stream_mean_host.T  # (2, S): mean over levels
+            drift = np.append(per_stream.reshape(-1), bps_entropy - ref.bps_entropy)
+        if self.digits.rows:
+            c = summary[at:].reshape(len(self.digits.rows), self.digits.dmax, self.digits.lmax)
+            usage = (c > 0).sum(-1) / self._split.levels
+            p = c / np.maximum(c.sum(-1, keepdims=True), 1.0)
+            ppl = np.exp2(-(p * np.log2(np.maximum(p, 1e-30))).sum(-1))
+            out += [usage.reshape(-1)[self._split.valid], ppl.reshape(-1)[self._split.valid]]
+        return np.concatenate(out), drift
+
+    def vector(self) -> np.ndarray:
+        """All codebook metrics in the order of `names()` (host float64)."""
+        return self.finish(np.asarray(self.xp.to_host(self.summary())))[0]
+
+    def drift_vector(self, ref, bps_entropy: float) -> np.ndarray:
+        """The drift metrics against a sparse `DriftReference` in the order of `ref.names()` (host float64)."""
+        return self.finish(np.asarray(self.xp.to_host(self.summary(ref))), ref, bps_entropy)[1]
 
 
-def _g(x: torch.Tensor) -> torch.Tensor:
-    return -x * torch.log2(x.clamp_min(1e-300))
+class _DigitSplit:
+    """Per-dimension digit counts of FSQ codes without per-digit work per code. An FSQ code of d digits (mixed radix,
+    digit 0 least significant) splits as code = high · B + low with B = Π of its first m levels (m chosen so that B and
+    K / B are both about √K). Per step each touched code adds ±1 to one low bin and one high bin of its row: 2 bins per
+    code instead of d, and about 2√K bins per row instead of K. `digit_bins` folds the window's low/high histograms
+    into the digit histograms with two small matrix products per stream, (L, B) @ (B, m · lmax) and the same for the
+    high part; the matrix holds 1 where a value has digit v in dimension j."""
+
+    def __init__(self, digits: DigitLayout, base: np.ndarray, xp):
+        self.xp, self.digits = xp, digits
+        R = len(base) - 1  # layout rows; base[R] is the trash key
+        # per layout row (+ trash): first key, radix B, low cap, high cap, first low bin, first high bin
+        tab = np.zeros((R + 1, 6), dtype=np.int64)
+        tab[:, 0] = base
+        tab[:, 1] = 1  # rows without digits (and trash): low = 0 and high capped at 0, both in the trash bin
+        spans: list[list] = []  # per FSQ stream: its stream, first and end digit-row index, levels
+        for i, (s, _, _, levels) in enumerate(digits.rows):
+            if spans and spans[-1][0] == s:
+                spans[-1][2] = i + 1
+            else:
+                spans.append([s, i, i + 1, levels])
+        parts, n = [], 0
+        for _, i0, i1, levels in spans:
+            K, d = math.prod(levels), len(levels)
+            prefix = [math.prod(levels[:m]) for m in range(d + 1)]
+            m = min(range(d + 1), key=lambda m: (max(prefix[m], K // prefix[m]), m))
+            B = prefix[m]
+            rows = [digits.rows[i][2] for i in range(i0, i1)]
+            tab[rows, 1], tab[rows, 2], tab[rows, 3] = B, B - 1, K // B - 1
+            tab[rows, 4] = n + B * np.arange(len(rows))
+            low = slice(n, n + B * len(rows))
+            tab[rows, 5] = low.stop + (K // B) * np.arange(len(rows))
+            n = low.stop + (K // B) * len(rows)
+            high = slice(low.stop, n)
+            parts.append(
+                (
+                    slice(i0, i1),
+                    m,
+                    d,
+                    low,
+                    high,
+                    _digit_matrix(levels[:m], digits.lmax),
+                    _digit_matrix(levels[m:], digits.lmax),
+                )
+            )
+        self.n_bins = n + 1  # + the trash bin
+        no_digits = tab[:, 1] == 1
+        tab[no_digits, 4] = tab[no_digits, 5] = n
+        self.tab = xp.asarray(tab, "int64")
+        self.ends = xp.asarray(base[1:], "int64")  # row r holds keys [base[r], base[r + 1]); keys ≥ base[R]: trash
+        self.groups = [(*g[:5], xp.asarray(g[5], "float64"), xp.asarray(g[6], "float64")) for g in parts]
+        self.levels = digits.levels.numpy().astype(np.float64)
+        self.valid = digits.valid.numpy()
+
+    def histogram(self, keys, sign):
+        """±1 (`sign`, float64) per key (n,) into the low and high bins of its row → (n_bins,) float64 change."""
+        xp = self.xp
+        t = self.tab[xp.searchsorted(self.ends, keys, right=True)]  # (n, 6); trash keys → the trash row
+        code = keys - t[:, 0]
+        high = code // t[:, 1]
+        low = xp.minimum(code - high * t[:, 1], t[:, 2])
+        high = xp.minimum(high, t[:, 3])
+        return xp.bincount(xp.cat([t[:, 4] + low, t[:, 5] + high]), xp.cat([sign, sign]), self.n_bins)
+
+    def digit_bins(self, counts):
+        """The window's low/high histogram (n_bins,) → its digit histograms, flat (rows · dmax · lmax,) float64."""
+        xp, dg = self.xp, self.digits
+        out = xp.zeros((len(dg.rows), dg.dmax, dg.lmax), "float64")
+        for rows, m, d, low, high, m_low, m_high in self.groups:
+            n = rows.stop - rows.start
+            out[rows, :m] = (counts[low].reshape(n, -1) @ m_low).reshape(n, m, dg.lmax)
+            out[rows, m:d] = (counts[high].reshape(n, -1) @ m_high).reshape(n, d - m, dg.lmax)
+        return out.reshape(-1)
+
+
+def _digit_matrix(levels: list[int], lmax: int) -> np.ndarray:
+    """(Π levels, len(levels) · lmax) 0/1: row x has a 1 at (j, digit j of x) for each dimension j."""
+    n, d = math.prod(levels), len(levels)
+    x, out = np.arange(n), np.zeros((n, d, lmax))
+    for j, lv in enumerate(levels):
+        out[np.arange(n), j, x % lv] = 1.0
+        x = x // lv
+    return out.reshape(n, d * lmax)
+
+
+def _g(xp, x):
+    return -x * xp.log2(xp.clamp_min(x, 1e-300))

@@ -4,11 +4,14 @@ Per micro-batch the stage's loss terms (as means over ranks × micro-batches), r
 code histograms are added into one float64 vector (for large codebooks, `siren.metrics.large_codebook`, the codes are
 kept instead and gathered across ranks); `reduce` appends the step's counters, all-reduces the vector once
 (sum), then derives ratios, the codebook window's usage/perplexity/dead and — when the stage handed over a drift
-reference — the drift metrics, and copies everything to the host in one go.
+reference — the drift metrics, and copies everything to the host in one go. A large codebook's window adds its
+O(rows) summary to that copy (on a CPU: the step's codes, pushed into its host arrays after the copy) and its metrics
+are finished on the host from those few numbers.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from siren.metrics.codebook import stream_histograms
@@ -73,32 +76,45 @@ class StepMetrics:
             ratios = pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)
             outs.append(ratios)
         i = n_s + 2 * n_r
-        if self.window is not None:
-            if self.window.sparse:
-                self.window.push(self._gather_keys(accelerator))
-            else:
-                k = self.window.padded.flat_idx.numel()
-                self.window.push_flat(vec[i : i + k])
-                i += k
-            names += self.window.names()
-            outs.append(self.window.vector())
-            drift = self.sources.drift
+        window, drift = self.window, self.sources.drift
+        if drift is not None and (ratios is None or self.sources.drift_rate not in self._ratio_names):
+            raise RuntimeError(f"the stage's drift rate {self.sources.drift_rate!r} is not among its ratios")
+        if window is not None and not window.sparse:
+            k = window.padded.flat_idx.numel()
+            window.push_flat(vec[i : i + k])
+            i += k
+            names += window.names()
+            outs.append(window.vector())
             if drift is not None:
-                if ratios is None or self.sources.drift_rate not in self._ratio_names:
-                    raise RuntimeError(f"the stage's drift rate {self.sources.drift_rate!r} is not among its ratios")
                 names += drift.names()
-                rate = ratios[self._ratio_names.index(self.sources.drift_rate)]
-                if self.window.sparse:
-                    outs.append(drift.from_rows(*self.window.drift_rows(drift), rate))
-                else:
-                    outs.append(drift.vector(self.window.running, rate, self.window.stats))
-        names += list(counters)
-        outs.append(vec[i:])
-        names.append("train/grad_norm")
-        outs.append(grad_norm.detach().to(torch.float64).reshape(1).to(self.device))
-        host = torch.cat(outs).tolist()  # the one host sync of the step
+                outs.append(
+                    drift.vector(window.running, ratios[self._ratio_names.index(self.sources.drift_rate)], window.stats)
+                )
+        names += [*counters, "train/grad_norm"]
+        outs += [vec[i:], grad_norm.detach().to(torch.float64).reshape(1).to(self.device)]
+        n_dev = len(names)
+        if window is not None and window.sparse:  # its O(rows) summary (or, on the host backend, the step's codes)
+            keys = self._gather_keys(accelerator)
+            if not window.host:
+                window.push(keys)
+            outs.append(window.summary(drift) if not window.host else keys.to(torch.float64))
+        host = torch.cat(outs).cpu().numpy()  # the one host sync of the step
+        values = host[:n_dev].tolist()
         self._vec = None
-        return dict(zip(names, host, strict=True))
+        if window is None or not window.sparse:
+            return dict(zip(names, values, strict=True))
+        tail = host[n_dev:]
+        if window.host:
+            window.push(tail.astype(np.int64))
+            tail = window.summary(drift)
+        rate = values[n_s + self._ratio_names.index(self.sources.drift_rate)] if drift is not None else 0.0
+        book, drifted = window.finish(tail, drift, rate)
+        at = n_s + n_r  # the codebook (and drift) metrics sit between the ratios and the counters, as in the dense path
+        extra_names = window.names() + (drift.names() if drift is not None else [])
+        extra = book.tolist() + (drifted.tolist() if drift is not None else [])
+        names = names[:at] + extra_names + names[at:]
+        values = values[:at] + extra + values[at:]
+        return dict(zip(names, values, strict=True))
 
     def _gather_keys(self, accelerator) -> torch.Tensor:
         """The step's code keys of every micro-batch and rank (the sparse window's counts are merged by gathering
