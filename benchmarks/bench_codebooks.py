@@ -3,19 +3,19 @@ picks (`siren.metrics.large_codebook.make_window`: dense up to 2^12 codes per le
 codes per level, and the dense window beside it.
 
 Per step: one sem stream, 1 level, an FSQ of 4-level dimensions (digit metrics included), batch 8 × 4 s at 25 Hz
-(800 codes), window 50 steps, JS drift against a baseline of 20,000 codes — a `StepMetrics` (what the trainer runs)
-adding one micro-batch (a loss, the bit-rate ratio, the codes) and reducing it: histogram or keys, push, metrics,
-drift, the host copy. The figure thus also holds the step's scalar bookkeeping (a few tens of µs), which a step pays
-with or without codebook metrics.
+(800 codes), window 50 steps, JS drift against a baseline of 20,000 codes. The cost is what the codebook metrics add
+to the trainer's per-step metrics: a `StepMetrics` with the window (and the drift reference) adds one micro-batch (a
+loss, the bit-rate ratio, the codes) and reduces it, host copy included, and so does its twin without codebook
+metrics; cost = with − without. The two take turns going first (`_Path.step`) and the figures are over pairs of steps.
 
 How the chosen path is timed (`in_training`): the way a training step pays it. A real tiny adapt run (the factory
-`run_all` passes) trains for its `train.max_steps` (60 there); at the end of every step (after `StepMetrics.reduce`) the chosen
-window does one step of this work on that step's synthetic codes, timed with `time.perf_counter`, so its memory
-accesses meet the caches as a training step leaves them. The figure is the median over steps of (metric time ÷ that
-step's own time without it; a step's time = wall time between the ends of two consecutive steps). The 2^20 codes of the
-synthetic window stand in for the run's codebook: a tiny codec run with a real 2^20-code FSQ
-(`sem_quantizer.levels=[4]*10`) took ~11 s per step on the 2-core CPU machine, which would hide the metrics' cost
-instead of measuring it.
+`run_all` passes) trains for its `train.max_steps` (60 there); at the end of every step (after its own
+`StepMetrics.reduce`) both StepMetrics do one step on that step's synthetic codes, timed with `time.perf_counter`, so
+their memory accesses meet the caches as a training step leaves them. The figure is the median over pairs of steps of
+(metric cost ÷ the steps' own time without the benchmark's work; a step's time = wall time between the ends of two
+consecutive steps). The 2^20 codes of the synthetic window stand in for the run's codebook: a tiny codec run with a
+real 2^20-code FSQ (`sem_quantizer.levels=[4]*10`) took ~11 s per step on the 2-core CPU machine, which would hide the
+metrics' cost instead of measuring it.
 The dense window is timed alone (`alone`: its steps back to back, not interleaved with anything — interleaving its
 400 MB at 2^20 with the sparse window evicted the sparse window's caches), and reported beside it for comparison.
 Standalone (`python benchmarks/bench_codebooks.py --step-ms MS`) there is no training run: both paths are timed alone
@@ -62,16 +62,21 @@ class _Path:
         self.loss, self.rate, self.grad_norm = one, (one * 150, one), one
 
     def step(self, codes: torch.Tensor) -> float:
-        """One step through both (with codebook metrics first, as a training step's end would); → seconds the
-        codebook metrics added."""
+        """One step through both; → seconds the codebook metrics added (with − without). The two take turns going
+        first: whatever runs first after a training step runs slower for a while (caches and predictors refill), and
+        a step pays that once whichever code it is, so it is no cost of the codebook metrics. Over an even number of
+        steps the turns cancel it out of the median difference."""
         out = StepOutput(self.loss, {}, codes={"sem": (codes, None)}, ratios={"rate/bps_entropy": self.rate})
-        t0 = time.perf_counter()
-        self.metrics.add(out)
-        self.metrics.reduce(None, self.grad_norm, {})
-        t1 = time.perf_counter()
-        self.bare.add(out)
-        self.bare.reduce(None, self.grad_norm, {})
-        return (t1 - t0) - (time.perf_counter() - t1)
+        self.turn = not getattr(self, "turn", False)
+        order = (self.metrics, self.bare) if self.turn else (self.bare, self.metrics)
+        took = []
+        for m in order:
+            t = time.perf_counter()
+            m.add(out)
+            m.reduce(None, self.grad_norm, {})
+            took.append(time.perf_counter() - t)
+        with_, without = took if self.turn else took[::-1]
+        return with_ - without
 
 
 def _profile_and_steps(K: int, n: int, device: str) -> tuple[dict, list[torch.Tensor]]:
@@ -91,12 +96,13 @@ def alone(K: int, sparse: bool, device: str = "cpu") -> dict:
     """One path's per-step time (median ms over `STEPS` − `WARMUP` steps), its steps back to back, and its memory."""
     profile, steps = _profile_and_steps(K, STEPS, device)
     p = _Path(K, sparse, profile, device)
-    times = []
-    for i, codes in enumerate(steps):
-        cost = p.step(codes)
-        if i >= WARMUP:
-            times.append(cost)
-    return {"ms": statistics.median(times) * 1e3, "mb": p.window.nbytes() / 2**20}
+    times = [p.step(codes) for codes in steps]
+    return {"ms": statistics.median(_pairs(times[WARMUP + 1 :])) * 1e3, "mb": p.window.nbytes() / 2**20}
+
+
+def _pairs(xs: list[float]) -> list[float]:
+    """Means of consecutive pairs (one step with the codebook metrics going first, one with them second)."""
+    return [(xs[i] + xs[i + 1]) / 2 for i in range(0, len(xs) - 1, 2)]
 
 
 def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
@@ -126,13 +132,17 @@ def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
     tr.fit()
     # step i (i ≥ 1): from the end of step i − 1 to its own end, less the benchmark's work
     step_s = [ends[i] - ends[i - 1] - spent[i] for i in range(1, len(ends))]
-    fr = [m / s for m, s in zip(metric_s[1:], step_s, strict=True)][WARMUP:]
+    # per pair of steps (the codebook metrics once first, once second): metric ÷ step; skip the first WARMUP + 1
+    # steps (step 0 has no step time), starting on a with-first step
+    skip = WARMUP + 1 + (WARMUP + 1) % 2
+    metric_p, step_p = _pairs(metric_s[skip:]), _pairs(step_s[skip - 1 :])
+    fr = [m / s for m, s in zip(metric_p, step_p, strict=False)]
     return {
         "frac": statistics.median(fr),
         "frac_range": (min(fr), max(fr)),
-        "metric_ms": statistics.median(metric_s[1 + WARMUP :]) * 1e3,
-        "step_ms": statistics.median(step_s[WARMUP:]) * 1e3,
-        "steps": len(fr),
+        "metric_ms": statistics.median(metric_p) * 1e3,
+        "step_ms": statistics.median(step_p) * 1e3,
+        "steps": 2 * len(fr),
         "mb": p.window.nbytes() / 2**20,
         "chosen": "sparse" if sparse else "dense",
     }
@@ -159,7 +169,7 @@ def run(step_ms: float, device: str = "cpu", make_trainer=None, host: str = "tin
             label = (
                 f"codebook+drift metrics per step ÷ that step, 2^{bits} codes/level ({common}): chosen {chosen}, timed "
                 f"at the end of each of {r['steps']} real {host} steps ({r['step_ms']:.0f} ms/step): "
-                f"{r['metric_ms']:.2f} ms, per step ranged {100 * r['frac_range'][0]:.2f}–"
+                f"{r['metric_ms']:.2f} ms, per pair of steps ranged {100 * r['frac_range'][0]:.2f}–"
                 f"{100 * r['frac_range'][1]:.2f} %; {alone_txt}"
             )
             figure = 100 * r["frac"]

@@ -3,19 +3,20 @@
 The dense `CodebookWindow` keeps a (window, rows, K) float64 ring of histograms: 50 steps × 2^20 codes is 400 MB per
 level, and every step reads all K entries. `SparseCodebookWindow` keeps instead
 - the window's codes, one flat key array per step (memory: window × codes per step),
-- one int32 count per code (4 MB per 2^20-code level, never window × K), updated only at the codes that enter or leave
-  the window, and per row exact integer sums: codes seen, N = Σ c and S = Σ c·log2 c in fixed point (c·log2 c from a
-  lookup table over counts),
-- per step its FSQ digit histogram (rows × digits × levels bins), so an evicted step is subtracted without recomputing.
+- per code an int32 count and an int32 scratch mark (8 MB per 2^20-code level, never window × K), touched only at the
+  codes that enter or leave the window, and per row exact integer sums: codes seen, N = Σ c and S = Σ c·log2 c in
+  fixed point (c·log2 c from a lookup table over counts),
+- for FSQ streams, per row a histogram of the codes' low and high digit groups (about 2√K bins, `_DigitSplit`), folded
+  into per-dimension digit histograms when read.
 So a step costs O(codes in the step + codes evicted), never O(K). The sums are integers, so the metrics depend only on
 the window's counts — not on the order of codes, on how a step was split into micro-batches or ranks, or on a resume.
 
-Where it runs. Per step the window does ~25 array operations on a few thousand elements and the metrics need ~30 more
-on a few numbers per row, so on a CPU the cost is the library's per-operation overhead, not arithmetic. On the CPU the
-window's arrays are numpy arrays (a fraction of torch's per-op cost at these sizes); on an accelerator they are device
-tensors (the codes never leave the device). One algorithm, written once against `_NumpyOps` / `_TorchOps`. In both,
-`summary()` reduces the window to O(rows) numbers that travel in the step's one host copy, and `finish()` turns them
-into the metrics on the host (`siren.train.step_metrics.StepMetrics.reduce`).
+Where it runs. A step is ~25 array operations on a few thousand elements plus ~20 on a few numbers per row, so on a
+CPU its cost is per-operation overhead and cache misses, not arithmetic. With a CPU device the window's arrays are
+numpy arrays (a fraction of torch's per-op cost at these sizes; `make bench` measures it); on an accelerator they are
+device tensors and the codes never leave the device. One algorithm, written once against `_NumpyOps` / `_TorchOps`.
+`summary()` reduces the window to O(rows) numbers that travel in the step's one host copy (on the CPU: after it, from
+the step's codes), and `finish()` turns them into the metrics on the host (`StepMetrics.reduce`).
 
 `make_window` picks: the dense window up to `DENSE_MAX_CODES` codes per level (where it is cheap and exact), the sparse
 one above. Both give the same metric names (`CodebookWindow.names()`) and values.
@@ -69,14 +70,11 @@ class _NumpyOps:
     def zeros(self, shape, dtype: str) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
-    def arange(self, n: int, dtype: str) -> np.ndarray:
-        return np.arange(n, dtype=dtype)
-
     def cat(self, xs) -> np.ndarray:
         return np.concatenate(xs)
 
-    def unique_inverse(self, x) -> tuple[np.ndarray, np.ndarray]:
-        return np.unique(x, return_inverse=True)
+    def add_at(self, a, idx, v) -> None:
+        np.add.at(a, idx, v)
 
     def bincount(self, x, weights=None, n: int = 0) -> np.ndarray:
         return np.bincount(x, weights, n)
@@ -87,10 +85,7 @@ class _NumpyOps:
     def cast(self, x, dtype: str) -> np.ndarray:
         return x.astype(dtype)
 
-    def cumsum0(self, x) -> np.ndarray:
-        return np.cumsum(x, 0)
-
-    floor, log2 = staticmethod(np.floor), staticmethod(np.log2)
+    log2 = staticmethod(np.log2)
 
     def clamp_min(self, x, v: float) -> np.ndarray:
         return np.maximum(x, v)
@@ -113,14 +108,11 @@ class _TorchOps(_NumpyOps):
     def zeros(self, shape, dtype: str) -> torch.Tensor:
         return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
 
-    def arange(self, n: int, dtype: str) -> torch.Tensor:
-        return torch.arange(n, dtype=getattr(torch, dtype), device=self.device)
-
     def cat(self, xs) -> torch.Tensor:
         return torch.cat(list(xs))
 
-    def unique_inverse(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.unique(x, sorted=True, return_inverse=True)
+    def add_at(self, a, idx, v) -> None:
+        a.index_add_(0, idx, v)
 
     def bincount(self, x, weights=None, n: int = 0) -> torch.Tensor:
         return torch.bincount(x, weights, n)
@@ -131,10 +123,7 @@ class _TorchOps(_NumpyOps):
     def cast(self, x, dtype: str) -> torch.Tensor:
         return x.to(getattr(torch, dtype))
 
-    def cumsum0(self, x) -> torch.Tensor:
-        return torch.cumsum(x, 0)
-
-    floor, log2 = staticmethod(torch.floor), staticmethod(torch.log2)
+    log2 = staticmethod(torch.log2)
 
     def clamp_min(self, x, v: float) -> torch.Tensor:
         return x.clamp_min(v)
@@ -176,11 +165,11 @@ class SparseCodebookWindow:
         self.rows = [(s, lv) for s, (_, L) in self.layout.items() for lv in level_names(s, L)]
         row_k = [K for K, L in self.layout.values() for _ in range(L)]
         self.row_k = np.array(row_k, dtype=np.float64)
+        self._row_k = [float(k) for k in row_k]
         ends = np.cumsum(np.array(row_k, dtype=np.int64))
         base = ends - np.array(row_k, dtype=np.int64)  # (R,) first key of each row
         self.trash = int(ends[-1]) if len(row_k) else 0
         self.ends = self.xp.asarray(ends, "int64")  # row r holds keys [base[r], ends[r]); keys ≥ ends[-1] are trash
-        self._bounds = self.xp.asarray(np.append(ends, self.trash + 1), "int64")  # + the trash row's end
         self._key_base, r = {}, 0  # stream → (L,) first key of each level, on the device the codes come from
         for s, (_, L) in self.layout.items():
             self._key_base[s] = torch.as_tensor(base[r : r + L], device=self.device)
@@ -192,17 +181,20 @@ class SparseCodebookWindow:
 
     def _reset(self) -> None:
         xp = self.xp
-        self.counts = xp.zeros(self.trash + 1, "int32")
-        self.sums = xp.zeros((len(self.rows) + 1, 3), "int64")  # per row (+ trash): S, seen, N
+        # Per key its count and a scratch mark (picks one occurrence of each key in a push), side by side: a push
+        # meets each key's cache line once, not twice (random access into 2 × 4 MB at 2^20 codes is most of its cost).
+        self._count_mark = xp.zeros((self.trash + 1, 2), "int32")
+        self.counts, self.mark = self._count_mark[:, 0], self._count_mark[:, 1]
+        self.sums = xp.zeros((3, len(self.rows) + 1), "int64")  # S, seen, N per row (+ trash)
         self.digit_counts = xp.zeros(self._split.n_bins, "float64")  # the window's low/high digit-group histogram
         self.ring: list = [None] * self.window  # per step: its keys
-        self.pos = 0
-        self._table = xp.zeros((1, 3), "int64")  # count c → (fixed c·log2 c, c > 0, c)
+        self.pos = self._most = 0
+        self._table = xp.zeros((2, 1), "int64")  # count c → fixed c·log2 c, c > 0
         self._signs: dict[tuple[int, int], object] = {}
 
     def _count_table(self, most: int):
-        """Lookup table c → (round(c·log2 c · 2^32), c > 0, c) for every count a window can hold (c ≤ `most`)."""
-        if most >= self._table.shape[0]:
+        """Lookup tables c → round(c·log2 c · 2^32) and c → (c > 0) for every count a window can hold (c ≤ `most`)."""
+        if most >= self._table.shape[1]:
             if most * math.log2(max(most, 2)) * _FIX >= 2**62:  # Σ c·log2 c ≤ N·log2 N must fit in int64
                 raise ValueError(
                     f"a codebook window of {self.window} steps × up to {most // self.window} codes per step is too "
@@ -210,14 +202,23 @@ class SparseCodebookWindow:
                 )
             c = np.arange(2 * most + 1, dtype=np.float64)  # headroom: grows rarely
             fx = np.round(c * np.log2(np.maximum(c, 1.0)) * _FIX).astype(np.int64)
-            self._table = self.xp.asarray(np.stack([fx, (c > 0).astype(np.int64), c.astype(np.int64)], 1), "int64")
+            self._table = self.xp.asarray(np.stack([fx, (c > 0).astype(np.int64)]), "int64")
         return self._table
 
-    def _sign(self, n_new: int, n_old: int):
-        """+1 for the n_new entering keys, −1 for the n_old leaving ones (float64: bincount weights); cached."""
+    def _sign(self, n_new: int, n_old: int) -> tuple:
+        """+1 for the n_new entering keys, −1 for the n_old leaving ones (int32 for the counts, int64 for the sums,
+        float64 for bincount weights), and occurrence ids 0…n−1 (int32); cached per shape."""
         key = (n_new, n_old)
         if key not in self._signs:
-            self._signs[key] = self.xp.asarray(np.r_[np.ones(n_new), -np.ones(n_old)], "float64")
+            s = np.r_[np.ones(n_new, np.int64), -np.ones(n_old, np.int64)]
+            xp = self.xp
+            ids = np.arange(s.size)
+            self._signs[key] = (
+                xp.asarray(s, "int32"),
+                xp.asarray(s, "int64"),
+                xp.asarray(s, "float64"),
+                xp.asarray(ids, "int32"),
+            )
         return self._signs[key]
 
     # ------------------------------------------------------------------------------------------------------- filling
@@ -245,25 +246,26 @@ class SparseCodebookWindow:
         old = self.ring[slot]
         self.ring[slot] = keys
         self.pos += 1
-        table = self._count_table(self.window * max(k.shape[0] for k in self.ring if k is not None))
+        self._most = max(self._most, keys.shape[0])  # most codes in one step so far: bounds any count in the window
+        table = self._count_table(self.window * self._most)
         touched = keys if old is None else xp.cat([keys, old])
-        sign = self._sign(keys.shape[0], touched.shape[0] - keys.shape[0])
-        uniq, inv = xp.unique_inverse(touched)  # sorted: rows are contiguous runs of it
-        delta = xp.cast(xp.bincount(inv, sign, uniq.shape[0]), "int32")
-        before = self.counts[uniq]
-        after = before + delta
-        self.counts[uniq] = after
-        d = table[after] - table[before]  # (u, 3): change of fixed c·log2 c, of "seen" and of c
-        # per-row sums of d: differences of its running sum at the rows' ends (exact in int64, wrapping included)
-        run = xp.cumsum0(xp.cat([xp.zeros((1, 3), "int64"), d]))
-        at = run[xp.searchsorted(uniq, self._bounds, right=False)]
-        self.sums += xp.cat([at[:1], at[1:] - at[:-1]])
+        sign32, sign64, sign_f, ids = self._sign(keys.shape[0], touched.shape[0] - keys.shape[0])
+        # Each key's change is counted once: at the occurrence whose id the scatter left in `mark` (any one of them).
+        self.mark[touched] = ids
+        first = self.mark[touched] == ids
+        before = self.counts[touched]
+        xp.add_at(self.counts, touched, sign32)
+        after = self.counts[touched]
+        row = xp.searchsorted(self.ends, touched, right=True)  # trash → R
+        for j in range(2):  # per row: change of the fixed-point Σ c·log2 c, and of the codes seen
+            xp.add_at(self.sums[j], row, (table[j][after] - table[j][before]) * first)
+        xp.add_at(self.sums[2], row, sign64)  # N
         if self.digits.rows:  # FSQ digits: the entering codes' low/high digit groups counted in, the leaving out
-            self.digit_counts += self._split.histogram(touched, sign)
+            self.digit_counts += self._split.histogram(touched, row, sign_f)
 
     def nbytes(self) -> int:
         """Memory this window holds (counts, sums, digit-group bins and the ring of step keys)."""
-        arrays = [self.counts, self.sums, self.digit_counts, self._table]
+        arrays = [self._count_mark, self.sums, self.digit_counts, self._table]
         arrays += [t for t in self.ring if t is not None]
         return sum(int(t.nbytes) for t in arrays)
 
@@ -306,11 +308,11 @@ class SparseCodebookWindow:
         N = Σ c, then (with a sparse drift reference `ref`) per row Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)]
         (g(x) = −x log2 x; O(baseline support), never O(K)), then the digit bins. `finish` reads it."""
         xp, R = self.xp, len(self.rows)
-        s = xp.cast(self.sums[:R], "float64")
-        parts = [s[:, 0] / _FIX, s[:, 1], s[:, 2]]
+        s = xp.cast(self.sums[:, :R], "float64")
+        parts = [s[0] / _FIX, s[1], s[2]]
         if ref is not None:
             keys, row, half_q, g_half_q = self._ref(ref)
-            two_n = 2.0 * xp.clamp_min(s[:, 2], 1.0)
+            two_n = 2.0 * xp.clamp_min(s[2], 1.0)
             half_p = xp.cast(self.counts[keys], "float64") / two_n[row]  # p/2 at the baseline's codes
             both = _g(xp, half_p + half_q) - _g(xp, half_p) - g_half_q
             parts.append(xp.bincount(row, both, R))
@@ -318,39 +320,53 @@ class SparseCodebookWindow:
             parts.append(self._split.digit_bins(self.digit_counts))
         return xp.cat(parts)
 
-    def finish(self, summary: np.ndarray, ref=None, bps_entropy: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    def finish(self, summary: np.ndarray, ref=None, bps_entropy: float = 0.0) -> tuple[list, list | None]:
         """Host arithmetic on a `summary` (numpy): the codebook metrics in `names()` order and, with `ref`, the drift
         metrics in `ref.names()` order (JS of each row's window histogram vs the baseline's, entropy delta, averaged
         over each stream's levels; bit/s delta). H(m) = Σ_q g(q/2) + Σ_p g(p/2) + cross, where
-        Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums."""
+        Σ_p g(p/2) = (N log2 2N − S) / 2N follows from the row sums. Per row in Python floats: a handful of rows."""
         R = len(self.rows)
-        S, seen, n = summary[:R], summary[R : 2 * R], summary[2 * R : 3 * R]
-        at = 3 * R
-        n1 = np.maximum(n, 1.0)
-        ent = np.where(n > 0, np.log2(n1) - S / n1, 0.0)
-        out = [seen / self.row_k, np.exp2(ent), self.row_k - seen]
+        head = summary[: (4 if ref is not None else 3) * R].tolist()
+        S, seen, n = head[:R], head[R : 2 * R], head[2 * R : 3 * R]
+        ent = [math.log2(x) - a / x if x > 0 else 0.0 for a, x in zip(S, n, strict=True)]
+        book = [a / k for a, k in zip(seen, self._row_k, strict=True)]
+        book += [2.0**e for e in ent] + [k - a for a, k in zip(seen, self._row_k, strict=True)]
         drift = None
         if ref is not None:
-            cross, at = summary[at : at + R], at + R
-            half_p = np.where(n > 0, (n1 * np.log2(2 * n1) - S) / (2 * n1), 0.0)
-            js = np.maximum(ref.half_q_entropy + half_p + cross - 0.5 * (ent + ref.entropy), 0.0)
-            per_stream = np.stack([js, ent - ref.entropy]) @ ref.stream_mean_host.T  # (2, S): mean over levels
-            drift = np.append(per_stream.reshape(-1), bps_entropy - ref.bps_entropy)
+            cross, (H, Hq, spans) = head[3 * R :], self._ref_rows(ref)
+            js, delta = [], []
+            for r in range(R):
+                x = n[r]
+                half_p = (x * math.log2(2 * x) - S[r]) / (2 * x) if x > 0 else 0.0
+                js.append(max(Hq[r] + half_p + cross[r] - 0.5 * (ent[r] + H[r]), 0.0))
+                delta.append(ent[r] - H[r])
+            drift = [sum(v[a:b]) / (b - a) for v in (js, delta) for a, b in spans]  # means over each stream's levels
+            drift.append(bps_entropy - ref.bps_entropy)
         if self.digits.rows:
-            c = summary[at:].reshape(len(self.digits.rows), self.digits.dmax, self.digits.lmax)
+            c = summary[(4 if ref is not None else 3) * R :].reshape(len(self.digits.rows), self.digits.dmax, -1)
             usage = (c > 0).sum(-1) / self._split.levels
             p = c / np.maximum(c.sum(-1, keepdims=True), 1.0)
             ppl = np.exp2(-(p * np.log2(np.maximum(p, 1e-30))).sum(-1))
-            out += [usage.reshape(-1)[self._split.valid], ppl.reshape(-1)[self._split.valid]]
-        return np.concatenate(out), drift
+            book += usage.reshape(-1)[self._split.valid].tolist() + ppl.reshape(-1)[self._split.valid].tolist()
+        return book, drift
+
+    def _ref_rows(self, ref) -> tuple[list, list, list]:
+        """A sparse `DriftReference`'s per-row entropy H(q) and Σ g(q/2) as floats, and each stream's row span."""
+        if getattr(self, "_ref_rows_of", (None,))[0] is not ref:
+            spans, r = [], 0
+            for _, L in self.layout.values():
+                spans.append((r, r + L))
+                r += L
+            self._ref_rows_of = (ref, (ref.entropy.tolist(), ref.half_q_entropy.tolist(), spans))
+        return self._ref_rows_of[1]
 
     def vector(self) -> np.ndarray:
         """All codebook metrics in the order of `names()` (host float64)."""
-        return self.finish(np.asarray(self.xp.to_host(self.summary())))[0]
+        return np.asarray(self.finish(np.asarray(self.xp.to_host(self.summary())))[0])
 
     def drift_vector(self, ref, bps_entropy: float) -> np.ndarray:
         """The drift metrics against a sparse `DriftReference` in the order of `ref.names()` (host float64)."""
-        return self.finish(np.asarray(self.xp.to_host(self.summary(ref))), ref, bps_entropy)[1]
+        return np.asarray(self.finish(np.asarray(self.xp.to_host(self.summary(ref))), ref, bps_entropy)[1])
 
 
 class _DigitSplit:
@@ -402,15 +418,15 @@ class _DigitSplit:
         no_digits = tab[:, 1] == 1
         tab[no_digits, 4] = tab[no_digits, 5] = n
         self.tab = xp.asarray(tab, "int64")
-        self.ends = xp.asarray(base[1:], "int64")  # row r holds keys [base[r], base[r + 1]); keys ≥ base[R]: trash
         self.groups = [(*g[:5], xp.asarray(g[5], "float64"), xp.asarray(g[6], "float64")) for g in parts]
         self.levels = digits.levels.numpy().astype(np.float64)
         self.valid = digits.valid.numpy()
 
-    def histogram(self, keys, sign):
-        """±1 (`sign`, float64) per key (n,) into the low and high bins of its row → (n_bins,) float64 change."""
+    def histogram(self, keys, row, sign):
+        """±1 (`sign`, float64) per key (n,) of layout row `row` (n,; trash keys: R) into the low and high bins of
+        its row → (n_bins,) float64 change."""
         xp = self.xp
-        t = self.tab[xp.searchsorted(self.ends, keys, right=True)]  # (n, 6); trash keys → the trash row
+        t = self.tab[row]  # (n, 6)
         code = keys - t[:, 0]
         high = code // t[:, 1]
         low = xp.minimum(code - high * t[:, 1], t[:, 2])

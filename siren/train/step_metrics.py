@@ -111,7 +111,7 @@ class StepMetrics:
         book, drifted = window.finish(tail, drift, rate)
         at = n_s + n_r  # the codebook (and drift) metrics sit between the ratios and the counters, as in the dense path
         extra_names = window.names() + (drift.names() if drift is not None else [])
-        extra = book.tolist() + (drifted.tolist() if drift is not None else [])
+        extra = book + (drifted if drift is not None else [])
         names = names[:at] + extra_names + names[at:]
         values = values[:at] + extra + values[at:]
         return dict(zip(names, values, strict=True))
