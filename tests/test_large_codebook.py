@@ -109,6 +109,12 @@ def test_the_window_is_chosen_by_codebook_size():
     assert not make_window({"sem": (DENSE_MAX_CODES, 1)}, 2).sparse
     assert make_window({"sem": (DENSE_MAX_CODES + 1, 1)}, 2).sparse
     assert not make_window({"sem": (2**20, 1)}, 2, sparse=False).sparse
+    # The sparse window's arrays: numpy on a CPU device (the cheaper per operation), device tensors elsewhere.
+    assert make_window({"sem": (2**20, 1)}, 2).host
+    on_meta = make_window({"sem": (2**20, 1)}, 2, device="meta", digits={"sem": [4] * 10})
+    assert not on_meta.host and on_meta.counts.device.type == "meta"
+    with pytest.raises(ValueError, match="backend"):
+        SparseCodebookWindow({"sem": (2**20, 1)}, 2, backend="cupy")
 
 
 def test_fsq_digit_metrics_follow_the_quantizers_own_codes():
