@@ -176,7 +176,8 @@ class SparseCodebookWindow:
             r += L
         self.digits = DigitLayout(self.layout, digits or {})
         self._split = _DigitSplit(self.digits, np.append(base, self.trash), self.xp)
-        self._refs: dict[int, tuple] = {}  # id(drift reference) → its arrays in this window's backend
+        self._ref_arrays: tuple = (None, None)  # (the drift reference, its arrays in this window's backend)
+        self._ref_rows_of: tuple = (None, None)  # (the drift reference, its per-row floats and stream spans)
         self._reset()
 
     def _reset(self) -> None:
@@ -291,17 +292,11 @@ class SparseCodebookWindow:
 
     def _ref(self, ref):
         """A sparse `DriftReference`'s per-code arrays (window keys, rows, q/2, g(q/2)) in this window's backend."""
-        if id(ref) not in self._refs:
+        if self._ref_arrays[0] is not ref:  # held, so a later reference cannot be mistaken for it
             xp = self.xp
-            self._refs = {
-                id(ref): (
-                    xp.asarray(ref.keys, "int64"),
-                    xp.asarray(ref.row, "int64"),
-                    xp.asarray(ref.half_q, "float64"),
-                    xp.asarray(ref.g_half_q, "float64"),
-                )
-            }
-        return self._refs[id(ref)]
+            arrays = (ref.keys, "int64"), (ref.row, "int64"), (ref.half_q, "float64"), (ref.g_half_q, "float64")
+            self._ref_arrays = (ref, tuple(xp.asarray(a, t) for a, t in arrays))
+        return self._ref_arrays[1]
 
     def summary(self, ref=None):
         """The window as O(rows) float64 numbers, in this window's backend: per row S = Σ c·log2 c, codes seen and
@@ -352,7 +347,7 @@ class SparseCodebookWindow:
 
     def _ref_rows(self, ref) -> tuple[list, list, list]:
         """A sparse `DriftReference`'s per-row entropy H(q) and Σ g(q/2) as floats, and each stream's row span."""
-        if getattr(self, "_ref_rows_of", (None,))[0] is not ref:
+        if self._ref_rows_of[0] is not ref:
             spans, r = [], 0
             for _, L in self.layout.values():
                 spans.append((r, r + L))
