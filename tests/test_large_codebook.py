@@ -278,3 +278,37 @@ def test_two_processes_fail_without_the_sparse_gather(request, monkeypatch):
         test_two_processes_give_the_sparse_metrics_of_one, "sparse_window_gather", r"differ from 1 process", request,
         monkeypatch,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_drift_over_the_window_or_the_baseline_whichever_is_smaller(backend):
+    """The JS cross term runs over the baseline's codes when it used fewer codes than the window holds, else over the
+    window's codes: both give the dense window's drift (masked frames and evictions included)."""
+    layout = {"sem": (2**10, 2), "spk": (16, 1)}
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randint(1, 4, (2, 2**10), generator=g).double()  # every code used: support 2,048 > the window
+    narrow = torch.zeros(2, 2**10, dtype=torch.float64)
+    narrow[:, :12] = 3.0  # 12 codes per level: support < the window's codes
+    for hist, over_window in ((wide, True), (narrow, False)):
+        profile = {
+            "layout": {s: list(v) for s, v in layout.items()},
+            "histograms": {"sem": hist.tolist(), "spk": [[1.0] * 16]},
+            "bps_entropy": 5.0,
+        }
+        dense_ref, sparse_ref = (
+            DriftReference(profile, layout, sparse=False),
+            DriftReference(profile, layout, sparse=True),
+        )
+        dense, sparse = CodebookWindow(layout, 3), SparseCodebookWindow(layout, 3, backend=backend)
+        for _ in range(5):
+            codes = {
+                "sem": (torch.randint(0, 40, (2, 15, 2), generator=g), torch.rand(2, 15, generator=g) > 0.3),
+                "spk": (torch.randint(0, 16, (2, 1), generator=g), None),
+            }
+            dense.push_flat(stream_histograms(layout, codes))
+            sparse.push(sparse.keys(codes))
+            dense.vector()
+            want = dense_ref.vector(dense.running, torch.tensor(7.0, dtype=torch.float64), dense.stats)
+            got = torch.from_numpy(sparse.drift_vector(sparse_ref, 7.0))
+            assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
+            assert (sparse_ref.keys.shape[0] > sparse._ring_n) is over_window

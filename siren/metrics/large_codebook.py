@@ -178,6 +178,7 @@ class SparseCodebookWindow:
         self._split = _DigitSplit(self.digits, np.append(base, self.trash), self.xp)
         self._ref_arrays: tuple = (None, None)  # (the drift reference, its arrays in this window's backend)
         self._ref_rows_of: tuple = (None, None)  # (the drift reference, its per-row floats and stream spans)
+        self._half_q_of: tuple = (None, None)  # (the drift reference, its q/2 per code, dense: `_cross`)
         self._reset()
 
     def _reset(self) -> None:
@@ -189,7 +190,7 @@ class SparseCodebookWindow:
         self.sums = xp.zeros((3, len(self.rows) + 1), "int64")  # S, seen, N per row (+ trash)
         self.digit_counts = xp.zeros(self._split.n_bins, "float64")  # the window's low/high digit-group histogram
         self.ring: list = [None] * self.window  # per step: its keys
-        self.pos = self._most = 0
+        self.pos = self._most = self._ring_n = 0  # steps pushed, most codes in one step, codes in the ring
         self._table = xp.zeros((2, 1), "int64")  # count c → fixed c·log2 c, c > 0
         self._signs: dict[tuple[int, int], object] = {}
 
@@ -246,6 +247,7 @@ class SparseCodebookWindow:
         slot = self.pos % self.window
         old = self.ring[slot]
         self.ring[slot] = keys
+        self._ring_n += keys.shape[0] - (0 if old is None else old.shape[0])
         self.pos += 1
         self._most = max(self._most, keys.shape[0])  # most codes in one step so far: bounds any count in the window
         table = self._count_table(self.window * self._most)
@@ -267,6 +269,7 @@ class SparseCodebookWindow:
     def nbytes(self) -> int:
         """Memory this window holds (counts, sums, digit-group bins and the ring of step keys)."""
         arrays = [self._count_mark, self.sums, self.digit_counts, self._table]
+        arrays += [a for a in (self._half_q_of[1],) if a is not None]
         arrays += [t for t in self.ring if t is not None]
         return sum(int(t.nbytes) for t in arrays)
 
@@ -300,20 +303,44 @@ class SparseCodebookWindow:
 
     def summary(self, ref=None):
         """The window as O(rows) float64 numbers, in this window's backend: per row S = Σ c·log2 c, codes seen and
-        N = Σ c, then (with a sparse drift reference `ref`) per row Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)]
-        (g(x) = −x log2 x; O(baseline support), never O(K)), then the digit bins. `finish` reads it."""
+        N = Σ c, then (with a sparse drift reference `ref`) per row the cross term (`_cross`), then the digit bins.
+        `finish` reads it."""
         xp, R = self.xp, len(self.rows)
         s = xp.cast(self.sums[:, :R], "float64")
         parts = [s[0] / _FIX, s[1], s[2]]
         if ref is not None:
-            keys, row, half_q, g_half_q = self._ref(ref)
-            two_n = 2.0 * xp.clamp_min(s[2], 1.0)
-            half_p = xp.cast(self.counts[keys], "float64") / two_n[row]  # p/2 at the baseline's codes
-            both = _g(xp, half_p + half_q) - _g(xp, half_p) - g_half_q
-            parts.append(xp.bincount(row, both, R))
+            parts.append(self._cross(ref, 2.0 * xp.clamp_min(s[2], 1.0)))
         if self.digits.rows:
             parts.append(self._split.digit_bins(self.digit_counts))
         return xp.cat(parts)
+
+    def _cross(self, ref, two_n):
+        """Per row Σ_{p,q>0} [g(p/2 + q/2) − g(p/2) − g(q/2)] (g(x) = −x log2 x; a code absent from the window adds
+        exactly 0), over whichever is smaller: the baseline's codes (its support), or the window's codes — then each
+        occurrence adds its code's term ÷ the code's count, so each code present adds it once. So a step costs
+        O(min(baseline support, codes in the window)), never O(K)."""
+        xp, R = self.xp, len(self.rows)
+        keys, row, half_q, g_half_q = self._ref(ref)
+        if keys.shape[0] <= self._ring_n:
+            half_p = xp.cast(self.counts[keys], "float64") / two_n[row]  # p/2 at the baseline's codes
+            return xp.bincount(row, _g(xp, half_p + half_q) - _g(xp, half_p) - g_half_q, R)
+        steps = [self.ring[(self.pos + i) % self.window] for i in range(self.window)]  # oldest first: fixed order
+        occ = xp.cat([k for k in steps if k is not None])
+        occ_row = xp.searchsorted(self.ends, occ, right=True)  # trash → R, dropped below
+        c = xp.cast(self.counts[occ], "float64")  # ≥ 1: every code in the ring is counted
+        half_q = self._dense_half_q(ref)[occ]  # 0 where the baseline never used the code
+        half_p = c / xp.cat([two_n, two_n[:1]])[occ_row]
+        both = (_g(xp, half_p + half_q) - _g(xp, half_p) - _g(xp, half_q)) / c
+        return xp.bincount(occ_row, both, R + 1)[:R]
+
+    def _dense_half_q(self, ref):
+        """q/2 of the baseline per window key (0 where it has none; one float64 per code, built when first needed)."""
+        if self._half_q_of[0] is not ref:
+            keys, _, half_q, _ = self._ref(ref)
+            dense = self.xp.zeros(self.trash + 1, "float64")
+            dense[keys] = half_q
+            self._half_q_of = (ref, dense)
+        return self._half_q_of[1]
 
     def finish(self, summary: np.ndarray, ref=None, bps_entropy: float = 0.0) -> tuple[list, list | None]:
         """Host arithmetic on a `summary` (numpy): the codebook metrics in `names()` order and, with `ref`, the drift
