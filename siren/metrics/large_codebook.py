@@ -8,7 +8,8 @@ level, and every step reads all K entries. `SparseCodebookWindow` keeps instead
   fixed point (c·log2 c from a lookup table over counts),
 - for FSQ streams, per row a histogram of the codes' low and high digit groups (about 2√K bins, `_DigitSplit`), folded
   into per-dimension digit histograms when read.
-So a step costs O(codes in the step + codes evicted), never O(K). The sums are integers, so the metrics depend only on
+So a step costs O(codes in the step + codes evicted), never O(K); JS drift adds O(min(baseline support, codes in the
+window)). The sums are integers, so the metrics depend only on
 the window's counts — not on the order of codes, on how a step was split into micro-batches or ranks, or on a resume.
 
 Where it runs. A step is ~25 array operations on a few thousand elements plus ~20 on a few numbers per row, so on a
