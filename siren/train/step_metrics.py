@@ -101,20 +101,23 @@ class StepMetrics:
         host = torch.cat(outs).cpu().numpy()  # the one host sync of the step
         values = host[:n_dev].tolist()
         self._vec = None
-        if window is None or not window.sparse:
-            return dict(zip(names, values, strict=True))
-        tail = host[n_dev:]
+        if window is not None and window.sparse:  # between the ratios and the counters, as in the dense path
+            at = n_s + n_r
+            names[at:at], values[at:at] = self._sparse_metrics(host[n_dev:], values[n_s:at])
+        return dict(zip(names, values, strict=True))
+
+    def _sparse_metrics(self, tail, ratios: list[float]) -> tuple[list[str], list[float]]:
+        """The sparse window's codebook (and drift) metrics from what followed the step's values in its host copy: the
+        window's summary, or on the host backend the step's codes, pushed here first."""
+        window, drift = self.window, self.sources.drift
         if window.host:
             window.push(tail.astype(np.int64))
             tail = window.summary(drift)
-        rate = values[n_s + self._ratio_names.index(self.sources.drift_rate)] if drift is not None else 0.0
+        rate = ratios[self._ratio_names.index(self.sources.drift_rate)] if drift is not None else 0.0
         book, drifted = window.finish(tail, drift, rate)
-        at = n_s + n_r  # the codebook (and drift) metrics sit between the ratios and the counters, as in the dense path
-        extra_names = window.names() + (drift.names() if drift is not None else [])
-        extra = book + (drifted if drift is not None else [])
-        names = names[:at] + extra_names + names[at:]
-        values = values[:at] + extra + values[at:]
-        return dict(zip(names, values, strict=True))
+        if drift is None:
+            return window.names(), book
+        return window.names() + drift.names(), book + drifted
 
     def _gather_keys(self, accelerator) -> torch.Tensor:
         """The step's code keys of every micro-batch and rank (the sparse window's counts are merged by gathering
