@@ -312,3 +312,17 @@ def test_drift_over_the_window_or_the_baseline_whichever_is_smaller(backend):
             got = torch.from_numpy(sparse.drift_vector(sparse_ref, 7.0))
             assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
             assert (sparse_ref.keys.shape[0] > sparse._ring_n) is over_window
+
+
+def test_steps_of_many_sizes_keep_the_window_bounded():
+    """Variable-length batches give every step another number of codes: the per-shape caches stay bounded and the
+    metrics still equal the dense window's."""
+    layout = {"sem": (2**13, 1)}
+    dense, sparse = CodebookWindow(layout, 4), SparseCodebookWindow(layout, 4)
+    g = torch.Generator().manual_seed(8)
+    for t in range(5, 45):  # 40 different step sizes
+        codes = {"sem": (torch.randint(0, 2**13, (2, t, 1), generator=g), None)}
+        dense.push_flat(stream_histograms(layout, codes))
+        sparse.push(sparse.keys(codes))
+        assert len(sparse._signs) <= 16
+    assert torch.allclose(dense.vector(), torch.from_numpy(sparse.vector()), rtol=0, atol=1e-9)

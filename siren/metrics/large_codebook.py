@@ -210,9 +210,11 @@ class SparseCodebookWindow:
 
     def _sign(self, n_new: int, n_old: int) -> tuple:
         """+1 for the n_new entering keys, −1 for the n_old leaving ones (int32 for the counts, int64 for the sums,
-        float64 for bincount weights), and occurrence ids 0…n−1 (int32); cached per shape."""
+        float64 for bincount weights), and occurrence ids 0…n−1 (int32); cached per shape (at most 16 shapes)."""
         key = (n_new, n_old)
         if key not in self._signs:
+            if len(self._signs) >= 16:  # steps of varying size (variable-length batches): keep the cache bounded
+                self._signs.clear()
             s = np.r_[np.ones(n_new, np.int64), -np.ones(n_old, np.int64)]
             xp = self.xp
             ids = np.arange(s.size)
