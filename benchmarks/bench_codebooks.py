@@ -60,6 +60,7 @@ class _Path:
         assert self.window.sparse is sparse
         one = torch.ones((), dtype=torch.float64, device=device)
         self.loss, self.rate, self.grad_norm = one, (one * 150, one), one
+        self.turn = False  # whether the codebook metrics went first in the last step
 
     def step(self, codes: torch.Tensor) -> float:
         """One step through both; → seconds the codebook metrics added (with − without). The two take turns going
@@ -67,7 +68,7 @@ class _Path:
         a step pays that once whichever code it is, so it is no cost of the codebook metrics. Over an even number of
         steps the turns cancel it out of the median difference."""
         out = StepOutput(self.loss, {}, codes={"sem": (codes, None)}, ratios={"rate/bps_entropy": self.rate})
-        self.turn = not getattr(self, "turn", False)
+        self.turn = not self.turn
         order = (self.metrics, self.bare) if self.turn else (self.bare, self.metrics)
         took = []
         for m in order:

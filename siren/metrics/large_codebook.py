@@ -165,7 +165,6 @@ class SparseCodebookWindow:
         self.host = self.xp.host
         self.rows = [(s, lv) for s, (_, L) in self.layout.items() for lv in level_names(s, L)]
         row_k = [K for K, L in self.layout.values() for _ in range(L)]
-        self.row_k = np.array(row_k, dtype=np.float64)
         self._row_k = [float(k) for k in row_k]
         ends = np.cumsum(np.array(row_k, dtype=np.int64))
         base = ends - np.array(row_k, dtype=np.int64)  # (R,) first key of each row
@@ -177,9 +176,11 @@ class SparseCodebookWindow:
             r += L
         self.digits = DigitLayout(self.layout, digits or {})
         self._split = _DigitSplit(self.digits, np.append(base, self.trash), self.xp)
-        self._ref_arrays: tuple = (None, None)  # (the drift reference, its arrays in this window's backend)
-        self._ref_rows_of: tuple = (None, None)  # (the drift reference, its per-row floats and stream spans)
-        self._half_q_of: tuple = (None, None)  # (the drift reference, its q/2 per code, dense: `_cross`)
+        self._spans, r = [], 0  # each stream's rows [a, b)
+        for _, L in self.layout.values():
+            self._spans.append((r, r + L))
+            r += L
+        self._ref_cache: tuple = (None, {})  # (the drift reference, what was derived from it; held, so no id reuse)
         self._reset()
 
     def _reset(self) -> None:
@@ -272,7 +273,7 @@ class SparseCodebookWindow:
     def nbytes(self) -> int:
         """Memory this window holds (counts, sums, digit-group bins and the ring of step keys)."""
         arrays = [self._count_mark, self.sums, self.digit_counts, self._table]
-        arrays += [a for a in (self._half_q_of[1],) if a is not None]
+        arrays += [a for a in (self._ref_cache[1].get("dense_half_q"),) if a is not None]
         arrays += [t for t in self.ring if t is not None]
         return sum(int(t.nbytes) for t in arrays)
 
@@ -296,13 +297,19 @@ class SparseCodebookWindow:
         out = [f"codebook/{s}/{lv}/{kind}" for kind in ("usage", "perplexity", "dead") for s, lv in self.rows]
         return out + self.digits.names()
 
+    def _derived(self, ref, name: str, build):
+        """`build()` once per drift reference (a new reference drops what was derived from the old one)."""
+        if self._ref_cache[0] is not ref:
+            self._ref_cache = (ref, {})
+        cache = self._ref_cache[1]
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
+
     def _ref(self, ref):
         """A sparse `DriftReference`'s per-code arrays (window keys, rows, q/2, g(q/2)) in this window's backend."""
-        if self._ref_arrays[0] is not ref:  # held, so a later reference cannot be mistaken for it
-            xp = self.xp
-            arrays = (ref.keys, "int64"), (ref.row, "int64"), (ref.half_q, "float64"), (ref.g_half_q, "float64")
-            self._ref_arrays = (ref, tuple(xp.asarray(a, t) for a, t in arrays))
-        return self._ref_arrays[1]
+        arrays = (ref.keys, "int64"), (ref.row, "int64"), (ref.half_q, "float64"), (ref.g_half_q, "float64")
+        return self._derived(ref, "arrays", lambda: tuple(self.xp.asarray(a, t) for a, t in arrays))
 
     def summary(self, ref=None):
         """The window as O(rows) float64 numbers, in this window's backend: per row S = Σ c·log2 c, codes seen and
@@ -338,12 +345,14 @@ class SparseCodebookWindow:
 
     def _dense_half_q(self, ref):
         """q/2 of the baseline per window key (0 where it has none; one float64 per code, built when first needed)."""
-        if self._half_q_of[0] is not ref:
+
+        def build():
             keys, _, half_q, _ = self._ref(ref)
             dense = self.xp.zeros(self.trash + 1, "float64")
             dense[keys] = half_q
-            self._half_q_of = (ref, dense)
-        return self._half_q_of[1]
+            return dense
+
+        return self._derived(ref, "dense_half_q", build)
 
     def finish(self, summary: np.ndarray, ref=None, bps_entropy: float = 0.0) -> tuple[list, list | None]:
         """Host arithmetic on a `summary` (numpy): the codebook metrics in `names()` order and, with `ref`, the drift
@@ -358,14 +367,17 @@ class SparseCodebookWindow:
         book += [2.0**e for e in ent] + [k - a for a, k in zip(seen, self._row_k, strict=True)]
         drift = None
         if ref is not None:
-            cross, (H, Hq, spans) = head[3 * R :], self._ref_rows(ref)
+            cross = head[3 * R :]
+            H, Hq = self._derived(ref, "rows", lambda: (ref.entropy.tolist(), ref.half_q_entropy.tolist()))
             js, delta = [], []
             for r in range(R):
                 x = n[r]
                 half_p = (x * math.log2(2 * x) - S[r]) / (2 * x) if x > 0 else 0.0
                 js.append(max(Hq[r] + half_p + cross[r] - 0.5 * (ent[r] + H[r]), 0.0))
                 delta.append(ent[r] - H[r])
-            drift = [sum(v[a:b]) / (b - a) for v in (js, delta) for a, b in spans]  # means over each stream's levels
+            drift = [
+                sum(v[a:b]) / (b - a) for v in (js, delta) for a, b in self._spans
+            ]  # means over each stream's levels
             drift.append(bps_entropy - ref.bps_entropy)
         if self.digits.rows:
             c = summary[(4 if ref is not None else 3) * R :].reshape(len(self.digits.rows), self.digits.dmax, -1)
@@ -374,16 +386,6 @@ class SparseCodebookWindow:
             ppl = np.exp2(-(p * np.log2(np.maximum(p, 1e-30))).sum(-1))
             book += usage.reshape(-1)[self._split.valid].tolist() + ppl.reshape(-1)[self._split.valid].tolist()
         return book, drift
-
-    def _ref_rows(self, ref) -> tuple[list, list, list]:
-        """A sparse `DriftReference`'s per-row entropy H(q) and Σ g(q/2) as floats, and each stream's row span."""
-        if self._ref_rows_of[0] is not ref:
-            spans, r = [], 0
-            for _, L in self.layout.values():
-                spans.append((r, r + L))
-                r += L
-            self._ref_rows_of = (ref, (ref.entropy.tolist(), ref.half_q_entropy.tolist(), spans))
-        return self._ref_rows_of[1]
 
     def vector(self) -> np.ndarray:
         """All codebook metrics in the order of `names()` (host float64)."""

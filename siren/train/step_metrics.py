@@ -95,9 +95,11 @@ class StepMetrics:
         n_dev = len(names)
         if window is not None and window.sparse:  # its O(rows) summary (or, on the host backend, the step's codes)
             keys = self._gather_keys(accelerator)
-            if not window.host:
+            if window.host:
+                outs.append(keys.to(torch.float64))  # pushed after the copy (`_sparse_metrics`)
+            else:
                 window.push(keys)
-            outs.append(window.summary(drift) if not window.host else keys.to(torch.float64))
+                outs.append(window.summary(drift))
         host = torch.cat(outs).cpu().numpy()  # the one host sync of the step
         values = host[:n_dev].tolist()
         self._vec = None
