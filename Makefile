@@ -4,6 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := .stamps
+LOCK := requirements.lock
+LOCKENV := $(STAMP)/lockenv
+PIP_TOOLS := pip-tools==7.7.0
 VOICES := flite festival festlex-cmu festlex-poslex festvox-kdlpc16k sox
 STEP ?=
 RUN ?= runs/demo/adapt
@@ -11,16 +14,36 @@ SWEEP ?= launch/sweeps/adapt_lr.yaml
 COUNT ?= 3
 export WANDB_SILENT ?= true
 
-.PHONY: install voices test test-all lint format demo verify bench sweep clean
+.PHONY: install venv lock voices test test-all lint format demo verify bench sweep clean
 
 install: $(STAMP)/install $(STAMP)/voices
 
-$(STAMP)/install: setup.cfg pyproject.toml
+# The venv is usable when its python runs pip; a half-made one (an interrupted first install, or
+# `python -m venv --without-pip`) is rebuilt rather than failing every later install with "No module named pip".
+venv:
+	@if [ -x $(BIN)/python ] && $(BIN)/python -m pip --version >/dev/null 2>&1; then :; \
+	else \
+	  if [ -e $(VENV) ]; then echo "$(VENV) cannot install (no working pip): rebuilding it"; rm -rf $(VENV); fi; \
+	  $(PY) -m venv $(VENV) || exit 1; \
+	fi
+
+# Everything comes from the lock (exact versions, hashes checked), then siren itself with no resolution at all;
+# the install check fails the install when a locked version differs or a compiled library does not load.
+$(STAMP)/install: setup.cfg pyproject.toml $(LOCK) siren/install_check.py
 	@mkdir -p $(STAMP)
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,sweeps]"
+	@$(MAKE) --no-print-directory venv
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m siren.install_check --lock $(LOCK)
 	@touch $@
+
+# Regenerate the lock from setup.cfg (+ the build back end) with pip-tools, against PyPI alone (no local
+# indexes or find-links of this machine). Run after changing a requirement; commit the new lock.
+lock:
+	@test -x $(LOCKENV)/bin/pip-compile || { $(PY) -m venv $(LOCKENV) && $(LOCKENV)/bin/python -m pip install -q $(PIP_TOOLS); }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+	  $(LOCKENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links \
+	  --no-emit-index-url --extra dev --extra sweeps --extra eval --output-file $(LOCK) setup.cfg requirements-build.in
 
 # Debian TTS voices for the embedded corpus (and codec2's human clip for verify): apt-get when usable, else the command.
 $(STAMP)/voices:
