@@ -3,15 +3,21 @@ rebuilt, keys that change with the inputs, unusable files handed to the dataset'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from siren.data.cache import Dist, Field, ShardCache
 from siren.data.datasets import AudioDataset, collate
@@ -47,6 +53,11 @@ class Counting:
 
 @pytest.fixture
 def ds(tmp_path) -> AudioDataset:
+    return make_ds(tmp_path)
+
+
+def make_ds(tmp_path) -> AudioDataset:
+    """7 utterances of 0.6 … 1.8 s, tones of known frame means, under tmp_path/wav."""
     utts = []
     for k in range(7):
         seconds = 0.6 + 0.2 * k
@@ -185,3 +196,182 @@ def test_the_teacher_cache_is_refused_when_adapt_runs_the_teacher_on_crops(corpu
     rc = main(["cache", "--config", str(ROOT / "configs/demo/base.yaml"), *args])
     assert rc == 2
     assert "nothing to fill" in capsys.readouterr().err and not (tmp_path / "run" / "cache").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- the cache key
+class KeyInputs:
+    """Every input of the feature cache's key, held apart so that one can be changed; `digest()` builds the cache as
+    `fill_features` does. A tiny random HuBERT stands in for the SSL model (only its identity matters here)."""
+
+    def __init__(self, d: Path):
+        from transformers import HubertModel
+
+        from siren.models.ssl import SSLFeatureExtractor, tiny_hubert_config
+
+        torch.manual_seed(0)
+        cfg = tiny_hubert_config(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=16, conv_dim=8)
+        self.layer = 1
+        self.module = SSLFeatureExtractor(HubertModel(cfg), self.layer).eval()
+        self.sample_rate, self.policy, self.min_samples, self.batch_seconds = SR, "resample_down", 100, 0.0
+        self.segment_samples, self.seed, self.root = SR // 2, 0, d / "cache"
+        self.utts = []
+        for k in range(3):
+            p = d / "wav" / f"u{k}.wav"
+            p.parent.mkdir(exist_ok=True)
+            self.write(p, 0.1 * (k + 1), SR // 2 + 800 * k)
+            self.utts.append(Utterance(f"u{k}", str(p), (SR // 2 + 800 * k) / SR, "s0"))
+
+    @staticmethod
+    def write(path: Path, amplitude: float, n: int) -> None:
+        sf.write(str(path), (amplitude * np.sin(np.arange(n) / 7.0)).astype(np.float32), SR, subtype="FLOAT")
+
+    def digest(self) -> str:
+        from siren.data.cache_fill import feature_cache
+
+        ds = AudioDataset(
+            self.utts,
+            self.sample_rate,
+            segment_samples=self.segment_samples,
+            min_samples=self.min_samples,
+            seed=self.seed,
+            on_format_mismatch=self.policy,
+        )
+        return feature_cache(self.root, self.module, ds, layer=self.layer, batch_seconds=self.batch_seconds).digest
+
+
+def _other(data, choices, current):
+    return data.draw(st.sampled_from([c for c in choices if c != current]))
+
+
+def _set_weight(x: KeyInputs, data) -> None:
+    params = list(x.module.parameters())
+    p = params[data.draw(st.integers(0, len(params) - 1))]
+    e = data.draw(st.integers(0, p.numel() - 1))
+    with torch.no_grad():
+        p.view(-1)[e] += data.draw(st.sampled_from([-1.0, 1.0])) * data.draw(st.floats(1e-3, 1.0))
+
+
+def _set_eps(x: KeyInputs, data) -> None:
+    """A setting no weight shows: a norm layer's epsilon."""
+    norms = [m for m in x.module.modules() if isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm)]
+    m = norms[data.draw(st.integers(0, len(norms) - 1))]
+    m.eps = _other(data, [1e-6, 1e-5, 1e-4, 1e-3], m.eps)
+
+
+def _set_layer(x: KeyInputs, data) -> None:
+    x.layer = x.module.layer = _other(data, range(x.module.model.config.num_hidden_layers + 1), x.layer)
+
+
+def _rewrite_same_size(x: KeyInputs, data) -> None:
+    """Other samples, same length and format (same size); written later (a later mtime)."""
+    p = Path(x.utts[data.draw(st.integers(0, len(x.utts) - 1))].path)
+    st_ = p.stat()
+    x.write(p, data.draw(st.floats(0.5, 0.9)), sf.info(str(p)).frames)
+    assert p.stat().st_size == st_.st_size
+    later = st_.st_mtime_ns + data.draw(st.integers(1, 10**6)) * 1_000_000
+    os.utime(p, ns=(st_.st_atime_ns, later))
+
+
+def _rewrite_other_size(x: KeyInputs, data) -> None:
+    """Other samples of another length, with the old mtime put back (only the size tells)."""
+    p = Path(x.utts[data.draw(st.integers(0, len(x.utts) - 1))].path)
+    st_ = p.stat()
+    x.write(p, 0.5, sf.info(str(p)).frames + data.draw(st.sampled_from([-1, 1])) * data.draw(st.integers(1, 400)))
+    os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+
+
+def _move_file(x: KeyInputs, data) -> None:
+    k = data.draw(st.integers(0, len(x.utts) - 1))
+    new = Path(x.utts[k].path).with_name(f"moved{k}.wav")
+    os.replace(x.utts[k].path, new)
+    x.utts[k] = dataclasses.replace(x.utts[k], path=str(new))
+
+
+CHANGES_VALUES = {
+    "ssl weights": _set_weight,
+    "ssl architecture": _set_eps,
+    "ssl layer": _set_layer,
+    "sample rate": lambda x, data: setattr(x, "sample_rate", _other(data, [8000, 16000, 22050, 24000], x.sample_rate)),
+    "format policy": lambda x, data: setattr(x, "policy", _other(data, ["resample_down", "skip", "convert"], x.policy)),
+    "min_samples": lambda x, data: setattr(x, "min_samples", _other(data, [0, 1, 100, 4000], x.min_samples)),
+    "batching": lambda x, data: setattr(x, "batch_seconds", data.draw(st.floats(0.5, 60.0))),
+    "file content": _rewrite_same_size,
+    "file size": _rewrite_other_size,
+    "file path": _move_file,
+}
+
+
+def _rename_utterance(x: KeyInputs, data) -> None:
+    k = data.draw(st.integers(0, len(x.utts) - 1))
+    x.utts[k] = dataclasses.replace(x.utts[k], id=f"other{k}", speaker="s9", text="words")
+
+
+def _read_file(x: KeyInputs, data) -> None:
+    """Access time only (a read)."""
+    p = Path(x.utts[data.draw(st.integers(0, len(x.utts) - 1))].path)
+    os.utime(p, ns=(data.draw(st.integers(0, 2**40)), p.stat().st_mtime_ns))
+
+
+def _load_from_elsewhere(x: KeyInputs, data) -> None:
+    """The same SSL model, loaded from another directory."""
+    where = data.draw(st.sampled_from(["/models/hubert", "facebook/hubert-base-ls960", "./elsewhere"]))
+    x.module.model.config._name_or_path = where
+    x.module.model.name_or_path = where
+
+
+KEEPS_VALUES = {
+    "cache root": lambda x, data: setattr(x, "root", x.root.parent / data.draw(st.sampled_from(["a", "b/c"]))),
+    "crop length": lambda x, data: setattr(x, "segment_samples", data.draw(st.none() | st.integers(1, 3 * SR))),
+    "seed": lambda x, data: setattr(x, "seed", data.draw(st.integers(1, 2**31))),
+    "utterance id and speaker": _rename_utterance,
+    "file read": _read_file,
+    "ssl model location": _load_from_elsewhere,
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(change=st.sampled_from(sorted(CHANGES_VALUES)), data=st.data())
+def test_key_changes_with_every_input_that_changes_the_values(change, data):
+    with tempfile.TemporaryDirectory() as d:
+        x = KeyInputs(Path(d))
+        before = x.digest()
+        CHANGES_VALUES[change](x, data)
+        assert x.digest() != before, f"changing the {change} left the cache key unchanged"
+
+
+@settings(max_examples=25, deadline=None)
+@given(change=st.sampled_from(sorted(KEEPS_VALUES)), data=st.data())
+def test_key_ignores_inputs_that_do_not_change_the_values(change, data):
+    with tempfile.TemporaryDirectory() as d:
+        x = KeyInputs(Path(d))
+        before = x.digest()
+        KEEPS_VALUES[change](x, data)
+        assert x.digest() == before, f"changing the {change} changed the cache key"
+
+
+def test_the_same_ssl_model_saved_in_two_places_keys_the_same(teacher_dir, tmp_path):
+    from siren.data.cache_fill import module_key
+    from siren.models.ssl import SSLFeatureExtractor
+
+    copy = tmp_path / "copy"
+    shutil.copytree(teacher_dir, copy)
+    a, b = (SSLFeatureExtractor.from_pretrained(str(p), 2) for p in (teacher_dir, copy))
+    assert module_key(a) == module_key(b)
+
+
+def test_teacher_key_follows_the_teacher_path_and_nothing_else(ds):
+    from siren.data.cache_fill import TEACHER_PATH, teacher_key
+
+    torch.manual_seed(0)
+    names = (*TEACHER_PATH, "factorizer", "student_ssl", "entropy_model", "decoder")
+    modules = {n: torch.nn.Linear(3, 3) for n in names}
+    before = teacher_key(modules, 9, ds)
+    for n in names:
+        saved = modules[n].weight.detach().clone()
+        with torch.no_grad():
+            modules[n].weight[0, 0] += 0.5
+        changed = teacher_key(modules, 9, ds) != before
+        assert changed == (n in TEACHER_PATH), f"{n}: key {'changed' if changed else 'unchanged'}"
+        with torch.no_grad():
+            modules[n].weight.copy_(saved)
+    assert teacher_key(modules, 9, ds) == before and teacher_key(modules, 8, ds) != before

@@ -1,17 +1,23 @@
 """One cache subsystem for everything computed from the audio by frozen models (SSL features, the adapt stage's teacher
-latents and codes), for train and val alike (DESIGN §17).
+latents and codes), for train and val alike.
 
 - Filling: every rank computes its share `todo[rank::world]` of the entries still missing, in length-sorted order, and
-  writes its own shard files; barriers only separate the phases (list → verify → fill → index), so no rank works
+  writes its own shard files; barriers only separate the phases (recover → verify → fill → index), so no rank works
   alone while the others wait. `siren cache` and `siren train` run the same `ShardCache.ensure`.
 - Storage: a few large shard files (`*.bin`, fp16 values and small-int codes, entries back to back) each with an index
-  (`*.idx.npz`: entry positions, byte offsets, frame counts, the shard's CRC-32). A shard exists only once its index
-  is written (data first, then index, each by rename), so a kill mid-fill loses at most the shard being written and
-  the next fill resumes from the rest. A shard whose checksum does not match is reported, set aside and recomputed.
+  (`*.idx.npz`: entry positions, byte offsets, frame counts, the shard's CRC-32). Every file is written as a temp file
+  named after its writer (token, pid, process start, host), fsynced, renamed into place, and the directory fsynced.
+  A shard exists only once its index is renamed (data first, then index; both are durable before either rename), so a
+  kill mid-fill loses at most the shard being written; a kill between the two renames leaves the index's temp file,
+  and the next start adopts the pair. Temp files are removed only when their writer is dead (same host) or they are
+  older than `stale_seconds`, so a second job filling the same cache keeps its files. A shard whose index is
+  unreadable (empty, truncated) or whose checksum does not match is reported, set aside and recomputed; a shard that
+  vanishes while being read (another rank or job removing it as damaged) counts as missing.
 - Reading: `CacheView.item` cuts an entry to a crop by memory-mapped slices, inside DataLoader workers; nothing is
   memoised, so host memory does not grow with the corpus.
-- Key: the directory name is a digest of everything that changes the values: what is computed (model fingerprints,
-  SSL layer), the audio settings, and the manifest rows (path, size, mtime). A changed key is a new cache.
+- Key: the directory name is a digest of everything that changes the values: what is computed (the modules' weights
+  and architecture, SSL layer, batching), the audio settings, and the manifest rows (path, size, mtime: as the
+  manifest records them, else from the file). A changed key is a new cache.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import time
 import uuid
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ import torch
 
 from siren.data.audio import AudioError
 from siren.data.manifest import ManifestTable
+from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 
@@ -61,8 +71,119 @@ class Dist:
         return cls(rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone)
 
 
-class CacheCorrupt(RuntimeError):
-    """A shard's bytes do not match its recorded checksum or size."""
+class CacheCorrupt(SirenError):
+    """A shard's index is unreadable, or its bytes do not match the recorded checksum or size, or it vanished."""
+
+
+# ------------------------------------------------------------------------------------------ crash-safe file writes
+STALE_SECONDS = 3600.0  # a temp file this old has no live writer: a shard's temp files live for seconds
+
+
+def _machine() -> str:
+    """This host and PID namespace (and boot): pids mean the same process only between processes that share them."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    ident = ""
+    try:
+        ident += Path("/proc/sys/kernel/random/boot_id").read_text().strip() + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pass  # no /proc: the host name alone
+    return f"{host}@{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def _start_time(pid: int) -> int:
+    """Start of process `pid` in clock ticks since boot (so a reused pid is not taken for a dead writer); 0: unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_MACHINE = _machine()
+_STARTS: dict[int, int] = {}  # pid → start time, for this process (and forked children)
+_LIVE: set[str] = set()  # tokens of this process's writes in progress
+# <final name>.<token>~<pid>~<start>~<machine>.tmp
+_TMP = re.compile(
+    r"^(?P<final>.+)\.(?P<token>[0-9a-f]+)~(?P<pid>\d+)~(?P<start>\d+)~(?P<machine>[A-Za-z0-9._@-]+)\.tmp$"
+)
+
+
+def _own_start() -> int:
+    pid = os.getpid()
+    if pid not in _STARTS:
+        _STARTS[pid] = _start_time(pid)
+    return _STARTS[pid]
+
+
+def _tmp_path(final: Path, token: str) -> Path:
+    return final.with_name(f"{final.name}.{token}~{os.getpid()}~{_own_start()}~{_MACHINE}.tmp")
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(final: Path, token: str, write: Callable) -> Path:
+    """`write(f)` into a temp file beside `final` named after this writer, flushed and fsynced; returns its path."""
+    tmp = _tmp_path(final, token)
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete temp file into place and fsync the directory, so the rename survives a node crash."""
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def atomic_write(final: Path, write: Callable) -> None:
+    """Write `final` so that a reader or a crash sees the old state or the whole new file, never a part of it."""
+    token = uuid.uuid4().hex[:8]
+    _LIVE.add(token)
+    tmp = None
+    try:
+        tmp = _write_tmp(final, token, write)
+        _publish(tmp, final)
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _LIVE.discard(token)
+
+
+def _pid_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    now = _start_time(pid)
+    return start == 0 or now == 0 or now == start
+
+
+def abandoned(path: Path, stale_seconds: float = STALE_SECONDS) -> bool:
+    """Whether temp file `path` belongs to no live writer: its writer (named in the file name) is a dead process of
+    this host, or (another host's, or a name without an owner) it has not been written for `stale_seconds`."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False  # gone: its writer renamed it, or another job cleaned it
+    m = _TMP.match(path.name)
+    if m is None or m["machine"] != _MACHINE:
+        return age > stale_seconds
+    pid, start = int(m["pid"]), int(m["start"])
+    if pid == os.getpid() and start == _own_start():
+        return m["token"] not in _LIVE
+    return not _pid_alive(pid, start)
 
 
 def row_digest(table: ManifestTable, rows: np.ndarray) -> str:
@@ -104,6 +225,7 @@ class ShardCache:
         rows: np.ndarray,
         *,
         shard_bytes: int = 256 << 20,
+        stale_seconds: float = STALE_SECONDS,
     ):
         self.kind, self.fields, self.table = kind, list(fields), table
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -113,7 +235,7 @@ class ShardCache:
         digest.update(row_digest(table, self.rows).encode())
         self.digest = digest.hexdigest()
         self.dir = Path(root) / f"{kind}-{self.digest[:16]}"
-        self.shard_bytes = shard_bytes
+        self.shard_bytes, self.stale_seconds = shard_bytes, stale_seconds
         self.shapes: dict[str, list[int]] | None = None  # trailing shape per field, known once something is stored
         self._index: dict | None = None
 
@@ -131,18 +253,41 @@ class ShardCache:
     def _bin(idx: Path) -> Path:
         return idx.with_name(idx.name[: -len(".idx.npz")] + ".bin")
 
-    def verify_shard(self, idx: Path) -> None:
-        """Raise CacheCorrupt unless the shard's data has its recorded size and CRC-32."""
-        with np.load(idx) as z:
-            nbytes, crc = int(z["nbytes"]), int(z["crc"])
+    @staticmethod
+    def _read_index(idx: Path) -> dict | None:
+        """The arrays and meta of a shard index; None if it vanished (removed as damaged by another rank or job);
+        CacheCorrupt if it is unreadable (an empty or truncated file, as a node crash can leave)."""
+        try:
+            with np.load(idx) as z:
+                out = {k: z[k] for k in ("positions", "offsets", "frames", "bad", "nbytes", "crc")}
+                meta = json.loads(str(z["meta"]))
+            out["meta"] = {k: meta[k] for k in ("digest", "shapes", "bad")}
+        except FileNotFoundError:
+            return None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise CacheCorrupt(f"cache index {idx} is unreadable ({type(exc).__name__}: {exc})") from exc
+        return out
+
+    def verify_shard(self, idx: Path, *, crc: bool = True) -> None:
+        """Raise CacheCorrupt unless the shard's index reads and its data has the recorded size (and, with `crc`,
+        CRC-32). A shard that vanishes meanwhile (removed by another rank or job) is not an error: it is not listed
+        again, and its entries count as missing."""
+        z = self._read_index(idx)
+        if z is None:
+            return
+        nbytes, want = int(z["nbytes"]), int(z["crc"])
         b = self._bin(idx)
-        if not b.is_file():
-            raise CacheCorrupt(f"cache shard {b} is missing (its index {idx.name} exists)")
-        if b.stat().st_size != nbytes:
-            raise CacheCorrupt(f"cache shard {b} has {b.stat().st_size} bytes, its index records {nbytes}")
-        got = _crc(b)
-        if got != crc:
-            raise CacheCorrupt(f"cache shard {b} fails its checksum (CRC-32 {got:08x}, recorded {crc:08x})")
+        try:
+            size = b.stat().st_size
+            got = _crc(b) if crc and size == nbytes else want
+        except FileNotFoundError:
+            if not idx.exists():
+                return
+            raise CacheCorrupt(f"cache shard {b} is missing (its index {idx.name} exists)") from None
+        if size != nbytes:
+            raise CacheCorrupt(f"cache shard {b} has {size} bytes, its index records {nbytes}")
+        if got != want:
+            raise CacheCorrupt(f"cache shard {b} fails its checksum (CRC-32 {got:08x}, recorded {want:08x})")
 
     def _load_index(self) -> dict:
         """Entry → (shard, byte offset, frames per axis), from every trusted shard; -1 = missing, -2 = unusable."""
@@ -153,9 +298,14 @@ class ShardCache:
         reasons: dict[int, str] = {}
         bins: list[str] = []
         for idx in self._shards(trusted=True):
-            with np.load(idx) as z:
-                pos, off, fr, bad = z["positions"], z["offsets"], z["frames"], z["bad"]
-                meta = json.loads(str(z["meta"]))
+            try:
+                z = self._read_index(idx)
+            except CacheCorrupt as exc:
+                log.warning("%s; its entries count as missing", exc)
+                continue
+            if z is None:
+                continue  # vanished since listing (a damaged shard being removed): its entries count as missing
+            pos, off, fr, bad, meta = z["positions"], z["offsets"], z["frames"], z["bad"], z["meta"]
             if meta["digest"] != self.digest:
                 raise CacheCorrupt(f"cache shard {idx} belongs to another key ({meta['digest'][:16]})")
             self.shapes = self.shapes or meta["shapes"]
@@ -191,16 +341,17 @@ class ShardCache:
         """
         dist = dist or Dist()
         if dist.rank == 0 and self.dir.is_dir():
-            for tmp in self.dir.glob("*.tmp"):  # left by a killed fill; nobody writes before the barrier below
-                tmp.unlink(missing_ok=True)
+            self._recover()  # this job writes nothing before the barrier below; other jobs' live files are kept
         dist.barrier()
         listed = self._shards(trusted=False)
-        for idx in listed[dist.rank :: dist.world] if verify else []:
+        # Every index is read (cheap) so that a damaged one is set aside like a shard failing its checksum.
+        for idx in listed[dist.rank :: dist.world]:
             try:
-                self.verify_shard(idx)
+                self.verify_shard(idx, crc=verify)
             except CacheCorrupt as exc:
                 log.warning("%s; its entries will be recomputed", exc)
-                idx.with_name(idx.name[: -len(".idx.npz")] + ".corrupt").write_text(str(exc))
+                mark = idx.with_name(idx.name[: -len(".idx.npz")] + ".corrupt")
+                atomic_write(mark, lambda f, why=str(exc): f.write(why.encode()))
         dist.barrier()
         index = self._load_index()
         todo = np.nonzero(index["shard"] == -1)[0]
@@ -224,8 +375,44 @@ class ShardCache:
         self._index = self._load_index()
         left = int((self._index["shard"] == -1).sum())
         if left:
-            raise RuntimeError(f"cache {self.dir}: {left} entries are still missing after filling (did a rank fail?)")
+            raise CacheCorrupt(
+                f"cache {self.dir}: {left} entries are still missing after filling (a rank failed, or another job "
+                "removed a damaged shard meanwhile); run again to compute them"
+            )
         return {"computed": computed, "reused": len(self.rows) - len(todo), "total": len(self.rows)}
+
+    def _recover(self) -> None:
+        """Clear what killed fills left behind: adopt a shard whose data was renamed into place but whose index was
+        not (its complete index is still the temp file), and delete the other temp files of dead writers. Files of a
+        live writer (this job's or another's) are left alone."""
+        for tmp in sorted(self.dir.glob("*.tmp")):
+            if not abandoned(tmp, self.stale_seconds):
+                continue
+            m = _TMP.match(tmp.name)
+            final = self.dir / m["final"] if m else None
+            if final is not None and final.name.endswith(".idx.npz") and self._bin(final).exists():
+                if not final.exists():
+                    try:
+                        _publish(tmp, final)
+                    except FileNotFoundError:
+                        continue  # another job adopted it first
+                    log.warning("cache %s: adopted shard %s, left between its two renames", self.dir, final.name)
+                    continue
+            tmp.unlink(missing_ok=True)
+            log.info("cache %s: removed %s, left by a dead writer", self.dir, tmp.name)
+        # Data with neither an index nor an index temp to adopt (a writer always has the temp before renaming the
+        # data; the temp is checked before the index, since the writer's rename makes one appear as the other goes).
+        for b in sorted(self.dir.glob("*.bin")):
+            stem = b.name[: -len(".bin")]
+            if any(self.dir.glob(f"{stem}.idx.npz.*.tmp")) or (self.dir / f"{stem}.idx.npz").exists():
+                continue
+            try:
+                old = time.time() - b.stat().st_mtime > self.stale_seconds
+            except FileNotFoundError:
+                continue
+            if old:
+                b.unlink(missing_ok=True)
+                log.warning("cache %s: removed %s, shard data without an index", self.dir, b.name)
 
     def _drop_corrupt(self) -> None:
         for mark in self.dir.glob("*.corrupt"):
@@ -239,7 +426,8 @@ class ShardCache:
         if not len(mine):
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "key.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
+        key = json.dumps(self.key, indent=1, sort_keys=True).encode()
+        atomic_write(self.dir / "key.json", lambda f: f.write(key))
         writer = _ShardWriter(self, uuid.uuid4().hex[:8])
         bar = tqdm(total=len(mine), desc=f"cache {self.kind}", unit="utt", disable=not progress)
         batch: list[tuple[int, torch.Tensor]] = []
@@ -253,21 +441,24 @@ class ShardCache:
             bar.update(len(batch))
             batch.clear()
 
-        for j in mine.tolist():
-            try:
-                wav = load(j)
-            except AudioError as exc:
-                writer.add_bad(j, exc.reason)
-                bar.update(1)
-                continue
-            # Batches of similar lengths up to batch_samples of padded audio (0: one utterance per forward).
-            if batch and (len(batch) + 1) * max(wav.shape[0], batch[0][1].shape[0]) > batch_samples:
+        try:
+            for j in mine.tolist():
+                try:
+                    wav = load(j)
+                except AudioError as exc:
+                    writer.add_bad(j, exc.reason)
+                    bar.update(1)
+                    continue
+                # Batches of similar lengths up to batch_samples of padded audio (0: one utterance per forward).
+                if batch and (len(batch) + 1) * max(wav.shape[0], batch[0][1].shape[0]) > batch_samples:
+                    flush()
+                batch.append((j, wav))
+            if batch:
                 flush()
-            batch.append((j, wav))
-        if batch:
-            flush()
-        writer.close()
-        bar.close()
+            writer.commit()
+        finally:
+            _LIVE.discard(writer.token)  # from here on its leftovers (if it failed) are a dead writer's
+            bar.close()
         return len(mine)
 
     # ---------------------------------------------------------------------------------------------------- reading
@@ -285,6 +476,7 @@ class _ShardWriter:
 
     def __init__(self, cache: ShardCache, token: str):
         self.cache, self.token, self.seq = cache, token, 0
+        _LIVE.add(token)
         self._reset()
 
     def _reset(self) -> None:
@@ -342,33 +534,27 @@ class _ShardWriter:
         d = self.cache.dir
         stem = f"shard-{self.token}-{self.seq:05d}"
         self.seq += 1
-        tmp_bin = d / f"{stem}.bin.tmp"
         crc = 0
-        with tmp_bin.open("wb") as f:
-            for p in self.parts:
-                f.write(p)
-                crc = zlib.crc32(p, crc)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_bin, d / f"{stem}.bin")
+        for p in self.parts:
+            crc = zlib.crc32(p, crc)
         meta = {"digest": self.cache.digest, "shapes": self.cache.shapes, "bad": self.bad_reasons}
-        tmp_idx = d / f"{stem}.idx.npz.tmp"
-        with tmp_idx.open("wb") as f:
-            np.savez(
-                f,
-                positions=np.array(self.positions, dtype=np.int64),
-                offsets=np.array(self.offsets, dtype=np.int64),
-                frames=np.array(self.frames, dtype=np.int32).reshape(len(self.positions), -1),
-                bad=np.array(self.bad, dtype=bool),
-                nbytes=np.int64(self.nbytes),
-                crc=np.int64(crc),
-                meta=np.array(json.dumps(meta)),
-            )
-        os.replace(tmp_idx, d / f"{stem}.idx.npz")  # the shard exists from here on
+        arrays = {
+            "positions": np.array(self.positions, dtype=np.int64),
+            "offsets": np.array(self.offsets, dtype=np.int64),
+            "frames": np.array(self.frames, dtype=np.int32).reshape(len(self.positions), -1),
+            "bad": np.array(self.bad, dtype=bool),
+            "nbytes": np.int64(self.nbytes),
+            "crc": np.int64(crc),
+            "meta": np.array(json.dumps(meta)),
+        }
+        # Both files complete and durable before either rename: a kill between the renames leaves data in place
+        # and the index as its temp file, which the next start adopts.
+        bin_, idx = d / f"{stem}.bin", d / f"{stem}.idx.npz"
+        tmp_idx = _write_tmp(idx, self.token, lambda f: np.savez(f, **arrays))
+        tmp_bin = _write_tmp(bin_, self.token, lambda f: [f.write(p) for p in self.parts])
+        _publish(tmp_bin, bin_)
+        _publish(tmp_idx, idx)  # the shard exists from here on
         self._reset()
-
-    def close(self) -> None:
-        self.commit()
 
 
 class CacheView:
@@ -390,7 +576,13 @@ class CacheView:
 
     def _map(self, k: int) -> np.memmap:
         if k not in self._maps:
-            self._maps[k] = np.memmap(self.bins[k], dtype=np.uint8, mode="r")
+            try:
+                self._maps[k] = np.memmap(self.bins[k], dtype=np.uint8, mode="r")
+            except FileNotFoundError:
+                raise CacheCorrupt(
+                    f"cache shard {self.bins[k]} vanished after the cache was indexed (removed as damaged by another "
+                    "job?); run again to recompute its entries"
+                ) from None
         return self._maps[k]
 
     def entry(self, j: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,8 @@ the adapt stage's teacher latents and codes, for the train and val datasets. Use
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +22,47 @@ FEATURES = "ssl_features"  # batch key of cached SSL features
 TEACHER = "teacher"  # batch key of cached teacher targets
 
 
-def audio_key(cfg, ds: AudioDataset) -> dict:
-    a = cfg.audio
-    return {"sample_rate": a.sample_rate, "policy": ds.policy, "min_samples": ds.min_samples}
+def audio_key(ds: AudioDataset) -> dict:
+    """How `ds.load_full` turns a file into the waveform the cache is computed from (the file itself is keyed by
+    the cache's rows: path, size, mtime)."""
+    return {"sample_rate": ds.sample_rate, "policy": ds.policy, "min_samples": ds.min_samples}
+
+
+def module_key(module: nn.Module) -> dict:
+    """What makes a frozen module's outputs what they are: its weights (fingerprint) and its architecture, i.e. the
+    module tree with each layer's settings (`repr`: eps, strides, ...) and any transformers config (settings that no
+    weight shape shows, such as the number of heads), but not where it was loaded from."""
+    from siren.models.io import fingerprint
+
+    configs, seen = [], set()
+    for sub in module.modules():
+        c = getattr(sub, "config", None)
+        if hasattr(c, "to_dict") and id(c) not in seen:
+            seen.add(id(c))
+            # `_name_or_path` (where it was loaded from) and private/version fields change no value.
+            configs.append(
+                {k: v for k, v in c.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+            )
+    arch = repr(module) + json.dumps(configs, sort_keys=True, default=str)
+    return {"weights": fingerprint(module), "arch": hashlib.sha256(arch.encode()).hexdigest()}
+
+
+def feature_cache(root, module: nn.Module, ds: AudioDataset, *, layer: int, batch_seconds: float) -> ShardCache:
+    """The SSL feature cache of `module` for `ds`, keyed by everything that changes the values: the module (weights
+    and architecture), its layer, how the audio is read, the batching (padding changes a padded forward's output) and
+    the files (the cache's rows)."""
+    key = {"model": module_key(module), "layer": layer, "audio": audio_key(ds), "batch_seconds": batch_seconds}
+    return ShardCache(root, "features", key, [Field("features", "t", "float16")], ds.table, ds.rows)
+
+
+# What `stage.teacher` runs: the teacher cache's values depend on these modules and on no other.
+TEACHER_PATH = ("ssl", "teacher_factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
+
+
+def teacher_key(modules: dict[str, nn.Module], layer: int, ds: AudioDataset) -> dict:
+    """Key of the adapt stage's teacher cache: the teacher path's modules (weights and architecture, not the rest of
+    the baseline checkpoint, nor the student being trained), the SSL layer and how the audio is read."""
+    return {"modules": {n: module_key(modules[n]) for n in TEACHER_PATH}, "layer": layer, "audio": audio_key(ds)}
 
 
 def _datasets(train: AudioDataset, val: AudioDataset | None) -> list[tuple[str, AudioDataset]]:
@@ -46,9 +86,6 @@ def fill_features(
     cfg, module: nn.Module, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, *, layer
 ) -> dict[str, dict]:
     """Fill the feature cache of `module` for train and val and attach it to both datasets (batch key FEATURES)."""
-    from siren.models.io import fingerprint
-
-    fp = fingerprint(module)
     root = Path(cfg.data.feature_cache)
     reports = {}
 
@@ -62,8 +99,7 @@ def fill_features(
         return [{"features": out[k, : module.num_frames(w.shape[0])]} for k, w in enumerate(wavs)]
 
     for split, ds in _datasets(train, val):
-        key = {"model": fp, "layer": layer, "audio": audio_key(cfg, ds), "batch_seconds": cfg.data.cache_batch_seconds}
-        cache = ShardCache(root, "features", key, [Field("features", "t", "float16")], ds.table, ds.rows)
+        cache = feature_cache(root, module, ds, layer=layer, batch_seconds=cfg.data.cache_batch_seconds)
         reports[split] = _ensure(cache, ds, compute, dist, cfg, "feature")
         seg = ds.segment_samples
         ds.attach(FEATURES, cache.view({"t": (cfg.audio.hop_length, module.num_frames(seg) if seg else None)}))
@@ -85,8 +121,6 @@ def teacher_fields(layout: dict[str, tuple[int, int]]) -> list[Field]:
 def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, root) -> dict:
     """Fill the adapt stage's teacher cache (latents and codes of the baseline's own path on whole utterances) for
     train and val, and attach crop-aligned views (batch key TEACHER) with `sem_valid`/`pro_valid` masks."""
-    from siren.models.io import fingerprint
-
     cfg = stage.cfg
     layout = stage.code_layout(modules)
     reports = {}
@@ -100,12 +134,7 @@ def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, 
         return out
 
     for split, ds in _datasets(train, val):
-        key = {
-            "baseline": stage.baseline_fingerprint,
-            "ssl": fingerprint(modules["ssl"]),
-            "layer": cfg.ssl.layer,
-            "audio": audio_key(cfg, ds),
-        }
+        key = teacher_key(modules, cfg.ssl.layer, ds)
         cache = ShardCache(Path(root), "teacher", key, teacher_fields(layout), ds.table, ds.rows)
         reports[split] = _ensure(cache, ds, compute, dist, cfg, "teacher")
         n_sem, n_pro = stage.frames_per_segment(modules, ds.segment_samples, device)
