@@ -326,3 +326,30 @@ def test_steps_of_many_sizes_keep_the_window_bounded():
         sparse.push(sparse.keys(codes))
         assert len(sparse._signs) <= 16
     assert torch.allclose(dense.vector(), torch.from_numpy(sparse.vector()), rtol=0, atol=1e-9)
+
+
+def test_a_one_dimensional_fsq_stream_beside_a_large_codebook_trains():
+    """The reported crash: `pro_quantizer.levels=[9]` beside a stream of more than 4,096 codes broke the sparse
+    window at step 1 (`operands could not be broadcast`). Through `StepMetrics`, with the window it picks: every
+    step's usage and digit metrics of the 1-D stream are those of its codes in the window (direct count)."""
+    layout, digits = {"sem": (2**13, 2), "pro": (9, 1), "spk": (16, 2)}, {"pro": [9]}
+    sm = StepMetrics(MetricSources(layout=layout, digits=digits), 3, torch.device("cpu"), world=1, grad_accum=1)
+    assert sm.window.sparse
+    g = torch.Generator().manual_seed(9)
+    history = []
+    for _ in range(5):  # past the window of 3: evictions
+        pro = torch.randint(0, 7, (2, 4, 1), generator=g)  # codes 7, 8 unused: usage < 1
+        codes = {
+            "sem": (torch.randint(0, 2**13, (2, 6, 2), generator=g), torch.rand(2, 6, generator=g) > 0.3),
+            "pro": (pro, None),
+            "spk": (torch.randint(0, 16, (2, 2), generator=g), None),
+        }
+        sm.add(StepOutput(torch.tensor(1.0), {}, codes=codes))
+        got = sm.reduce(None, torch.tensor(0.0), {})
+        history.append(pro.reshape(-1))
+        counts = torch.bincount(torch.cat(history[-3:]), minlength=9).double()
+        p = counts[counts > 0] / counts.sum()
+        for key in ("codebook/pro/l0/usage", "codebook/pro/l0/digit0/usage"):
+            assert got[key] == pytest.approx(int((counts > 0).sum()) / 9)
+        for key in ("codebook/pro/l0/perplexity", "codebook/pro/l0/digit0/perplexity"):
+            assert got[key] == pytest.approx(float(torch.exp2(-(p * p.log2()).sum())))

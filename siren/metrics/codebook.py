@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 Layout = dict[str, tuple[int, int]]
@@ -102,8 +103,11 @@ class PaddedLayout:
 
 class DigitLayout:
     """Per-dimension digit statistics of FSQ streams: a code of an FSQ with `levels` (d dims) is the mixed-radix number
-    Σ_j digit_j · Π_{i<j} levels_i, digit 0 least significant (`siren.models.quantizers.FSQ`). Counts live in one flat
-    (rows, dmax, lmax) bin tensor (+1 trash bin) so both codebook windows share the names and the reading.
+    Σ_j digit_j · Π_{i<j} levels_i, digit 0 least significant (`siren.models.quantizers.FSQ`). The digit histograms of
+    all (row, dimension) pairs are one flat ragged bin vector: dimension j of digit row i owns `levels_j` bins starting
+    at `starts[i][j]`, so its size is Σ levels over rows and dimensions — never padded to the widest dimension or the
+    most dimensions (a 1-D FSQ of 2^20 levels beside a 16-D one costs what each needs). Both codebook windows fill it
+    and read it here, so they share the names and the reading.
     `codebook/<STREAM>/<L>/digit<j>/usage` (fraction of the dimension's levels seen in the window) and
     `codebook/<STREAM>/<L>/digit<j>/perplexity`."""
 
@@ -123,42 +127,20 @@ class DigitLayout:
                 if s in self.levels_by_stream:
                     self.rows.append((s, lv, r + i, self.levels_by_stream[s]))
             r += L
-        self.dmax = max((len(x[3]) for x in self.rows), default=1)
-        self.lmax = max((max(x[3]) for x in self.rows), default=1)
-        self.flat_size = len(self.rows) * self.dmax * self.lmax
-        lv = torch.ones(max(len(self.rows), 1), self.dmax, dtype=torch.long)
-        for i, (_, _, _, levels) in enumerate(self.rows):
-            lv[i, : len(levels)] = torch.tensor(levels)
-        self.levels = lv.to(device)  # (Rd, dmax), 1 for padding dims (digit always 0, never read)
-        self.basis = torch.cumprod(torch.cat([torch.ones_like(lv[:, :1]), lv[:, :-1]], 1), 1).to(device)
-        valid = [i * self.dmax + j for i, (_, _, _, levels) in enumerate(self.rows) for j in range(len(levels))]
-        self.valid = torch.tensor(valid, dtype=torch.long, device=device)
+        seg_levels = [v for *_, levels in self.rows for v in levels]  # one segment per (row, dimension), row-major
+        seg_starts = np.cumsum([0, *seg_levels]).tolist()
+        self.starts: list[list[int]] = []  # per digit row: first bin of each dimension
+        n = 0
+        for *_, levels in self.rows:
+            self.starts.append(seg_starts[n : n + len(levels)])
+            n += len(levels)
+        self.flat_size = int(seg_starts[-1])
+        self.levels = torch.tensor(seg_levels, dtype=torch.float64, device=device)  # (segments,)
+        sizes = torch.tensor(seg_levels, dtype=torch.long)
+        # (flat_size,): each bin's segment
+        self.segment = torch.repeat_interleave(torch.arange(len(seg_levels)), sizes).to(device)
+        self._host = (np.asarray(seg_starts[:-1], np.int64), np.asarray(seg_levels, np.float64))  # for `vector_host`
         self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def row_tables(self, base: torch.Tensor) -> torch.Tensor:
-        """Per layout row (its first key in `base` (R + 1,), the last row being trash) one float64 row of
-        [base, 1/basis_0 … 1/basis_dmax, levels_0 … levels_(dmax−1), first bin of each dim] (`SparseCodebookWindow`).
-        Rows without digits get 1/basis 0 (digits 0) and bins past `flat_size`, which no metric reads."""
-        d, dev = self.dmax, self.levels.device
-        t = torch.zeros(base.numel(), 1 + (d + 1) + 2 * d, dtype=torch.float64, device=dev)
-        t[:, 0] = base.to(torch.float64)
-        t[:, d + 2 : 2 * d + 2] = 1.0
-        j = torch.arange(d, device=dev, dtype=torch.float64)
-        t[:, 2 * d + 2 :] = self.flat_size + j * self.lmax
-        for i, (_, _, r, _) in enumerate(self.rows):
-            lv = self.levels[i].to(torch.float64)
-            basis = torch.cat([self.basis[i].to(torch.float64), (self.basis[i, -1] * self.levels[i, -1]).reshape(1)])
-            t[r, 1 : d + 2] = 1.0 / basis
-            t[r, d + 2 : 2 * d + 2] = lv
-            t[r, 2 * d + 2 :] = (i * d + j) * self.lmax
-        return t
-
-    def flat_index(self, drow: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """Bins of codes (n,) of digit rows drow (n,) → (n, dmax) flat indices into the (Rd, dmax, lmax) bins."""
-        lv, basis = self.levels[drow], self.basis[drow]
-        digit = (code[:, None] // basis) % lv
-        j = torch.arange(self.dmax, device=code.device)
-        return (drow[:, None] * self.dmax + j) * self.lmax + digit
 
     def names(self) -> list[str]:
         return [
@@ -169,21 +151,42 @@ class DigitLayout:
         ]
 
     def vector(self, counts: torch.Tensor) -> torch.Tensor:
-        """Flat (Rd·dmax·lmax,) float64 bin counts → usage then perplexity of every (row, dim), in `names()` order."""
-        c = counts.view(len(self.rows), self.dmax, self.lmax)
-        usage = (c > 0).sum(-1).to(torch.float64) / self.levels
-        ppl = torch.exp2(entropy_bits(c))
-        return torch.cat([usage.reshape(-1)[self.valid], ppl.reshape(-1)[self.valid]])
+        """Flat ragged (flat_size,) float64 bin counts → usage then perplexity of every (row, dim), in `names()`
+        order."""
+        seg, n = self.segment.to(counts.device), self.levels.numel()
+
+        def per_segment(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.float64, device=counts.device).index_add_(0, seg, x)
+
+        usage = per_segment((counts > 0).to(torch.float64)) / self.levels.to(counts.device)
+        p = counts / per_segment(counts).clamp_min(1)[seg]
+        ppl = torch.exp2(per_segment(-(p * torch.log2(p.clamp_min(1e-30)))))
+        return torch.cat([usage, ppl])
+
+    def vector_host(self, counts: np.ndarray) -> np.ndarray:
+        """`vector` on host numpy bins (the sparse window's reading, a few µs: segment sums by `reduceat`)."""
+        starts, levels = self._host
+        usage = np.add.reduceat((counts > 0).astype(np.float64), starts) / levels
+        p = counts / np.repeat(np.maximum(np.add.reduceat(counts, starts), 1.0), levels.astype(np.int64))
+        ppl = np.exp2(np.add.reduceat(-(p * np.log2(np.maximum(p, 1e-30))), starts))
+        return np.concatenate([usage, ppl])
+
+    def digits_of(self, i: int, code: torch.Tensor) -> torch.Tensor:
+        """Bins of codes (n,) of digit row i → (n, d) flat indices into the ragged bins (one per dimension)."""
+        levels = self.rows[i][3]
+        basis = torch.tensor([math.prod(levels[:j]) for j in range(len(levels))], device=code.device)
+        lv = torch.tensor(levels, device=code.device)
+        start = torch.tensor(self.starts[i], device=code.device)
+        return start + (code[:, None] // basis) % lv
 
     def from_dense(self, running: torch.Tensor) -> torch.Tensor:
-        """Digit bin counts from a dense window's padded (R, Kmax) totals: O(Rd · K · dims), for small K only."""
+        """Digit bin counts from a dense window's padded (R, Kmax) totals: one scatter of O(Σ K · dims) per call (the
+        dense window holds small codebooks only)."""
         if self._dense is None:
-            kmax = running.shape[1]
-            src, tgt = [], []
+            kmax, src, tgt = running.shape[1], [], []
             for i, (_, _, r, levels) in enumerate(self.rows):
-                K = math.prod(levels)
-                codes = torch.arange(K, device=running.device)
-                idx = self.flat_index(torch.full_like(codes, i), codes)  # (K, dmax)
+                codes = torch.arange(math.prod(levels), device=running.device)
+                idx = self.digits_of(i, codes)  # (K, d)
                 src.append((r * kmax + codes)[:, None].expand_as(idx).reshape(-1))
                 tgt.append(idx.reshape(-1))
             self._dense = (torch.cat(src), torch.cat(tgt))

@@ -6,8 +6,8 @@ level, and every step reads all K entries. `SparseCodebookWindow` keeps instead
 - per code an int32 count and an int32 scratch mark (8 MB per 2^20-code level, never window × K), touched only at the
   codes that enter or leave the window, and per row exact integer sums: codes seen, N = Σ c and S = Σ c·log2 c in
   fixed point (c·log2 c from a lookup table over counts),
-- for FSQ streams, per row a histogram of the codes' low and high digit groups (about 2√K bins, `_DigitSplit`), folded
-  into per-dimension digit histograms when read.
+- for FSQ streams, per row a histogram of the codes' low and high digit groups (about 2√K bins when the levels allow,
+  `_DigitSplit`), folded into per-dimension digit histograms when read.
 So a step costs O(codes in the step + codes evicted), never O(K); JS drift adds O(min(baseline support, codes in the
 window)). The sums are integers, so the metrics depend only on
 the window's counts — not on the order of codes, on how a step was split into micro-batches or ranks, or on a resume.
@@ -271,8 +271,8 @@ class SparseCodebookWindow:
             self.digit_counts += self._split.histogram(touched, row, sign_f)
 
     def nbytes(self) -> int:
-        """Memory this window holds (counts, sums, digit-group bins and the ring of step keys)."""
-        arrays = [self._count_mark, self.sums, self.digit_counts, self._table]
+        """Memory this window holds (counts, sums, digit-group bins and their fold, and the ring of step keys)."""
+        arrays = [self._count_mark, self.sums, self.digit_counts, self._table, self._split.src, self._split.tgt]
         arrays += [a for a in (self._ref_cache[1].get("dense_half_q"),) if a is not None]
         arrays += [t for t in self.ring if t is not None]
         return sum(int(t.nbytes) for t in arrays)
@@ -379,12 +379,8 @@ class SparseCodebookWindow:
                 sum(v[a:b]) / (b - a) for v in (js, delta) for a, b in self._spans
             ]  # means over each stream's levels
             drift.append(bps_entropy - ref.bps_entropy)
-        if self.digits.rows:
-            c = summary[(4 if ref is not None else 3) * R :].reshape(len(self.digits.rows), self.digits.dmax, -1)
-            usage = (c > 0).sum(-1) / self._split.levels
-            p = c / np.maximum(c.sum(-1, keepdims=True), 1.0)
-            ppl = np.exp2(-(p * np.log2(np.maximum(p, 1e-30))).sum(-1))
-            book += usage.reshape(-1)[self._split.valid].tolist() + ppl.reshape(-1)[self._split.valid].tolist()
+        if self.digits.rows:  # the same reading as the dense window's
+            book += self.digits.vector_host(summary[(4 if ref is not None else 3) * R :]).tolist()
         return book, drift
 
     def vector(self) -> np.ndarray:
@@ -398,11 +394,13 @@ class SparseCodebookWindow:
 
 class _DigitSplit:
     """Per-dimension digit counts of FSQ codes without per-digit work per code. An FSQ code of d digits (mixed radix,
-    digit 0 least significant) splits as code = high · B + low with B = Π of its first m levels (m chosen so that B and
-    K / B are both about √K). Per step each touched code adds ±1 to one low bin and one high bin of its row: 2 bins per
-    code instead of d, and about 2√K bins per row instead of K. `digit_bins` folds the window's low/high histograms
-    into the digit histograms with two small matrix products per stream, (L, B) @ (B, m · lmax) and the same for the
-    high part; the matrix holds 1 where a value has digit v in dimension j."""
+    digit 0 least significant) splits as code = high · B + low with B = Π of its first m levels (m chosen so that the
+    larger of B and K / B is smallest: about √K when the levels allow). Per step each touched code adds ±1 to one low
+    bin and one high bin of its row: 2 bins per code instead of d, and B + K / B bins per row instead of K.
+    `digit_bins` folds the window's low/high histograms into `DigitLayout`'s ragged digit histograms with one
+    precomputed scatter: each low (high) bin adds to one digit bin per dimension of its part — B · m + K / B · (d − m)
+    entries per row, no per-code work and no (bins × digit bins) matrix, whatever the levels (one dimension of 2^20
+    levels included)."""
 
     def __init__(self, digits: DigitLayout, base: np.ndarray, xp):
         self.xp, self.digits = xp, digits
@@ -410,44 +408,44 @@ class _DigitSplit:
         # per layout row (+ trash): first key, radix B, low cap, high cap, first low bin, first high bin
         tab = np.zeros((R + 1, 6), dtype=np.int64)
         tab[:, 0] = base
-        tab[:, 1] = 1  # rows without digits (and trash): low = 0 and high capped at 0, both in the trash bin
+        has_digits = np.zeros(R + 1, dtype=bool)
         spans: list[list] = []  # per FSQ stream: its stream, first and end digit-row index, levels
         for i, (s, _, _, levels) in enumerate(digits.rows):
             if spans and spans[-1][0] == s:
                 spans[-1][2] = i + 1
             else:
                 spans.append([s, i, i + 1, levels])
-        parts, n = [], 0
+        src: list[np.ndarray] = []  # low/high bins, each once per dimension of its part
+        tgt: list[np.ndarray] = []  # the ragged digit bin (`DigitLayout`) each of them adds to
+        n = 0
         for _, i0, i1, levels in spans:
             K, d = math.prod(levels), len(levels)
             prefix = [math.prod(levels[:m]) for m in range(d + 1)]
             m = min(range(d + 1), key=lambda m: (max(prefix[m], K // prefix[m]), m))
-            B = prefix[m]
+            B, H = prefix[m], K // prefix[m]
             rows = [digits.rows[i][2] for i in range(i0, i1)]
-            tab[rows, 1], tab[rows, 2], tab[rows, 3] = B, B - 1, K // B - 1
-            tab[rows, 4] = n + B * np.arange(len(rows))
+            has_digits[rows] = True
+            tab[rows, 1], tab[rows, 2], tab[rows, 3] = B, B - 1, H - 1
             low = slice(n, n + B * len(rows))
-            tab[rows, 5] = low.stop + (K // B) * np.arange(len(rows))
-            n = low.stop + (K // B) * len(rows)
-            high = slice(low.stop, n)
-            parts.append(
-                (
-                    slice(i0, i1),
-                    m,
-                    d,
-                    low,
-                    high,
-                    _digit_matrix(levels[:m], digits.lmax),
-                    _digit_matrix(levels[m:], digits.lmax),
-                )
-            )
-        self.n_bins = n + 1  # + the trash bin
-        no_digits = tab[:, 1] == 1
-        tab[no_digits, 4] = tab[no_digits, 5] = n
+            high = slice(low.stop, low.stop + H * len(rows))
+            tab[rows, 4] = low.start + B * np.arange(len(rows))
+            tab[rows, 5] = high.start + H * np.arange(len(rows))
+            n = high.stop
+            for k, i in enumerate(range(i0, i1)):  # where each low/high bin of the row adds, per dimension
+                for first, part, j0 in ((low.start + k * B, levels[:m], 0), (high.start + k * H, levels[m:], m)):
+                    x = np.arange(math.prod(part))
+                    for j, v in enumerate(part):
+                        src.append(first + x)
+                        tgt.append(digits.starts[i][j0 + j] + (x // math.prod(part[:j])) % v)
+        # Rows without digits (and trash) are marked as such, not by their radix (a 1-D FSQ's radix B is 1 too): low
+        # and high capped at 0, both in the last bin, which no metric reads.
+        tab[~has_digits, 1] = 1
+        tab[~has_digits, 2:4] = 0
+        tab[~has_digits, 4:6] = n
+        self.n_bins = n + 1
         self.tab = xp.asarray(tab, "int64")
-        self.groups = [(*g[:5], xp.asarray(g[5], "float64"), xp.asarray(g[6], "float64")) for g in parts]
-        self.levels = digits.levels.numpy().astype(np.float64)
-        self.valid = digits.valid.numpy()
+        self.src = xp.asarray(np.concatenate(src) if src else np.zeros(0, np.int64), "int64")
+        self.tgt = xp.asarray(np.concatenate(tgt) if tgt else np.zeros(0, np.int64), "int64")
 
     def histogram(self, keys, row, sign):
         """±1 (`sign`, float64) per key (n,) of layout row `row` (n,; trash keys: R) into the low and high bins of
@@ -461,24 +459,9 @@ class _DigitSplit:
         return xp.bincount(xp.cat([t[:, 4] + low, t[:, 5] + high]), xp.cat([sign, sign]), self.n_bins)
 
     def digit_bins(self, counts):
-        """The window's low/high histogram (n_bins,) → its digit histograms, flat (rows · dmax · lmax,) float64."""
-        xp, dg = self.xp, self.digits
-        out = xp.zeros((len(dg.rows), dg.dmax, dg.lmax), "float64")
-        for rows, m, d, low, high, m_low, m_high in self.groups:
-            n = rows.stop - rows.start
-            out[rows, :m] = (counts[low].reshape(n, -1) @ m_low).reshape(n, m, dg.lmax)
-            out[rows, m:d] = (counts[high].reshape(n, -1) @ m_high).reshape(n, d - m, dg.lmax)
-        return out.reshape(-1)
-
-
-def _digit_matrix(levels: list[int], lmax: int) -> np.ndarray:
-    """(Π levels, len(levels) · lmax) 0/1: row x has a 1 at (j, digit j of x) for each dimension j."""
-    n, d = math.prod(levels), len(levels)
-    x, out = np.arange(n), np.zeros((n, d, lmax))
-    for j, lv in enumerate(levels):
-        out[np.arange(n), j, x % lv] = 1.0
-        x = x // lv
-    return out.reshape(n, d * lmax)
+        """The window's low/high histogram (n_bins,) → its ragged digit histograms (`DigitLayout`), (flat_size,):
+        one gather and one bincount over (B · m + K / B · (d − m)) entries per row."""
+        return self.xp.bincount(self.tgt, counts[self.src], self.digits.flat_size)
 
 
 def _g(xp, x):
