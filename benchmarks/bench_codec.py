@@ -90,8 +90,8 @@ def bench_speed_split(codec, seconds: float = 10.0) -> dict:
         t_feat, feats = _timed(lambda: codec.features(w))
         t_an, _ = _timed(lambda: codec.analyse(feats))
         codes = codec.encode(wav)
-        t_ent, enc = _timed(lambda: codec.to_bytes(codes))
-        t_dec, _ = _timed(lambda: codec.from_bytes(enc.data))
+        t_ent, data = _timed(lambda: codec.to_bytes(codes))
+        t_dec, _ = _timed(lambda: codec.from_bytes(data))
         lat = codec.dequantize(codes)
         t_flow, mel = _timed(lambda: codec.mel_from_latents(*lat))
         t_voc, _ = _timed(lambda: codec.components["vocoder"](mel))
@@ -117,7 +117,7 @@ def bench_coding_scaling(codec) -> dict:
         for _ in range(REPEATS):
             for secs, c in codes.items():
                 t = time.perf_counter()
-                back = codec.from_bytes(codec.to_bytes(c).data)
+                back = codec.from_bytes(codec.to_bytes(c))
                 times[secs].append(time.perf_counter() - t)
                 if not torch.equal(back.sem, c.sem):
                     raise RuntimeError(f"{secs:.0f} s of codes did not round-trip")
@@ -156,7 +156,7 @@ def bench_long_audio(codec) -> dict:
         for secs in (10.0, 600.0):
             codes = codec.encode(_speech(secs))
             t = time.perf_counter()
-            enc = codec.to_bytes(codes)
+            enc = codec.to_encoded(codes)
             t_enc = time.perf_counter() - t
             t = time.perf_counter()
             back = codec.from_bytes(enc.data)
@@ -183,7 +183,7 @@ def bench_quantisation_cost(codec, corpus: Path) -> dict:
     wavs.append(_speech(30.0))
     with torch.no_grad():
         for w in wavs:
-            enc = codec.to_bytes(codec.encode(w))
+            enc = codec.to_encoded(codec.encode(w))
             q += enc.quantized_bits
             est += enc.estimate_bits
     return {"ratio": q / est, "files": len(wavs)}

@@ -9,6 +9,8 @@ Figures (goal in brackets):
   5. data loader throughput ÷ training consumption [≫ 1]
   6. data path at scale (bench_data.py): 1M-row start-up [≤ 10 s] and memory [≤ 1 GiB], read amplification,
      cache fill with 2 processes ÷ 1 [≥ 1.8], step time with cached vs live features
+  7. bitstream encoder peak memory at 2^16 codes per level, 10 s and 60 s of codes (bench_bitstream_memory.py),
+     60 s ÷ 10 s [≤ 1.5]
 """
 
 from __future__ import annotations
@@ -306,7 +308,7 @@ def bench_bitstream(corpus: Path, teacher: Path, work: Path) -> dict:
     files = 0
     for u in read_manifest(corpus / "val.jsonl"):
         codes = codec.encode(load_audio(u.path))
-        enc = codec.to_bytes(codes)
+        enc = codec.to_encoded(codes)
         payload += enc.payload_bits
         estimate += enc.estimate_bits
         header += enc.header_bits
@@ -429,6 +431,10 @@ def main() -> int:
         from bench_data import rows as data_rows
 
         data = data_rows(corpus, teacher, work / "data")
+        # The bitstream encoder's peak memory at 2^16 codes per level (benchmarks/bench_bitstream_memory.py).
+        from bench_bitstream_memory import rows as bitstream_memory_rows
+
+        bitstream_memory = bitstream_memory_rows()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     rows = [
         (
@@ -490,6 +496,7 @@ def main() -> int:
         ("data loader throughput ÷ training consumption", f"{ld['loader_over_consumption']:.1f}", "≫ 1"),
     ]
     rows += data
+    rows += bitstream_memory
     for p, s in speed.items():
         feats = "hubert-base-sized teacher features" if p == "ultra200bps" else "its tiny teacher's features"
         rows.append((f"encode speed, {p}, {feats}, 1 thread (× real time)", f"{s['encode_xrt']:.1f}", "—"))

@@ -6,16 +6,25 @@ A checkpoint URI is one of:
 - `wandb:ENTITY/PROJECT/NAME:ALIAS`: looked up first in the local index (so teams on one machine or a shared filesystem
   need no server), otherwise downloaded from the W&B server into the cache (online only).
 
-Local index layout (`artifact_cache_dir()`):
-    index/<entity>/<project>/<name>.json  = {"aliases": {alias: "/abs/step_dir"}, "versions": [{...}, ...]}
+Local index layout, under `artifact_cache_dir()` (`$SIREN_ARTIFACT_CACHE`, default `~/.cache/siren/artifacts`; point
+it at a shared filesystem to share one index between machines, or at a private dir to keep runs apart):
+    index/<entity>/<project>/<name>.json  = {"owner": "/abs/run_dir", "aliases": {alias: "/abs/step_dir"},
+                                             "versions": [{...}, ...]}
     downloads/<entity>/<project>/<name>/<version>/  artifacts fetched from the server
 Entity `None` is stored as `local`. Index files are rewritten under an exclusive lock and replaced atomically, so
 concurrent writers never lose each other's aliases and readers never see a half-written file.
+
+A name belongs to one run directory (`owner`). Every write goes through one claim (`claim_artifact_name`, which
+`index_checkpoint` also applies): a run directory other than the owner is refused with an error naming both, while
+the owner still exists. Writers that choose a name themselves take `derive_run_name`'s, which gives a second run
+directory of the same name (`runs/a/student`, `runs/b/student`) a name of its own. Server downloads are copies of the
+named artifact and belong to no run directory.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import netrc
@@ -29,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from siren.errors import SirenError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,10 @@ _MAX_NAME_LEN = 128
 
 class CheckpointNotFound(FileNotFoundError):
     """A checkpoint URI that is well formed but names nothing usable (missing, incomplete, deleted, not indexed)."""
+
+
+class ArtifactNameTaken(SirenError):
+    """An artifact name already indexed for another run directory that still exists."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ def artifact_name(stage: str, run_name: str) -> str:
 
 
 def artifact_cache_dir() -> Path:
-    """`$SIREN_ARTIFACT_CACHE`, else `~/.cache/siren/artifacts`."""
+    """Root of the local artifact index and downloads: `$SIREN_ARTIFACT_CACHE`, else `~/.cache/siren/artifacts`."""
     env = os.environ.get("SIREN_ARTIFACT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "siren" / "artifacts"
 
@@ -191,6 +206,8 @@ def index_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target):
         data = _read_index(target) if target.is_file() else {"aliases": {}, "versions": []}
+        if not _is_download(step_dir):  # a run's checkpoint: the name must be this run's
+            _claim(data, target, name, step_dir.parent.parent)
         for alias in aliases:
             data["aliases"][alias] = str(step_dir)
         # One version entry per step dir; its alias list is recomputed so moved aliases disappear from older entries.
@@ -201,6 +218,87 @@ def index_checkpoint(
         data["versions"] = sorted(versions.values(), key=lambda v: (v["step"] is None, v["step"] or 0, v["path"]))
         _atomic_write_json(target, data)
     return target
+
+
+def claim_artifact_name(entity: str | None, project: str, name: str, run_dir: str | os.PathLike[str]) -> Path:
+    """Make artifact `name` the run directory `run_dir`'s, or raise ArtifactNameTaken naming the run that owns it.
+
+    Idempotent for the owner; a name whose owner directory no longer exists passes to `run_dir`. Returns the index
+    file."""
+    target = index_path(entity, project, name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target):
+        data = _read_index(target) if target.is_file() else {"aliases": {}, "versions": []}
+        if _claim(data, target, name, Path(run_dir)):
+            _atomic_write_json(target, data)
+    return target
+
+
+def name_owner(entity: str | None, project: str, name: str, run_dir: str | os.PathLike[str]) -> Path | None:
+    """The other, still existing run directory that owns artifact `name`, or None (free, or `run_dir`'s own)."""
+    target = index_path(entity, project, name)
+    if not target.is_file():
+        return None
+    others = _other_owners(_read_index(target), Path(run_dir).expanduser().resolve())
+    return others[0] if others else None
+
+
+def derive_run_name(entity: str | None, project: str, stage: str, run_dir: str | os.PathLike[str]) -> str:
+    """The run directory's name, unless another existing run directory owns `<stage>-<that name>`: then the name gets
+    a short hash of this run directory's absolute path, so two run directories never share a name (nor `latest`)."""
+    resolved = Path(run_dir).expanduser().resolve()
+    base = resolved.name
+    owner = name_owner(entity, project, artifact_name(stage, base), resolved)
+    if owner is None:
+        return base
+    unique = f"{base}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    logger.warning(
+        "artifact name %s belongs to the run at %s; this run (%s) logs its checkpoints as %s (set tracking.run_name "
+        "to choose a name)",
+        artifact_name(stage, base),
+        owner,
+        resolved,
+        artifact_name(stage, unique),
+    )
+    return unique
+
+
+def _claim(data: dict[str, Any], target: Path, name: str, run_dir: Path) -> bool:
+    """The claim, on an index file's data read under its lock: raise when another existing run directory owns `name`;
+    else record `run_dir` as the owner. True when `data` changed."""
+    mine = run_dir.expanduser().resolve()
+    others = _other_owners(data, mine)
+    if others:
+        raise ArtifactNameTaken(
+            f"checkpoint artifact name `{name}` already belongs to the run at {others[0]} (index {target}); "
+            f"the run at {mine} may not share it: set tracking.run_name to a unique name for {mine}, or use another "
+            f"artifact index (SIREN_ARTIFACT_CACHE)"
+        )
+    if data.get("owner") == str(mine):
+        return False
+    data["owner"] = str(mine)
+    return True
+
+
+def _other_owners(data: dict[str, Any], mine: Path) -> list[Path]:
+    """Existing run directories other than `mine` that own the index entry: its recorded owner, and (for index files
+    written before owners were recorded) the run directories of its versions that still exist."""
+    found = []
+    if data.get("owner"):
+        found.append(Path(data["owner"]))
+    for version in data.get("versions", []):
+        step_dir = Path(version["path"])
+        if not _is_download(step_dir) and step_dir.exists():
+            found.append(step_dir.parent.parent)  # RUN/checkpoints/step_N → RUN
+    out = []
+    for owner in found:
+        if owner.exists() and owner.resolve() != mine and owner.resolve() not in out:
+            out.append(owner.resolve())
+    return out
+
+
+def _is_download(step_dir: Path) -> bool:
+    return (artifact_cache_dir() / "downloads").resolve() in step_dir.resolve().parents
 
 
 def _read_index(path: Path) -> dict[str, Any]:

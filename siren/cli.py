@@ -55,9 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val-speakers", type=int, default=None, help="number of speakers held out for val")
     p.add_argument("--jobs", type=int, default=8, help="parallel header reads")
 
-    p = sub.add_parser("init-ssl", help="save a tiny randomly initialised HuBERT teacher (stand-in for hubert-base)")
+    p = sub.add_parser("init-ssl", help="save a randomly initialised HuBERT teacher (tiny, or hubert-base's shapes)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--like",
+        default="tiny",
+        help="geometry: tiny (the demo's stand-in) or hubert-base (768-d, 12 layers, HuBERT-base's conv front end)",
+    )
 
     p = sub.add_parser("cache", help="fill the feature or teacher cache for train and val (each process its share)")
     _add_config(p)
@@ -88,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint URI (default: the one recorded in the file)")
     p.add_argument("--pipeline-flow", help="checkpoint with fuser + flow (default: the checkpoint's pipeline.flow)")
     p.add_argument("--pipeline-vocoder", help="checkpoint with the vocoder (default: pipeline.vocoder)")
+
+    p = sub.add_parser("eval", help="score codecs from their real bitstreams (SIREN checkpoints, Codec 2, wav dirs)")
+    p.add_argument("--data", required=True, help="JSONL manifest or a directory of audio files")
+    p.add_argument(
+        "--system",
+        action="append",
+        required=True,
+        metavar="NAME=SPEC",
+        help="SPEC: a checkpoint URI, codec2:MODE (3200 2400 1600 1400 1300 1200 700C 450) or wav:DIR; repeatable",
+    )
+    p.add_argument("--out", required=True, help="output directory (eval.json, eval.md, bitstreams/, audio/)")
+    p.add_argument("--max-utts", type=int, default=None, help="the first N utterances only")
+    p.add_argument("--pipeline-flow", help="fuser + flow checkpoint for SIREN systems (default: their pipeline.flow)")
+    p.add_argument("--pipeline-vocoder", help="vocoder checkpoint for SIREN systems (default: pipeline.vocoder)")
 
     p = sub.add_parser("sweep", help="run a W&B sweep (online) or the same sweep offline with the sweeps engine")
     p.add_argument("file")
@@ -154,11 +173,22 @@ def cmd_info(args) -> int:
     for name, row in info["components"].items():
         params = f"{row['params']:>12,}" if row["params"] is not None else f"{'-':>12}"
         print(f"{name:<16}{params}  {row['rate']}" + (f"  ({row['note']})" if row.get("note") else ""))
+    rows = info["components"]
+    foreign = {n: r["class"] for n, r in rows.items() if r["class"] and not r["class"].startswith("siren.")}
+    if foreign:  # say what was built: the preset's keys for these components were not read
+        print("foreign classes (the preset's keys for these components are not used):")
+        print("\n".join(f"  {name}: {cls}" for name, cls in foreign.items()))
     b = info["bps"]
-    print(
-        f"nominal bit/s: {info['bps_nominal']:.1f} (sem {b['sem']:.1f} + pro {b['pro']:.1f}); "
-        f"speaker {b['spk_bits_per_utterance']:.0f} bit per utterance"
+    if b is None:
+        print("nominal bit/s: unknown (the factorizer or a stream quantizer was not built)")
+        return 0
+    streams = ", ".join(
+        f"{s} {v['rate_hz']:g} Hz × {v['levels']} × {v['codebook_size']} codes"
+        for s, v in info["layout"].items()
+        if s != "spk"
     )
+    spk = f"; speaker {b['spk_bits_per_utterance']:.0f} bit per utterance" if "spk_bits_per_utterance" in b else ""
+    print(f"nominal bit/s: {info['bps_nominal']:.1f} ({streams}){spk}")
     return 0
 
 
@@ -182,9 +212,9 @@ def cmd_manifest(args) -> int:
 
 
 def cmd_init_ssl(args) -> int:
-    from siren.models.ssl import save_tiny_teacher
+    from siren.models.ssl import save_random_teacher
 
-    print(save_tiny_teacher(args.out, seed=args.seed))
+    print(save_random_teacher(args.out, like=args.like, seed=args.seed))
     return 0
 
 
@@ -218,6 +248,12 @@ def cmd_decode(args) -> int:
     from siren.coding.files import decode_cli
 
     return decode_cli(args)
+
+
+def cmd_eval(args) -> int:
+    from siren.evaluation import eval_cli
+
+    return eval_cli(args)
 
 
 def cmd_sweep(args) -> int:

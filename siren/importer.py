@@ -5,12 +5,15 @@
 builds the stage's components from the config (SIREN's own classes or `target:` classes, each with its foreign
 `weights:`), and writes `RUN/checkpoints/step_0/` exactly as a training run would: `components/<name>.safetensors`,
 `meta.json` (stage, config, fingerprints, targets, and the source files with their sha256), `latest`, `config.yaml`,
-and a local artifact index entry (`wandb:<entity>/<project>/<stage>-<run name>:latest` resolves without a server).
+and a local artifact index entry (`wandb:<entity>/<project>/<stage>-<run name>:latest` resolves without a server; the
+run name is `tracking.run_name`, else the output dir's name, with a hash of its path when another run dir owns that
+name; the index lives under `$SIREN_ARTIFACT_CACHE`, see siren/artifacts.py).
 The run is then usable wherever a checkpoint URI is: `baseline=`, `pipeline.flow=`, `pipeline.vocoder=`,
 `student_ssl.path=`, `siren verify`, `siren encode`.
 
 Every saved component must come with weights: a component that has parameters but no `weights:` would be saved with
-random values, so it is refused (listing all of them at once).
+random values, and one with only persistent buffers would be saved with whatever its constructor computed, so both are
+refused (listing all of them at once, each in its own words).
 """
 
 from __future__ import annotations
@@ -44,14 +47,32 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _has_state(module: nn.Module) -> bool:
-    return len(module.state_dict()) > 0
+def _refuse_unweighted(unweighted: list[str], modules: dict[str, nn.Module]) -> None:
+    """One error for every component without `weights:` that would be saved with values no file gave: learned
+    parameters (random), or persistent buffers alone (whatever the constructor computed), each told in its words."""
+    problems = []
+    for n in unweighted:
+        m = modules[n]
+        params = {k for k, _ in m.named_parameters()}
+        buffers = [k for k in m.state_dict() if k not in params]
+        if params:
+            problems.append(f"{n} has parameters but no `weights:`; importing would save random values")
+        elif buffers:
+            shown = ", ".join(buffers[:6]) + (" ..." if len(buffers) > 6 else "")
+            problems.append(
+                f"{n} has no parameters, only persistent buffers ({shown}), and no `weights:`; importing would save "
+                "the values its constructor computed, not the ones it was used with. Give it a weights file, or, if "
+                "the buffers are derived from `args:` and never learned, register them with persistent=False so "
+                "they are not state"
+            )
+    if problems:
+        raise SirenError("siren import: " + "\n".join(problems))
 
 
 def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     """Build `stage`'s components from `cfg` (targets + weights) and write them as step 0 of the run `out`.
     Returns the step directory."""
-    from siren.artifacts import artifact_name, index_checkpoint
+    from siren.artifacts import artifact_name, claim_artifact_name, derive_run_name, index_checkpoint
     from siren.models.builders import build_component, component_targets
     from siren.models.io import fingerprint
     from siren.train import checkpoint as ckpt
@@ -71,6 +92,11 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
         )
     cfg.stage = stage  # the imported run is a run of this stage
     cfg.run_dir = str(out)
+    # The artifact name is claimed before anything is written: a name another run directory owns is refused here
+    # (explicit tracking.run_name) or never chosen (the derived one), so two imports never share `latest`.
+    tc = cfg.tracking
+    run_name = tc.run_name or derive_run_name(tc.entity, tc.project, stage, out)
+    claim_artifact_name(tc.entity, tc.project, artifact_name(stage, run_name), out)
 
     modules: dict[str, nn.Module] = {}
     lineage: dict = {"baseline": {"uri": None, "fingerprint": None}}
@@ -93,12 +119,7 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     ssl_dim = modules["ssl"].dim if "ssl" in modules else None
     for n in names:
         modules[n] = build_component(n, cfg, ssl_dim=ssl_dim if n == "factorizer" else None)
-    random = [n for n in unweighted if _has_state(modules[n])]
-    if random:
-        raise SirenError(
-            f"siren import: {', '.join(random)} ha{'s' if len(random) == 1 else 've'} parameters but no `weights:`; "
-            "importing would save random values. Give each a weights file"
-        )
+    _refuse_unweighted(unweighted, modules)
 
     sources = {}
     for n in names:
@@ -118,7 +139,7 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     meta = {
         "step": 0,
         "stage": stage,
-        "run_name": cfg.tracking.run_name or out.resolve().name,
+        "run_name": run_name,
         "config": to_dict(cfg),
         "fingerprints": {n: fingerprint(m) for n, m in modules.items()},
         "targets": component_targets(modules, cfg),
@@ -140,9 +161,7 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     tmp = ckpt.begin_step(out, 0)
     ckpt.save_components(tmp, saved)
     final = ckpt.commit_step(out, tmp, 0, meta)
-    index_checkpoint(
-        final, cfg.tracking.entity, cfg.tracking.project, artifact_name(stage, meta["run_name"]), ["step_0", "latest"]
-    )
+    index_checkpoint(final, tc.entity, tc.project, artifact_name(stage, run_name), ["step_0", "latest"])
     log.info("imported %s (%s) into %s", stage, ", ".join(saved), final)
     return final
 

@@ -7,6 +7,9 @@ Exit code 0 = pass, 1 = fail, 2 = error (missing step, unresolvable baseline, la
 `--wav FILE` judges one audio file instead of the eval set (the seed guide's "check this recording" workflow), with the
 same thresholds; its outputs go to `RUN/verify/step_N/wav/<file stem>/`.
 Beside report.json and report.md, `report.html` (siren/report_html.py) is the page a person opens: players, mels, tables.
+Each verify keeps its own record, `RUN/verify/step_N/<UTC time>-<eval set name>/` (under `wav/<file stem>/` for
+`--wav`); the files directly in `step_N/` (or `wav/<file stem>/`) are hard links to the newest record's, and `latest`
+there names it, so `verify/step_N/report.json` is always the latest verify's report.
 Under `accelerate launch` each process judges utterances `i % world == rank`; rank 0 reduces the code counts and the
 per-utterance values in utterance order (the report does not depend on the number of processes), writes the report
 and logs to W&B, and every process returns its verdict; an error on any process is exit 2 on all.
@@ -17,9 +20,11 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from siren.errors import LayoutMismatch, SirenError
 log = logging.getLogger("siren")
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 COLLECTIVE_TIMEOUT_S = 1800  # a rank waits at most this long for its peers at one exchange
+MAX_LISTED_SKIPS = 200  # skipped eval rows listed by id in the report (all are counted)
 DISTANCES = ("adapted_vs_truth", "baseline_vs_truth", "adapted_vs_baseline", "silence_vs_truth", "noise_vs_truth")
 
 
@@ -169,6 +175,56 @@ def shard(items: Sequence[Any], rank: int, world: int) -> list[tuple[int, Any]]:
     return [(i, items[i]) for i in range(rank, len(items), world)]
 
 
+def new_record_dir(latest_dir: Path, manifest: str) -> Path:
+    """Create and return `latest_dir/<UTC time>-<eval set name>/`, this verify's own record (`-2`, `-3`… when one of
+    that name exists). Outputs of a verify from before records existed are first moved into a record of their own."""
+    latest_dir.mkdir(parents=True, exist_ok=True)
+    if (latest_dir / "report.json").is_file() and not (latest_dir / LATEST).is_file():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((latest_dir / "report.json").stat().st_mtime))
+        old = latest_dir / f"{stamp}-earlier"
+        old.mkdir()
+        for f in _view_files(latest_dir):
+            f.rename(old / f.name)
+        _write_latest(latest_dir, old.name)
+    base = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{Path(manifest).stem}"
+    for n in range(1, 1000):
+        record = latest_dir / (base if n == 1 else f"{base}-{n}")
+        try:
+            record.mkdir()  # exclusive: two verifies in the same second get two records
+            return record
+        except FileExistsError:
+            continue
+    raise VerifyError(f"cannot make a new verify record under {latest_dir}: {base} and 998 more exist")
+
+
+def publish_latest(record: Path, latest_dir: Path) -> None:
+    """Make `latest_dir` show the newest verify: its files (report.json/.md/.html, wavs, PNGs) are replaced by hard
+    links to `record`'s and `latest_dir/latest` names the record. Records are never touched."""
+    for f in _view_files(latest_dir):
+        f.unlink()
+    for f in sorted(record.iterdir()):
+        if f.is_file():
+            try:
+                os.link(f, latest_dir / f.name)
+            except OSError:  # a filesystem without hard links: a copy shows the same thing
+                shutil.copy2(f, latest_dir / f.name)
+    _write_latest(latest_dir, record.name)
+
+
+LATEST = "latest"  # the file in `verify/step_N/` (and `wav/<stem>/`) naming the newest record
+
+
+def _view_files(latest_dir: Path) -> list[Path]:
+    """The files of the latest view (records, `wav/` and the pointer are not among them)."""
+    return [f for f in latest_dir.iterdir() if f.is_file() and f.name != LATEST]
+
+
+def _write_latest(latest_dir: Path, name: str) -> None:
+    tmp = latest_dir / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, latest_dir / LATEST)
+
+
 def run_verify(
     run: str | Path,
     step: int,
@@ -181,6 +237,9 @@ def run_verify(
     every process returns the same report (rank 0 writes it)."""
     ranks = Ranks.start()
     job = ranks.agree(lambda: _prepare(run, step, data, thresholds, wav))
+    # Every verify writes into its own record dir, named once by rank 0 (the others take its name).
+    record = ranks.agree(lambda: new_record_dir(job.out_dir, job.manifest) if ranks.is_main else None, gather=True)[0]
+    job = replace(job, out_dir=record, latest_dir=job.out_dir)
     parts = ranks.agree(lambda: _judge_share(job, ranks), gather=True)  # every rank's share, in rank order
     return ranks.agree(lambda: _report(job, parts, use_wandb) if ranks.is_main else None, gather=True)[0]
 
@@ -199,11 +258,15 @@ class _Job:
     out_dir: Path
     wav: Path | None
     base: Any
+    latest_dir: Path | None = None  # the view of the newest verify (out_dir is this verify's own record inside it)
+    skipped: list = None  # [{"id", "reason"}] of eval rows not judged (their manifest row shows them unusable)
+    num_skipped: int = 0
 
 
 def _prepare(run, step, data, thresholds, wav) -> _Job:
     from siren.data.datasets import speaker_balanced_subset
-    from siren.data.manifest import Utterance, read_manifest
+    from siren.data.manifest import Utterance, read_manifest, usable_utterances
+    from siren.models.ssl import check_frame_contract
     from siren.train.stages.common import code_layout
 
     run = Path(run)
@@ -213,6 +276,8 @@ def _prepare(run, step, data, thresholds, wav) -> _Job:
         _check_wav(wav)  # before the checkpoints load: a wrong path fails at once
     adapted, base = _load(run, step)
     cfg = adapted.cfg
+    a = cfg.audio  # a checkpoint from before the frame check at build is refused here, not mid-judging
+    check_frame_contract(adapted.modules["student_ssl"], base.modules["ssl"], a.sample_rate, a.hop_length, "verify")
     la, lb = code_layout(adapted.modules), code_layout(base.modules)
     if la != lb:
         raise LayoutMismatch(f"code layouts differ: adapted {la} vs baseline {lb}")
@@ -226,14 +291,46 @@ def _prepare(run, step, data, thresholds, wav) -> _Job:
         out_dir = run / "verify" / f"step_{step}" / "wav" / Path(wav).stem
     else:
         manifest = data or cfg.verify.data or cfg.data.val or cfg.data.train
-        # Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not judged on one voice.
-        utts = speaker_balanced_subset(read_manifest(manifest), cfg.verify.max_utts, seed=0)
+        # Rows too short for either analysis path to encode (or otherwise unusable by their row) are not judged; the
+        # report lists them. Speaker-balanced: round-robin over speakers, so a manifest sorted by speaker is not
+        # judged on one voice.
+        rows = read_manifest(manifest)
+        usable, excluded = usable_utterances(rows, cfg.audio.sample_rate, eval_min_samples(adapted, base))
+        skipped = [{"id": u.id, "reason": why} for u, why in excluded]
+        if excluded:
+            log.info(
+                "verify: %d of %d rows of %s not judged (e.g. %s: %s)",
+                len(excluded),
+                len(rows),
+                manifest,
+                excluded[0][0].id,
+                excluded[0][1],
+            )
+        utts = speaker_balanced_subset(usable, cfg.verify.max_utts, seed=0)
         if not utts:
-            raise VerifyError(f"the eval manifest {manifest} holds no utterance")
+            what = (
+                f"; all {len(rows)} rows were skipped (e.g. {skipped[0]['id']}: {skipped[0]['reason']})" if rows else ""
+            )
+            raise VerifyError(f"the eval manifest {manifest} holds no usable utterance{what}")
         if cfg.verify.real_clip and Path(cfg.verify.real_clip).is_file():
             utts.append(Utterance(id="real_human_codec2", path=cfg.verify.real_clip, duration=0.0, speaker="human"))
         out_dir = run / "verify" / f"step_{step}"
-    return _Job(run, step, adapted, la, th, manifest, utts, out_dir, None if wav is None else Path(wav), base)
+    skipped = [] if wav is not None else skipped
+    job = _Job(run, step, adapted, la, th, manifest, utts, out_dir, None if wav is None else Path(wav), base)
+    job.skipped, job.num_skipped = skipped[:MAX_LISTED_SKIPS], len(skipped)
+    return job
+
+
+def eval_min_samples(adapted, base) -> int:
+    """Fewest samples both analysis paths (student → adapted factorizer, teacher → baseline factorizer) can encode."""
+    from siren.models.codec import min_encodable_samples
+    from siren.models.roles import FrameGeometry
+
+    out = 0
+    for ck, fx in ((adapted, "student_ssl"), (base, "ssl")):
+        geo = FrameGeometry.of(ck.cfg.audio, ck.modules["factorizer"])
+        out = max(out, min_encodable_samples(ck.modules[fx].num_frames, geo.pro_hop, geo.pro_downsample))
+    return out
 
 
 def _judge_share(job: _Job, ranks: Ranks) -> dict:
@@ -241,6 +338,7 @@ def _judge_share(job: _Job, ranks: Ranks) -> dict:
     histograms) and one record per utterance (floats, reduced in utterance order by rank 0)."""
     from siren.data.audio import load_audio, save_audio
     from siren.metrics.codebook import histogram
+    from siren.models.codec import ClipTooShort
     from siren.models.mel import MelSpectrogram
     from siren.models.roles import can_range_code
     from siren.train.samples import save_mel_png
@@ -259,14 +357,15 @@ def _judge_share(job: _Job, ranks: Ranks) -> dict:
     hist = {w: {s: 0 for s in la} for w in ("adapted", "baseline")}
     eq = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
     tot = {s: torch.zeros(la[s][1], dtype=torch.float64) for s in la}
-    records = []
+    records, skipped = [], []
     mine = shard(job.utts, ranks.rank, ranks.world)
     for i, u in mine:
         wav = load_audio(u.path, a.sample_rate)
         try:
             codes = {w: c.encode(wav) for w, c in codecs.items()}
-        except SirenError as exc:  # too short to hold one prosody frame
+        except ClipTooShort as exc:  # the file is shorter than its row said (or --wav / the real clip is short)
             log.info("verify: %s skipped (%s)", u.id, exc)
+            skipped.append({"index": i, "id": u.id, "reason": str(exc)})
             continue
         n = codes["adapted"].num_samples[0]
         wav = wav[None, :n]
@@ -278,7 +377,7 @@ def _judge_share(job: _Job, ranks: Ranks) -> dict:
                 ent = codec.components["entropy_model"]({"sem": c.sem.to(device), "pro": c.pro.to(device)})
                 rec["bits"][w] = float(ent.total_bits["sem"].sum() + ent.total_bits["pro"].sum())
                 if rangeable[w]:  # a rate-only model has no real bitstream
-                    enc = codec.to_bytes(c)
+                    enc = codec.to_encoded(c)
                     rec["real_bits"][w] = 8 * len(enc.data)
                     rec["header_bits"][w] = enc.header_bits
                 for s in la:
@@ -322,6 +421,7 @@ def _judge_share(job: _Job, ranks: Ranks) -> dict:
         "eq": eq,
         "tot": tot,
         "records": records,
+        "skipped": skipped,
         "pipeline": pipe,
         "rangeable": rangeable,
         "quality": None if scorers is None else list(scorers),  # the quality metrics scored
@@ -336,13 +436,13 @@ def _report(job: _Job, parts: list[dict], use_wandb: bool) -> dict:
     la, out_dir = job.layout, job.out_dir
     # utterance order, whatever rank judged each: the float sums below do not depend on the number of processes
     records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
+    late = sorted((r for p in parts for r in p.get("skipped", [])), key=lambda r: r["index"])
+    skipped = list(job.skipped or []) + [{"id": r["id"], "reason": r["reason"]} for r in late]
     if not records:
         wav = job.wav
-        what = (
-            f"{wav} is too short to hold one prosody frame"
-            if wav is not None
-            else f"no usable utterance in {job.manifest}"
-        )
+        what = f"--wav {late[0]['reason']}" if wav is not None and late else f"no usable utterance in {job.manifest}"
+        if wav is None and skipped:
+            what += f"; skipped {len(skipped)} (e.g. {skipped[0]['id']}: {skipped[0]['reason']})"
         raise VerifyError(what)
     hist = {w: {s: sum(p["hist"][w][s] for p in parts) for s in la} for w in ("adapted", "baseline")}
     eq = {s: sum(p["eq"][s] for p in parts) for s in la}
@@ -395,6 +495,8 @@ def _report(job: _Job, parts: list[dict], use_wandb: bool) -> dict:
         "eval_set": job.manifest,
         "out_dir": str(out_dir),
         "num_utts": len(per_utt),
+        "num_skipped": job.num_skipped + len(late),
+        "skipped": skipped[:MAX_LISTED_SKIPS],
         "seconds": seconds,
         "metrics": metrics,
         "checks": checks,
@@ -408,6 +510,8 @@ def _report(job: _Job, parts: list[dict], use_wandb: bool) -> dict:
     from siren.report_html import write_report_html
 
     write_report_html(report, out_dir)
+    if job.latest_dir is not None:
+        publish_latest(out_dir, job.latest_dir)
     if use_wandb:
         _log_wandb(report, job.adapted, job.run, job.step)
     return report
@@ -492,6 +596,14 @@ def _score_quality(scorers: dict, u, original: torch.Tensor, coded: dict, sample
     return score_utterance(u.id, prep(original), {w: prep(x) for w, x in coded.items()}, scorers, u.text or None)
 
 
+def _skipped_lines(r: dict) -> list[str]:
+    n = r.get("num_skipped", 0)
+    if not n:
+        return []
+    shown = "; ".join(f"{x['id']}: {x['reason']}" for x in r.get("skipped", [])[:5])
+    return [f"{n} eval utterance(s) skipped, not judged ({shown}{'; ...' if n > 5 else ''})", ""]
+
+
 def format_report(r: dict) -> str:
     m = r["metrics"]
     lines = [
@@ -500,6 +612,7 @@ def format_report(r: dict) -> str:
         f"**{'PASS' if r['passed'] else 'FAIL'}** on {r['num_utts']} utterances ({r['seconds']:.1f} s of codes) "
         f"from `{r['eval_set']}`; baseline `{r['baseline'].get('uri')}`; pipeline: {', '.join(r['pipeline']) or 'decoder head only'}",
         "",
+        *_skipped_lines(r),
         "| check | value | limit | ok |",
         "|---|---:|---:|:-:|",
     ]

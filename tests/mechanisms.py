@@ -160,7 +160,7 @@ def _no_role_check(name, module):
     return module
 
 
-def _lenient_foreign_load(module, path, *, key=None, rename=None, allow_missing=(), allow_unexpected=(), where=""):
+def _lenient_foreign_load(module, path, *, key=None, rename=None, allow_missing=(), allow_unexpected=(), where="", **_):
     """The common lenient loader: keep what fits, drop the rest silently (strict=False)."""
     from siren.models.weights import apply_renames, read_state
 

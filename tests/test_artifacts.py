@@ -224,3 +224,93 @@ def test_use_checkpoint_artifact_only_online_and_wandb_uri():
     use_checkpoint_artifact(offline, "wandb:team/siren/codec-r:latest")
     assert online.used == ["team/siren/codec-r:latest"]
     assert offline.used == []
+
+
+# --------------------------------------------------------------------------------------------- one name, one run dir
+def test_a_name_belongs_to_one_run_dir_at_every_index_write(tmp_path):
+    """A second run directory writing under a name that another existing run directory owns is refused, naming both,
+    and the owner's `latest` stays where it was; once the owner is gone the name is free."""
+    from siren.artifacts import ArtifactNameTaken
+
+    first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")  # both dirs are called `run`
+    index_checkpoint(first / "checkpoints" / "step_10", None, "siren", "codec-run", ["step_10", "latest"])
+    with pytest.raises(ArtifactNameTaken) as err:
+        index_checkpoint(second / "checkpoints" / "step_20", None, "siren", "codec-run", ["step_20", "latest"])
+    assert str(first.resolve()) in str(err.value) and str(second.resolve()) in str(err.value)
+    assert resolve_checkpoint("wandb:local/siren/codec-run:latest") == (first / "checkpoints" / "step_10").resolve()
+    shutil.rmtree(first)
+    index_checkpoint(second / "checkpoints" / "step_20", None, "siren", "codec-run", ["step_20", "latest"])
+    assert resolve_checkpoint("wandb:local/siren/codec-run:latest") == (second / "checkpoints" / "step_20").resolve()
+
+
+def test_a_claim_holds_before_the_first_checkpoint_and_derived_names_differ(tmp_path):
+    """A run claims its name at start (no checkpoint indexed yet): another run dir cannot write under it, and the name
+    derived for a run dir of the same name is a different one, stable for that dir."""
+    from siren.artifacts import ArtifactNameTaken, claim_artifact_name, derive_run_name
+
+    first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    assert derive_run_name(None, "siren", "codec", first) == "run"
+    claim_artifact_name(None, "siren", "codec-run", first)
+    claim_artifact_name(None, "siren", "codec-run", first)  # the owner's own claim again: fine
+    with pytest.raises(ArtifactNameTaken, match="already belongs to the run"):
+        index_checkpoint(second / "checkpoints" / "step_20", None, "siren", "codec-run", ["latest"])
+    derived = derive_run_name(None, "siren", "codec", second)
+    assert (
+        derived != "run" and derived.startswith("run-") and derive_run_name(None, "siren", "codec", second) == derived
+    )
+    index_checkpoint(second / "checkpoints" / "step_20", None, "siren", artifact_name("codec", derived), ["latest"])
+
+
+def test_server_downloads_belong_to_no_run_dir(tmp_path):
+    """A version downloaded into the cache is a copy of the named artifact: indexing it under a name a local run owns
+    is no collision."""
+    from siren.artifacts import artifact_cache_dir
+
+    run = make_run(tmp_path)
+    index_checkpoint(run / "checkpoints" / "step_10", "team", "siren", "codec-r", ["latest"])
+    download = artifact_cache_dir() / "downloads" / "team" / "siren" / "codec-r" / "v3"
+    download.mkdir(parents=True)
+    (download / "meta.json").write_text(json.dumps({"step": 30}))
+    index_checkpoint(download, "team", "siren", "codec-r", ["v3"])
+    assert resolve_checkpoint("wandb:team/siren/codec-r:v3") == download.resolve()
+
+
+def test_the_index_lives_under_siren_artifact_cache(tmp_path, monkeypatch):
+    """SIREN_ARTIFACT_CACHE moves the whole index: a claim in one cache is unknown to another."""
+    from siren.artifacts import claim_artifact_name
+
+    first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    claim_artifact_name(None, "siren", "codec-run", first)
+    assert index_path(None, "siren", "codec-run") == tmp_path / "cache" / "index" / "local" / "siren" / "codec-run.json"
+    monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(tmp_path / "other"))
+    claim_artifact_name(None, "siren", "codec-run", second)
+    assert json.loads(index_path(None, "siren", "codec-run").read_text())["owner"] == str(second.resolve())
+
+
+def test_two_imports_into_dirs_of_the_same_name_do_not_share_an_entry(tmp_path):
+    """`siren import` into `a/student` and `b/student`: the second gets a name of its own and leaves the first's
+    `latest` alone; naming both the same explicitly is refused before the second writes anything."""
+    import torch
+
+    from siren.artifacts import ArtifactNameTaken
+    from siren.config.loader import load_config
+    from siren.importer import import_run
+    from siren.models.builders import build_component
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "demo" / "base.yaml"
+    torch.save(build_component("vocoder", load_config(base, [])).state_dict(), tmp_path / "voc.pt")
+
+    def imp(out: Path, *overrides: str) -> Path:
+        return import_run(load_config(base, [f"vocoder.weights={tmp_path / 'voc.pt'}", *overrides]), "vocoder", out)
+
+    a, b = imp(tmp_path / "a" / "student"), imp(tmp_path / "b" / "student")
+    project = load_config(base, []).tracking.project
+    assert resolve_checkpoint(f"wandb:local/{project}/vocoder-student:latest") == a
+    name_b = json.loads((b / "meta.json").read_text())["run_name"]
+    assert name_b.startswith("student-")
+    assert resolve_checkpoint(f"wandb:local/{project}/vocoder-{name_b}:latest") == b
+    with pytest.raises(ArtifactNameTaken) as err:
+        imp(tmp_path / "c" / "student", "tracking.run_name=student")
+    assert str((tmp_path / "a" / "student").resolve()) in str(err.value)
+    assert str((tmp_path / "c" / "student").resolve()) in str(err.value)
+    assert not (tmp_path / "c" / "student").exists()

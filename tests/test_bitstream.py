@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from siren.coding import bitstream
 from siren.coding.bitstream import _decodes_to, _shortest_payload, _words
 
 
@@ -34,7 +35,7 @@ def test_shortest_payload_decodes_and_saves_the_word_padding():
     word_over, byte_over = [], []
     for _ in range(60):
         coded, full, estimate = _random_stream(rng)
-        short = _shortest_payload(full, coded)
+        short = _shortest_payload(full, lambda cands, coded=coded: [_decodes_to(p, coded) for p in cands])
         assert len(short) <= len(full) and _decodes_to(short, coded)
         # An independent decoder, fed the zero-padded words, reads back every symbol.
         fam = constriction.stream.model.Categorical(perfect=False)
@@ -48,7 +49,7 @@ def test_shortest_payload_decodes_and_saves_the_word_padding():
 
 def test_a_wrong_payload_does_not_decode():
     coded, full, _ = _random_stream(np.random.default_rng(1))
-    short = _shortest_payload(full, coded)
+    short = _shortest_payload(full, lambda cands: [_decodes_to(p, coded) for p in cands])
     assert short and not _decodes_to(full[: len(short) - 1], coded)  # one byte shorter is not enough
     assert not _decodes_to(bytes(b ^ 0x55 for b in short), coded)
 
@@ -67,7 +68,7 @@ def tiny_codec(tmp_path_factory):
     names = ["ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"]
     codec = Codec(build_components(names, cfg), sample_rate=16000, hop_length=320).eval()
     codes = codec.encode(torch.randn(3 * 16000, generator=torch.Generator().manual_seed(0)) * 0.1)
-    return codec, codes, codec.to_bytes(codes).data
+    return codec, codes, codec.to_bytes(codes)
 
 
 def _perturbed_decode(codec, data, monkeypatch, scale: float, seed: int):
@@ -152,3 +153,189 @@ def test_quantised_tables_tolerate_tiny_differences():
     changed_rows = (p != q).any(-1).mean()
     assert changed_rows < 0.01  # a flip needs a logit within float noise of a rounding boundary
     assert np.allclose(p.sum(-1), 1) and (p > 0).all()
+
+
+# ----------------------------------------------------------------- windowed encoding: the bytes of whole-stream coding
+def code_modules(sem=((3, 3), 1), pro=((2,), 2), sharpness: float = 1.0, seed: int = 0, max_len: int = 16) -> dict:
+    """The code-defining modules of a small codec: FSQ quantizers of `levels` × residual levels per stream, a 2-group
+    speaker codebook of 16 and a 1-layer entropy model whose logits are scaled by `sharpness` (0: uniform, large: a
+    model sure of its next code, whose frames cost almost no bits)."""
+    from siren.models.entropy import EntropyModel
+    from siren.models.quantizers import ProductQuantizer, ResidualFSQ
+
+    torch.manual_seed(seed)
+    layout = {s: (int(np.prod(levels)), n) for s, (levels, n) in (("sem", sem), ("pro", pro))}
+    em = EntropyModel(layout, 16, 1, 2, max_len, 0.0).eval()
+    with torch.no_grad():
+        for lm in em.streams.values():
+            lm.head.weight.mul_(sharpness)
+            lm.head.bias.normal_(0, 1).mul_(sharpness)
+    return {
+        "sem_quantizer": ResidualFSQ(8, list(sem[0]), sem[1]),
+        "pro_quantizer": ResidualFSQ(8, list(pro[0]), pro[1]),
+        "spk_quantizer": ProductQuantizer(8, 2, 16),
+        "entropy_model": em,
+    }
+
+
+def random_codes(mods: dict, n_pro: int, seed: int = 0, mode: str = "random"):
+    """sem (1, 4·n_pro, L), pro (1, n_pro, L), spk (1, 2): uniform codes, or every code 0, or every code K − 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s, n in (("sem", 4 * n_pro), ("pro", n_pro)):
+        K, L = mods["entropy_model"].layout[s]
+        fill = {"random": None, "zero": 0, "max": K - 1}[mode]
+        out.append(torch.randint(0, K, (1, n, L), generator=g) if fill is None else torch.full((1, n, L), fill))
+    return out[0], out[1], torch.randint(0, 16, (1, 2), generator=g)
+
+
+def whole_stream_payload(mods: dict, sem: torch.Tensor, pro: torch.Tensor) -> bytes:
+    """The payload as the encoder made it before windows: each stream's logits in one `run`, one probability table for
+    the whole stream, one `encode` call, and every trimming candidate decoded from the start."""
+    fam = constriction.stream.model.Categorical(perfect=False)
+    enc = constriction.stream.queue.RangeEncoder()
+    coded = []
+    for stream, codes in (("sem", sem), ("pro", pro)):
+        logits = mods["entropy_model"].coder(stream).run(codes)[0]
+        probs = bitstream.quantized_probs(logits.reshape(-1, logits.shape[-1]))
+        symbols = codes[0].numpy().astype(np.int32).reshape(-1)
+        enc.encode(symbols, fam, probs)
+        coded.append((probs, symbols))
+    full = enc.get_compressed().astype(">u4").tobytes()
+    return _shortest_payload_one_by_one(full, lambda p: _decodes_to(p, coded))
+
+
+def _shortest_payload_one_by_one(full: bytes, decodes) -> bytes:
+    """The trimming loop as it was, one candidate at a time (`_shortest_payload` checks them in batches)."""
+    assert decodes(full)
+    best = full
+    for k in range(len(full) - 1, -1, -1):
+        prefix = full[:k]
+        found = prefix if decodes(prefix) else None
+        if found is None and k > 0:
+            up = int.from_bytes(prefix, "big") + 1
+            if up < 256**k and decodes(up.to_bytes(k, "big")):
+                found = up.to_bytes(k, "big")
+        if found is None:
+            break
+        best = found
+    return best
+
+
+def _payload(data: bytes, enc) -> bytes:
+    return data[len(data) - 4 - enc.payload_bits // 8 : len(data) - 4]
+
+
+@pytest.mark.parametrize(
+    "sem, pro, sharpness, n_pro, mode",
+    [
+        (((3, 3), 1), ((2,), 2), 1.0, 20, "random"),
+        (((4,) * 8, 1), ((3, 3, 3, 3), 1), 1.0, 12, "random"),  # 2^16 codes: 16 frames per window
+        (((5,), 3), ((2, 2), 1), 30.0, 20, "zero"),  # a sure model: frames of almost no bits
+        (((5,), 3), ((2, 2), 1), 30.0, 3, "max"),  # and codes it thinks improbable
+        (((3, 3), 1), ((2,), 2), 0.0, 1, "max"),  # one prosody frame, uniform tables
+    ],
+)
+@pytest.mark.parametrize("frames, tail_windows", [(256, 8), (3, 8), (1, 2)])
+def test_windowed_encoding_writes_the_bytes_of_whole_stream_coding(
+    sem, pro, sharpness, n_pro, mode, frames, tail_windows, monkeypatch
+):
+    """Windows of 256, 3 and 1 frames (the last with only 2 windows kept, so trimming candidates often reach past them
+    and are checked from the start on recomputed tables) write the payload whole-stream coding wrote, and decode."""
+    mods = code_modules(sem, pro, sharpness)
+    s, p, k = random_codes(mods, n_pro, seed=n_pro, mode=mode)
+    monkeypatch.setattr(bitstream, "WINDOW_FRAMES", frames)
+    monkeypatch.setattr(bitstream, "_TAIL_WINDOWS", tail_windows)
+    enc = bitstream.encode_codes(mods, s, p, k, s.shape[1] * 640)
+    assert _payload(enc.data, enc) == whole_stream_payload(mods, s, p)
+    sem2, pro2, spk2, _ = bitstream.decode_codes(mods, enc.data)
+    assert torch.equal(sem2, s) and torch.equal(pro2, p) and torch.equal(spk2, k)
+
+
+def _windowed_stream(rng: np.random.Generator, n_windows: int, sure: bool):
+    """Random tables coded window by window as the encoder does: (full payload, tail kept, every window)."""
+    fam = constriction.stream.model.Categorical(perfect=False)
+    enc = constriction.stream.queue.RangeEncoder()
+    tail, windows = bitstream._Tail(), []
+    for _ in range(n_windows):
+        n, K = int(rng.integers(1, 12)), int(rng.integers(2, 40))
+        probs = rng.dirichlet(np.full(K, 0.05 if sure else 1.0), size=n)
+        symbols = np.array([rng.choice(K, p=q / q.sum()) for q in probs], dtype=np.int32)
+        tail.add(enc.pos(), probs, symbols)
+        enc.encode(symbols, fam, probs)
+        tail.trim(enc.pos()[0])
+        windows.append((probs, symbols))
+    return enc.get_compressed().astype(">u4").tobytes(), tail, windows
+
+
+def test_the_tail_check_agrees_with_decoding_from_the_start():
+    """Candidates that change the full payload's last bytes (every trimming candidate does): decoding the kept windows
+    from their checkpoint says what decoding everything says; the fallback (too few windows kept) is exercised too."""
+    rng = np.random.default_rng(3)
+    seen = {"tail": 0, "recomputed": 0, True: 0, False: 0}
+    for case in range(40):
+        full, tail, windows = _windowed_stream(rng, int(rng.integers(1, 30)), sure=case % 2 == 0)
+
+        def recompute(windows=windows):
+            seen["recomputed"] += 1
+            return [(None, p, s) for p, s in windows]
+
+        check = bitstream._TailCheck(full, tail, recompute)
+        for _ in range(12):
+            cand = bytearray(full[: int(rng.integers(max(0, len(full) - 10), len(full) + 1))])
+            if cand and rng.random() < 0.5:
+                cand[-int(rng.integers(1, min(4, len(cand)) + 1))] ^= int(rng.integers(1, 256))
+            before = seen["recomputed"]
+            got = check([bytes(cand)])[0]
+            seen["tail"] += seen["recomputed"] == before
+            assert got == _decodes_to(bytes(cand), windows), (case, len(full), len(cand))
+            seen[got] += 1
+    assert seen[True] > 20 and seen[False] > 20 and seen["recomputed"] > 0 and seen["tail"] > 100, seen
+
+
+def _table_sizes(mods, n_pro: int, monkeypatch) -> int:
+    """The largest probability table the encoder made at once, in entries."""
+    real, sizes = bitstream.quantized_probs, []
+
+    def spy(logits):
+        sizes.append(int(np.asarray(logits).size))
+        return real(logits)
+
+    monkeypatch.setattr(bitstream, "quantized_probs", spy)
+    s, p, k = random_codes(mods, n_pro)
+    bitstream.encode_codes(mods, s, p, k, s.shape[1] * 640)
+    return max(sizes)
+
+
+def test_the_encoders_tables_do_not_grow_with_duration(monkeypatch):
+    mods = code_modules(((4,) * 8, 1), ((4,) * 8, 1))  # 2^16 codes per level: 16 frames per window
+    one, four = _table_sizes(mods, 8, monkeypatch), _table_sizes(mods, 32, monkeypatch)
+    assert one == four == bitstream.WINDOW_PROBS
+
+
+def _peak_mib(fn) -> float:
+    """Peak resident memory while `fn` runs, above what was resident before (Linux: VmHWM after resetting it)."""
+
+    def status(key: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) / 1024
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_encoder_peak_memory_does_not_grow_with_duration():
+    """At 2^16 codes per level, 4× the frames: the peak stays within 1.5× (whole-stream tables made it ~4×)."""
+    mods = code_modules(((4,) * 8, 1), ((4,) * 8, 1))
+    codes = {n: random_codes(mods, n, seed=n) for n in (16, 64)}
+
+    def encode(n):
+        s, p, k = codes[n]
+        return lambda: bitstream.encode_codes(mods, s, p, k, s.shape[1] * 640)
+
+    _peak_mib(encode(16))  # warm-up: allocator pools, rotation tables, the model id
+    one, four = _peak_mib(encode(16)), _peak_mib(encode(64))
+    assert four < 1.5 * one, (one, four)

@@ -293,7 +293,7 @@ def test_codec_trains_from_scratch_with_a_foreign_factorizer(corpus_dir, teacher
     codec = Codec.from_checkpoint(str(run), use_pipeline=False)
     assert type(codec.components["factorizer"]).__name__ == "AnalyzerAsFactorizer"
     codes = codec.encode(0.1 * torch.randn(16000))
-    assert torch.equal(codec.from_bytes(codec.to_bytes(codes).data).sem, codes.sem)
+    assert torch.equal(codec.from_bytes(codec.to_bytes(codes)).sem, codes.sem)
 
 
 def test_adapt_with_a_foreign_student_imported_from_torch_save(acme, corpus_dir, teacher_dir, tmp_path, monkeypatch):

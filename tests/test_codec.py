@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,62 @@ def test_bytes_round_trip_and_ragged_batches(codec):
     codes = c.encode(items)  # different lengths: analysed one by one, padded, lengths kept
     assert codes.sem_frames.tolist() == [c.encode(w).sem.shape[1] for w in items]
     for one in codes.split():
-        enc = c.to_bytes(one)
-        back = c.from_bytes(enc.data)
+        data = c.to_bytes(one)
+        assert type(data) is bytes
+        back = c.from_bytes(data)
         assert torch.equal(back.sem, one.sem) and torch.equal(back.pro, one.pro) and torch.equal(back.spk, one.spk)
         assert back.num_samples == one.num_samples
     with pytest.raises(ValueError, match="one utterance"):
         c.to_bytes(codes)
+
+
+def test_to_encoded_carries_the_bytes_and_their_sizes(codec):
+    c, _ = codec
+    one = c.encode(torch.randn(24000, generator=torch.Generator().manual_seed(6)) * 0.1)
+    enc = c.to_encoded(one)
+    assert enc.data == c.to_bytes(one) and len(enc.data) * 8 == enc.header_bits + enc.payload_bits
+    assert enc.seconds == pytest.approx(one.num_samples[0] / 16000) and enc.estimate_bits > 0
+    assert enc.quantized_bits == pytest.approx(enc.estimate_bits, rel=0.05)
+    assert torch.equal(c.from_bytes(bytearray(enc.data)).sem, one.sem)  # any bytes-like object
+    with pytest.raises(TypeError, match=r"got Encoded: pass its `\.data`"):
+        c.from_bytes(enc)
+    with pytest.raises(ValueError, match="one utterance"):
+        c.to_encoded(c.encode(torch.randn(2, 16000) * 0.1))
+
+
+def _readme_codec_example() -> tuple[str, list[str]]:
+    """The README's Codec example: the python block after `<!-- codec-api -->` and the `codec.to_bytes(…)` /
+    `codec.from_bytes(…)` calls of the paragraph right under it, verbatim."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- codec-api -->\s*```python\n(.*?)```\n(.*?)\n\n", text, re.S)
+    assert m, "README.md has no python block after <!-- codec-api -->"
+    calls = re.findall(r"`(codec\.(?:to|from)_bytes\([^`]*\))`", m.group(2))
+    return m.group(1), calls
+
+
+def test_readme_codec_example_round_trips_through_bytes(codec, tmp_path, monkeypatch):
+    """The README's example, run on this tiny codec: its block, then the to_bytes / from_bytes calls it names (in
+    the block itself or the paragraph under it), chained as written: `data` is the file, the codes come back."""
+    import soundfile as sf
+
+    import siren
+
+    c, _ = codec
+    block, calls = _readme_codec_example()
+    assert any("to_bytes" in x for x in calls) or "to_bytes" in block, "the README example never shows to_bytes"
+    monkeypatch.setattr(siren.Codec, "from_checkpoint", classmethod(lambda cls, uri, *a, **k: c))
+    sf.write(
+        tmp_path / "speech.wav", 0.1 * torch.randn(24000, generator=torch.Generator().manual_seed(7)).numpy(), 16000
+    )
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    for call in calls:  # `codec.to_bytes(codes)` makes `data`, `codec.from_bytes(data)` reads it
+        ns["data" if "to_bytes" in call else "back"] = eval(call, ns)
+    assert type(ns["data"]) is bytes
+    back = ns.get("back", ns["codes"])
+    assert torch.equal(back.sem, ns["codes"].sem) and torch.equal(back.spk, ns["codes"].spk)
+    assert (tmp_path / "decoded.wav").is_file()
 
 
 def test_long_input_is_analysed_in_chunks(codec):

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from siren.data.datasets import AudioDataset, collate, speaker_balanced_subset
+from siren.data.datasets import AudioDataset, LoadFailures, collate, speaker_balanced_subset
 from siren.data.manifest import Utterance
 
 SR = 16000
@@ -111,10 +111,11 @@ def test_nan_file_replaced_at_getitem(tmp_path, utts):
     assert item["replaced_from"] == nan_utt.path and item["id"] == utts[1].id and item["index"] == 2
     assert torch.isfinite(item["wav"]).all() and item["wav"].abs().sum() > 0  # real audio, not zeros
     assert ds.load_failures == 1 and "non-finite" in ds.skipped[nan_utt.path]
-    assert ds[0]["replaced_from"] is None
-    # Deterministic: the same request gives the same replacement.
+    assert ds[0]["replaced_from"] is None and item["failed_rows"] == [1]
+    # Deterministic: the same request gives the same replacement, and the bad file is not read again.
     again = ds[1]
-    assert again["id"] == item["id"] and torch.equal(again["wav"], item["wav"]) and ds.load_failures == 2
+    assert again["id"] == item["id"] and torch.equal(again["wav"], item["wav"]) and ds.load_failures == 1
+    assert again["replaced_from"] == nan_utt.path and again["failed_rows"] == [1]
 
 
 def test_crops_deterministic_and_aligned(utts):
@@ -214,3 +215,196 @@ def test_persistent_workers_follow_the_epoch_without_a_new_loader(utts):
         assert torch.equal(batch["wav"], want["wav"])
     # The worker's copy of the dataset never saw set_epoch: the epoch travels with each key.
     assert ds.epoch == 0 and len({tuple(b["offsets"].tolist()) for b in got}) > 1
+
+
+# ------------------------------------------------------------------------------ failures: distinct, remembered, shared
+def _with_bad(tmp_path, utts) -> tuple[list[Utterance], set[str]]:
+    """utts with bad rows between them (missing, corrupt, NaN), each claiming a usable duration."""
+    (tmp_path / "corrupt.wav").write_bytes(b"not audio at all" * 50)
+    nan = make_wav(tmp_path / "nan.wav", 1.2)
+    data = sf.read(nan.path, dtype="float32")[0]
+    data[::1000] = np.nan  # throughout: every crop meets one
+    sf.write(nan.path, data, SR, subtype="FLOAT")
+    bad = [
+        Utterance("missing", str(tmp_path / "missing.wav"), 1.0, "s"),
+        Utterance("corrupt", str(tmp_path / "corrupt.wav"), 1.0, "s"),
+        nan,
+    ]
+    rows = [utts[0], bad[0], utts[1], bad[1], bad[2], utts[2], utts[3], utts[4]]
+    return rows, {u.path for u in bad}
+
+
+def _counting_reads(monkeypatch, bad: set[str], forbid: bool = False) -> list[str]:
+    """Record (or, with `forbid`, refuse) every read of a bad file, in this process and in workers forked later."""
+    import siren.data.datasets as datasets
+
+    real, seen = datasets.read_audio, []
+
+    def read(path, *a, **k):
+        if str(path) in bad:
+            if forbid:
+                raise AssertionError(f"{path} was read again after it failed")
+            seen.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(datasets, "read_audio", read)
+    return seen
+
+
+def test_a_failed_file_is_read_once_and_counted_once(tmp_path, utts, monkeypatch):
+    rows, bad = _with_bad(tmp_path, utts)
+    reads = _counting_reads(monkeypatch, bad)
+    ds = AudioDataset(rows, SR, segment_samples=None, min_samples=100)
+    reported = []
+    for epoch in range(4):  # every epoch asks for every row again, bad ones included
+        batch = collate([ds[(epoch, i)] for i in range(len(ds))])
+        reported.append(ds.failures.note(batch["failed_rows"]))
+        ds.failures.sync(lambda obj: [obj])
+    assert sorted(reads) == sorted(bad)  # each bad file read exactly once
+    assert reported == [len(bad), 0, 0, 0] and ds.failures.count == len(bad)
+    assert [ds.table.path(int(r)) for r in ds.failures.rows()] == [u.path for u in rows if u.path in bad]
+
+
+def test_workers_share_what_failed(tmp_path, utts, monkeypatch):
+    """A file that failed in one DataLoader worker is known to the other workers and to the main process (shared
+    memory), so a later epoch with new workers reads no bad file again."""
+    rows, bad = _with_bad(tmp_path, utts)
+    ds = AudioDataset(rows, SR, segment_samples=None, min_samples=100)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2)
+    first = [r for b in loader for r in b["failed_rows"]]
+    bad_rows = {i for i, u in enumerate(rows) if u.path in bad}
+    assert set(first) == bad_rows
+    assert {int(r) for r in torch.nonzero(ds.failures.seen).flatten()} == bad_rows  # marked by the workers, seen here
+    _counting_reads(monkeypatch, bad, forbid=True)  # new workers fork with this: a read of a bad file fails the batch
+    again = [
+        r
+        for b in torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2)
+        for r in b["failed_rows"]
+    ]
+    assert set(again) == bad_rows
+
+
+def test_load_failures_agree_across_ranks():
+    """Two ranks meeting overlapping bad rows count each once, and both hold the same count and rows."""
+    a, b = LoadFailures(20), LoadFailures(20)
+    assert a.note([3, 5, 5]) == 2 and b.note([5, 7]) == 2
+    gathered = [sorted(a.pending), sorted(b.pending)]  # what all_gather_object hands every rank
+    assert a.sync(lambda _: gathered) == 3 and b.sync(lambda _: gathered) == 3
+    assert a.count == b.count == 3 and a.rows().tolist() == b.rows().tolist() == [3, 5, 7]
+    assert a.note([3, 7]) == 0 and not a.pending  # already counted on every rank: no new sync needed
+    assert b.note([19]) == 1 and b.sync(lambda _: [[], [19]]) == 1 and b.count == 4
+    assert a.counted.nbytes == 3 and a.seen.numel() == 20  # one bit / one byte per row, whatever fails
+    with pytest.raises(IndexError, match="outside"):
+        a.add([20])
+
+
+def _two_rank_worker(rank: int, port: int, rows: list, bad_rows: list, out_dir: str) -> None:
+    """One rank of a gloo group, run as the trainer runs: its share of each epoch through DataLoader workers, a sum
+    of new failures, and a sync when any rank met one."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ds = AudioDataset(rows, SR, segment_samples=None, min_samples=100)
+
+    def gather(obj):
+        out = [None, None]
+        dist.all_gather_object(out, obj)
+        return out
+
+    counts = []
+    for epoch in range(3):
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(epoch)).tolist()
+        mine = perm[rank::2]
+        loader = torch.utils.data.DataLoader(
+            ds, sampler=[(epoch, i) for i in mine], batch_size=2, collate_fn=collate, num_workers=1
+        )
+        for batch in loader:
+            new = torch.tensor([float(ds.failures.note(batch["failed_rows"]))])
+            dist.all_reduce(new)
+            if new.item() > 0:
+                ds.failures.sync(gather)
+            counts.append(ds.failures.count)
+        dist.barrier()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"counts": counts, "rows": ds.failures.rows().tolist()}))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_workers_count_distinct_files(tmp_path, utts):
+    import json
+
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    rows, bad = _with_bad(tmp_path, utts)
+    bad_rows = [i for i, u in enumerate(rows) if u.path in bad]
+    args = (free_port(), rows, bad_rows, str(tmp_path))
+    mp.start_processes(_two_rank_worker, args=args, nprocs=2, join=True, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0 == r1  # the same count at every step and the same rows on both ranks
+    assert r0["rows"] == bad_rows and r0["counts"][-1] == len(bad_rows)  # distinct files, not attempts or ranks
+    assert r0["counts"] == sorted(r0["counts"])
+
+
+def test_trainer_counts_distinct_bad_files_over_epochs(corpus_dir, teacher_dir, tmp_path, monkeypatch):
+    """data/skipped counts each bad file once, however many epochs ask for it, and no bad file is read twice."""
+    import json
+
+    from helpers import stage_config
+
+    from siren.data.manifest import write_manifest
+    from siren.train.tracking import read_metrics
+    from siren.train.trainer import Trainer
+
+    rows, bad = _with_bad(tmp_path, [make_wav(tmp_path / f"g{k}.wav", 1.0 + 0.1 * k) for k in range(5)])
+    manifest = write_manifest(tmp_path / "train.jsonl", rows)
+    reads = _counting_reads(monkeypatch, bad)
+    cfg = stage_config(
+        "codec",
+        corpus_dir,
+        teacher_dir,
+        tmp_path / "run",
+        **{
+            "data.train": str(manifest),
+            "data.segment_seconds": 0.5,
+            "train.batch_size": 4,
+            "train.max_steps": 6,
+            "train.checkpoint_every": 6,
+            "samples.enabled": "false",
+        },
+    )
+    tr = Trainer(cfg)
+    epochs = 6 / tr.batches.num_batches
+    assert epochs >= 3  # every bad row is asked for again and again
+    tr.fit()
+    skipped = [r["data/skipped"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert skipped == sorted(skipped) and skipped[-1] == len(bad)
+    assert sorted(reads) == sorted(bad)  # read once each, then known
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_6" / "meta.json").read_text())
+    assert sorted(meta["data"]["load_failed"]) == sorted(bad) and meta["data"]["load_failures"] == len(bad)
+    assert [tr.dataset.table.path(r) for r in meta["data"]["load_failed_rows"]] == meta["data"]["load_failed"]
+    tr.tracker.finish()
+
+
+def test_resume_restores_failed_rows(tmp_path, utts, monkeypatch):
+    """A checkpoint's failed rows come back on resume (counted, and not read again); an older meta with paths only,
+    or a reordered manifest, is matched by path."""
+    from siren.data.datasets import restored_failures
+
+    rows, bad = _with_bad(tmp_path, utts)
+    ds = AudioDataset(rows, SR, segment_samples=None, min_samples=100)
+    bad_rows = [i for i, u in enumerate(rows) if u.path in bad]
+    paths = [rows[r].path for r in bad_rows]
+    assert restored_failures(ds, {"load_failed_rows": bad_rows, "load_failed": paths}) == bad_rows
+    assert restored_failures(ds, {"load_failed": paths}) == bad_rows  # written before rows were recorded
+    moved = AudioDataset(list(reversed(rows)), SR, segment_samples=None, min_samples=100)
+    assert restored_failures(moved, {"load_failed_rows": bad_rows, "load_failed": paths}) == sorted(
+        len(rows) - 1 - r for r in bad_rows
+    )
+    assert restored_failures(ds, {}) == []
+    ds.failures.add(restored_failures(ds, {"load_failed_rows": bad_rows, "load_failed": paths}))
+    assert ds.failures.count == len(bad)
+    _counting_reads(monkeypatch, bad, forbid=True)
+    items = [ds[i] for i in range(len(ds))]
+    assert sorted({r for it in items for r in it["failed_rows"]}) == bad_rows

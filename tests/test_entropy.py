@@ -88,6 +88,27 @@ def test_encoder_run_is_bit_identical_to_the_decoders_frame_by_frame_path():
         dec.run(c)
 
 
+@pytest.mark.parametrize("sizes", [(1, 29), (7, 0, 7, 7, 9), (1,) * 30])
+def test_run_in_windows_is_bit_identical_to_one_run(sizes):
+    """An encoder's windows: consecutive `run` calls give the floats of one `run` over the whole stream, bit for bit,
+    inside and past the context; a decoder's `push` can take over after them."""
+    em = make(max_len=8)
+    c = random_codes(b=1, t_sem=31)["sem"]
+    whole = em.coder("sem").run(c[:, :30])
+    coder, parts, a = em.coder("sem"), [], 0
+    for n in sizes:
+        parts.append(coder.run(c[:, a : a + n]))
+        a += n
+    assert torch.equal(torch.cat(parts, 1), whole)
+    dec = em.coder("sem")
+    for t in range(30):
+        dec.push(c[:, t])
+    coder.push(c[:, 29])  # the frame the last window held back
+    assert torch.equal(coder.logits(), dec.logits())
+    with pytest.raises(RuntimeError, match="fresh"):
+        coder.run(c[:, 30:])
+
+
 def test_training_on_segments_longer_than_the_window_sees_the_coders_attention():
     """A training pass over a stream longer than max_len uses the sliding window of `StreamCoder`, in every layer
     (each token's deeper keys come from its own window): the logits agree with the coder's. Negative control: plain

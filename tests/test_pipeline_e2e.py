@@ -153,7 +153,7 @@ def test_bitstream_round_trip_size_and_errors(pipeline, corpus_dir):
     codec = Codec.from_checkpoint(str(pipeline / "codec"), use_pipeline=False)
     utt = max(read_manifest(corpus_dir / "val.jsonl"), key=lambda u: u.duration)
     codes = codec.encode(load_audio(utt.path))
-    enc = codec.to_bytes(codes)
+    enc = codec.to_encoded(codes)
     back = codec.from_bytes(enc.data)
     assert torch.equal(back.sem, codes.sem) and torch.equal(back.pro, codes.pro) and torch.equal(back.spk, codes.spk)
     assert back.num_samples == codes.num_samples
@@ -176,7 +176,7 @@ def test_decoder_side_loads_no_ssl_and_checks_the_flow(pipeline, corpus_dir):
     codec = Codec.from_checkpoint(str(pipeline / "adapt"))
     assert codec.has("fuser", "flow", "vocoder") and not codec.has("ssl") and not codec.has("student_ssl")
     wav = load_audio(read_manifest(corpus_dir / "val.jsonl")[0].path)
-    data = codec.to_bytes(codec.encode(wav)).data
+    data = codec.to_bytes(codec.encode(wav))
     fresh = Codec.from_checkpoint(str(pipeline / "adapt"))
     out = fresh.decode(fresh.from_bytes(data))
     assert not fresh.has("student_ssl") and out.shape[0] == 1 and torch.isfinite(out).all()
@@ -214,7 +214,7 @@ def test_decode_in_another_process_with_two_threads(pipeline, corpus_dir, tmp_pa
     try:
         codec = Codec.from_checkpoint(str(pipeline / "adapt"), use_pipeline=False)
         codes = codec.encode(load_audio(read_manifest(corpus_dir / "val.jsonl")[1].path))
-        (tmp_path / "x.siren").write_bytes(codec.to_bytes(codes).data)
+        (tmp_path / "x.siren").write_bytes(codec.to_bytes(codes))
     finally:
         torch.set_num_threads(threads)
     r = subprocess.run(

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import ROOT, stage_config, stage_overrides, train_cmd
@@ -234,8 +235,18 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
 
 
 def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    """`siren cache` fills what training then reads, untouched; with a clip too short to encode in the manifest and
+    `data.min_seconds: 0`, both leave it out by the same derived minimum, so both compute the same keys."""
+    import soundfile as sf
+
     cache = tmp_path / "cache"
-    ov = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"data.feature_cache": str(cache)})
+    sf.write(tmp_path / "short.wav", 0.1 * np.random.default_rng(0).standard_normal(3200).astype(np.float32), 16000)
+    rows = (corpus_dir / "train.jsonl").read_text().splitlines()
+    rows = [json.dumps({**json.loads(r), "path": str(corpus_dir / json.loads(r)["path"])}) for r in rows]
+    rows.append(json.dumps({"id": "short", "path": str(tmp_path / "short.wav"), "duration": 0.2, "speaker": "slt"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    short = {"data.feature_cache": str(cache), "data.train": str(tmp_path / "train.jsonl"), "data.min_seconds": 0}
+    ov = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "run", **short)
     r = subprocess.run(
         [sys.executable, "-m", "siren", "cache", "--config", str(ROOT / "configs/demo/base.yaml"), *ov],
         cwd=ROOT,
@@ -245,6 +256,7 @@ def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, su
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "features train: computed" in r.stdout and "features val: computed" in r.stdout
+    assert f"features train: computed {len(rows) - 1}, reused 0, entries {len(rows) - 1}" in r.stdout  # not the 0.2 s
     dirs = sorted(p for p in cache.iterdir() if p.is_dir())
     assert len(dirs) == 2  # train and val, each under its own key
     before = {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()}
@@ -253,9 +265,11 @@ def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, su
         corpus_dir,
         teacher_dir,
         tmp_path / "run",
-        **{"data.feature_cache": str(cache), "train.max_steps": 2, "samples.enabled": "false"},
+        **short,
+        **{"train.max_steps": 2, "samples.enabled": "false"},
     )
     tr = Trainer(cfg)
+    assert tr.dataset.excluded_count == 1  # the 0.2 s clip
     assert {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()} == before  # found, nothing recomputed
     batch = tr.stream.next(0, 0)
     cached = tr.stage.feats(tr.modules["ssl"], batch)

@@ -9,9 +9,10 @@ Everything else is derived: levels and codebook sizes from the model, prosody fr
 to whole 8-frame blocks), samples = n_sem × the semantic hop.
 
 Determinism. Both sides get next-frame logits from the same incremental path (`EntropyModel.coder`, a key/value
-cache: linear in length); the encoder, which knows every frame, runs it over the whole stream (`StreamCoder.run`: the
-same per-frame operations, tested bit for bit against the decoder's `logits`/`push`) and quantises and range-codes the
-stream in one call each. The logits become an integer frequency table by rounding their distance to the maximum onto
+cache: linear in length); the encoder, which knows every frame, runs it over windows of frames (`StreamCoder.run`: the
+same per-frame operations, tested bit for bit against the decoder's `logits`/`push`) and quantises and range-codes one
+window at a time, so its memory holds a few windows' tables whatever the duration; the bytes are those of coding the
+whole stream at once (tested). The logits become an integer frequency table by rounding their distance to the maximum onto
 a grid of LOGIT_STEP nats and looking the grid index up in a fixed integer table, so a float difference far below the
 grid step (another thread count, CPU or GPU) changes nothing unless a logit sits right on a rounding boundary. In that
 rare case the decoded codes differ, and the symbol hash (blake2b over the frame count, speaker, semantic and prosody
@@ -21,7 +22,9 @@ The model id is sha256 over the fingerprints of the quantizers and the entropy m
 "code language" — so a file made by another model is rejected, never decoded into garbage.
 
 The payload is constriction's range-coder output (u32 words, most significant byte first) cut to the shortest byte
-string that still decodes to the same codes when the reader pads it with zero bytes to whole words.
+string that still decodes to the same codes when the reader pads it with zero bytes to whole words. A cut only changes
+the last bytes, so a candidate is checked by decoding the last windows from the encoder's checkpoint before them
+(`_TailCheck`); one that differs too early for the windows kept is decoded from the start on recomputed tables.
 
 Versions: 1 stored whole little-endian words; 2 had byte-granular payloads but float probabilities, recomputed the
 entropy model on the whole prefix for every frame and had no symbol hash. Both are refused by name.
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from siren.errors import SirenError
+from siren.errors import LayoutMismatch, SirenError
 from siren.models.io import fingerprint
 
 MAGIC = b"SR"
@@ -167,33 +170,28 @@ def encode_codes(
     sample_rate: int = 16000,
 ) -> Encoded:
     """sem (1, Ts, L), pro (1, Tp = Ts / 4, L), spk (1, G) → bytes. `num_samples` (the input's length) only sets the
-    duration that bit/s figures are computed over; the decoder renders Ts × (semantic hop) samples."""
+    duration that bit/s figures are computed over; the decoder renders Ts × (semantic hop) samples.
+
+    The streams are coded in windows of frames (`_coding_windows`), so memory holds a few windows' probability tables
+    however long the stream is; the bytes are those of coding the whole stream in one call."""
     import constriction
 
-    if sem.shape[0] != 1 or pro.shape[0] != 1 or spk.shape[0] != 1:
-        raise ValueError(
-            f"encode_codes takes one utterance, got batches of {sem.shape[0]}/{pro.shape[0]}/{spk.shape[0]}"
-        )
-    if pro.shape[1] * SEM_PER_PRO != sem.shape[1]:
-        raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
+    _check_codes(modules, sem, pro, spk)
     fam = constriction.stream.model.Categorical(perfect=False)
     enc = constriction.stream.queue.RangeEncoder()
-    em = modules["entropy_model"]
+    tail = _Tail()
     estimate = quantized = 0.0
-    coded: list[tuple[np.ndarray, np.ndarray]] = []  # (probs (N, K), symbols (N,)) per stream, in coding order
-    for stream, codes in (("sem", sem), ("pro", pro)):
-        # The decoder's frame-by-frame path, run over the known frames (`StreamCoder.run`): the same logits.
-        logits = em.coder(stream).run(codes.to(next(em.parameters()).device))[0].cpu()  # (T, L, K)
-        k = logits.shape[-1]
-        symbols = codes[0].cpu().numpy().astype(np.int32).reshape(-1)  # frame-major, level-minor: the coding order
-        probs = quantized_probs(logits.reshape(-1, k))
+    for logits, probs, symbols in _coding_windows(modules, sem, pro):
+        tail.add(enc.pos(), probs, symbols)
         enc.encode(symbols, fam, probs)
-        coded.append((probs, symbols))
+        tail.trim(enc.pos()[0])
         rows = np.arange(len(symbols))
-        logp = torch.log_softmax(logits.reshape(-1, k).double(), -1).numpy()
+        logp = torch.log_softmax(logits.double(), -1).numpy()
         estimate -= float(logp[rows, symbols].sum()) / math.log(2)
         quantized -= float(np.log2(probs[rows, symbols]).sum())
-    payload = _shortest_payload(enc.get_compressed().astype(">u4").tobytes(), coded)
+        del logits, logp  # the next window's tables take their place
+    full = enc.get_compressed().astype(">u4").tobytes()
+    payload = _shortest_payload(full, _TailCheck(full, tail, lambda: _coding_windows(modules, sem, pro)))
     K_spk = modules["spk_quantizer"].codebook_size
     n_sem = sem.shape[1]
     head = _HEAD.pack(MAGIC, VERSION, model_id(modules)) + _varint(n_sem) + symbol_hash(n_sem, spk, sem, pro)
@@ -207,6 +205,58 @@ def encode_codes(
         quantized_bits=quantized,
         seconds=num_samples / sample_rate,
     )
+
+
+def _check_codes(modules: dict[str, nn.Module], sem: torch.Tensor, pro: torch.Tensor, spk: torch.Tensor) -> None:
+    """The codes fit the model's layout: one utterance, whole prosody frames, levels, groups and codebook sizes (a code
+    outside its codebook would be coded as another one, or spill into its neighbour's bits)."""
+    if sem.dim() != 3 or pro.dim() != 3 or spk.dim() != 2:
+        raise LayoutMismatch(
+            f"encode_codes takes sem (1, Ts, L), pro (1, Tp, L), spk (1, G); got shapes {tuple(sem.shape)}, "
+            f"{tuple(pro.shape)}, {tuple(spk.shape)}"
+        )
+    if sem.shape[0] != 1 or pro.shape[0] != 1 or spk.shape[0] != 1:
+        raise ValueError(
+            f"encode_codes takes one utterance, got batches of {sem.shape[0]}/{pro.shape[0]}/{spk.shape[0]}"
+        )
+    if pro.shape[1] * SEM_PER_PRO != sem.shape[1]:
+        raise BitstreamError(f"frame counts do not line up: {sem.shape[1]} sem vs {pro.shape[1]} pro frames")
+    sq, pq, kq = (modules[n] for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer"))
+    for name, codes, (K, L) in (
+        ("sem", sem, (sq.codebook_size, sq.num_levels)),
+        ("pro", pro, (pq.codebook_size, pq.num_levels)),
+        ("spk", spk, (kq.codebook_size, kq.num_codebooks)),
+    ):
+        if codes.shape[-1] != L:
+            what = "groups" if name == "spk" else "levels"
+            raise LayoutMismatch(f"{name} codes have {codes.shape[-1]} {what}, the model codes {L}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
+            raise LayoutMismatch(f"{name} code {bad} is outside the model's codebook of {K} codes (0 .. {K - 1})")
+
+
+# Coding windows: at most this many probabilities (float64) in one window, and at most this many frames.
+WINDOW_PROBS = 1 << 20
+WINDOW_FRAMES = 256
+
+
+def _coding_windows(modules: dict[str, nn.Module], sem: torch.Tensor, pro: torch.Tensor):
+    """Yield (logits (N, K) float32, probs (N, K) float64, symbols (N,) int32) per window of frames, sem then pro,
+    frame-major and level-minor: the coding order. The logits come from one `StreamCoder` per stream, run window after
+    window, so they are the decoder's frame-by-frame logits; each window's tables are made and freed in turn."""
+    em = modules["entropy_model"]
+    dev = next(em.parameters()).device
+    for stream, codes in (("sem", sem), ("pro", pro)):
+        coder = em.coder(stream)
+        T, L = codes.shape[1], codes.shape[2]
+        K = modules[f"{stream}_quantizer"].codebook_size
+        per = max(1, min(WINDOW_FRAMES, WINDOW_PROBS // (L * K)))
+        for a in range(0, T, per):
+            window = codes[:, a : a + per]
+            logits = coder.run(window.to(dev))[0].cpu()
+            logits = logits.reshape(-1, logits.shape[-1])  # (n · L, K)
+            symbols = window[0].cpu().numpy().astype(np.int32).reshape(-1)
+            yield logits, quantized_probs(logits), symbols
 
 
 def read_header(data: bytes) -> dict:
@@ -278,36 +328,136 @@ def _words(payload: bytes) -> np.ndarray:
     return np.frombuffer(payload + b"\0" * (-len(payload) % 4), dtype=">u4").astype(np.uint32)
 
 
-def _decodes_to(payload: bytes, coded: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+def _decodes_to(payload: bytes, coded) -> bool:
+    """Whether `payload` decodes to the symbols of `coded`, an iterable of (probs (N, K), symbols (N,)) in coding
+    order, read from the start."""
+    return _all_decode_to([payload], coded)[0]
+
+
+def _all_decode_to(payloads: list[bytes], coded) -> list[bool]:
+    """`_decodes_to` for several payloads at once: one pass over `coded` (which may be computed as it is read) feeds
+    a decoder per payload, and stops once every payload has failed."""
     import constriction
 
     fam = constriction.stream.model.Categorical(perfect=False)
+    ok = [True] * len(payloads)
+    decoders = [constriction.stream.queue.RangeDecoder(_words(p)) for p in payloads]
+    for probs, symbols in coded:
+        for i, dec in enumerate(decoders):
+            if ok[i]:
+                ok[i] = _decodes_window(dec, fam, probs, symbols)
+        if not any(ok):
+            break
+    return ok
+
+
+def _decodes_window(dec, fam, probs: np.ndarray, symbols: np.ndarray) -> bool:
     try:
-        dec = constriction.stream.queue.RangeDecoder(_words(payload))
-        return all(np.array_equal(dec.decode(fam, probs), symbols) for probs, symbols in coded)
+        return np.array_equal(dec.decode(fam, probs), symbols)
     except (ValueError, RuntimeError, AssertionError):  # constriction rejects a stream it cannot read
         return False
 
 
-def _shortest_payload(full: bytes, coded: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """The shortest prefix of `full` (its last byte possibly incremented by one) that decodes to the same symbols.
+# A window's checkpoint serves candidates that agree with the full payload on its first `words + 2` words (what the
+# decoder has read before the window's first symbol) plus a word of margin; the encoder keeps windows back to one
+# that lies this many words before the end, enough for every candidate of a usual trim (the seal adds 1 or 2 words).
+_SEEK_LOOKAHEAD = 3
+_TAIL_WORDS = 8
+_TAIL_WINDOWS = 8  # at most (frames of almost no bits would keep them all); earlier candidates are recomputed
+
+
+@dataclass
+class _Window:
+    words: int  # the encoder's position before the window's first symbol (`RangeEncoder.pos`)
+    state: tuple[int, int]
+    probs: np.ndarray
+    symbols: np.ndarray
+
+
+class _Tail:
+    """The last coded windows with the encoder's position before each: enough to check a trimmed payload by decoding
+    the stream's end alone (`_TailCheck`), in memory that does not grow with the stream's length."""
+
+    def __init__(self):
+        self.windows: list[_Window] = []
+
+    def add(self, pos: tuple[int, tuple[int, int]], probs: np.ndarray, symbols: np.ndarray) -> None:
+        self.windows.append(_Window(pos[0], pos[1], probs, symbols))
+
+    def trim(self, words_now: int) -> None:
+        """Drop the oldest window once the next one is already `_TAIL_WORDS` behind the end (it only gets further)."""
+        w = self.windows
+        while len(w) > 1 and (w[1].words + _TAIL_WORDS <= words_now or len(w) > _TAIL_WINDOWS):
+            w.pop(0)
+
+
+class _TailCheck:
+    """Which candidate payloads decode to the coded symbols, as `_decodes_to` over the whole stream would say.
+
+    A range decoder has read exactly the first `words + 2` words when it reaches a window's first symbol (that is what
+    `seek` restores), so a candidate that agrees with the full payload there decodes everything before the window as
+    the full payload does, which is correctly; it decodes all symbols correctly iff it decodes the window and those
+    after it correctly. Candidates that differ too early for the windows kept are decoded from the start, all in one
+    pass over the probabilities computed again (`recompute()` yields the encoder's windows)."""
+
+    def __init__(self, full: bytes, tail: _Tail, recompute):
+        self.full_words = _words(full)
+        self.windows = tail.windows
+        self.recompute = recompute
+
+    def __call__(self, candidates: list[bytes]) -> list[bool]:
+        import constriction
+
+        fam = constriction.stream.model.Categorical(perfect=False)
+        ok: list[bool | None] = []
+        for cand in candidates:
+            words = _words(cand)
+            n = min(len(words), len(self.full_words))
+            differ = np.flatnonzero(words[:n] != self.full_words[:n])
+            agree = int(differ[0]) if len(differ) else n  # words the candidate shares with the full payload
+            kept = [i for i, w in enumerate(self.windows) if w.words + _SEEK_LOOKAHEAD <= agree]
+            if not kept:
+                ok.append(None)  # decoded from the start below
+                continue
+            dec = constriction.stream.queue.RangeDecoder(words)
+            first = self.windows[kept[-1]]
+            dec.seek(first.words, first.state)
+            ok.append(all(_decodes_window(dec, fam, w.probs, w.symbols) for w in self.windows[kept[-1] :]))
+        early = [c for c, o in zip(candidates, ok, strict=True) if o is None]
+        if early:
+            it = iter(_all_decode_to(early, ((p, s) for _, p, s in self.recompute())))
+            ok = [next(it) if o is None else o for o in ok]
+        return ok
+
+
+def _shortest_payload(full: bytes, decode_check) -> bytes:
+    """The shortest prefix of `full` (its last byte possibly incremented by one) that decodes to the same symbols;
+    `decode_check(candidates) -> [bool]` says which candidates do.
 
     The values that decode correctly form one interval, so if no k-byte candidate works, no shorter one does: the search
-    stops at the first length that fails. Each candidate is checked by decoding it (with the probabilities at hand)."""
-    if not _decodes_to(full, coded):
+    stops at the first length that fails. Lengths are checked in batches (4, 8, 16, ... at a time: a check from the
+    start costs a pass over the stream) and the results are then read in order, one length after another."""
+    if not decode_check([full])[0]:
         raise BitstreamError("range coder round trip failed before trimming; this is a bug, please report it")
-    best = full
-    for k in range(len(full) - 1, -1, -1):
-        prefix = full[:k]
-        found = prefix if _decodes_to(prefix, coded) else None
-        if found is None and k > 0:
-            up = int.from_bytes(prefix, "big") + 1
-            if up < 256**k and _decodes_to(up.to_bytes(k, "big"), coded):
-                found = up.to_bytes(k, "big")
-        if found is None:
-            break
-        best = found
+    best, k, batch = full, len(full) - 1, 4
+    while k >= 0:
+        lengths = range(k, max(-1, k - batch), -1)
+        cands = [c for n in lengths for c in _trimmed(full, n)]
+        ok = dict(zip(cands, decode_check(cands), strict=True))
+        for n in lengths:
+            found = next((c for c in _trimmed(full, n) if ok[c]), None)
+            if found is None:
+                return best
+            best = found
+        k, batch = k - batch, 2 * batch
     return best
+
+
+def _trimmed(full: bytes, k: int) -> list[bytes]:
+    """The k-byte candidates, in order of preference: the prefix, then the prefix plus one in its last byte."""
+    prefix = full[:k]
+    up = int.from_bytes(prefix, "big") + 1
+    return [prefix, up.to_bytes(k, "big")] if 0 < k and up < 256**k else [prefix]
 
 
 def _pack_bits(values: list[int], nbits: int) -> bytes:

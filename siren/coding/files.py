@@ -126,7 +126,7 @@ def encode_cli(args) -> int:
     t0 = time.time()
 
     def work(src: Path, dst: Path) -> None:
-        enc = codec.to_bytes(codec.encode(load_audio(src, codec.sample_rate)))
+        enc = codec.to_encoded(codec.encode(load_audio(src, codec.sample_rate)))
         _write_atomic(dst, enc.data)
         if len(jobs) == 1:
             print(

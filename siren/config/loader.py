@@ -228,7 +228,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_config(cfg: SirenConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    from siren.models.plugins import built_tree  # a `target:` section shows what was built, not unread preset keys
+
+    return yaml.safe_dump(built_tree(to_dict(cfg)), sort_keys=False)
 
 
 def config_from_dict(tree: dict, source: str = "saved config") -> SirenConfig:

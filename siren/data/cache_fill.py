@@ -157,7 +157,12 @@ def run_cache(args) -> int:
     what = args.what or ("teacher" if cfg.stage == "adapt" else "features")
     state = PartialState(cpu=not torch.cuda.is_available())
     dist = Dist(rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
-    train, val = _build_datasets(cfg)
+    # The rows a `siren train` with this config would read: the stage's modules give the shortest encodable clip.
+    from siren.train.samples import clip_min_samples
+
+    stage = make_stage(cfg)
+    modules = {n: m.eval().to(state.device) for n, m in stage.build().items()}
+    train, val = _build_datasets(cfg, clip_min_samples(stage, modules))
     try:
         if what == "features":
             if not cfg.data.feature_cache:
@@ -175,8 +180,6 @@ def run_cache(args) -> int:
                     "reads no teacher cache, so there is nothing to fill; pass loss.teacher_targets=full (to the cache "
                     "command and to the adapt run) to use whole-utterance targets from the cache"
                 )
-            stage = make_stage(cfg)
-            modules = {n: m.eval().to(state.device) for n, m in stage.build().items()}
             root = cfg.data.feature_cache or Path(cfg.run_dir) / "cache"
             reports = fill_teacher(stage, modules, train, val, dist, state.device, root)
         for split, rep in reports.items():
@@ -192,8 +195,8 @@ def run_cache(args) -> int:
     return 0
 
 
-def _build_datasets(cfg) -> tuple[AudioDataset, AudioDataset | None]:
+def _build_datasets(cfg, min_samples: int = 0) -> tuple[AudioDataset, AudioDataset | None]:
     """The train and val datasets exactly as the trainer builds them (same rows → same cache keys)."""
     from siren.data.datasets import build_dataset
 
-    return build_dataset(cfg), build_dataset(cfg, val=True) if cfg.data.val else None
+    return build_dataset(cfg, False, min_samples), build_dataset(cfg, True, min_samples) if cfg.data.val else None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from siren.data.audio import AudioError, format_problem, read_audio
-from siren.data.manifest import ManifestTable, Utterance
+from siren.data.manifest import ManifestError, ManifestTable, Utterance, row_problems
 
 log = logging.getLogger("siren")
 
@@ -38,20 +38,65 @@ class Rows(Sequence):
 
 
 def start_exclusions(table: ManifestTable, sample_rate: int, min_samples: int, policy: str) -> dict[int, str]:
-    """Rows the manifest already shows to be unusable → reason (vectorised; only the excluded rows cost Python)."""
-    out: dict[int, str] = {}
-    short = np.nonzero(table.duration * sample_rate < min_samples)[0]
-    for r in short:
-        out[int(r)] = (
-            f"too short: {float(table.duration[r]):.3f} s in the manifest < min_samples {min_samples} at {sample_rate} Hz"
-        )
-    known = table.sample_rate > 0
-    suspect = np.nonzero(known & ((table.sample_rate != sample_rate) | (table.channels > 1)))[0]
-    for r in suspect:
-        reason = format_problem(int(table.sample_rate[r]), max(1, int(table.channels[r])), sample_rate, policy)
-        if reason and int(r) not in out:
-            out[int(r)] = reason
-    return out
+    """Rows the manifest already shows to be unusable → reason (`siren.data.manifest.row_problems`)."""
+    return row_problems(table, sample_rate, min_samples, policy)
+
+
+class LoadFailures:
+    """The rows whose file failed to load, in two fixed-size arrays (never one Python object per file or per row):
+
+    - `seen`: one byte per row in shared memory. The process that meets a bad file (a DataLoader worker or the main
+      process) marks its row, so no worker of this rank reads that file again.
+    - `counted`: one bit per row, the rows that every rank has agreed are bad; identical on every rank, so `count`
+      (their number) is a count of distinct files whatever the number of processes or workers.
+
+    The main process `note`s the rows each batch reports; when any rank noted a new one, every rank calls `sync` with
+    a gather collective (rare: once per step in which a new bad file was met) and all add the same rows.
+    """
+
+    def __init__(self, n_rows: int):
+        self.n_rows = int(n_rows)
+        self.seen = torch.zeros(max(1, self.n_rows), dtype=torch.uint8).share_memory_()
+        self.counted = np.zeros((self.n_rows + 7) // 8, dtype=np.uint8)
+        self.count = 0
+        self.pending: set[int] = set()  # noted since the last sync: at most the rows one step met
+
+    def _is_counted(self, row: int) -> bool:
+        return bool(self.counted[row >> 3] & (1 << (row & 7)))
+
+    def note(self, rows) -> int:
+        """Rows a batch reports as failed (main process) → how many this rank had not noted or counted yet."""
+        new = 0
+        for r in rows:
+            r = int(r)
+            if not self._is_counted(r) and r not in self.pending:
+                self.pending.add(r)
+                self.seen[r] = 1
+                new += 1
+        return new
+
+    def sync(self, gather) -> int:
+        """Every rank: add the rows any rank noted (`gather(obj)` → every rank's obj) → how many were new."""
+        rows = sorted(set().union(*(set(p) for p in gather(sorted(self.pending)))))
+        self.pending.clear()
+        return self.add(rows)
+
+    def add(self, rows) -> int:
+        new = 0
+        for r in rows:
+            r = int(r)
+            if not 0 <= r < self.n_rows:
+                raise IndexError(f"failed row {r} is outside the manifest's {self.n_rows} rows")
+            if not self._is_counted(r):
+                self.counted[r >> 3] |= np.uint8(1 << (r & 7))
+                self.seen[r] = 1
+                new += 1
+        self.count += new
+        return new
+
+    def rows(self) -> np.ndarray:
+        """The counted rows, ascending."""
+        return np.nonzero(np.unpackbits(self.counted, bitorder="little")[: self.n_rows])[0]
 
 
 class AudioDataset(torch.utils.data.Dataset):
@@ -89,7 +134,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.sample_rate, self.segment_samples, self.min_samples = sample_rate, segment_samples, min_samples
         self.seed, self.align, self.train, self.policy = seed, align, train, on_format_mismatch
         self.epoch = 0
-        self.load_failures = 0
+        self.load_failures = 0  # reads that failed in this process (a file fails once per process, then is known)
         self.decoded_bytes = 0  # read amplification: float32 bytes decoded vs bytes of the items returned
         self.used_bytes = 0
         self.views: dict[str, object] = {}
@@ -98,17 +143,19 @@ class AudioDataset(torch.utils.data.Dataset):
         keep = np.ones(len(table), dtype=bool)
         keep[list(excluded)] = False
         self.rows = np.nonzero(keep)[0].astype(np.int64)
+        self.excluded_count = len(excluded)
+        self.failures = LoadFailures(len(table))
         if self.skipped:
             first = next(iter(self.skipped.items()))
             log.warning(
                 "dataset: %d of %d files excluded by their manifest entry (e.g. %s: %s); see dataset.skipped",
-                len(self.skipped),
+                self.excluded_count,
                 len(table),
                 *first,
             )
         if not len(self.rows):
             reasons = "; ".join(f"{p}: {r}" for p, r in list(self.skipped.items())[:5])
-            raise ValueError(
+            raise ManifestError(
                 f"no usable utterances: all {len(table)} manifest entries were excluded "
                 f"(min_samples={min_samples} at {sample_rate} Hz). First problems: {reasons or 'empty manifest'}"
             )
@@ -157,30 +204,35 @@ class AudioDataset(torch.utils.data.Dataset):
         def crop(total: int) -> tuple[int, int]:
             return self.crop_offset(i, total, epoch), (total if seg is None else seg)
 
-        replaced_from = None
+        replaced_from, failed_rows = None, []
+        seen = self.failures.seen
         for k in range(n):
             j = (i + k) % n
             row = int(self.rows[j])
+            if seen[row]:  # failed before, here or in another worker of this rank (or agreed by all ranks): not read
+                failed_rows.append(row)
+                replaced_from = replaced_from or self.table.path(row)
+                continue
             path = self.table.path(row)
             try:
                 dec = read_audio(path, self.sample_rate, policy=self.policy, crop=crop, min_samples=self.min_samples)
                 extra = {name: v.item(j, dec.offset, dec.wav.shape[0]) for name, v in self.views.items()}
             except AudioError as exc:
-                # Data past the header can still be bad; replace deterministically instead of training on zeros.
-                if path not in self.skipped:
-                    log.warning(
-                        "dataset: %s failed to load (%s); replaced by the next usable utterance", path, exc.reason
-                    )
+                # Data past the header can still be bad; replace deterministically (the next usable row, as a known
+                # bad row is skipped the same way) instead of training on zeros.
+                log.warning("dataset: %s failed to load (%s); replaced by the next usable utterance", path, exc.reason)
+                seen[row] = 1
                 self.skipped[path] = exc.reason
                 self.load_failures += 1
+                failed_rows.append(row)
                 replaced_from = replaced_from or path
                 continue
             self.decoded_bytes += dec.decoded_bytes
             self.used_bytes += dec.used_bytes
-            return self._item(dec, j, row, replaced_from, extra)
+            return self._item(dec, j, row, replaced_from, extra, failed_rows)
         raise RuntimeError(f"dataset: all {n} utterances failed to load; see dataset.skipped: {self.skipped}")
 
-    def _item(self, dec, j: int, row: int, replaced_from: str | None, extra: dict) -> dict:
+    def _item(self, dec, j: int, row: int, replaced_from: str | None, extra: dict, failed_rows=()) -> dict:
         wav = dec.wav
         length = wav.shape[0]
         if self.segment_samples is not None and length < self.segment_samples:
@@ -194,13 +246,15 @@ class AudioDataset(torch.utils.data.Dataset):
             "id": self.table.ids[row],
             "speaker": self.table.speaker(row),
             "replaced_from": replaced_from,
+            "failed_rows": list(failed_rows),  # every row skipped to make this item (known bad or failed just now)
             **extra,
         }
 
 
-def build_dataset(cfg, val: bool = False) -> AudioDataset:
+def build_dataset(cfg, val: bool = False, min_samples: int = 0) -> AudioDataset:
     """The train (or val) dataset of a config; the trainer and `siren cache` both build it here, so they agree on the
-    rows and therefore on the cache keys."""
+    rows and therefore on the cache keys. Rows shorter than `data.min_seconds` or than `min_samples` (the shortest clip
+    the run's models can encode, from their frame geometry) are excluded and counted when it opens."""
     from siren.data.manifest import read_table
 
     d, sr = cfg.data, cfg.audio.sample_rate
@@ -208,11 +262,26 @@ def build_dataset(cfg, val: bool = False) -> AudioDataset:
         read_table(d.val if val else d.train, text=False),
         sr,
         int(d.segment_seconds * sr),
-        int(d.min_seconds * sr),
+        max(int(d.min_seconds * sr), int(min_samples)),
         seed=cfg.train.seed,
         train=not val,
         on_format_mismatch=d.on_format_mismatch,
     )
+
+
+def restored_failures(ds: AudioDataset, data_meta: dict) -> list[int]:
+    """The failed rows a checkpoint's meta recorded (`data.load_failed_rows`, checked against the paths it names); a
+    meta from before rows were recorded, or of another manifest, is matched by path."""
+    rows = data_meta.get("load_failed_rows")
+    paths = list(data_meta.get("load_failed", []))
+    n = len(ds.table)
+    if rows is not None and len(rows) == len(paths):
+        if all(0 <= int(r) < n and ds.table.path(int(r)) == p for r, p in zip(rows, paths, strict=True)):
+            return [int(r) for r in rows]
+    if not paths:
+        return []
+    wanted = set(paths)  # one pass over the manifest, only when resuming an old or re-ordered run with failures
+    return [r for r in range(n) if ds.table.path(r) in wanted]
 
 
 class EpochBatchSampler:
@@ -253,11 +322,12 @@ def collate(items: list[dict]) -> dict:
         "ids": [it["id"] for it in items],
         "speakers": [it["speaker"] for it in items],
         "replaced": [it["replaced_from"] for it in items if it["replaced_from"] is not None],
+        "failed_rows": [r for it in items for r in it.get("failed_rows", ())],
         **{k: _stack([it[k] for it in items]) for k in items[0] if k not in _ITEM_KEYS},
     }
 
 
-_ITEM_KEYS = {"wav", "length", "offset", "index", "row", "id", "speaker", "replaced_from"}
+_ITEM_KEYS = {"wav", "length", "offset", "index", "row", "id", "speaker", "replaced_from", "failed_rows"}
 
 
 def _stack(values: list):

@@ -9,6 +9,7 @@ copy-on-write growth (DESIGN §17). Small manifests (val, samples, verify) can s
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -172,33 +173,57 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def record_problem(rec) -> str | None:
+    """Why a parsed manifest line is malformed (the whole manifest is then refused), or None. The one structural rule
+    for every reader: a JSON object with `path` (a non-empty string), `duration` (a JSON number) and `speaker`;
+    `sample_rate`/`channels` positive integers, `size` a non-negative integer, `mtime` a number, when present. A
+    duration that is a number but not a usable one (0, negative, NaN) is not malformed: `row_problems` skips the row."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        return f"missing required field(s) {', '.join(missing)} (required: {REQUIRED_FIELDS})"
+    if not isinstance(rec["path"], str) or not rec["path"]:
+        return f"path must be a non-empty string, got {rec['path']!r}"
+    if not _is_number(rec["duration"]):
+        return f"duration must be a number, got {rec['duration']!r}"
+    for key in ("sample_rate", "channels"):
+        v = rec.get(key)
+        if v is not None and not (_is_count(v) and v > 0):
+            return f"{key} must be a positive integer, got {v!r}"
+    if rec.get("size") is not None and not (_is_count(rec["size"]) and rec["size"] >= 0):
+        return f"size must be a non-negative integer, got {rec['size']!r}"
+    if rec.get("mtime") is not None and not _is_number(rec["mtime"]):
+        return f"mtime must be a number, got {rec['mtime']!r}"
+    return None
+
+
 def _parse_line(line: str, where: str) -> dict:
     """One line → its record, or a ManifestError naming the line and the problem."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-    if not isinstance(rec, dict):
-        raise ManifestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    missing = [k for k in REQUIRED_FIELDS if k not in rec]
-    if missing:
-        raise ManifestError(f"{where}: missing required field(s) {', '.join(missing)} (required: {REQUIRED_FIELDS})")
-    try:
-        float(rec["duration"])
-    except (TypeError, ValueError) as exc:
-        raise ManifestError(f"{where}: duration must be a number, got {rec['duration']!r}") from exc
-    for key in ("sample_rate", "channels", "size"):
-        if rec.get(key) is not None and not isinstance(rec[key], int):
-            raise ManifestError(f"{where}: {key} must be an integer, got {rec[key]!r}")
+    problem = record_problem(rec)
+    if problem:
+        raise ManifestError(f"{where}: {problem}")
     return rec
 
 
 def _chunk_records(lines: list[str], linenos: list[int], path: Path) -> list[dict]:
-    # One json.loads for the whole chunk is several times faster than one per line; on any problem, parse line by
-    # line so the error names the exact line.
+    # One json.loads for the whole chunk is several times faster than one per line; the records are checked by the
+    # same `record_problem` as a single line, and on any problem parsed line by line so the error names the line.
     try:
         recs = json.loads("[" + ",".join(lines) + "]")
-        if all(isinstance(r, dict) and "path" in r and "duration" in r and "speaker" in r for r in recs):
+        if len(recs) == len(lines) and not any(map(record_problem, recs)):
             return recs
     except json.JSONDecodeError:
         pass
@@ -219,12 +244,7 @@ def read_table(path: str | Path, *, text: bool = True) -> ManifestTable:
 
     def flush(lines: list[str], linenos: list[int]) -> None:
         recs = _chunk_records(lines, linenos, path)
-        try:
-            dur = np.array([r["duration"] for r in recs], dtype=np.float64)
-        except (TypeError, ValueError):
-            for r, n in zip(recs, linenos, strict=True):
-                _parse_line(json.dumps(r), f"{path}:{n}")
-            raise
+        dur = np.array([r["duration"] for r in recs], dtype=np.float64)
         rpaths = [str(r["path"]) for r in recs]
         rids = [str(r.get("id") or _stem(p)) for r, p in zip(recs, rpaths, strict=True)]
         # Ids key caches and eval samples; a duplicate would silently alias two files.
@@ -232,11 +252,6 @@ def read_table(path: str | Path, *, text: bool = True) -> ManifestTable:
             first = seen.setdefault(uid, n)
             if first != n:
                 raise ManifestError(f"{path}:{n}: duplicate id {uid!r} (first on line {first})")
-        for key in ("sample_rate", "channels", "size"):
-            vals = [r.get(key) for r in recs]
-            if any(v is not None and not isinstance(v, int) for v in vals):
-                bad = next(n for v, n in zip(vals, linenos, strict=True) if v is not None and not isinstance(v, int))
-                raise ManifestError(f"{path}:{bad}: {key} must be an integer")
         num_p["duration"].append(dur)
         num_p["sample_rate"].append(np.array([r.get("sample_rate") or 0 for r in recs], dtype=np.int32))
         num_p["channels"].append(np.array([r.get("channels") or 0 for r in recs], dtype=np.int16))
@@ -283,6 +298,54 @@ def read_table(path: str | Path, *, text: bool = True) -> ManifestTable:
     )
 
 
+def duration_problem(duration: float) -> str | None:
+    """Why a duration (seconds) cannot be a clip's: not a positive finite number. Shared by the manifest readers and
+    `siren manifest` (which rejects such files), so both give the same reason."""
+    if math.isfinite(duration) and duration > 0:
+        return None
+    return f"empty or invalid duration ({duration!r} s; must be a positive finite number)"
+
+
+def row_problems(table: ManifestTable, sample_rate: int, min_samples: int, policy: str = "convert") -> dict[int, str]:
+    """Rows the manifest itself shows to be unusable → reason: a duration that is not a positive finite number, one
+    shorter than `min_samples` at `sample_rate`, or a recorded format that `policy` (`data.on_format_mismatch`) does
+    not use. The one judge of a row: the dataset, the samples and verify all ask it. Vectorised: only the excluded
+    rows cost Python, so it is cheap for a million rows."""
+    from siren.data.audio import format_problem
+
+    out: dict[int, str] = {}
+    dur = table.duration
+    with np.errstate(invalid="ignore"):
+        invalid = ~np.isfinite(dur) | (dur <= 0)
+        # A tolerance of a millionth of a sample: duration × rate of a file of exactly min_samples may round below.
+        short = ~invalid & (dur * sample_rate < min_samples - 1e-6)
+    for r in np.nonzero(invalid)[0]:
+        out[int(r)] = duration_problem(float(dur[r]))
+    for r in np.nonzero(short)[0]:
+        out[int(r)] = (
+            f"too short: {float(dur[r]):.3f} s in the manifest < {min_samples / sample_rate:.3f} s "
+            f"(min_samples {min_samples} at {sample_rate} Hz)"
+        )
+    known = table.sample_rate > 0
+    suspect = np.nonzero(known & ((table.sample_rate != sample_rate) | (table.channels > 1)))[0]
+    for r in suspect:
+        reason = format_problem(int(table.sample_rate[r]), max(1, int(table.channels[r])), sample_rate, policy)
+        if reason and int(r) not in out:
+            out[int(r)] = reason
+    return out
+
+
+def usable_utterances(
+    utterances: Sequence[Utterance], sample_rate: int, min_samples: int, policy: str = "convert"
+) -> tuple[list[Utterance], list[tuple[Utterance, str]]]:
+    """(usable, [(excluded, reason)]) of a small list of utterances, judged by `row_problems`."""
+    if not utterances:
+        return [], []
+    bad = row_problems(ManifestTable.from_utterances(utterances), sample_rate, min_samples, policy)
+    keep = [u for i, u in enumerate(utterances) if i not in bad]
+    return keep, [(utterances[i], why) for i, why in sorted(bad.items())]
+
+
 def read_manifest(path: str | Path) -> list[Utterance]:
     """Read a JSONL manifest as a list of `Utterance` (for small manifests; training uses `read_table`)."""
     return read_table(path).to_list()
@@ -294,7 +357,9 @@ def utterance_record(u: Utterance, base: Path | None) -> dict:
     if base is not None:
         p = p.resolve()
         p = p.relative_to(base) if p.is_relative_to(base) else p
-    rec = {"id": u.id, "path": p.as_posix(), "duration": round(float(u.duration), 4), "speaker": u.speaker}
+    # The exact duration (a float round-trips through JSON): rounding could turn a very short clip into 0 s or move
+    # a clip across the minimum duration.
+    rec = {"id": u.id, "path": p.as_posix(), "duration": float(u.duration), "speaker": u.speaker}
     rec["text"] = u.text
     for key in ("sample_rate", "channels", "size", "mtime"):
         if getattr(u, key) is not None:

@@ -22,7 +22,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from siren.data.manifest import ManifestError, Utterance, write_manifest
+from siren.data.manifest import ManifestError, Utterance, duration_problem, write_manifest
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au")
 LAYOUTS = ("auto", "librispeech", "libritts", "vctk", "flat")
@@ -112,10 +112,12 @@ def probe(path: Path) -> dict:
         info = sf.info(str(path))
     except (OSError, RuntimeError, sf.LibsndfileError) as exc:
         return {"reason": f"unreadable audio header ({exc})"}
-    if info.frames <= 0 or info.samplerate <= 0:
-        return {"reason": "empty audio (0 samples)"}
+    duration = info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    why = duration_problem(duration)  # the manifest readers' own rule, so a row written here is one they keep
+    if why:
+        return {"reason": why}
     return {
-        "duration": info.frames / info.samplerate,
+        "duration": duration,
         "sample_rate": int(info.samplerate),
         "channels": int(info.channels),
         "size": int(st.st_size),

@@ -58,6 +58,7 @@ def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None, *, 
             allow_missing=section.allow_missing,
             allow_unexpected=section.allow_unexpected,
             where=name,
+            args=section.args,
         )
     if section.adapter:
         module = wrap_adapter(name, module, section.adapter, section.adapter_args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,10 +25,32 @@ from torch import nn
 from siren.errors import SirenError
 from siren.models.roles import FrameGeometry, can_range_code
 
+if TYPE_CHECKING:
+    from siren.coding.bitstream import Encoded
+
 log = logging.getLogger("siren")
 FLOW_SEED = 0  # flow noise for decoding: fixed, from its own generator, so a decode is reproducible
 ANALYSIS_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
 CODE_LANGUAGE = ("sem_quantizer", "pro_quantizer", "spk_quantizer")
+
+
+class ClipTooShort(SirenError):
+    """Audio shorter than the fewest samples the codec can encode (one prosody frame of features)."""
+
+
+def min_encodable_samples(num_frames, pro_hop: int, pro_downsample: int, limit_samples: int = 10**8) -> int:
+    """Fewest samples that yield one prosody code: a whole number of prosody hops (encode cuts to them) whose
+    features, by the extractor's own `num_frames(n)`, fill the `pro_downsample` frames one prosody frame takes.
+    Derived, never a constant: an extractor whose conv stack eats more edge samples needs more hops."""
+    n = pro_hop
+    while num_frames(n) < pro_downsample:
+        n += pro_hop
+        if n > limit_samples:
+            raise SirenError(
+                f"the feature extractor never yields {pro_downsample} frames (num_frames({n}) = {num_frames(n)}): "
+                "no clip length can be encoded"
+            )
+    return n
 
 
 @dataclass
@@ -240,12 +263,7 @@ class Codec(nn.Module):
     # -------------------------------------------------------------------------------------------------------- encoder
     def features(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (B, N) → (B, T, D) at the frame rate, from the configured feature extractor (loaded on first use)."""
-        if self.feature_extractor not in self.components:
-            if self._features_loader is None:
-                raise SirenError(f"codec has no {self.feature_extractor} to compute features with")
-            fx = self._features_loader().to(self.device).eval().requires_grad_(False)
-            self.components[self.feature_extractor] = fx
-        return self.components[self.feature_extractor](wav)
+        return self._extractor()(wav)
 
     def analyse(self, feats: torch.Tensor):
         """feats (B, T, D) → Analysis (factorizer output + sem/pro/spk QuantizedResult)."""
@@ -255,20 +273,37 @@ class Codec(nn.Module):
         fact = fact_m(feats)
         return Analysis(fact=fact, sem=sq(fact.sem), pro=pq(fact.pro), spk=kq(fact.spk))
 
+    def _extractor(self) -> nn.Module:
+        """The feature extractor, loaded on first use (the decoder side never needs it)."""
+        if self.feature_extractor not in self.components:
+            if self._features_loader is None:
+                raise SirenError(f"codec has no {self.feature_extractor} to compute features with")
+            fx = self._features_loader().to(self.device).eval().requires_grad_(False)
+            self.components[self.feature_extractor] = fx
+        return self.components[self.feature_extractor]
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest samples `encode` accepts, from the feature extractor's `num_frames` and the frame geometry."""
+        return min_encodable_samples(self._extractor().num_frames, self.pro_hop, self.geometry.pro_downsample)
+
     def prepare(self, wav: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,), (B, N) or a list of (N_i,) → wav (B, N_max) zero-padded, lengths (B,) cut to whole prosody frames."""
         items = list(wav) if isinstance(wav, (list, tuple)) or wav.dim() == 2 else [wav]
         if not items:
             raise ValueError("encode got no audio")
         lengths = []
+        least = self.min_samples
         for i, w in enumerate(items):
             if w.dim() != 1:
                 raise ValueError(f"audio item {i}: expected (N,) samples, got shape {tuple(w.shape)}")
             n = w.shape[0] - w.shape[0] % self.pro_hop
-            if n < self.pro_hop:
-                raise SirenError(
-                    f"audio item {i} is too short to encode: {w.shape[0]} samples, need at least {self.pro_hop} "
-                    f"({self.pro_hop / self.sample_rate:.2f} s)"
+            if w.shape[0] < least:
+                sr = self.sample_rate
+                raise ClipTooShort(
+                    f"audio item {i} is too short to encode: {w.shape[0] / sr:.3f} s ({w.shape[0]} samples at {sr} Hz); "
+                    f"the codec needs at least {least / sr:.3f} s ({least} samples: {self.geometry.pro_downsample} "
+                    f"feature frames of one prosody frame, {self.pro_hop} samples per prosody hop)"
                 )
             if not torch.isfinite(w[:n]).all():
                 raise SirenError(f"audio item {i} contains NaN or infinite samples")
@@ -351,23 +386,31 @@ class Codec(nn.Module):
             )
         return mods
 
-    def to_bytes(self, codes: Codes):
-        """One utterance's Codes → a .siren bitstream (an `Encoded` with `.data`, sizes and the estimate: see
-        `siren.coding.bitstream`). Batches: `[codec.to_bytes(c) for c in codes.split()]`."""
+    def to_bytes(self, codes: Codes) -> bytes:
+        """One utterance's Codes → the bytes of a .siren file; `from_bytes` reads them back. Batches:
+        `[codec.to_bytes(c) for c in codes.split()]`. Sizes and the entropy model's estimate: `to_encoded`."""
+        return self.to_encoded(codes).data
+
+    def to_encoded(self, codes: Codes) -> Encoded:
+        """One utterance's Codes → an `Encoded` (`siren.coding.bitstream`): the file's bytes (`.data`), its header and
+        payload bits, the entropy model's estimate and the duration, for bit/s figures."""
         from siren.coding.bitstream import encode_codes
 
         if len(codes) != 1:
-            raise ValueError(f"to_bytes takes one utterance, got a batch of {len(codes)}: use codes.split()")
+            raise ValueError(f"a bitstream holds one utterance, got a batch of {len(codes)}: use codes.split()")
         c = codes.item(0)
         return encode_codes(
             self._code_modules(), c.sem, c.pro, c.spk, int(c.sem_frames[0]) * self.sem_hop, self.sample_rate
         )
 
     def from_bytes(self, data: bytes) -> Codes:
-        """A .siren bitstream → Codes (batch of 1). Raises BitstreamError if the file is damaged, from another model,
-        or does not decode to its own symbol hash."""
+        """A .siren file's bytes → Codes (batch of 1). Raises BitstreamError if the file is damaged, from another
+        model, or does not decode to its own symbol hash."""
         from siren.coding.bitstream import decode_codes
 
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            hint = ": pass its `.data`" if hasattr(data, "data") and isinstance(data.data, bytes) else ""
+            raise TypeError(f"from_bytes takes the bytes of a .siren file, got {type(data).__name__}{hint}")
         sem, pro, spk, _ = decode_codes(self._code_modules(), bytes(data), self.sem_hop)
         return Codes(
             sem=sem,

@@ -151,9 +151,10 @@ class StreamCoder:
     """Incremental next-frame logits for one stream, with a key/value cache: cost per frame is O(context).
 
     `logits()` gives (B, L, K) float32 for the next frame; `push(codes (B, L))` appends that frame; `run(codes)` scores
-    a whole known stream with the same per-frame operations (see its docstring). The range coder's encoder (`run`) and
-    decoder (`logits`/`push`) therefore compute every frame's probabilities with the same operations, on the same
-    shapes, from the same inputs: identical by construction (a test checks it bit for bit). Inside the context this equals `logits_for_next` up to float rounding. Past it, the window slides
+    a known stream, whole or window by window, with the same per-frame operations (see its docstring). The range
+    coder's encoder (`run`) and decoder (`logits`/`push`) therefore compute every frame's probabilities with the same
+    operations, on the same shapes, from the same inputs: identical by construction (a test checks it bit for bit).
+    Inside the context this equals `logits_for_next` up to float rounding. Past it, the window slides
     as in sliding-window attention: each layer attends to its cached keys/values of the last `max_len − 1` frames plus
     the BOS, whose key is rotated to the window's start so it keeps its trained distance.
 
@@ -168,6 +169,7 @@ class StreamCoder:
         self.lm, self.batch = lm, batch
         self.device = torch.device(device)
         self.t = 0  # index of the next input token (0 = BOS, token j holds the codes of frame j − 1)
+        self._held: torch.Tensor | None = None  # `run`'s last frame: its logits are out, it is not in the cache yet
         n, H, hd = len(lm.blocks), lm.num_heads, lm.head_dim
         self.slots = lm.max_len - 1  # frame entries in the cache; a ring buffer (attention ignores key order)
         self.dim, self.levels, self.K = H * hd, lm.num_levels, lm.codebook_size
@@ -205,37 +207,48 @@ class StreamCoder:
             raise ValueError(f"expected codes ({self.batch}, {self.levels}), got {tuple(codes.shape)}")
         with torch.inference_mode():
             self._next = self._step(self._embed(codes.to(self.device)))
+        self._held = None  # the caller pushed the frame `run` held back, or the coder was never run
 
     def run(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, T, L) of a stream this coder has not seen yet → logits (B, T, L, K) float32, frame t from frames
-        < t: exactly the `logits()` a decoder gets when it `push`es the same frames one by one.
+        """codes (B, T, L): the stream's next T frames → logits (B, T, L, K) float32, frame t from frames < t: exactly
+        the `logits()` a decoder gets when it `push`es the same frames one by one.
+
+        Call it on a fresh coder with the whole stream, or with consecutive windows of it (an encoder whose memory must
+        not grow with the stream's length): each call continues where the previous one stopped. The last frame of a
+        call is held back (its logits are known, nothing needs it yet) and enters the cache first in the next call.
 
         The per-frame operations are those of `push`, with the same shapes and inputs, in the same order within each
         frame and within each layer's cache; only the loops are swapped (layer outside, frame inside), so one layer's
         weights stay in the CPU cache while every frame goes through it (a few per cent faster on a 2-core machine).
         That cannot change a bit: no operation sees another frame's data other than through the cache, which each
         layer fills in the same order either way."""
-        if self.t != 1:
-            raise RuntimeError("StreamCoder.run needs a fresh coder (frames were already pushed)")
+        continuing = self._held is not None
+        if self.t != 1 and not continuing:
+            raise RuntimeError("StreamCoder.run needs a fresh coder, or one that has only run (frames were pushed)")
         if codes.dim() != 3 or codes.shape[0] != self.batch or codes.shape[2] != self.levels:
             raise ValueError(f"expected codes ({self.batch}, T, {self.levels}), got {tuple(codes.shape)}")
         b, T = codes.shape[0], codes.shape[1]
         out = torch.empty(b, T, self.levels, self.K)
         if T == 0:
             return out
-        out[:, 0] = self._next
         with torch.inference_mode():
             codes = codes.to(self.device)
-            xs = [self._embed(codes[:, j])[:, None] for j in range(T - 1)]  # token t = j + 1 holds frame j
-            ropes = [self._ropes(t) for t in range(1, T)]
+            # Tokens to add: the held frame (its output is this window's first logits), then every frame but the last.
+            frames = ([self._held] if continuing else []) + [codes[:, j] for j in range(T - 1)]
+            first = 0 if continuing else 1  # a fresh coder's first logits are the BOS output, already computed
+            if not continuing:
+                out[:, 0] = self._next
+            t0 = self.t
+            xs = [self._embed(f)[:, None] for f in frames]
+            ropes = [self._ropes(t0 + j) for j in range(len(frames))]
             for i in range(len(self.layers)):
-                for j in range(T - 1):
-                    xs[j] = self._layer(i, xs[j], j + 1, ropes[j])
-            for j in range(T - 1):
-                out[:, j + 1] = self._head(xs[j])
-        self.t = T
-        if T > 1:
-            self._next = out[:, -1].clone()
+                for j in range(len(frames)):
+                    xs[j] = self._layer(i, xs[j], t0 + j, ropes[j])
+            for j in range(len(frames)):
+                out[:, first + j] = self._head(xs[j])
+        self.t = t0 + len(frames)
+        self._next = out[:, -1].clone()
+        self._held = codes[:, -1].clone()
         return out
 
     def _rope(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,8 @@ Tp = T / pro_downsample prosody frames, L residual levels, G speaker groups, K c
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 from siren.errors import SirenError
+
+log = logging.getLogger("siren")
 
 
 class RoleError(SirenError):
@@ -78,7 +82,8 @@ class Factorizer(Protocol):
 @runtime_checkable
 class StreamQuantizer(Protocol):
     """`sem_quantizer`/`pro_quantizer`: latents (B, T, dim) → QuantizerResult with codes (B, T, L) in [0, K).
-    `decode_codes(codes)` reproduces `quantized` for the same codes (the decoder side never sees latents)."""
+    `decode_codes(codes)` reproduces `quantized` for the same codes (the decoder side never sees latents).
+    Optional: `digit_levels` (see `DigitLevels`) when the codes are FSQ grid points."""
 
     @property
     def codebook_size(self) -> int: ...
@@ -92,6 +97,18 @@ class StreamQuantizer(Protocol):
     def __call__(self, x: torch.Tensor) -> QuantizerResult: ...
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DigitLevels(Protocol):
+    """Optional member of a `StreamQuantizer` whose codes are FSQ grid points: `digit_levels` lists the number of
+    levels of each grid dimension, and a code is the mixed-radix number Σ_j digit_j · Π_{i<j} digit_levels[i] (digit 0
+    least significant), so Π digit_levels == codebook_size. With it, the trainer logs per-dimension metrics
+    `codebook/<stream>/<level>/digit<j>/{usage,perplexity}`; without it, only whole-code metrics. A quantizer that
+    looks like an FSQ grid but lacks it gets one warning per run (`fsq_digit_levels`)."""
+
+    @property
+    def digit_levels(self) -> list[int]: ...
 
 
 @runtime_checkable
@@ -201,6 +218,77 @@ def check_role(name: str, module: nn.Module) -> nn.Module:
             f"role; missing {', '.join(missing)} (wrap it with an `adapter:`; see siren/models/roles.py)"
         )
     return module
+
+
+# Names under which foreign FSQ implementations commonly keep their per-dimension levels.
+_LEVELS_LIKE = ("levels", "fsq_levels", "grid", "level_sizes", "num_levels_per_dim", "_levels")
+_DIGIT_WARNED: set[tuple[str, str]] = set()  # (component, class) already warned in this process
+
+
+def _int_list(value: Any) -> list[int] | None:
+    """A list/tuple or 1-D integer tensor of ints >= 2 (a grid's levels), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point and not bool((value == value.round()).all()):
+            return None
+        value = [int(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and v >= 2 for v in value):
+        return list(value)
+    return None
+
+
+def _levels_like(module: nn.Module, size: int) -> tuple[str, list[int]] | None:
+    """(dotted name, levels) of a levels-like attribute in `module` or a submodule whose product is `size`."""
+    for prefix, sub in module.named_modules():
+        for attr in _LEVELS_LIKE:
+            levels = _int_list(getattr(sub, attr, None))
+            if levels and math.prod(levels) == size:
+                return (f"{prefix}.{attr}" if prefix else attr), levels
+    return None
+
+
+def _small_factors(n: int) -> bool:
+    """n > 1 is not a power of two and has no prime factor above 8: the shape of common FSQ grids (8·5·5·5 = 1000,
+    7·5·5·5·5, 5·5·3); power-of-two sizes are left alone, as most VQ/LFQ codebooks have them."""
+    if n < 2 or n & (n - 1) == 0:
+        return False
+    for p in (2, 3, 5, 7):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+def fsq_digit_levels(name: str, quantizer: nn.Module | None) -> list[int] | None:
+    """The quantizer's `digit_levels` (see `DigitLevels`), or None. When it has none but looks like an FSQ grid, one
+    warning per (component, class) and process says what to add: either a levels-like attribute (`levels`, `grid`,
+    ... on it or a submodule, such as an adapter's wrapped net) multiplies to its codebook size, or the codebook size
+    is not a power of two and factors into primes <= 7 as FSQ grids do."""
+    if quantizer is None:
+        return None
+    levels = getattr(quantizer, "digit_levels", None)
+    if levels:
+        return [int(v) for v in levels]
+    size = getattr(quantizer, "codebook_size", None)
+    if not isinstance(size, int):
+        return None
+    found = _levels_like(quantizer, size)
+    if found is None and not _small_factors(size):
+        return None
+    key = (name, f"{type(quantizer).__module__}:{type(quantizer).__qualname__}")
+    if key in _DIGIT_WARNED:
+        return None
+    _DIGIT_WARNED.add(key)
+    if found:
+        why = f"its `{found[0]}` = {found[1]} multiplies to its codebook size {size}"
+    else:
+        why = f"its codebook size {size} factors like an FSQ grid"
+    log.warning(
+        "%s: %s has no `digit_levels`, but %s; if its codes are mixed-radix FSQ digits, expose the per-dimension "
+        "levels as the `digit_levels` property (siren.models.roles.DigitLevels) to get per-digit codebook metrics",
+        name,
+        key[1],
+        why,
+    )
+    return None
 
 
 def can_range_code(entropy_model: nn.Module) -> bool:

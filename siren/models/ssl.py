@@ -55,6 +55,46 @@ def hubert_num_frames(config: HubertConfig, num_samples: int) -> int:
     return max(n, 0)
 
 
+def frame_probe_lengths(sample_rate: int, hop: int) -> list[int]:
+    """Input lengths at which two feature extractors' frame counts are compared: a few hops either side of a frame
+    boundary, short (the shortest clips) to long (30 s)."""
+    out = set()
+    for k in (1, 2, 3, 8, 25, 50, 30 * sample_rate // hop):
+        out |= {k * hop - 1, k * hop, k * hop + 1, k * hop + hop // 2}
+    return sorted(n for n in out if n > 0)
+
+
+def check_frame_contract(student: nn.Module, teacher: nn.Module, sample_rate: int, hop: int, where: str) -> None:
+    """The student's features must be frame-for-frame the teacher's: the same `num_frames(n)` for every input length,
+    and a forward pass that gives the frames `num_frames` promises. Raises LayoutMismatch naming both counts
+    otherwise (a student whose front end pads one frame more would be compared one frame off, or crash verify)."""
+    from siren.errors import LayoutMismatch
+
+    for n in frame_probe_lengths(sample_rate, hop):
+        a, b = int(student.num_frames(n)), int(teacher.num_frames(n))
+        if a != b:
+            raise LayoutMismatch(
+                f"{where}: student_ssl gives {a} frames for {n} samples but the teacher (ssl) gives {b}; the student's "
+                "frames must match the teacher's one for one (check the student's conv front end and padding)"
+            )
+    n = sample_rate
+    for name, m in (("student_ssl", student), ("ssl", teacher)):
+        was = [x.training for x in m.modules()]
+        m.eval()
+        try:
+            with torch.no_grad():
+                p = next(m.parameters(), None)
+                got = m(torch.zeros(1, n, device=p.device if p is not None else "cpu")).shape[1]
+        finally:
+            for x, t in zip(m.modules(), was, strict=True):
+                x.training = t
+        if got != m.num_frames(n):
+            raise LayoutMismatch(
+                f"{where}: {name} declares num_frames({n}) = {m.num_frames(n)} but its forward pass gives {got} "
+                "frames; num_frames must describe the module's real output"
+            )
+
+
 class SSLFeatureExtractor(nn.Module):
     """wav (B, N) → hidden_states[layer] (B, T, D); layer 0 = encoder input (after feature projection)."""
 
@@ -123,6 +163,55 @@ def save_tiny_teacher(out_dir: str | Path, seed: int = 0, **sizes: int) -> Path:
     out = Path(out_dir)
     torch.manual_seed(seed)
     model = HubertModel(tiny_hubert_config(**sizes)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
+def hubert_base_config() -> HubertConfig:
+    """facebook/hubert-base-ls960's geometry, written out: 768-d, 12 layers of 12 heads (3072 feed-forward), the same
+    7-layer conv front end (512 channels, strides 5,2,2,2,2,2,2, kernels 10,3,3,3,3,2,2, no bias, group norm) and
+    positional conv (128 wide, 16 groups). Dropout and SpecAugment masking are off, as for every SIREN teacher: its
+    features must be a deterministic function of the audio."""
+    return HubertConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        conv_dim=(512,) * 7,
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_bias=False,
+        feat_extract_norm="group",
+        feat_proj_layer_norm=True,
+        do_stable_layer_norm=False,
+        num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16,
+        mask_time_prob=0.0,
+        mask_feature_prob=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        layerdrop=0.0,
+    )
+
+
+TEACHER_LIKES = {"tiny": tiny_hubert_config, "hubert-base": hubert_base_config}
+
+
+def save_random_teacher(out_dir: str | Path, like: str = "tiny", seed: int = 0) -> Path:
+    """A randomly initialised HubertModel with the geometry of `like` (`tiny`, or `hubert-base` for the real
+    pipeline's shapes without a model hub), saved with save_pretrained so `ssl.name=OUT_DIR` loads it."""
+    if like not in TEACHER_LIKES:
+        from siren.errors import SirenError
+
+        raise SirenError(f"init-ssl --like {like!r}: unknown teacher geometry; one of {', '.join(TEACHER_LIKES)}")
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model = HubertModel(TEACHER_LIKES[like]()).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     return out

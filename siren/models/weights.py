@@ -3,7 +3,10 @@
 `weights_key` picks a nested dict (`model`, `state_dict`, `ema`, or a dotted path such as `model.ema`); `rename`
 rewrites tensor names with regex → replacement rules, applied in order to every name; `allow_missing` and
 `allow_unexpected` are fnmatch patterns of tolerated mismatches. Loading is strict: whatever is missing, unexpected
-or mis-shaped and not allowed is ONE error listing all of it; every rename and every allowed mismatch is logged.
+or mis-shaped and not allowed is ONE error listing all of it; every rename and every allowed mismatch is logged (an
+allowed unexpected tensor is dropped). When the names differ only by a wrapper prefix (`module.` from DataParallel/DDP,
+`_orig_mod.` from torch.compile) the error gives the exact `rename:` rule as YAML to paste. A saved buffer named after a
+constructor argument (an FSQ's `levels`) that contradicts `args:` is its own error, naming the buffer and both values.
 """
 
 from __future__ import annotations
@@ -132,12 +135,22 @@ def load_foreign_weights(
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
     where: str = "weights",
+    args: Mapping[str, Any] | None = None,
 ) -> dict[str, list[str]]:
     """Strictly load a foreign checkpoint into `module`. Returns {"missing": [...], "unexpected": [...]} (the allowed
-    ones). Mis-shaped tensors are never allowed: a shape or dtype-kind difference means a different architecture."""
+    ones). Mis-shaped tensors are never allowed: a shape or dtype-kind difference means a different architecture.
+    `args`: the constructor arguments the module was built with; a saved buffer that contradicts one of them is an
+    error of its own, naming the buffer and both values."""
     state = apply_renames(read_state(path, key), rename or {}, f"{where} ({path})")
     allow_missing, allow_unexpected = list(allow_missing), list(allow_unexpected)
     own = module.state_dict()
+    contradictions = _buffer_contradictions(module, own, state, args or {})
+    if contradictions:
+        raise StrictLoadError(
+            f"{where}: the checkpoint {path} was saved with other constructor arguments than `{where}.args`:\n"
+            + "\n".join(f"  - {c}" for c in contradictions)
+            + f"\nset `{where}.args` to the checkpoint's values (loading would mix two configurations)"
+        )
     problems: list[str] = []
     allowed: dict[str, list[str]] = {"missing": [], "unexpected": []}
     for name in sorted(set(own) - set(state)):
@@ -157,18 +170,75 @@ def load_foreign_weights(
         elif a.dtype.is_floating_point != b.dtype.is_floating_point:
             problems.append(f"wrong dtype: {name} (module {a.dtype} vs file {b.dtype})")
     if problems:
-        hint = ""
-        if any(p.startswith("missing") for p in problems) and any(p.startswith("unexpected") for p in problems):
-            hint = "\n(names differ: add `rename:` rules, e.g. '^module\\.': '' to strip a DataParallel prefix)"
+        hint = _rename_hint(sorted(set(own) - set(state)), sorted(set(state) - set(own)), where)
         raise StrictLoadError(
             f"{where}: loading {path} into {type(module).__module__}:{type(module).__qualname__} failed "
             f"({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems) + hint
         )
-    for kind in ("missing", "unexpected"):
-        for name in allowed[kind]:
-            log.warning("%s: %s tensor %s allowed by allow_%s (module keeps its own value)", where, kind, name, kind)
+    for name in allowed["missing"]:
+        log.warning("%s: missing tensor %s allowed by allow_missing (module keeps its own value)", where, name)
+    for name in allowed["unexpected"]:
+        log.warning("%s: unexpected tensor %s allowed by allow_unexpected: dropped, not loaded", where, name)
     # Copy with the module's dtype; allowed-missing tensors keep their current values.
     new_state = {n: state[n].to(own[n].dtype) if n in state else own[n] for n in own}
     module.load_state_dict(new_state, strict=True)
     log.info("%s: loaded %d tensor(s) from %s", where, len(own) - len(allowed["missing"]), path)
     return allowed
+
+
+# Wrapper prefixes a saved state dict may carry: what adds them, so the error can say where the names came from.
+_WRAPPERS = {"module.": "DataParallel/DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _rename_hint(missing: list[str], unexpected: list[str], where: str) -> str:
+    """When the file's names are the module's behind wrapper prefixes (`module.`, `_orig_mod.`, in any nesting), the
+    exact `rename:` rule to paste; otherwise a general pointer to `rename:` when names differ."""
+    if not missing or not unexpected:
+        return ""
+    prefixes: set[str] = set()
+    want = set(missing)
+    for name in unexpected:
+        rest, prefix = name, ""
+        while True:
+            head = next((p for p in _WRAPPERS if rest.startswith(p)), None)
+            if head is None:
+                break
+            rest, prefix = rest[len(head) :], prefix + head
+        if prefix and rest in want:
+            prefixes.add(prefix)
+    if len(prefixes) != 1:
+        return "\n(names differ: add `rename:` rules (regex: replacement) mapping the file's names to the module's)"
+    prefix = prefixes.pop()
+    added_by = " and ".join(v for k, v in _WRAPPERS.items() if k in prefix)
+    rule = "^" + re.escape(prefix)
+    # Single quotes in YAML keep the backslashes literal, so the regex is pasted exactly as shown.
+    return (
+        f"\nthe file's names carry the prefix {prefix!r} (added by {added_by}); add this to the config:\n"
+        f"{where}:\n  rename:\n    '{rule}': ''\n"
+    )
+
+
+def _buffer_contradictions(
+    module: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], args: Mapping[str, Any]
+) -> list[str]:
+    """Saved buffers that contradict a constructor argument: a buffer named like an argument (`levels`, `_levels`,
+    `fsq.levels`) whose value differs from what the module built. Learned buffers (running statistics, EMA
+    codebooks) are not named after arguments and are left to load."""
+    buffers = {n for n, _ in module.named_buffers()} & set(own) & set(state)
+    out = []
+    for name in sorted(buffers):
+        arg = name.rsplit(".", 1)[-1].lstrip("_")
+        if arg not in args:
+            continue
+        built, saved = own[name], state[name]
+        if built.shape == saved.shape and torch.equal(built, saved.to(built.dtype)):
+            continue
+        out.append(
+            f"buffer `{name}`: checkpoint has {_show(saved)}, the module built from args.{arg} = {args[arg]} "
+            f"has {_show(built)}"
+        )
+    return out
+
+
+def _show(t: torch.Tensor) -> str:
+    return str(t.tolist()) if t.numel() <= 16 else f"a {tuple(t.shape)} tensor"

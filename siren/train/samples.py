@@ -77,27 +77,60 @@ def synthesize(codec, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | N
     return mel, audio
 
 
-def eval_utterances(cfg) -> list:
-    from siren.data.datasets import speaker_balanced_subset
-    from siren.data.manifest import read_manifest
+def clip_min_samples(stage, modules: dict[str, nn.Module]) -> int:
+    """Fewest samples every analysis path of `stage` can encode (one prosody frame of features from each feature
+    extractor it holds), from the stage's frame geometry and the extractors' `num_frames`; 0 for a stage that encodes
+    nothing (no `geo`)."""
+    from siren.models.codec import min_encodable_samples
 
-    utts = read_manifest(cfg.data.val or cfg.data.train)
+    geo = getattr(stage, "geo", None)
+    if geo is None:
+        return 0
+    fxs = [modules[n] for n in ("ssl", "student_ssl") if n in modules and hasattr(modules[n], "num_frames")]
+    return max(
+        (min_encodable_samples(fx.num_frames, geo.pro_hop, geo.pro_downsample) for fx in fxs), default=geo.pro_hop
+    )
+
+
+def eval_utterances(cfg, min_samples: int = 0) -> list:
+    """The utterances samples render: `samples.utterances` by id (one too short to encode is an error naming it), or
+    a speaker-balanced pick among the eligible ones (rows `row_problems` passes at `min_samples`)."""
+    from siren.data.datasets import speaker_balanced_subset
+    from siren.data.manifest import read_manifest, usable_utterances
+
+    manifest = cfg.data.val or cfg.data.train
+    utts = read_manifest(manifest)
+    usable, excluded = usable_utterances(utts, cfg.audio.sample_rate, min_samples)
     if cfg.samples.utterances:
         by_id = {u.id: u for u in utts}
         missing = [i for i in cfg.samples.utterances if i not in by_id]
         if missing:
-            raise SirenError(f"samples.utterances names ids not in {cfg.data.val or cfg.data.train}: {missing}")
+            raise SirenError(f"samples.utterances names ids not in {manifest}: {missing}")
+        why = {u.id: reason for u, reason in excluded}
+        bad = [f"{i} ({why[i]})" for i in cfg.samples.utterances if i in why]
+        if bad:
+            raise SirenError(f"samples.utterances names utterances that cannot be rendered: {'; '.join(bad)}")
         return [by_id[i] for i in cfg.samples.utterances]
-    return speaker_balanced_subset(utts, cfg.samples.num, seed=0)
+    if excluded:
+        log.info(
+            "samples: %d of %d utterances in %s not eligible (e.g. %s: %s)",
+            len(excluded),
+            len(utts),
+            manifest,
+            excluded[0][0].id,
+            excluded[0][1],
+        )
+    return speaker_balanced_subset(usable, cfg.samples.num, seed=0)
 
 
-def load_eval_audio(cfg, utt, pro_hop: int) -> torch.Tensor:
-    """Whole utterance up to samples.max_seconds, cut to whole prosody frames (`pro_hop` samples each)."""
+def load_eval_audio(cfg, utt, pro_hop: int, min_samples: int = 0) -> torch.Tensor:
+    """Whole utterance up to samples.max_seconds (but never below `min_samples`), cut to whole prosody frames
+    (`pro_hop` samples each)."""
     from siren.data.audio import load_audio
 
     hop = pro_hop
     wav = load_audio(utt.path, cfg.audio.sample_rate)
-    n = min(wav.shape[-1], int(cfg.samples.max_seconds * cfg.audio.sample_rate))
+    n = min(wav.shape[-1], max(int(cfg.samples.max_seconds * cfg.audio.sample_rate), min_samples))
     return wav[: max(hop, n - n % hop)]
 
 
@@ -122,10 +155,22 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
 
     cfg = trainer.cfg
     dev = trainer.device
-    utts = eval_utterances(cfg)
+    least = clip_min_samples(trainer.stage, trainer.modules)
+    utts = eval_utterances(cfg, least)
     geo = getattr(trainer.stage, "geo", None)  # stages without codes (vocoder, distill) cut to whole mel frames
     pro_hop = geo.pro_hop if geo is not None else cfg.audio.hop_length
-    inputs = [(u, load_eval_audio(cfg, u, pro_hop).to(dev)) for u in utts]
+    inputs = []
+    for u in utts:
+        wav = load_eval_audio(cfg, u, pro_hop, least)
+        if wav.shape[-1] < least:  # the file is shorter than its manifest row says: not rendered, said so
+            log.warning(
+                "samples: %s holds %d samples, fewer than the %d the codec can encode; not rendered",
+                u.id,
+                wav.shape[-1],
+                least,
+            )
+            continue
+        inputs.append((u, wav.to(dev)))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         samples = trainer.stage.render(trainer, trainer.modules, inputs)
     written = []
@@ -152,25 +197,41 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
         sources = {k: str(v) for k, v in trainer.pipeline_paths.items()}
         (out_dir / "index.json").write_text(json.dumps({"step": step, "pipeline": sources, "samples": index}, indent=1))
     if trainer.tracker.media_enabled and samples:  # building media costs time: only when W&B is on
-        import wandb
-
-        variants = sorted({v for s in samples for v in (*s.audio, *s.mels)}, key=_variant_order)
-        label = {v: v if v == "original" else f"{v} [{samples[0].paths[v]}]" for v in variants}
-        columns = ["id"] + [f"audio/{label[v]}" for v in variants] + [f"mel/{label[v]}" for v in variants]
-        table = wandb.Table(columns=columns)
-        for s in samples:
-            row = [s.id]
-            row += [wandb.Audio(str(out_dir / sample_file(s, v, "wav"))) if v in s.audio else None for v in variants]
-            row += [wandb.Image(str(out_dir / sample_file(s, v, "png"))) if v in s.mels else None for v in variants]
-            table.add_data(*row)
-        trainer.tracker.log_media({"samples": table}, step)
+        trainer.tracker.log_media({"samples": samples_table(out_dir)}, step)
     return written
+
+
+def samples_table(out_dir: Path):
+    """The `wandb.Table` of one checkpoint's samples, built from the files in `out_dir` (its `index.json`, wavs and
+    PNGs): what a checkpoint logs, and what a resumed run logs again for the checkpoints it replays."""
+    import wandb
+
+    index = json.loads((Path(out_dir) / "index.json").read_text())["samples"]
+    variants = sorted({v for s in index for v in s["paths"]}, key=_variant_order)
+    label = {}
+    for v in variants:
+        path = next(s["paths"][v] for s in index if v in s["paths"])
+        label[v] = v if v == "original" else f"{v} [{path}]"
+    columns = ["id"] + [f"audio/{label[v]}" for v in variants] + [f"mel/{label[v]}" for v in variants]
+    table = wandb.Table(columns=columns)
+    for s in index:
+        wavs = [Path(out_dir) / _file_name(s["id"], v, s["paths"].get(v), "wav") for v in variants]
+        pngs = [Path(out_dir) / _file_name(s["id"], v, s["paths"].get(v), "png") for v in variants]
+        row = [s["id"]]
+        row += [wandb.Audio(str(p)) if p.is_file() else None for p in wavs]
+        row += [wandb.Image(str(p)) if p.is_file() else None for p in pngs]
+        table.add_data(*row)
+    return table
 
 
 def sample_file(sample, variant: str, ext: str) -> str:
     """`<id>_<variant>.<path>.<ext>` (`<id>_original.<ext>` for the input): the file names the path that rendered it."""
-    path = sample.paths.get(variant)
-    return f"{sample.id}_{variant}.{path}.{ext}" if path else f"{sample.id}_{variant}.{ext}"
+    return _file_name(sample.id, variant, sample.paths.get(variant), ext)
+
+
+def _file_name(sample_id: str, variant: str, path: str | None, ext: str) -> str:
+    # index.json records the input's path as "input"; its files carry no path
+    return f"{sample_id}_{variant}.{path}.{ext}" if path and path != "input" else f"{sample_id}_{variant}.{ext}"
 
 
 def _variant_order(v: str) -> tuple[int, str]:

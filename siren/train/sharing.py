@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siren.errors import SirenError
-
 
 class ShareHook:
     def __init__(
@@ -28,16 +26,11 @@ class ShareHook:
         return artifact_name(self.stage_name, self.run_name)
 
     def claim_name(self, run_dir: Path) -> None:
-        """Refuse to start when the artifact name is already indexed for another run directory that still exists."""
-        from siren.artifacts import index_path
+        """Make the artifact name this run directory's, or refuse to start when another existing run owns it (the
+        index writes of every checkpoint go through the same claim)."""
+        from siren.artifacts import claim_artifact_name
 
-        owner = name_owner(self.tracker.entity, self.project, self.name, run_dir)
-        if owner is not None:
-            index = index_path(self.tracker.entity, self.project or "siren", self.name)
-            raise SirenError(
-                f"checkpoint artifact name `{self.name}` already belongs to the run at {owner} (index {index}); "
-                f"two runs may not share it: set tracking.run_name to a unique name for {Path(run_dir).resolve()}"
-            )
+        claim_artifact_name(self.tracker.entity, self.project or "siren", self.name, run_dir)
 
     def __call__(self, step_path: Path, step: int, is_best: bool) -> None:
         from siren.artifacts import index_checkpoint, log_checkpoint_artifact
@@ -57,42 +50,15 @@ class ShareHook:
 
 
 def name_owner(entity: str | None, project: str | None, name: str, run_dir: Path) -> Path | None:
-    """The other, still existing run directory whose checkpoints are indexed under artifact `name`, or None."""
-    from siren.artifacts import _read_index, index_path
+    """The other, still existing run directory that owns artifact `name`, or None."""
+    from siren.artifacts import name_owner as owner
 
-    index = index_path(entity, project or "siren", name)
-    if not index.is_file():
-        return None
-    mine = Path(run_dir).resolve()
-    for version in _read_index(index).get("versions", []):
-        step_dir = Path(version["path"])
-        owner = step_dir.parent.parent  # RUN/checkpoints/step_N → RUN
-        if owner.resolve() != mine and step_dir.exists():
-            return owner
-    return None
+    return owner(entity, project or "siren", name, run_dir)
 
 
 def default_run_name(entity: str | None, project: str | None, stage: str, run_dir: Path) -> str:
-    """The run directory's name, unless another existing run already logs checkpoints under that artifact name (a
-    second clone's `runs/demo/codec`, say): then the name gets a short hash of this run directory, so the two never
-    share `latest`. An explicit `tracking.run_name` that collides is still refused (`ShareHook.claim_name`)."""
-    import hashlib
-    import logging
+    """The run directory's name, or with a hash of its path when another run directory owns that artifact name
+    (`siren.artifacts.derive_run_name`). An explicit `tracking.run_name` that collides is refused (`claim_name`)."""
+    from siren.artifacts import derive_run_name
 
-    from siren.artifacts import artifact_name
-
-    resolved = Path(run_dir).resolve()
-    base = resolved.name
-    owner = name_owner(entity, project, artifact_name(stage, base), resolved)
-    if owner is None:
-        return base
-    unique = f"{base}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
-    logging.getLogger("siren").warning(
-        "artifact name %s belongs to the run at %s; this run (%s) logs its checkpoints as %s (set tracking.run_name "
-        "to choose a name)",
-        artifact_name(stage, base),
-        owner,
-        resolved,
-        artifact_name(stage, unique),
-    )
-    return unique
+    return derive_run_name(entity, project or "siren", stage, run_dir)

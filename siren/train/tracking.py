@@ -8,6 +8,9 @@ metrics.jsonl is written synchronously (it is the record a resume truncates). W&
 in submission order, so `run.log` (about a millisecond per step, offline) overlaps the next step's compute instead of
 adding to it. `flush()` waits for the queue; media (checkpoint samples) and artifacts are logged after a flush, from the
 main thread, because they point at files of a step directory.
+
+A resumed run rewinds its W&B run and logs again what the run directory holds up to the checkpoint it resumes from:
+metrics.jsonl's rows and each kept checkpoint's `samples/`, so the synced run equals the run directory.
 """
 
 from __future__ import annotations
@@ -63,6 +66,18 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, path)
     return len(rows) - len(keep)
+
+
+def replayable_samples(run_dir: str | Path, last_step: int) -> list[tuple[int, Path]]:
+    """(step, samples dir) of the complete checkpoints up to `last_step` that hold rendered samples, in step order."""
+    from siren.train import checkpoint as ckpt
+
+    out = []
+    for step in ckpt.list_steps(run_dir):
+        samples = ckpt.step_dir(run_dir, step) / "samples"
+        if step <= last_step and (samples / "index.json").is_file():
+            out.append((step, samples))
+    return out
 
 
 class NullTracker:
@@ -186,12 +201,31 @@ class Tracker(NullTracker):
             return wandb.init(id=resume_id, resume="allow", **common)
 
     def _replay(self, last_step: int) -> None:
-        """Log metrics.jsonl's rows (already cut at `last_step`) into the rewound run, in order."""
+        """Log again, in step order, what the run wrote up to `last_step`: metrics.jsonl's rows (already cut at
+        `last_step`) and the samples table of every checkpoint whose `samples/` is on disk, at its own step, after
+        that step's scalars (the order a checkpoint logs them in). metrics.jsonl holds no media, so without the
+        second part the rewind would drop every sample logged before the resume. Checkpoints that retention
+        deleted are not on disk and are not replayed."""
+        media = replayable_samples(self.run_dir, last_step)
+        n_media, rows = len(media), 0
         for row in read_metrics(self.metrics_path):
             step = int(row.pop("step"))
             if step > last_step:
                 break
+            while media and media[0][0] < step:  # a checkpoint step with no metrics row of its own
+                self._log_samples(*media.pop(0))
             self.run.log({k: float(v) if isinstance(v, str) else v for k, v in row.items()}, step=step)
+            rows += 1
+            if media and media[0][0] == step:
+                self._log_samples(*media.pop(0))
+        for item in media:
+            self._log_samples(*item)
+        log.info("W&B replay: %d metrics rows and the samples of %d checkpoints", rows, n_media)
+
+    def _log_samples(self, step: int, samples_dir: Path) -> None:
+        from siren.train.samples import samples_table
+
+        self.run.log({"samples": samples_table(samples_dir)}, step=step)
 
     def _drain(self) -> None:
         """The W&B thread: log payloads in order; the first failure disables W&B (a warning, never an exception)."""

@@ -197,10 +197,12 @@ class Trainer:
         self.batches = ShardedBatches(len(self.dataset), t.batch_size, self.world, self.rank, t.seed)
         self.stream = BatchStream(self.dataset, self.batches, t.grad_accum, cfg.data.num_workers)
         self.excluded = sorted(self.dataset.skipped)  # found up front, the same on every rank: counted once
-        data_meta = self.resume_meta.get("data", {})
-        self.failed_ids: set[str] = set(data_meta.get("load_failed", []))
-        self.load_failures = int(data_meta.get("load_failures", len(self.failed_ids)))
-        self._failed_all = sorted(self.failed_ids)
+        # Distinct files that failed to load, by row, the same on every rank (siren.data.datasets.LoadFailures).
+        from siren.data.datasets import restored_failures
+
+        self.dataset.failures.add(restored_failures(self.dataset, self.resume_meta.get("data", {})))
+        self.load_failures = self.dataset.failures.count
+        self._failed_all = self._gather_failed()
 
         # The stage's set-up sees only the narrow context; it hands back its per-step metric sources.
         self.ctx = StageContext(
@@ -318,10 +320,7 @@ class Trainer:
         new_failures, audio_samples = 0, 0
         for k in range(t.grad_accum):
             batch = self.stream.next(step, k)
-            for path in batch.get("replaced", ()):
-                if path not in self.failed_ids:
-                    self.failed_ids.add(path)
-                    new_failures += 1
+            new_failures += self.dataset.failures.note(batch.get("failed_rows", ()))
             audio_samples += int(batch["lengths"].sum())  # a host tensor: no device sync
             batch = {key: (v.to(acc.device) if key in ("wav", "lengths") else v) for key, v in batch.items()}
             last_micro = k == t.grad_accum - 1
@@ -344,7 +343,8 @@ class Trainer:
         bad = not math.isfinite(metrics["train/loss"]) if acc.scaler is not None else not finite
         if bad:
             log.warning("step %d: non-finite loss/grad (%s), update skipped", step + 1, metrics["train/loss"])
-        self.load_failures += int(metrics.pop("data/load_failures"))
+        if metrics.pop("data/load_failures") > 0:  # a rank met a new bad file: every rank adds the same rows
+            self.load_failures += self.dataset.failures.sync(self.ctx.gather)
         metrics["train/skipped_step"] = 0.0 if stepped else 1.0
         metrics["data/skipped"] = float(len(self.excluded) + self.load_failures)  # up front + failed at load, all ranks
         for name, lr in zip(self.group_names, lrs, strict=True):
@@ -439,9 +439,9 @@ class Trainer:
     def _preflight_samples(self) -> None:
         """Sample utterance ids and the eval files they name must be usable before step 1."""
         from siren.data.audio import audio_info
-        from siren.train.samples import eval_utterances
+        from siren.train.samples import clip_min_samples, eval_utterances
 
-        for u in eval_utterances(self.cfg):
+        for u in eval_utterances(self.cfg, clip_min_samples(self.stage, self.modules)):
             try:
                 audio_info(u.path)
             except Exception as exc:
@@ -449,10 +449,11 @@ class Trainer:
 
     def _build_dataset(self, val: bool = False):
         from siren.data.datasets import build_dataset
+        from siren.train.samples import clip_min_samples
 
         if not self.cfg.data.train:
             raise SirenError("data.train is not set: point it at a JSONL manifest (e.g. from `siren manifest`)")
-        return build_dataset(self.cfg, val)
+        return build_dataset(self.cfg, val, clip_min_samples(self.stage, self.modules))
 
     def _restore_trainer_state(self, path: Path) -> None:
         """Optimizer, scheduler and scaler states (accelerate) and the codebook window: what exact resume needs."""
@@ -555,6 +556,7 @@ class Trainer:
                 "excluded": self.excluded,
                 "load_failures": self.load_failures,
                 "load_failed": self._failed_all,
+                "load_failed_rows": [int(r) for r in self.dataset.failures.rows()],
             },
         }
 
@@ -566,8 +568,8 @@ class Trainer:
         return {**ssl_record(self.cfg), "fingerprint": ssl_fingerprint}
 
     def _gather_failed(self) -> list[str]:
-        """Paths that failed to load on any rank (all ranks call this: a collective)."""
-        return sorted(set().union(*self.ctx.gather(sorted(self.failed_ids))))
+        """Paths that failed to load on any rank (agreed on every rank at each step: no collective)."""
+        return [self.dataset.table.path(int(r)) for r in self.dataset.failures.rows()]
 
     def finish(self) -> None:
         acc = self.accelerator

@@ -178,13 +178,15 @@ class StreamRates(nn.Module):
 
 
 class FrameEncoder(nn.Module):
-    """ACME's small distilled speech encoder: wav (B, N) → (B, out_ch, N // hop), channel-first, one strided conv
-    front end and a pointwise stack (what ACME used instead of a TinyHubert)."""
+    """ACME's small distilled speech encoder: wav (B, N) → (B, out_ch, T), channel-first, one strided conv front end
+    and a pointwise stack (what ACME used instead of a TinyHubert). Its window is HuBERT's receptive field (hop × 5/4,
+    400 samples at a 320 hop, no padding), so it gives the teacher's frames one for one: T = (N - window) // hop + 1."""
 
     def __init__(self, hop: int, width: int, out_ch: int):
         super().__init__()
         self.stride = hop
-        self.frontend = nn.Conv1d(1, width, kernel_size=hop, stride=hop)
+        self.window = hop + hop // 4
+        self.frontend = nn.Conv1d(1, width, kernel_size=self.window, stride=hop)
         self.mix = nn.Sequential(nn.GELU(), nn.Conv1d(width, width, 1), nn.GELU(), nn.Conv1d(width, out_ch, 1))
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,7 @@ class MelVocoderAsVocoder(nn.Module):
 
 
 class EncoderAsFeatures(nn.Module):
-    """ACME's FrameEncoder as a SIREN feature extractor: wav (B, N) → (B, N // hop, out_ch) channel-last."""
+    """ACME's FrameEncoder as a SIREN feature extractor: wav (B, N) → (B, T, out_ch) channel-last."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -171,7 +171,9 @@ class EncoderAsFeatures(nn.Module):
         return self.net.mix[-1].out_channels
 
     def num_frames(self, num_samples: int) -> int:
-        return num_samples // self.net.stride
+        if num_samples < self.net.window:
+            return 0
+        return (num_samples - self.net.window) // self.net.stride + 1
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         return self.net(wav).transpose(1, 2)

@@ -21,6 +21,7 @@ from torch import nn
 from siren.errors import LayoutMismatch, SirenError
 from siren.lineage import check_ssl_matches, checkpoint_record, verified_code_language
 from siren.models.roles import FrameGeometry
+from siren.models.ssl import check_frame_contract
 from siren.train.stages.base import Sample, Stage, StepOutput
 from siren.train.stages.common import (
     analyse,
@@ -133,6 +134,7 @@ class AdaptStage(Stage):
                 f"student_ssl outputs {student.dim}-d features but the baseline factorizer takes {in_dim}"
             )
         a = self.cfg.audio
+        check_frame_contract(student, base.modules["ssl"], a.sample_rate, a.hop_length, "adapt")
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)
         self.geo = FrameGeometry.of(a, fact)
         self._quantizers = {q: base.modules[q] for q in ("sem_quantizer", "pro_quantizer")}

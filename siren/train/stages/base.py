@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from siren.config.schema import SirenConfig
+from siren.models.roles import fsq_digit_levels
 
 if TYPE_CHECKING:
     from siren.metrics.drift import DriftReference
@@ -98,7 +99,7 @@ class Stage:
         of per-dimension digits) → those levels, for the per-dimension digit metrics."""
         out = {}
         for s in self.code_layout(modules):
-            levels = getattr(modules.get(f"{s}_quantizer"), "digit_levels", None)
+            levels = fsq_digit_levels(f"{s}_quantizer", modules.get(f"{s}_quantizer"))
             if levels:
                 out[s] = [int(v) for v in levels]
         return out

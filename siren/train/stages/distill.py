@@ -11,6 +11,7 @@ from torch import nn
 
 from siren.errors import LayoutMismatch
 from siren.models.builders import build_component
+from siren.models.ssl import check_frame_contract
 from siren.train.stages.base import Stage, StepOutput
 from siren.train.stages.common import FrozenFeatures, frame_mask
 
@@ -27,6 +28,8 @@ class DistillStage(Stage):
         student = build_component("student_ssl", self.cfg)
         if student.dim != ssl.dim:
             raise LayoutMismatch(f"student_ssl.teacher_dim={student.dim} but the teacher's features are {ssl.dim}-d")
+        a = self.cfg.audio
+        check_frame_contract(student, ssl, a.sample_rate, a.hop_length, "distill")
         self.feats = FrozenFeatures(self.cfg)  # the teacher's layer on the fly, or cut from the feature cache
         return {"ssl": ssl, "student_ssl": student}
 
