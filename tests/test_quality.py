@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from siren.metrics.quality import (
     EVAL_LIBS,
@@ -235,3 +237,131 @@ def test_failures_are_counted_not_averaged(scored):
     assert scored["quality/stoi/failed"] == 0
     assert scored["quality/wer/failed"] == 0
     assert scored["quality/dnsmos/failed"] == 0
+
+
+# ---- determinism on real speech (Debian's codec2-examples) ------------------------------------------------------
+
+CODEC2_WAVS = "/usr/share/codec2/wav"
+# morig then hts2a, or hts2a twice, made one reused pocketsphinx decoder hear hts2a differently
+DET_CLIPS = ("hts2a", "morig", "forig")
+DET_PAIRS = (("hts2a", "hts2a"), ("morig", "morig"), ("morig", "hts2a"))  # (original, coded)
+
+
+def codec2_clip(name: str) -> np.ndarray:
+    """A human-speech clip from Debian's codec2-examples (8 kHz), resampled to 16 kHz float32 (N,)."""
+    from pathlib import Path
+
+    import soundfile as sf
+    import torch
+    import torchaudio.functional as AF
+
+    path = Path(CODEC2_WAVS) / f"{name}.wav"
+    if not path.is_file():
+        pytest.skip("Debian's codec2-examples (real speech clips) are not installed")
+    wav, sr = sf.read(str(path), dtype="float32")
+    return AF.resample(torch.from_numpy(wav), sr, 16000).clamp(-1, 1).numpy()
+
+
+def _shared_decoder_pocketsphinx():
+    """The naive transcriber: one decoder reused for every utterance (the negative control)."""
+    from pocketsphinx import Decoder
+
+    decoder = Decoder(samprate=16000, loglevel="FATAL")
+
+    def transcribe(wav):
+        decoder.start_utt()
+        decoder.process_raw(np.round(np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes(), full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return "" if hyp is None else hyp.hypstr
+
+    return transcribe
+
+
+def _order_effects(transcribe_factory, clips, alone: str) -> list[str]:
+    """Orders in which hts2a's transcript through one transcriber differs from `alone`, its transcript by itself."""
+    found = []
+    for first, second in (("morig", "hts2a"), ("hts2a", "hts2a")):
+        t = transcribe_factory()
+        t(clips[first])
+        if t(clips[second]) != alone:
+            found.append(f"{first} -> {second}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def det_clips():
+    pytest.importorskip("pocketsphinx")
+    return {n: codec2_clip(n) for n in DET_CLIPS}
+
+
+def test_a_transcript_does_not_depend_on_the_clip_before(det_clips, monkeypatch):
+    import siren.metrics.quality as q
+
+    alone = q._pocketsphinx()(det_clips["hts2a"])
+    assert _order_effects(q._pocketsphinx, det_clips, alone) == []
+    # negative control: one reused decoder carries state from clip to clip, and this check sees it
+    assert _order_effects(_shared_decoder_pocketsphinx, det_clips, alone) != []
+
+
+@pytest.fixture(scope="module")
+def det_scorers():
+    for lib in EVAL_LIBS:
+        pytest.importorskip(lib)
+    from siren.metrics.quality import build_scorers
+
+    return build_scorers(("pesq", "stoi", "spk_sim", "wer"))  # DNSMOS: its own test below (1 s a call)
+
+
+@pytest.fixture(scope="module")
+def det_alone(det_clips):
+    """Each (ref, deg) pair scored by freshly built scorers, nothing scored before it."""
+    from siren.metrics.quality import build_scorers
+
+    out = {}
+    for a, b in DET_PAIRS:
+        fresh = build_scorers(("pesq", "stoi", "spk_sim", "wer"))
+        out[a, b] = {n: _try(s, det_clips[a], det_clips[b]) for n, s in fresh.items()}
+    return out
+
+
+def _try(scorer, ref, deg):
+    try:
+        return scorer("u", ref, deg, None)  # one id for every clip: caches must key on the audio, not the id
+    except MetricFailed as e:
+        return f"failed: {e}"
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.sampled_from(range(len(DET_PAIRS))), min_size=2, max_size=3))
+def test_scores_do_not_depend_on_call_order_or_id(order, det_clips, det_scorers, det_alone):
+    """Same audio → same score, whatever was scored before it (under the same utterance id); (x, x) → the ceiling."""
+    for i in order:
+        a, b = DET_PAIRS[i]
+        got = {n: _try(s, det_clips[a], det_clips[b]) for n, s in det_scorers.items()}
+        assert got == det_alone[a, b], (a, b)
+        if a == b:
+            assert got["wer"] == 0.0 and got["stoi"] == pytest.approx(1.0, abs=1e-6)
+            assert got["spk_sim"] == pytest.approx(1.0, abs=1e-5) and got["pesq"] > 4.6
+
+
+def test_id_keyed_caches_would_break_the_order_property(det_clips):
+    """Negative control for the audio-keyed caches: the same id with another original must not reuse its results."""
+    pytest.importorskip("resemblyzer")
+    from siren.metrics.quality import _spk_sim_scorer, _wer_scorer
+
+    a, b = det_clips["morig"], det_clips["forig"]
+    for scorer, ceiling in ((_spk_sim_scorer(), 1.0), (_wer_scorer(), 0.0)):
+        scorer("u", a, b, None)
+        assert scorer("u", b, b, None) == pytest.approx(ceiling, abs=1e-5)
+
+
+def test_dnsmos_is_the_same_in_any_order(det_clips):
+    pytest.importorskip("speechmos")
+    from siren.metrics.quality import _dnsmos_scorer
+
+    s = _dnsmos_scorer()
+    a, b = det_clips["morig"], det_clips["forig"]
+    first = s("u", a, a)
+    s("u", b, b)
+    assert s("u", a, a) == first

@@ -18,12 +18,17 @@ in adapted/baseline, averages over utterances:
                            for a system has no average key for it.
 - `quality/num_utts`       utterances scored (those with audio from both systems; without a vocoder there is none)
 
+Every scorer is a function of its audio alone: the same pair gives the same value on every call, in any order and
+under any utterance id (reference-side caches are keyed by a digest of the samples, and pocketsphinx gets a fresh
+decoder per utterance), and a pair (x, x) scores the ceiling (WER 0 against the original's own transcript).
+
 Every model used here ships inside its wheel (resemblyzer `pretrained.pt`, pocketsphinx `en-us`, speechmos
 `dnsmos_models/*.onnx`), so nothing is downloaded. Each library is imported only when its scorer is built.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import re
@@ -193,9 +198,10 @@ def _spk_sim_scorer() -> Scorer:
         return e
 
     def score(uid: str, ref: np.ndarray, deg: np.ndarray, text: str | None = None) -> float:
-        if uid not in cache:
-            cache[uid] = embed(ref)
-        e_ref, e_deg = cache[uid], embed(deg)
+        key = audio_key(ref)
+        if key not in cache:
+            cache[key] = embed(ref)
+        e_ref, e_deg = cache[key], embed(deg)
         # embed_utterance returns unit-norm vectors; divide anyway so the value is a cosine by construction
         return float(np.dot(e_ref, e_deg) / (np.linalg.norm(e_ref) * np.linalg.norm(e_deg)))
 
@@ -205,9 +211,10 @@ def _spk_sim_scorer() -> Scorer:
 def _pocketsphinx() -> Callable[[np.ndarray], str]:
     from pocketsphinx import Decoder
 
-    decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")  # default en-us acoustic model + LM from the wheel
-
     def transcribe(wav: np.ndarray) -> str:
+        # A fresh decoder per utterance: one reused decoder carries its cepstral-mean and search state from the
+        # previous utterance into the next, so the same clip was heard differently depending on what came before.
+        decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")  # default en-us acoustic model + LM from the wheel
         pcm = np.round(np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
         decoder.start_utt()
         decoder.process_raw(pcm, full_utt=True)
@@ -216,6 +223,13 @@ def _pocketsphinx() -> Callable[[np.ndarray], str]:
         return "" if hyp is None else hyp.hypstr  # None: the decoder recognised no word at all
 
     return transcribe
+
+
+def audio_key(wav: np.ndarray) -> str:
+    """A digest of the samples: caches of reference-side results are keyed by the audio itself, never by an id, so
+    two different clips under one id never share a cached embedding or transcript."""
+    a = np.ascontiguousarray(wav)
+    return hashlib.blake2b(a.tobytes() + str((a.dtype.str, a.shape)).encode(), digest_size=16).hexdigest()
 
 
 def _wer_scorer(transcribe: Callable[[np.ndarray], str] | None = None) -> Scorer:
@@ -228,9 +242,10 @@ def _wer_scorer(transcribe: Callable[[np.ndarray], str] | None = None) -> Scorer
         if wer_reference(text) == "manifest":
             reference = normalize_text(text)
         else:
-            if uid not in cache:
-                cache[uid] = normalize_text(transcribe(ref))
-            reference = cache[uid]
+            key = audio_key(ref)
+            if key not in cache:
+                cache[key] = normalize_text(transcribe(ref))
+            reference = cache[key]
             if not reference:
                 raise MetricFailed("pocketsphinx recognised no word in the original (and no text), so WER is undefined")
         return word_error_rate(reference, normalize_text(transcribe(deg)))

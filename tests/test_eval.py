@@ -1,0 +1,298 @@
+"""`siren eval` (siren/evaluation.py) on real human speech from Debian's codec2-examples: the original, Codec 2 700C and
+450 through their real bit files, a `wav:DIR` system, and a tiny SIREN checkpoint through its .siren files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import stage_config
+from test_quality import CODEC2_WAVS, codec2_clip
+
+import siren.evaluation as ev
+from siren.cli import main
+
+CLIPS = ("morig", "forig")  # 2.0 s and 1.6 s of a male and a female speaker
+METRICS = ("mos", "stoi", "pesq", "spk_sim", "wer")
+
+
+def _clip_dir(root: Path) -> Path:
+    import soundfile as sf
+
+    root.mkdir(parents=True, exist_ok=True)
+    for n in CLIPS:
+        sf.write(root / f"{n}.wav", codec2_clip(n), 16000, subtype="PCM_16")
+    return root
+
+
+@pytest.fixture(scope="module")
+def siren_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
+    """A codec checkpoint whose pipeline.vocoder is a vocoder checkpoint (2 steps each: cheap, untrained)."""
+    from siren.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("eval_siren")
+    mp = pytest.MonkeyPatch()  # module scope: the per-test hermetic W&B is not set up yet
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
+    common = {
+        "train.max_steps": 2,
+        "train.checkpoint_every": 2,
+        "samples.enabled": "false",
+        "tracking.mode": "disabled",
+    }
+    try:
+        Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
+        extra = {**common, "pipeline.vocoder": str(root / "vocoder")}  # eval decodes through the run's own pipeline
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **extra)).fit()
+    finally:
+        mp.undo()
+    return root / "codec"
+
+
+@pytest.fixture(scope="module")
+def evaluated(siren_run, tmp_path_factory):
+    """One eval of every kind of system, run once; the threads each system coded with are recorded."""
+    import torch
+
+    for lib in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos"):
+        pytest.importorskip(lib)
+    if shutil.which("c2enc") is None:
+        pytest.skip("Debian's codec2 (c2enc, c2dec) is not installed")
+    root = tmp_path_factory.mktemp("eval")
+    data = _clip_dir(root / "data")
+    copy = root / "copy"  # the 8 kHz originals: another rate, resampled on reading
+    copy.mkdir()
+    for n in CLIPS:
+        shutil.copy(Path(CODEC2_WAVS) / f"{n}.wav", copy / f"{n}.wav")
+    (root / "empty").mkdir()
+    threads = []
+    mp = pytest.MonkeyPatch()
+    for cls in (ev.Codec2, ev.Siren):
+        real = cls.code
+
+        def spy(self, *a, _real=real, **k):
+            threads.append(torch.get_num_threads())
+            return _real(self, *a, **k)
+
+        mp.setattr(cls, "code", spy)
+    try:
+        result = ev.evaluate(
+            data,
+            [
+                "c2_700C=codec2:700C",
+                "c2_450=codec2:450",
+                f"copy=wav:{copy}",
+                f"gone=wav:{root / 'empty'}",
+                f"siren={siren_run}",
+            ],
+            root / "out",
+        )
+    finally:
+        mp.undo()
+    return {"result": result, "out": root / "out", "threads": threads, "torch_threads": torch.get_num_threads()}
+
+
+def _rows(result, system):
+    return {r["id"]: r for r in result["utterances"] if r["system"] == system}
+
+
+def test_eval_json_schema_and_file(evaluated):
+    result, out = evaluated["result"], evaluated["out"]
+    assert set(result) == {"systems", "utterances"}
+    assert list(result["systems"]) == ["original", "c2_700C", "c2_450", "copy", "gone", "siren"]
+    assert json.loads((out / "eval.json").read_text()) == result
+    assert len(result["utterances"]) == len(CLIPS) * 6
+    for row in result["utterances"]:
+        assert {"id", "system", "bps", "encode_rtf", "decode_rtf", "errors", *METRICS} <= set(row)
+    for s in result["systems"].values():
+        assert {"bps", "bps_nominal", "mos_predictor", "encode_rtf", "decode_rtf", *METRICS} <= set(s)
+        assert "DNSMOS" in s["mos_predictor"]
+
+
+def test_codec2_bit_rate_is_measured_from_its_files(evaluated):
+    """bps = bytes of the bit file ÷ audio seconds. c2enc pads every 40 ms frame to whole bytes: 700C's 28 bits are
+    4 bytes (800 bit/s on file), 450's 18 bits are 3 bytes (600 bit/s); the nominal rate stands beside it."""
+    result, out = evaluated["result"], evaluated["out"]
+    for name, nominal, frame_bytes in (("c2_700C", 700, 4), ("c2_450", 450, 3)):
+        s = result["systems"][name]
+        assert s["bps_nominal"] == nominal
+        for uid, row in _rows(result, name).items():
+            f = out / "bitstreams" / name / f"{uid}.bin"
+            assert row["bytes"] == f.stat().st_size > 0
+            assert row["bps"] == pytest.approx(row["bytes"] * 8 / row["seconds"])
+            frames = math.ceil(row["seconds"] * 8000 / 320)
+            assert row["bytes"] in (frames * frame_bytes, (frames - 1) * frame_bytes)  # a partial last frame
+        assert s["bps"] == pytest.approx(frame_bytes * 8 / 0.04, rel=0.03)
+    assert result["systems"]["siren"]["bps"] == pytest.approx(
+        sum(r["bytes"] for r in _rows(result, "siren").values())
+        * 8
+        / sum(r["seconds"] for r in _rows(result, "siren").values())
+    )
+    for uid, row in _rows(result, "siren").items():
+        assert row["bytes"] == (out / "bitstreams" / "siren" / f"{uid}.siren").stat().st_size
+    assert result["systems"]["copy"]["bps"] is None  # decoded files only: no bitstream to measure
+
+
+def test_every_metric_on_every_utterance_and_failures_listed(evaluated):
+    result = evaluated["result"]
+    for name in ("original", "c2_700C", "c2_450", "copy"):
+        rows = _rows(result, name)
+        assert set(rows) == set(CLIPS)
+        for row in rows.values():
+            assert row["errors"] == {}
+            assert all(isinstance(row[m], float) and np.isfinite(row[m]) for m in METRICS), row
+    # an utterance a system cannot produce is a row with its reason, never dropped
+    gone = _rows(result, "gone")
+    assert set(gone) == set(CLIPS) and all("coding" in r["errors"] for r in gone.values())
+    assert result["systems"]["gone"]["failures"] == len(CLIPS) and result["systems"]["gone"]["stoi"] is None
+    # the untrained SIREN checkpoint still makes a row per utterance; whatever a scorer refused is listed by name
+    for row in _rows(result, "siren").values():
+        assert all(row[m] is not None or m in row["errors"] for m in METRICS)
+
+
+def test_original_row_has_the_ceilings_and_codecs_score_below(evaluated):
+    s = evaluated["result"]["systems"]
+    o = s["original"]
+    assert o["stoi"] == pytest.approx(1.0, abs=1e-6) and o["spk_sim"] == pytest.approx(1.0, abs=1e-5)
+    assert o["wer"] == 0.0 and o["pesq"] > 4.6 and o["wer_reference"] == "asr"
+    assert o["bps_nominal"] == 256000 and o["encode_rtf"] is None
+    assert s["copy"]["stoi"] > 0.95 and s["copy"]["spk_sim"] > 0.95  # the same speech through another sample rate
+    for name in ("c2_700C", "c2_450"):
+        assert s[name]["stoi"] < 0.9 and s[name]["pesq"] < 3.5
+    assert s["c2_700C"]["pesq"] > s["c2_450"]["pesq"]  # more bits, better audio
+
+
+def test_real_time_factors_on_one_thread(evaluated):
+    s = evaluated["result"]["systems"]
+    for name in ("c2_700C", "c2_450", "siren"):
+        assert s[name]["encode_rtf"] > 0 and s[name]["decode_rtf"] > 0
+    assert s["copy"]["encode_rtf"] is None
+    assert evaluated["threads"] and set(evaluated["threads"]) == {1}  # every system coded on one torch thread
+    assert evaluated["torch_threads"] == __import__("torch").get_num_threads()  # restored afterwards
+
+
+def test_siren_code_statistics_per_stream(evaluated):
+    s = evaluated["result"]["systems"]["siren"]
+    for stream in ("sem", "pro", "spk"):
+        assert 0 < s[f"code_usage/{stream}"] <= 1
+        assert 0 <= s[f"code_entropy/{stream}"] <= 1
+    assert s["bps_nominal"] > 0 and s["kind"] == "siren"
+    assert s["render_path"] == "decoder_head-vocoder" and s["pipeline"]["vocoder"].endswith("step_2")
+    assert not any(k.startswith("code_") for k in evaluated["result"]["systems"]["c2_700C"])
+
+
+def test_eval_md_table(evaluated):
+    md = (evaluated["out"] / "eval.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("| system | bit/s (files) | bit/s nominal | mos | stoi | pesq | spk_sim | wer |")
+    body = {ln.split(" | ")[0].strip("| "): ln for ln in lines[2:8]}
+    assert list(body) == ["original", "c2_700C", "c2_450", "copy", "gone", "siren"]
+    bps = evaluated["result"]["systems"]["c2_700C"]["bps"]
+    assert f"| c2_700C | {bps:.0f} | 700 |" in md  # measured from the files, nominal beside it
+    assert "Failures:" in md and "gone / morig: coding" in md
+    assert "code_usage/sem" in md
+
+
+def test_report_html_plot_and_players(evaluated):
+    """report.html: the systems table, the rate-quality plot and a player per utterance and system with audio; in
+    headless Chromium every player loads and the plot decodes."""
+    from report_page import CHROMIUM, assert_media_playable, media_status, parse_page
+
+    page = evaluated["out"] / "report.html"
+    parsed = parse_page(page.read_text())
+    with_audio = [r for r in evaluated["result"]["utterances"] if "coding" not in r["errors"]]
+    assert len(parsed.audio) == len(with_audio) and len(parsed.img) == 1
+    assert [row[0] for row in parsed.tables["systems"][1:]] == list(evaluated["result"]["systems"])
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: the structure was checked, playback was not")
+    assert_media_playable(media_status(page), audio=len(with_audio), images=1)
+
+
+@pytest.mark.parametrize(
+    "system, message",
+    [
+        ("x=opus:6000", "unknown system kind 'opus'"),
+        ("x=codec2:999", "unknown Codec 2 mode '999'"),
+        ("codec2:700C", "expected NAME=SPEC"),
+        ("original=codec2:700C", "always present"),
+    ],
+)
+def test_bad_system_spec_is_one_error_line_exit_2(system, message, tmp_path, capsys):
+    data = _clip_dir(tmp_path / "data")
+    assert main(["eval", "--data", str(data), "--system", system, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_missing_codec2_binary_and_missing_scorer_are_errors(tmp_path, capsys, monkeypatch):
+    data = _clip_dir(tmp_path / "data")
+    args = ["eval", "--data", str(data), "--system", "c=codec2:700C", "--out", str(tmp_path / "o")]
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(tmp_path))  # no c2enc / c2dec here
+        assert main(args) == 2
+    assert "needs Codec 2's c2enc and c2dec on PATH" in capsys.readouterr().err
+    monkeypatch.setattr("siren.metrics.quality.missing_eval_libraries", lambda: ["pesq"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "`eval` extra" in err and "pesq" in err
+
+
+def test_cli_smoke(tmp_path, subprocess_env):
+    """`python -m siren eval` end to end: exit 0, the table on stdout, eval.json written."""
+    if shutil.which("c2enc") is None:
+        pytest.skip("Debian's codec2 is not installed")
+    data = _clip_dir(tmp_path / "data")
+    out = tmp_path / "out"
+    cmd = ["eval", "--data", str(data), "--system", "c2=codec2:1200", "--out", str(out), "--max-utts", "1"]
+    res = subprocess.run(
+        [__import__("sys").executable, "-m", "siren", *cmd], env=subprocess_env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "| c2 |" in res.stdout and "| original |" in res.stdout
+    assert len(json.loads((out / "eval.json").read_text())["utterances"]) == 2  # 1 utterance × (original, c2)
+
+
+def test_manifest_text_is_the_wer_reference_else_the_asr(tmp_path):
+    """A manifest row with text is scored against it (recorded as `manifest`), one without against the original's ASR."""
+    from siren.data.manifest import Utterance, write_manifest
+    from siren.metrics.quality import _wer_scorer
+
+    data = _clip_dir(tmp_path / "data")
+    write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            Utterance("morig", str(data / "morig.wav"), 2.0, "m", text="That broad jump."),
+            Utterance("forig", str(data / "forig.wav"), 1.6, "f"),
+        ],
+    )
+    items = ev.load_items(tmp_path / "m.jsonl")
+    assert [(i.id, i.text) for i in items] == [("morig", "That broad jump."), ("forig", None)]
+    fake = {q: (lambda uid, ref, deg, text=None: 1.0) for q in ev.QUALITY.values()}
+    fake["wer"] = _wer_scorer(transcribe=lambda wav: "that broad jump" if wav[0] > 0 else "a broad jump")
+    x = np.full(8, 0.5, dtype=np.float32)
+    values, errors = ev.score(items[0], x, -x, fake)
+    assert values["wer_reference"] == "manifest" and values["wer"] == pytest.approx(1 / 3) and errors == {}
+    values, _ = ev.score(items[1], x, -x, fake)
+    assert values["wer_reference"] == "asr" and values["wer"] == pytest.approx(1 / 3)
+    assert ev.score(items[1], x, x, fake)[0]["wer"] == 0.0
+
+
+def test_bad_data_is_an_eval_error(tmp_path):
+    with pytest.raises(ev.EvalError, match="no such manifest or directory"):
+        ev.load_items(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ev.EvalError, match="no utterances"):
+        ev.load_items(tmp_path / "empty")
+    data = _clip_dir(tmp_path / "data")
+    with pytest.raises(ev.EvalError, match="at least 1"):
+        ev.load_items(data, max_utts=0)
+    assert [i.id for i in ev.load_items(data, max_utts=1)] == ["forig"]
+    (data / "sub").mkdir()
+    shutil.copy(data / "morig.wav", data / "sub" / "morig.wav")
+    with pytest.raises(ev.EvalError, match="two files with id 'morig'"):
+        ev.load_items(data)
