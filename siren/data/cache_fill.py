@@ -157,6 +157,21 @@ def run_cache(args) -> int:
     what = args.what or ("teacher" if cfg.stage == "adapt" else "features")
     state = PartialState(cpu=not torch.cuda.is_available())
     dist = Dist(rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
+    # Refusals first: they need no model, and a baseline that is not there yet is not what they are about.
+    if what == "features":
+        if not cfg.data.feature_cache:
+            raise SirenError("no feature cache directory: set data.feature_cache")
+        if cfg.stage not in ("codec", "flow", "distill"):
+            raise SirenError(f"stage {cfg.stage} reads no SSL features from a cache; use --what teacher")
+    else:
+        if cfg.stage != "adapt":
+            raise SirenError(f"--what teacher needs an adapt config (this one is stage {cfg.stage})")
+        if cfg.loss.teacher_targets != "full":
+            raise SirenError(
+                f"loss.teacher_targets is {cfg.loss.teacher_targets!r}: adapt runs the teacher on each crop and "
+                "reads no teacher cache, so there is nothing to fill; pass loss.teacher_targets=full (to the cache "
+                "command and to the adapt run) to use whole-utterance targets from the cache"
+            )
     # The rows a `siren train` with this config would read: the stage's modules give the shortest encodable clip.
     from siren.train.samples import clip_min_samples
 
@@ -165,21 +180,9 @@ def run_cache(args) -> int:
     train, val = _build_datasets(cfg, clip_min_samples(stage, modules))
     try:
         if what == "features":
-            if not cfg.data.feature_cache:
-                raise SirenError("no feature cache directory: set data.feature_cache")
-            if cfg.stage not in ("codec", "flow", "distill"):
-                raise SirenError(f"stage {cfg.stage} reads no SSL features from a cache; use --what teacher")
             module = build_component("ssl", cfg).eval().to(state.device)
             reports = fill_features(cfg, module, train, val, dist, state.device, layer=cfg.ssl.layer)
         else:
-            if cfg.stage != "adapt":
-                raise SirenError(f"--what teacher needs an adapt config (this one is stage {cfg.stage})")
-            if cfg.loss.teacher_targets != "full":
-                raise SirenError(
-                    f"loss.teacher_targets is {cfg.loss.teacher_targets!r}: adapt runs the teacher on each crop and "
-                    "reads no teacher cache, so there is nothing to fill; pass loss.teacher_targets=full (to the cache "
-                    "command and to the adapt run) to use whole-utterance targets from the cache"
-                )
             root = cfg.data.feature_cache or Path(cfg.run_dir) / "cache"
             reports = fill_teacher(stage, modules, train, val, dist, state.device, root)
         for split, rep in reports.items():
