@@ -126,6 +126,18 @@ class SSLFeatureExtractor(nn.Module):
         return out.hidden_states[self.layer]
 
 
+# No SpecAugment masking, no dropout: a teacher's features must be a deterministic function of the audio.
+DETERMINISTIC = dict(
+    mask_time_prob=0.0,
+    mask_feature_prob=0.0,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    layerdrop=0.0,
+)
+
+
 def tiny_hubert_config(
     hidden_size: int = 64,
     num_layers: int = 4,
@@ -147,14 +159,7 @@ def tiny_hubert_config(
         do_stable_layer_norm=False,
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4,
-        # No SpecAugment masking: features must be a deterministic function of the audio.
-        mask_time_prob=0.0,
-        mask_feature_prob=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        layerdrop=0.0,
+        **DETERMINISTIC,
     )
 
 
@@ -189,13 +194,7 @@ def hubert_base_config() -> HubertConfig:
         do_stable_layer_norm=False,
         num_conv_pos_embeddings=128,
         num_conv_pos_embedding_groups=16,
-        mask_time_prob=0.0,
-        mask_feature_prob=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        layerdrop=0.0,
+        **DETERMINISTIC,
     )
 
 
