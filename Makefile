@@ -79,7 +79,7 @@ $(STAMP)/browser:
 	@touch $@
 
 test: install $(STAMP)/browser
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15 tests
 
 test-all: install $(STAMP)/browser
 	$(BIN)/python -m pytest -q tests

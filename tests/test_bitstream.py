@@ -311,31 +311,3 @@ def test_the_encoders_tables_do_not_grow_with_duration(monkeypatch):
     mods = code_modules(((4,) * 8, 1), ((4,) * 8, 1))  # 2^16 codes per level: 16 frames per window
     one, four = _table_sizes(mods, 8, monkeypatch), _table_sizes(mods, 32, monkeypatch)
     assert one == four == bitstream.WINDOW_PROBS
-
-
-def _peak_mib(fn) -> float:
-    """Peak resident memory while `fn` runs, above what was resident before (Linux: VmHWM after resetting it)."""
-
-    def status(key: str) -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
-        return int(line.split()[1]) / 1024
-
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
-def test_encoder_peak_memory_does_not_grow_with_duration():
-    """At 2^16 codes per level, 4× the frames: the peak stays within 1.5× (whole-stream tables made it ~4×)."""
-    mods = code_modules(((4,) * 8, 1), ((4,) * 8, 1))
-    codes = {n: random_codes(mods, n, seed=n) for n in (16, 64)}
-
-    def encode(n):
-        s, p, k = codes[n]
-        return lambda: bitstream.encode_codes(mods, s, p, k, s.shape[1] * 640)
-
-    _peak_mib(encode(16))  # warm-up: allocator pools, rotation tables, the model id
-    one, four = _peak_mib(encode(16)), _peak_mib(encode(64))
-    assert four < 1.5 * one, (one, four)
