@@ -105,8 +105,13 @@ def _verify(pipeline, *extra, env):
     )
 
 
-def test_verify_exit_codes(pipeline, subprocess_env):
+def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
+    """Verdicts through real processes (the exit code is the process's); the refusals in-process through the same
+    `main` (they exit before any model loads, so a subprocess would only add torch's import)."""
+    from siren.cli import main
+
     subprocess_env["SIREN_ARTIFACT_CACHE"] = str(pipeline / "artifacts")
+    monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(pipeline / "artifacts"))
     r = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", env=subprocess_env)
     assert r.returncode in (0, 1), r.stdout + r.stderr
     report = json.loads((pipeline / "adapt" / "verify" / "step_4" / "report.json").read_text())
@@ -143,10 +148,13 @@ def test_verify_exit_codes(pipeline, subprocess_env):
     assert loose.returncode == 0, loose.stdout
     strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb", env=subprocess_env)
     assert strict.returncode == 1 and "FAIL" in strict.stdout
-    missing = _verify(pipeline, "--step", "999", "--no-wandb", env=subprocess_env)
-    assert missing.returncode == 2 and "step_999" in missing.stdout and "saved steps" in missing.stdout
-    bad = _verify(pipeline, "--step", "4", "--threshold", "min/nonsense=1", "--no-wandb", env=subprocess_env)
-    assert bad.returncode == 2 and "nonsense" in bad.stdout
+    capsys.readouterr()
+    run = ["verify", "--run", str(pipeline / "adapt"), "--no-wandb"]
+    assert main([*run, "--step", "999"]) == 2
+    out = capsys.readouterr().out
+    assert "step_999" in out and "saved steps" in out
+    assert main([*run, "--step", "4", "--threshold", "min/nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().out
 
 
 def test_bitstream_round_trip_size_and_errors(pipeline, corpus_dir):

@@ -332,7 +332,7 @@ def _try(scorer, ref, deg):
         return f"failed: {e}"
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(order=st.lists(st.sampled_from(range(len(DET_PAIRS))), min_size=2, max_size=3))
 def test_scores_do_not_depend_on_call_order_or_id(order, det_clips, det_scorers, det_alone):
     """Same audio → same score, whatever was scored before it (under the same utterance id); (x, x) → the ceiling."""

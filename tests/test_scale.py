@@ -395,7 +395,7 @@ def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teach
 
 # ---------------------------------------------------------------------------------------------------- 8. hangs
 def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env):
-    env = with_fault(subprocess_env, "rank_sleep:1:3:40")
+    env = with_fault(subprocess_env, "rank_sleep:1:3:20")
     run = tmp_path / "run"
     ov = {"train.max_steps": 6, "train.hang_timeout_s": 6, "samples.enabled": "false"}
     t0 = time.time()
