@@ -265,7 +265,7 @@ class _Job:
 
 def _prepare(run, step, data, thresholds, wav) -> _Job:
     from siren.data.datasets import speaker_balanced_subset
-    from siren.data.manifest import Utterance, read_manifest, usable_utterances
+    from siren.data.manifest import Utterance, log_excluded, read_manifest, usable_utterances
     from siren.models.ssl import check_frame_contract
     from siren.train.stages.common import code_layout
 
@@ -297,15 +297,7 @@ def _prepare(run, step, data, thresholds, wav) -> _Job:
         rows = read_manifest(manifest)
         usable, excluded = usable_utterances(rows, cfg.audio.sample_rate, eval_min_samples(adapted, base))
         skipped = [{"id": u.id, "reason": why} for u, why in excluded]
-        if excluded:
-            log.info(
-                "verify: %d of %d rows of %s not judged (e.g. %s: %s)",
-                len(excluded),
-                len(rows),
-                manifest,
-                excluded[0][0].id,
-                excluded[0][1],
-            )
+        log_excluded("verify", excluded, len(rows), manifest)
         utts = speaker_balanced_subset(usable, cfg.verify.max_utts, seed=0)
         if not utts:
             what = (

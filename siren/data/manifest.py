@@ -346,6 +346,17 @@ def usable_utterances(
     return keep, [(utterances[i], why) for i, why in sorted(bad.items())]
 
 
+def log_excluded(who: str, excluded: Sequence[tuple[Utterance, str]], total: int, source) -> None:
+    """One log line for the rows a consumer (samples, verify) leaves out, with the first as an example."""
+    if excluded:
+        import logging
+
+        first, why = excluded[0]
+        logging.getLogger("siren").info(
+            "%s: %d of %d rows of %s left out (e.g. %s: %s)", who, len(excluded), total, source, first.id, why
+        )
+
+
 def read_manifest(path: str | Path) -> list[Utterance]:
     """Read a JSONL manifest as a list of `Utterance` (for small manifests; training uses `read_table`)."""
     return read_table(path).to_list()

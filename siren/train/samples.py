@@ -96,7 +96,7 @@ def eval_utterances(cfg, min_samples: int = 0) -> list:
     """The utterances samples render: `samples.utterances` by id (one too short to encode is an error naming it), or
     a speaker-balanced pick among the eligible ones (rows `row_problems` passes at `min_samples`)."""
     from siren.data.datasets import speaker_balanced_subset
-    from siren.data.manifest import read_manifest, usable_utterances
+    from siren.data.manifest import log_excluded, read_manifest, usable_utterances
 
     manifest = cfg.data.val or cfg.data.train
     utts = read_manifest(manifest)
@@ -111,15 +111,7 @@ def eval_utterances(cfg, min_samples: int = 0) -> list:
         if bad:
             raise SirenError(f"samples.utterances names utterances that cannot be rendered: {'; '.join(bad)}")
         return [by_id[i] for i in cfg.samples.utterances]
-    if excluded:
-        log.info(
-            "samples: %d of %d utterances in %s not eligible (e.g. %s: %s)",
-            len(excluded),
-            len(utts),
-            manifest,
-            excluded[0][0].id,
-            excluded[0][1],
-        )
+    log_excluded("samples", excluded, len(utts), manifest)
     return speaker_balanced_subset(usable, cfg.samples.num, seed=0)
 
 
