@@ -45,20 +45,25 @@ lock:
 	  $(LOCKENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links \
 	  --no-emit-index-url --extra dev --extra sweeps --extra eval --output-file $(LOCK) setup.cfg requirements-build.in
 
-# Debian TTS voices for the embedded corpus, codec2-examples (human clips) and codec2 (c2enc/c2dec, the reference codec
-# siren eval compares against): apt-get when usable, else the command.
-$(STAMP)/voices:
+# Debian TTS voices for the embedded corpus, codec2 (c2enc/c2dec, the reference codec siren eval compares against) and
+# the human recordings `siren demo` ends its eval on (codec2-examples; alsa-utils' samples): apt-get when usable, else
+# the command. The check reruns when this Makefile changes (a package added here reaches machines set up before).
+voices: $(STAMP)/voices
+
+$(STAMP)/voices: Makefile
 	@mkdir -p $(STAMP)
 	@missing=""; for p in flite text2wave sox c2enc; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	[ -d /usr/share/festival/voices/english/ked_diphone ] || missing="$$missing ked_diphone"; \
+	[ -d /usr/share/codec2/wav ] || missing="$$missing codec2-examples"; \
+	[ -d /usr/share/sounds/alsa ] || missing="$$missing alsa-utils"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian voices ($$missing)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2 codec2-examples >/dev/null || exit 1; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2 codec2-examples alsa-utils >/dev/null || exit 1; \
 	  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2 codec2-examples >/dev/null || exit 1; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VOICES) codec2 codec2-examples alsa-utils >/dev/null || exit 1; \
 	  else \
-	    echo "missing:$$missing — install with: sudo apt-get install -y $(VOICES) codec2 codec2-examples"; exit 1; \
+	    echo "missing:$$missing — install with: sudo apt-get install -y $(VOICES) codec2 codec2-examples alsa-utils"; exit 1; \
 	  fi; \
 	fi
 	@touch $@

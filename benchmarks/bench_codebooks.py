@@ -1,6 +1,6 @@
-"""Codebook + drift metric cost per training step for large implicit codebooks (DESIGN §7, §18): the window training
-picks (`siren.metrics.large_codebook.make_window`: dense up to 2^12 codes per level, sparse above) at 2^8, 2^16 and 2^20
-codes per level, and the dense window beside it.
+"""Codebook + drift metric cost per training step, small and large implicit codebooks: the storage the codebook window
+picks (`siren.metrics.codebook.CodebookWindow`: dense up to 2^12 codes per level, sparse above) at 2^8, 2^16 and 2^20
+codes per level, and both storages forced beside it.
 
 Per step: one sem stream, 1 level, an FSQ of 4-level dimensions (digit metrics included), batch 8 × 4 s at 25 Hz
 (800 codes), window 50 steps, JS drift against a baseline of 20,000 codes. The cost is what the codebook metrics add
@@ -16,8 +16,8 @@ their memory accesses meet the caches as a training step leaves them. The figure
 consecutive steps). The 2^20 codes of the synthetic window stand in for the run's codebook: a tiny codec run with a
 real 2^20-code FSQ (`sem_quantizer.levels=[4]*10`) took ~11 s per step on the 2-core CPU machine, which would hide the
 metrics' cost instead of measuring it.
-The dense window is timed alone (`alone`: its steps back to back, not interleaved with anything — interleaving its
-400 MB at 2^20 with the sparse window evicted the sparse window's caches), and reported beside it for comparison.
+Each storage is timed alone (`alone`: its steps back to back, not interleaved with anything — interleaving the dense
+storage's 400 MB at 2^20 with the sparse one evicted the sparse one's caches), and reported beside it for comparison.
 Standalone (`python benchmarks/bench_codebooks.py --step-ms MS`) there is no training run: both paths are timed alone
 and divided by the given step time.
 """
@@ -30,8 +30,8 @@ import time
 
 import torch
 
+from siren.metrics.codebook import CodebookWindow
 from siren.metrics.drift import DriftReference
-from siren.metrics.large_codebook import make_window
 from siren.train.stages.base import MetricSources, StepOutput
 from siren.train.step_metrics import StepMetrics
 
@@ -45,19 +45,21 @@ def _codes(K: int, g: torch.Generator) -> torch.Tensor:
 
 
 class _Path:
-    """One `StepMetrics` (the trainer's per-step metrics) with a codebook window (+ drift reference) forced dense or
-    sparse, and its twin without codebook metrics; a step adds one micro-batch (a loss, the bit-rate ratio, the codes)
-    to each and reduces it, host copy included. Its cost is the difference: what the codebook metrics add."""
+    """One `StepMetrics` (the trainer's per-step metrics) with a codebook window (+ drift reference) whose storage is
+    forced ("dense" or "sparse"), and its twin without codebook metrics; a step adds one micro-batch (a loss, the
+    bit-rate ratio, the codes) to each and reduces it, host copy included. Its cost is the difference: what the
+    codebook metrics add."""
 
-    def __init__(self, K: int, sparse: bool, profile: dict, device: str):
+    def __init__(self, K: int, storage: str, profile: dict, device: str):
         layout = {"sem": (K, 1)}
-        drift = DriftReference(profile, layout, device, sparse=sparse)
+        drift = DriftReference(profile, layout, device)
         digits = {"sem": [4] * (K.bit_length() // 2)}
         sources = MetricSources(layout=layout, drift=drift, drift_rate="rate/bps_entropy", digits=digits)
         self.metrics = StepMetrics(sources, WINDOW, torch.device(device), world=1, grad_accum=1)
         self.bare = StepMetrics(MetricSources(), WINDOW, torch.device(device), world=1, grad_accum=1)
+        if self.metrics.window.storage != storage:
+            self.metrics.window = CodebookWindow(layout, WINDOW, device, digits, drift, storage=storage)
         self.window = self.metrics.window
-        assert self.window.sparse is sparse
         one = torch.ones((), dtype=torch.float64, device=device)
         self.loss, self.rate, self.grad_norm = one, (one * 150, one), one
         self.turn = False  # whether the codebook metrics went first in the last step
@@ -93,10 +95,11 @@ def _profile_and_steps(K: int, n: int, device: str) -> tuple[dict, list[torch.Te
     return profile, [_codes(K, g).to(device) for _ in range(n)]
 
 
-def alone(K: int, sparse: bool, device: str = "cpu") -> dict:
-    """One path's per-step time (median ms over `STEPS` − `WARMUP` steps), its steps back to back, and its memory."""
+def alone(K: int, storage: str, device: str = "cpu") -> dict:
+    """One storage's per-step time (median ms over `STEPS` − `WARMUP` steps), its steps back to back, and its
+    memory."""
     profile, steps = _profile_and_steps(K, STEPS, device)
-    p = _Path(K, sparse, profile, device)
+    p = _Path(K, storage, profile, device)
     times = [p.step(codes) for codes in steps]
     return {"ms": statistics.median(_pairs(times[WARMUP + 1 :])) * 1e3, "mb": p.window.nbytes() / 2**20}
 
@@ -107,14 +110,14 @@ def _pairs(xs: list[float]) -> list[float]:
 
 
 def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
-    """The chosen path's per-step work done at the end of every step of a real training run (`make_trainer()` → a
+    """The chosen storage's per-step work done at the end of every step of a real training run (`make_trainer()` → a
     `Trainer` ready to `fit`), timed per step; → median and range over steps of metric ÷ step, median step and metric
     ms. See the module docstring."""
-    sparse = make_window({"sem": (K, 1)}, 1).sparse
+    chosen = CodebookWindow({"sem": (K, 1)}, 1).storage
     tr = make_trainer()
     n = tr.cfg.train.max_steps
     profile, steps = _profile_and_steps(K, n, device)
-    p = _Path(K, sparse, profile, device)
+    p = _Path(K, chosen, profile, device)
     real_reduce = tr.step_metrics.reduce
     metric_s: list[float] = []  # what the codebook metrics added
     ends: list[float] = []
@@ -145,20 +148,20 @@ def in_training(K: int, make_trainer, device: str = "cpu") -> dict:
         "step_ms": statistics.median(step_p) * 1e3,
         "steps": 2 * len(fr),
         "mb": p.window.nbytes() / 2**20,
-        "chosen": "sparse" if sparse else "dense",
+        "chosen": chosen,
     }
 
 
 def run(step_ms: float, device: str = "cpu", make_trainer=None, host: str = "tiny adapt") -> list[tuple[str, str, str]]:
     """Rows for run_all: per (2^8, 2^16, 2^20) the chosen path's cost ÷ step time — inside the steps of a real
     training run when `make_trainer` is given (run_all: tiny adapt runs; `host` names them in the row), else timed
-    alone ÷ `step_ms` — and both paths timed alone ÷ `step_ms` beside it."""
+    alone ÷ `step_ms` — and both storages timed alone ÷ `step_ms` beside it."""
     rows = []
     for bits in (8, 16, 20):
         K = 2**bits
-        dense = alone(K, False, device)
-        sparse = alone(K, True, device)
-        chosen = "sparse" if make_window({"sem": (K, 1)}, 1).sparse else "dense"
+        dense = alone(K, "dense", device)
+        sparse = alone(K, "sparse", device)
+        chosen = CodebookWindow({"sem": (K, 1)}, 1).storage
         alone_txt = (
             f"alone ÷ {step_ms:.0f} ms: dense {dense['ms']:.2f} ms / {dense['mb']:.1f} MB = "
             f"{100 * dense['ms'] / step_ms:.2f} %, sparse {sparse['ms']:.2f} ms / {sparse['mb']:.1f} MB = "

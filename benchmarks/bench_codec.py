@@ -47,7 +47,9 @@ def _speech(seconds: float, sample_rate: int = 16000) -> torch.Tensor:
     from siren.data.audio import load_audio
 
     if not REAL_CLIP.is_file():
-        raise FileNotFoundError(f"{REAL_CLIP} is missing: install Debian's codec2-examples (DESIGN §15)")
+        raise FileNotFoundError(
+            f"{REAL_CLIP} is missing: install Debian's codec2-examples (docs/data.md#the-embedded-corpus-demo-and-tests)"
+        )
     clip = load_audio(REAL_CLIP, sample_rate)
     n = int(seconds * sample_rate)
     return clip.repeat(n // clip.shape[0] + 1)[:n]
@@ -55,9 +57,9 @@ def _speech(seconds: float, sample_rate: int = 16000) -> torch.Tensor:
 
 def ultra_codec(student: bool = True):
     """`ultra200bps` with random weights (speed does not depend on them), student features, flow and vocoder."""
+    from siren.codec import Codec
     from siren.config.loader import load_config
     from siren.models.builders import build_component
-    from siren.models.codec import Codec
 
     cfg = load_config(ROOT / "configs/model/ultra200bps.yaml")
     torch.manual_seed(0)
@@ -191,7 +193,7 @@ def bench_quantisation_cost(codec, corpus: Path) -> dict:
 
 def run(work: Path, corpus: Path, teacher: Path, train_steps: int = 300) -> dict[str, str]:
     """All figures of this file as {figure: value} rows (strings), for BENCHMARKS.md."""
-    from siren.models.codec import Codec
+    from siren.codec import Codec
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Data-path figures for `make bench` (DESIGN §17): 1M-row manifest start-up time and memory (training process and each
+"""Data-path figures for `make bench` (docs/scale.md): 1M-row manifest start-up time and memory (training process and each
 DataLoader worker), read amplification of crops before/after, cache fill throughput with 2 processes ÷ 1, and training
 step time with cached vs live SSL features. `python benchmarks/bench_data.py` prints them; run_all.py adds them to its
 table. Repeats and medians as in run_all.py; ratios are measured side by side in one run.
@@ -320,7 +320,7 @@ def main() -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from run_all import setup_corpus
+    from common import setup_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from run_all import _BareLoop  # noqa: E402
+from common import _BareLoop  # noqa: E402
 
 
 class BareDDP(_BareLoop):
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     a = ap.parse_args()
 
-    from run_all import NoCheckpoint, cfg_for
+    from common import NoCheckpoint, cfg_for
 
     from siren.train.trainer import Trainer
 

@@ -77,7 +77,7 @@ def main() -> int:
     import os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from run_all import setup_corpus
+    from common import setup_corpus
 
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)

@@ -7,8 +7,8 @@ use, so `import siren` stays light (no torch until one of them is touched).
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Codec": ("siren.models.codec", "Codec"),
-    "Codes": ("siren.models.codec", "Codes"),
+    "Codec": ("siren.codec", "Codec"),
+    "Codes": ("siren.codec", "Codes"),
     "load_audio": ("siren.data.audio", "load_audio"),
     "save_audio": ("siren.data.audio", "save_audio"),
 }

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback, exit code 2."""
+from siren.config.stages import IMPORTABLE_STAGES
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="turn existing (foreign) checkpoints into a SIREN run: step_0 + meta + index")
     _add_config(p)
-    p.add_argument("--stage", required=True, choices=["codec", "flow", "vocoder", "distill"])
+    p.add_argument("--stage", required=True, choices=IMPORTABLE_STAGES)
     p.add_argument("--out", required=True, help="new run directory, e.g. runs/NAME")
 
     p = sub.add_parser("info", help="parameter count and output rate per component, nominal bit/s")
@@ -75,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-utts", type=int, default=64)
 
     p = sub.add_parser("verify", help="check an adapted checkpoint against its baseline; exit 0 pass, 1 fail, 2 error")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--step", required=True, type=int)
+    p.add_argument(
+        "--run",
+        required=True,
+        help="the adapt run: a run directory, a step directory or a wandb:ENTITY/PROJECT/NAME:ALIAS",
+    )
+    p.add_argument("--step", type=int, help="the step to judge (default: the one --run names, a run's latest)")
     p.add_argument("--data", help="manifest (default: verify.data or data.val of the run)")
     p.add_argument("--wav", help="judge this one audio file instead of an eval set (not with --data)")
     p.add_argument("--threshold", action="append", default=[], help="override a threshold: NAME=VALUE")
@@ -107,13 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-utts", type=int, default=None, help="the first N utterances only")
     p.add_argument("--pipeline-flow", help="fuser + flow checkpoint for SIREN systems (default: their pipeline.flow)")
     p.add_argument("--pipeline-vocoder", help="vocoder checkpoint for SIREN systems (default: pipeline.vocoder)")
+    p.add_argument(
+        "--wandb-run",
+        metavar="RUN",
+        help="also log the tables to W&B, beside RUN: a SIREN run directory or a W&B run id [[ENTITY/]PROJECT/]ID",
+    )
 
     p = sub.add_parser("sweep", help="run a W&B sweep (online) or the same sweep offline with the sweeps engine")
     p.add_argument("file")
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--offline", action="store_true", help="force the offline engine")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: move an earlier run of this sweep aside (offline; without it, its trials are resumed)",
+    )
 
-    p = sub.add_parser("demo", help="build the corpus and run every stage on CPU, then verify")
+    p = sub.add_parser("demo", help="build the corpus and run every stage on CPU, then verify and eval against Codec 2")
     p.add_argument("--root", default="runs/demo")
     p.add_argument("--data", default="data/demo")
     p.add_argument("--n", type=int, default=800)
@@ -123,18 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = globals()[f"cmd_{args.command.replace('-', '_')}"]
+    from siren.errors import USER_ERRORS
+
     try:
         return int(handler(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # the user's to fix: one line, no traceback; anything else keeps its traceback
+        if launched_rank() == 0:  # under a launcher every process meets the same error: say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except Exception as exc:  # known user-facing errors print cleanly; anything else keeps its traceback
-        from siren.errors import USER_ERRORS
 
-        if isinstance(exc, USER_ERRORS):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def launched_rank() -> int:
+    """This process's rank when a launcher (accelerate launch, torchrun, srun) started it, else 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------- commands
@@ -219,7 +237,7 @@ def cmd_init_ssl(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from siren.data.cache_fill import run_cache
+    from siren.train.cache_command import run_cache
 
     return run_cache(args)
 
@@ -239,13 +257,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from siren.coding.files import encode_cli
+    from siren.transcode import encode_cli
 
     return encode_cli(args)
 
 
 def cmd_decode(args) -> int:
-    from siren.coding.files import decode_cli
+    from siren.transcode import decode_cli
 
     return decode_cli(args)
 
@@ -259,7 +277,8 @@ def cmd_eval(args) -> int:
 def cmd_sweep(args) -> int:
     from siren.sweep import run_sweep
 
-    trials = run_sweep(args.file, args.count, online=False if args.offline else None)  # prints the ranked table
+    # prints the ranked table
+    trials = run_sweep(args.file, args.count, online=False if args.offline else None, fresh=args.fresh)
     return 0 if trials and all(t.get("returncode", 0) == 0 for t in trials) else 1
 
 

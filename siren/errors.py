@@ -1,4 +1,10 @@
-"""Errors that are the user's to fix: the CLI prints them without a traceback and exits with code 2."""
+"""Errors that are the user's to fix: the CLI prints them without a traceback and exits with code 2.
+
+`SirenError` is the one root: every user-facing error SIREN raises derives from it (config, manifest, audio, corpus,
+checkpoint, strict-load, lineage, bitstream, verify, eval, sweep errors), so one `except SirenError` catches them all.
+Errors that are also a standard kind keep that base too (`ConfigError` is a `ValueError`, `CheckpointNotFound` a
+`FileNotFoundError`).
+"""
 
 from __future__ import annotations
 
@@ -15,27 +21,6 @@ class LayoutMismatch(SirenError):
     """Two code layouts (streams, levels, codebook sizes) that must match do not."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from siren.artifacts import CheckpointNotFound
-    from siren.config.loader import ConfigError
-    from siren.data.audio import AudioError
-    from siren.data.corpus import CorpusError
-    from siren.data.manifest import ManifestError
-    from siren.models.io import StrictLoadError
-
-    return (
-        SirenError,
-        ConfigError,
-        ManifestError,
-        AudioError,
-        CorpusError,
-        CheckpointNotFound,
-        StrictLoadError,
-        FileNotFoundError,
-    )
-
-
-def __getattr__(name: str):
-    if name == "USER_ERRORS":
-        return _user_errors()
-    raise AttributeError(name)
+# What the command line prints as one `error:` line (exit code 2) instead of a traceback: every SIREN error, and a
+# file the user named that does not exist.
+USER_ERRORS: tuple[type[BaseException], ...] = (SirenError, FileNotFoundError)

@@ -1,6 +1,6 @@
 """`siren eval`: score codecs from their real bitstreams on real speech, beside Codec 2 and the original.
 
-    siren eval --data MANIFEST_OR_DIR --system NAME=SPEC [--system ...] --out DIR [--max-utts N]
+    siren eval --data MANIFEST_OR_DIR --system NAME=SPEC [--system ...] --out DIR [--max-utts N] [--wandb-run RUN]
 
 SPEC is a SIREN checkpoint URI (run dir, step dir, `wandb:` artifact; decoded through its flow + vocoder pipeline, or
 `--pipeline-flow` / `--pipeline-vocoder`), `codec2:MODE` (Debian's `c2enc` / `c2dec`, 8 kHz), or `wav:DIR` (already
@@ -16,7 +16,12 @@ SIREN systems per stream `code_usage/STREAM` (fraction of the codebook seen, mea
 
 Outputs: `DIR/eval.json` = {"systems": {NAME: {metric: value}}, "utterances": [rows]} and `DIR/eval.md` (also
 printed). An utterance a system cannot code, or a metric a library cannot score, is listed in its row's `errors`
-and counted in the system's `failures`; it is never averaged in as a value.
+and counted in the system's `failures`; it is never averaged in as a value. With `--wandb-run RUN` (a SIREN run
+directory or a W&B run id) the same tables go to W&B as `wandb.Table`s `eval/systems` and `eval/utterances`, in a run
+of job type `eval` beside RUN (`WandbTarget`; offline files under `DIR/wandb/`).
+
+Coding and scoring run on one thread: besides comparable real-time factors, a scorer's thread pool on a busy CPU
+collapses (resemblyzer's embedding went from 20 ms to 0.5 s with two threads and the other core taken).
 """
 
 from __future__ import annotations
@@ -240,7 +245,7 @@ class Siren(System):
     kind = "siren"
 
     def __init__(self, name: str, uri: str, flow: str | None = None, vocoder: str | None = None):
-        from siren.models.codec import Codec
+        from siren.codec import Codec
 
         self.name, self.spec = name, uri
         self.codec = Codec.from_checkpoint(uri, flow, vocoder)
@@ -280,7 +285,7 @@ class Siren(System):
         import torch
 
         from siren.metrics.codebook import entropy_bits, histogram
-        from siren.train.stages.common import code_layout
+        from siren.models.analysis import code_layout
 
         codes = [c.codes for c in coded if c.codes is not None]
         if not codes:
@@ -384,8 +389,10 @@ def evaluate(
     max_utts: int | None = None,
     pipeline_flow: str | None = None,
     pipeline_vocoder: str | None = None,
+    wandb_run: str | None = None,
 ) -> dict:
-    """Run every system on every utterance, score it, write DIR/eval.json and DIR/eval.md; → the eval.json object."""
+    """Run every system on every utterance, score it, write DIR/eval.json and DIR/eval.md; → the eval.json object.
+    With `wandb_run` (a SIREN run directory or a W&B run id, see `WandbTarget`) the tables also go to W&B."""
     from siren.data.audio import load_audio
     from siren.errors import USER_ERRORS
     from siren.metrics.quality import build_scorers
@@ -397,6 +404,7 @@ def evaluate(
     if dup:
         raise EvalError(f"--system names must be unique; repeated: {', '.join(dup)}")
     check_eval_extra()
+    target = WandbTarget.parse(wandb_run) if wandb_run is not None else None  # a bad --wandb-run fails before scoring
     items = load_items(data, max_utts)
     runs: list[System] = [Original()] + [parse_system(s, pipeline_flow, pipeline_vocoder) for s in systems]
     scorers = build_scorers(tuple(QUALITY.values()))
@@ -419,7 +427,8 @@ def evaluate(
                 rows.append(_failed_row(item, system, str(exc), seconds))
                 continue
             _save(out / "audio" / system.name / f"{item.id}.wav", coded.wav)
-            values, errors = score(item, wav, coded.wav, scorers)
+            with one_thread():  # scorers too: a thread pool on a busy CPU collapses (resemblyzer 20 ms → 0.5 s)
+                values, errors = score(item, wav, coded.wav, scorers)
             coded_by[system.name].append(coded)
             rows.append(
                 {
@@ -438,6 +447,9 @@ def evaluate(
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "eval.md").write_text(markdown(result))
     write_eval_html(result, out)
+    if target is not None:
+        result_wandb = log_wandb(result, target, out, data=str(data))
+        print(f"W&B: eval tables logged to run {result_wandb['id']} ({result_wandb['mode']}, {result_wandb['dir']})")
     return result
 
 
@@ -600,6 +612,131 @@ def write_eval_html(result: dict, out: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------------------------ W&B
+WANDB_ID_RE = re.compile(r"^(?:(?:([A-Za-z0-9_.-]+)/)?([A-Za-z0-9_.-]+)/)?([A-Za-z0-9_-]+)$")
+DEFAULT_PROJECT = "siren"
+
+
+@dataclass(frozen=True)
+class WandbTarget:
+    """Where `--wandb-run RUN` puts the eval tables. RUN is a SIREN run directory (project, entity, group and
+    tracking mode from its config.yaml; its W&B run id from its `wandb_run_id`) or a W&B run id
+    `[[ENTITY/]PROJECT/]ID` (project `siren` when not given; mode from WANDB_MODE and the login).
+
+    The tables go to a new W&B run (job type `eval`) in that run's project and group, with the evaluated run's id in
+    its config, rather than into the trained run itself: that run has finished at its last step, and a table logged
+    into it again (offline, resumed) starts at step 0, which W&B drops on sync as a step below the run's current one."""
+
+    project: str
+    entity: str | None
+    group: str | None
+    mode: str  # as configured: auto, online, offline
+    run_id: str | None  # the evaluated run's W&B id (None: a run directory trained without W&B)
+    run_dir: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> WandbTarget:
+        p = Path(spec)
+        if p.is_dir():
+            import yaml
+
+            cfg_path = p / "config.yaml"
+            if not cfg_path.is_file():
+                raise EvalError(f"--wandb-run {spec}: a directory but not a SIREN run (no config.yaml in it)")
+            tracking = (yaml.safe_load(cfg_path.read_text()) or {}).get("tracking") or {}
+            mode = tracking.get("mode") or "auto"
+            if mode == "disabled":
+                raise EvalError(
+                    f"--wandb-run {spec}: that run was trained with tracking.mode=disabled, so it has no W&B project "
+                    "to log beside; pass a W&B run id ([[ENTITY/]PROJECT/]ID) or leave --wandb-run out"
+                )
+            id_file = p / "wandb_run_id"
+            run_id = id_file.read_text().strip() or None if id_file.is_file() else None
+            target = cls(
+                tracking.get("project") or DEFAULT_PROJECT,
+                tracking.get("entity"),
+                tracking.get("group"),
+                mode,
+                run_id,
+                str(p),
+            )
+        else:
+            if spec.startswith(("/", ".", "~")) or (("/" in spec) and Path(spec.split("/")[0]).is_dir()):
+                raise EvalError(f"--wandb-run {spec}: no such run directory")  # not read as ENTITY/PROJECT/ID
+            m = WANDB_ID_RE.match(spec)
+            if m is None:
+                raise EvalError(
+                    f"--wandb-run {spec!r}: neither a run directory nor a W&B run id ([[ENTITY/]PROJECT/]ID)"
+                )
+            entity, project, run_id = m.groups()
+            target = cls(project or DEFAULT_PROJECT, entity, None, "auto", run_id, None)
+        target.resolved_mode()  # WANDB_MODE=disabled: an error now, not after the scoring
+        return target
+
+    def resolved_mode(self) -> str:
+        from siren.train.tracking import wandb_mode
+
+        mode = wandb_mode(self.mode)
+        if mode == "disabled":
+            raise EvalError(
+                "--wandb-run: W&B is disabled here (WANDB_MODE=disabled); unset it or leave --wandb-run out"
+            )
+        return mode
+
+
+def wandb_tables(result: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """The eval as two tables, (columns, rows): `eval/systems` (one row per system: rates, every metric, failures,
+    code statistics) and `eval/utterances` (one row per utterance and system; its errors as JSON text)."""
+    systems = result["systems"]
+    code_cols = sorted({k for s in systems.values() for k in s if k.startswith("code_")})
+    cols = ["system", "kind", "spec", "bps", "bps_nominal", *TABLE_METRICS, "failures", "num_utts", "wer_reference"]
+    cols += code_cols
+    sys_rows = [[name, *(s.get(c) for c in cols[1:])] for name, s in systems.items()]
+    ucols = ["id", "system", "seconds", "bytes", "bps", *QUALITY, "encode_rtf", "decode_rtf", "wer_reference"]
+    utt_rows = [[*(r.get(c) for c in ucols), json.dumps(r["errors"], sort_keys=True)] for r in result["utterances"]]
+    return {"eval/systems": (cols, sys_rows), "eval/utterances": ([*ucols, "errors"], utt_rows)}
+
+
+def log_wandb(result: dict, target: WandbTarget, out: Path, data: str) -> dict:
+    """Log the eval's tables (and each system's averages as summary scalars `eval/NAME/METRIC`) to a new W&B run
+    beside `target`; its files go under `out/wandb/`. → {"id", "mode", "dir"}. A W&B failure is an EvalError
+    (eval.json and eval.md are already written)."""
+    mode = target.resolved_mode()
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=target.project,
+            entity=target.entity,
+            group=target.group,
+            job_type="eval",
+            name=f"eval-{Path(target.run_dir).name if target.run_dir else target.run_id}",
+            dir=str(out),
+            mode=mode,
+            reinit="create_new",
+            config={
+                "evaluated_run": target.run_id,
+                "evaluated_run_dir": target.run_dir,
+                "data": data,
+                "systems": {n: s["spec"] for n, s in result["systems"].items()},
+            },
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        try:
+            run.log({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in wandb_tables(result).items()})
+            for name, s in result["systems"].items():
+                run.summary.update(
+                    {f"eval/{name}/{m}": s[m] for m in ("bps", *TABLE_METRICS) if isinstance(s.get(m), float)}
+                )
+            run_dir = run.dir
+            run_id = run.id
+        finally:
+            run.finish()
+    except Exception as exc:
+        raise EvalError(f"W&B logging of the eval failed ({out / 'eval.json'} is written): {exc!r}") from exc
+    return {"id": run_id, "mode": mode, "dir": str(Path(run_dir).parent)}
+
+
 def eval_cli(args) -> int:
     result = evaluate(
         args.data,
@@ -608,6 +745,7 @@ def eval_cli(args) -> int:
         max_utts=args.max_utts,
         pipeline_flow=args.pipeline_flow,
         pipeline_vocoder=args.pipeline_vocoder,
+        wandb_run=args.wandb_run,
     )
     print((Path(args.out) / "eval.md").read_text(), end="")
     n_fail = sum(s["failures"] for s in result["systems"].values())

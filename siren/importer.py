@@ -1,4 +1,4 @@
-"""`siren import`: turn a team's existing checkpoints into a normal SIREN run (DESIGN §18).
+"""`siren import`: turn a team's existing checkpoints into a normal SIREN run (docs/bring-your-own-codec.md).
 
     siren import --config MY_CODEC.yaml --stage codec --out runs/acme
 
@@ -26,17 +26,10 @@ from torch import nn
 
 from siren.config.loader import dump_config, to_dict
 from siren.config.schema import SirenConfig
+from siren.config.stages import ANALYSIS_PARTS, IMPORTABLE_STAGES, STAGE_SPECS
 from siren.errors import SirenError
 
 log = logging.getLogger("siren")
-
-CODEC_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder")
-IMPORT_STAGES: dict[str, tuple[str, ...]] = {
-    "codec": CODEC_PARTS,
-    "flow": ("fuser", "flow"),
-    "vocoder": ("vocoder",),
-    "distill": ("student_ssl",),
-}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -72,19 +65,21 @@ def _refuse_unweighted(unweighted: list[str], modules: dict[str, nn.Module]) -> 
 def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     """Build `stage`'s components from `cfg` (targets + weights) and write them as step 0 of the run `out`.
     Returns the step directory."""
-    from siren.artifacts import artifact_name, claim_artifact_name, derive_run_name, index_checkpoint
+    from siren.checkpoints import layout as ckpt
+    from siren.checkpoints.artifacts import artifact_name, claim_artifact_name, derive_run_name, index_checkpoint
+    from siren.checkpoints.lineage import checkpoint_fingerprint
+    from siren.checkpoints.load import load_checkpoint
+    from siren.checkpoints.meta import CheckpointMeta
+    from siren.models.analysis import code_layout
     from siren.models.builders import build_component, component_targets
     from siren.models.io import fingerprint
-    from siren.train import checkpoint as ckpt
-    from siren.train.stages.adapt import baseline_fingerprint
-    from siren.train.stages.common import code_layout, load_checkpoint
 
-    if stage not in IMPORT_STAGES:
-        raise SirenError(f"siren import: unknown stage {stage!r}; one of {', '.join(IMPORT_STAGES)}")
+    if stage not in IMPORTABLE_STAGES:
+        raise SirenError(f"siren import: unknown stage {stage!r}; one of {', '.join(IMPORTABLE_STAGES)}")
     out = Path(out)
     if ckpt.list_steps(out):
         raise SirenError(f"{out} already holds checkpoints; import into a new run directory")
-    names = list(IMPORT_STAGES[stage])
+    names = list(STAGE_SPECS[stage].trainable)  # what a SIREN run of the stage trains
     if stage == "distill" and cfg.student_ssl.path and not cfg.student_ssl.target:
         raise SirenError(
             "siren import --stage distill: student_ssl.path is set; a saved TinyHubert dir is already usable as "
@@ -105,11 +100,11 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
     if stage == "flow":
         if cfg.baseline:
             # A flow reads one code language: record the codec it was trained on, as a `flow` run does.
-            base = load_checkpoint(cfg.baseline, ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"])
+            base = load_checkpoint(cfg.baseline, list(ANALYSIS_PARTS))
             for n, m in base.modules.items():
                 setattr(cfg, n, getattr(base.cfg, n))
                 modules[n] = m
-            lineage["baseline"] = {"uri": cfg.baseline, "fingerprint": baseline_fingerprint(base.meta)}
+            lineage["baseline"] = {"uri": cfg.baseline, "fingerprint": checkpoint_fingerprint(base.meta)}
         else:
             log.warning(
                 "siren import --stage flow without `baseline:`: the flow's code language is not recorded, so "
@@ -136,28 +131,21 @@ def import_run(cfg: SirenConfig, stage: str, out: str | Path) -> Path:
             }
     saved = {n: m for n, m in modules.items() if n != "ssl"}
     layout = code_layout(modules) if stage == "codec" else {}
-    meta = {
-        "step": 0,
-        "stage": stage,
-        "run_name": run_name,
-        "config": to_dict(cfg),
-        "fingerprints": {n: fingerprint(m) for n, m in modules.items()},
-        "targets": component_targets(modules, cfg),
-        "frozen": [],
-        "frozen_fingerprints": {},
-        "trainable": [],
-        "code_layout": {k: list(v) for k, v in layout.items()},
-        **lineage,
-        "imported": {"sources": sources},
-        "wandb": {"id": None, "project": cfg.tracking.project, "entity": cfg.tracking.entity, "mode": "none"},
-        "metrics": {},
-        "best": {"step": None, "value": None},
-        "version": _version(),
-        "world_size": 1,
-        "data": {"excluded": [], "load_failures": 0, "load_failed": []},
-    }
+    meta = CheckpointMeta(
+        step=0,
+        stage=stage,
+        run_name=run_name,
+        config=to_dict(cfg),
+        fingerprints={n: fingerprint(m) for n, m in modules.items()},
+        targets=component_targets(modules, cfg),
+        code_layout={k: list(v) for k, v in layout.items()},
+        baseline=lineage["baseline"],
+        imported={"sources": sources},
+        wandb={"id": None, "project": cfg.tracking.project, "entity": cfg.tracking.entity, "mode": "none"},
+        version=_version(),
+    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    ckpt.RunDir(out).config.write_text(dump_config(cfg))
     tmp = ckpt.begin_step(out, 0)
     ckpt.save_components(tmp, saved)
     final = ckpt.commit_step(out, tmp, 0, meta)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siren.config.schema import COMPONENTS, SirenConfig
+from siren.config.schema import SirenConfig
+from siren.config.stages import COMPONENTS
 
 
 def component_info(cfg: SirenConfig) -> dict:
@@ -57,8 +58,8 @@ def component_info(cfg: SirenConfig) -> dict:
 
 def _rates(cfg: SirenConfig, mods: dict[str, nn.Module], notes: dict[str, str]) -> tuple[dict, dict, dict | None]:
     """Human-readable output rate per built component, the code layout per stream, and the bit/s."""
+    from siren.models.analysis import layout_bps
     from siren.models.roles import FrameGeometry, can_range_code
-    from siren.train.stages.common import layout_bps
 
     a = cfg.audio
     fact = mods.get("factorizer")

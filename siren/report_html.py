@@ -1,4 +1,4 @@
-"""`report.html`: the verify report as one self-contained page a person can open (DESIGN §10).
+"""`report.html`: the verify report as one self-contained page a person can open (docs/verify.md).
 
 The page shows the verdict and every threshold, code agreement per stream and level, JS / entropy drift, bit rates and
 mel distances, and per utterance the original / adapted / baseline audio players with their mel images side by side.

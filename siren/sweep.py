@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps over SIREN config keys (DESIGN §13).
+"""Hyperparameter sweeps over SIREN config keys (docs/sharing.md#sweeps).
 
 A sweep file is an ordinary W&B sweep YAML whose parameters are dotted SIREN config keys (`optim.lr`,
 `optim.groups.factorizer.lr`) and whose `command` runs `siren train ... ${args_no_hyphens}`.
@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,9 @@ from typing import Any, Protocol
 
 import yaml
 
+from siren.checkpoints.layout import RunDir
 from siren.config.schema import SirenConfig
+from siren.errors import SirenError
 
 # Macros of a W&B sweep `command` that the offline runner expands; others are rejected rather than passed through.
 _ARGS_MACRO = "${args_no_hyphens}"
@@ -46,7 +49,7 @@ _UNSUPPORTED_MACROS = {
 _STDERR_TAIL_LINES = 20
 
 
-class SweepError(ValueError):
+class SweepError(SirenError, ValueError):
     """An invalid sweep file, or a sweep that could not be started."""
 
 
@@ -274,7 +277,7 @@ def build_command(sweep_config: Mapping[str, Any], overrides: Sequence[str]) -> 
 def read_metric(run_dir: str | os.PathLike[str], name: str) -> float | None:
     """W&B's summary value of `name`: its last value in `RUN/metrics.jsonl` (the same history W&B holds, a resumed run's
     re-logged steps included); None when the file is missing or never logged it."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     value = None
@@ -329,12 +332,17 @@ def run_sweep(
     runs_root: str | os.PathLike[str] = "runs/sweeps",
     seed: int = 0,
     runner: Runner | None = None,
+    fresh: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `count` trials of the sweep file at `path`; returns trials ranked best-first (and prints the table).
 
+    Offline, a sweep run again finds its trial directories: it says so and resumes each (a finished trial trains no
+    further and is ranked as it ended; a trial whose swept values differ from the new proposal is refused), or, with
+    `fresh`, moves the earlier run aside and starts over.
+
     Each trial dict: index, name, params, run_dir, command, returncode, metric, error (None when it succeeded), rank.
     """
-    from siren.artifacts import wandb_is_online
+    from siren.checkpoints.artifacts import wandb_is_online
 
     if count < 1:
         raise SweepError(f"sweep count must be >= 1, got {count}")
@@ -344,7 +352,7 @@ def run_sweep(
     if wandb_is_online() if online is None else online:
         trials = _run_online(config, Path(path), count, name, root, extra_overrides)
     else:
-        trials = _run_offline(config, count, name, root, extra_overrides, seed, runner or _subprocess_runner)
+        trials = _run_offline(config, count, name, root, extra_overrides, seed, runner or _subprocess_runner, fresh)
     ranked = rank_trials(trials, config["metric"].get("goal", "minimize"))
     print(
         f"sweep {name}: {len(ranked)} trial(s) ranked by {config['metric']['name']} ({config['metric'].get('goal', 'minimize')})"
@@ -371,10 +379,22 @@ def _run_offline(
     extra_overrides: Sequence[str],
     seed: int,
     runner: Runner,
+    fresh: bool = False,
 ) -> list[dict[str, Any]]:
     metric_name = config["metric"]["name"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     trials: list[dict[str, Any]] = []
+    earlier = sorted((p.name for p in root.glob("trial_*") if p.is_dir()), key=_trial_index) if root.is_dir() else []
+    if earlier and fresh:
+        aside = root.with_name(f"{root.name}.before-fresh-{time.strftime('%Y%m%d-%H%M%S')}")
+        root.rename(aside)
+        print(f"sweep {name}: --fresh: the earlier run ({len(earlier)} trial(s)) moved to {aside}", flush=True)
+    elif earlier:
+        print(
+            f"sweep {name}: {root} holds {len(earlier)} trial(s) of an earlier run ({', '.join(earlier)}); resuming "
+            "them: a finished trial trains no further and is ranked as it ended (--fresh starts the sweep over)",
+            flush=True,
+        )
     for k in range(count):
         # One proposal at a time, so bayes sees every finished trial and grid skips the points already run.
         proposal = propose_trials(config, 1, seed=seed, history=trials)
@@ -383,6 +403,18 @@ def _run_offline(
             break
         params = proposal[0]
         run_dir = root / f"trial_{k}"
+        if RunDir(run_dir).config.is_file():
+            before = _params_from_resolved_config(run_dir, config["parameters"])
+            differ = {
+                key: (before.get(key), _to_python(v)) for key, v in params.items() if before.get(key) != _to_python(v)
+            }
+            if differ:
+                raise SweepError(
+                    f"sweep {name}: {run_dir} was run with other values of the swept keys than this sweep now proposes "
+                    f"for it ({', '.join(f'{key}: {a!r} → {b!r}' for key, (a, b) in differ.items())}); pass --fresh "
+                    "to start the sweep over"
+                )
+            print(f"sweep {name}: trial_{k} exists: resuming it", flush=True)
         command = build_command(
             config, trial_overrides(params, run_dir=run_dir, group=name, extra_overrides=extra_overrides)
         )
@@ -450,9 +482,14 @@ def _run_online(
     return trials
 
 
+def _trial_index(name: str) -> int:
+    tail = name.rpartition("_")[2]
+    return int(tail) if tail.isdigit() else 1 << 30
+
+
 def _params_from_resolved_config(run_dir: Path, parameters: Mapping[str, Any]) -> dict[str, Any]:
     """The swept values as the trial resolved them (`RUN/config.yaml`); empty when the trial never wrote it."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return {}
     resolved = yaml.safe_load(path.read_text())

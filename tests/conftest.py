@@ -48,6 +48,23 @@ def teacher_dir(tmp_path_factory) -> Path:
     return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny_hubert", seed=0)
 
 
+@pytest.fixture(scope="session")
+def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
+    """A tiny codec run trained once for every file that only reads it: 6 steps, checkpoints at steps 3 and 6 with
+    samples, an offline W&B run. The baseline of adapt tests, weights to init from, a W&B history to read back.
+    Tests read it and never write into it (a run of their own goes under their tmp_path)."""
+    from helpers import isolated_tracking, stage_config
+
+    from siren.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("runs") / "codec"
+    with isolated_tracking(run.parent):
+        Trainer(
+            stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6, "train.checkpoint_every": 3})
+        ).fit()
+    return run
+
+
 @pytest.fixture
 def subprocess_env(hermetic_wandb) -> dict:
     """Environment for `python -m siren` subprocesses: hermetic W&B (set above), the repo on the path."""

@@ -27,7 +27,7 @@ CONTROLS_DIR = Path(__file__).resolve().parent / "controls"
 # ---------------------------------------------------------------------------------------------- naive replacements
 def _inplace_begin_step(run_dir, step):
     """Write straight into step_N and point `latest` at it first (no temp dir, no rename, no meta-last)."""
-    from siren.train import checkpoint as ckpt
+    from siren.checkpoints import layout as ckpt
 
     final = ckpt.step_dir(run_dir, step)
     (final / "components").mkdir(parents=True, exist_ok=True)
@@ -36,9 +36,7 @@ def _inplace_begin_step(run_dir, step):
 
 
 def _inplace_commit_step(run_dir, tmp, step, meta):
-    import json
-
-    (Path(tmp) / "meta.json").write_text(json.dumps(meta))
+    (Path(tmp) / "meta.json").write_text(meta.to_json())
     return Path(tmp)
 
 
@@ -180,8 +178,8 @@ def _everything_range_codes(entropy_model):
 
 MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "atomic_checkpoint": [
-        ("siren.train.checkpoint:begin_step", _inplace_begin_step),
-        ("siren.train.checkpoint:commit_step", _inplace_commit_step),
+        ("siren.checkpoints.layout:begin_step", _inplace_begin_step),
+        ("siren.checkpoints.layout:commit_step", _inplace_commit_step),
     ],
     "resume_trainer_state": [("siren.train.trainer:Trainer._restore_trainer_state", _no_trainer_state)],
     "bad_audio_skip": [("siren.data.datasets:read_audio", _trusting_read_audio)],
@@ -196,7 +194,7 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "per_rank_streams": [("siren.train.trainer:rank_stream_seed", _same_stream_on_every_rank)],
     "fp16_overflow_through_scaler": [("siren.train.optim:Updater.apply", _skip_nonfinite_without_scaler)],
     "micro_batch_metrics": [("siren.train.step_metrics:StepMetrics.add", _last_micro_batch_only)],
-    "sparse_codebook_window": [("siren.metrics.large_codebook:is_large", _never_large)],
+    "sparse_codebook_window": [("siren.metrics.codebook:is_large", _never_large)],
     "preemption_signals": [("siren.train.supervision:Preemption.__enter__", _no_signal_handlers)],
     "hang_watchdog": [("siren.train.supervision:Watchdog.__enter__", _no_watchdog)],
     "fp32_islands": _unwrap_fp32_islands(),
@@ -205,7 +203,7 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
     "role_check": [("siren.models.roles:check_role", _no_role_check)],
     "foreign_strict_load": [("siren.models.weights:load_foreign_weights", _lenient_foreign_load)],
     "mel_conversion": [("siren.models.mel:convert_mel", _identity_mel)],
-    "rate_only_refusal": [("siren.models.codec:can_range_code", _everything_range_codes)],
+    "rate_only_refusal": [("siren.codec:can_range_code", _everything_range_codes)],
 }
 
 _REAL_ADD = None
@@ -248,7 +246,7 @@ def _slow_checkpoint_write(arg: str) -> None:
     import re
     import time
 
-    from siren.train import checkpoint as ckpt
+    from siren.checkpoints import layout as ckpt
 
     real = ckpt.save_components
 
@@ -323,9 +321,9 @@ def stub_quality_scorers(calls: list | None = None) -> dict:
 
 def _verify_quality_stub(arg: str) -> None:
     """`verify_quality_stub`: verify scores quality with `stub_quality_scorers` (as if the eval extra were installed)."""
-    import siren.verify
+    import siren.verify.judge
 
-    siren.verify._quality_scorers = stub_quality_scorers
+    siren.verify.judge._quality_scorers = stub_quality_scorers
 
 
 def _verify_rank_crash(arg: str) -> None:
@@ -428,10 +426,10 @@ def _bump_only(tree):
 
 MECHANISMS.update(
     {
-        "code_language_grid_constants": [("siren.lineage:_all_tensors", _state_dict_only)],
+        "code_language_grid_constants": [("siren.checkpoints.lineage:_all_tensors", _state_dict_only)],
         "frozen_step_check": [("siren.train.frozen_guard:FrozenGuard.check", _guard_never_checks)],
         "frozen_check_all_ranks": [("siren.train.trainer:ranks_that_failed", _own_rank_only)],
-        "verify_exit_guard": [("siren.verify:guarded_verdict", _naive_verdict)],
+        "verify_exit_guard": [("siren.verify.run:guarded_verdict", _naive_verdict)],
         "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],
         "sparse_window_gather": [("siren.train.step_metrics:StepMetrics._gather_keys", _rank_keys_only)],
@@ -439,9 +437,9 @@ MECHANISMS.update(
             ("siren.train.trainer:default_run_name", lambda entity, project, stage, run_dir: Path(run_dir).name)
         ],
         "fsq_grid": [("siren.models.quantizers:FSQ.__init__", _fsq_even_grid)],
-        "verify_requires_thresholds": [("siren.verify:require_thresholds", lambda th, run: None)],
+        "verify_requires_thresholds": [("siren.verify.judge:require_thresholds", lambda th, run: None)],
         # every rank judges every utterance (no split): rank 0 reduces each utterance world times
-        "verify_split": [("siren.verify:shard", lambda items, rank, world: list(enumerate(items)))],
+        "verify_split": [("siren.ranks:Ranks.shard", lambda self, items: items)],
         "config_migration": [("siren.config.loader:migrate", _no_migration)],
         "empty_migration_table": [
             ("siren.config.migrations:MIGRATIONS", {v: _bump_only for v in range(_schema_version())})

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from siren import artifacts
-from siren.artifacts import (
+from siren.checkpoints import artifacts
+from siren.checkpoints.artifacts import (
     CheckpointNotFound,
     artifact_name,
     index_checkpoint,
@@ -210,7 +210,7 @@ class FakeRun:
 
 def test_log_checkpoint_artifact_failure_returns_false(tmp_path, caplog):
     step_dir = make_run(tmp_path) / "checkpoints" / "step_20"
-    with caplog.at_level(logging.WARNING, logger="siren.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="siren.checkpoints.artifacts"):
         assert log_checkpoint_artifact(FakeRun(fail=True), step_dir, "codec-r", ["latest"], {}) is False
     assert "server unreachable" in caplog.text
     assert log_checkpoint_artifact(FakeRun(), step_dir, "codec-r", ["latest"], {}) is True
@@ -230,7 +230,7 @@ def test_use_checkpoint_artifact_only_online_and_wandb_uri():
 def test_a_name_belongs_to_one_run_dir_at_every_index_write(tmp_path):
     """A second run directory writing under a name that another existing run directory owns is refused, naming both,
     and the owner's `latest` stays where it was; once the owner is gone the name is free."""
-    from siren.artifacts import ArtifactNameTaken
+    from siren.checkpoints.artifacts import ArtifactNameTaken
 
     first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")  # both dirs are called `run`
     index_checkpoint(first / "checkpoints" / "step_10", None, "siren", "codec-run", ["step_10", "latest"])
@@ -246,7 +246,7 @@ def test_a_name_belongs_to_one_run_dir_at_every_index_write(tmp_path):
 def test_a_claim_holds_before_the_first_checkpoint_and_derived_names_differ(tmp_path):
     """A run claims its name at start (no checkpoint indexed yet): another run dir cannot write under it, and the name
     derived for a run dir of the same name is a different one, stable for that dir."""
-    from siren.artifacts import ArtifactNameTaken, claim_artifact_name, derive_run_name
+    from siren.checkpoints.artifacts import ArtifactNameTaken, claim_artifact_name, derive_run_name
 
     first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")
     assert derive_run_name(None, "siren", "codec", first) == "run"
@@ -264,7 +264,7 @@ def test_a_claim_holds_before_the_first_checkpoint_and_derived_names_differ(tmp_
 def test_server_downloads_belong_to_no_run_dir(tmp_path):
     """A version downloaded into the cache is a copy of the named artifact: indexing it under a name a local run owns
     is no collision."""
-    from siren.artifacts import artifact_cache_dir
+    from siren.checkpoints.artifacts import artifact_cache_dir
 
     run = make_run(tmp_path)
     index_checkpoint(run / "checkpoints" / "step_10", "team", "siren", "codec-r", ["latest"])
@@ -277,7 +277,7 @@ def test_server_downloads_belong_to_no_run_dir(tmp_path):
 
 def test_the_index_lives_under_siren_artifact_cache(tmp_path, monkeypatch):
     """SIREN_ARTIFACT_CACHE moves the whole index: a claim in one cache is unknown to another."""
-    from siren.artifacts import claim_artifact_name
+    from siren.checkpoints.artifacts import claim_artifact_name
 
     first, second = make_run(tmp_path / "a"), make_run(tmp_path / "b")
     claim_artifact_name(None, "siren", "codec-run", first)
@@ -292,7 +292,7 @@ def test_two_imports_into_dirs_of_the_same_name_do_not_share_an_entry(tmp_path):
     `latest` alone; naming both the same explicitly is refused before the second writes anything."""
     import torch
 
-    from siren.artifacts import ArtifactNameTaken
+    from siren.checkpoints.artifacts import ArtifactNameTaken
     from siren.config.loader import load_config
     from siren.importer import import_run
     from siren.models.builders import build_component

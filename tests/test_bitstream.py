@@ -57,9 +57,9 @@ def test_a_wrong_payload_does_not_decode():
 # ------------------------------------------------------------------------------------------ the codec's bitstream
 @pytest.fixture(scope="module")
 def tiny_codec(tmp_path_factory):
+    from siren.codec import Codec
     from siren.config.loader import load_config
     from siren.models.builders import build_components
-    from siren.models.codec import Codec
     from siren.models.ssl import save_tiny_teacher
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml")

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bitstream import code_modules
 
+from siren.codec import Codec, Codes
 from siren.coding.bitstream import BitstreamError, read_header
 from siren.errors import LayoutMismatch
-from siren.models.codec import Codec, Codes
 from siren.models.roles import FrameGeometry
 
 SETTINGS = settings(

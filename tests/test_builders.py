@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from siren.config.loader import load_config
-from siren.config.schema import COMPONENTS
+from siren.config.stages import COMPONENTS
 from siren.models.builders import build_component, build_components, component_rates, nominal_bps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"

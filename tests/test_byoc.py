@@ -1,4 +1,4 @@
-"""Bring your own codec, the unit guarantees (DESIGN §18): bad input gives one clear error naming the problem; foreign
+"""Bring your own codec, the unit guarantees (docs/bring-your-own-codec.md): bad input gives one clear error naming the problem; foreign
 weights load strictly; mel domains convert exactly or refuse; a rate-only entropy model cannot reach the range coder.
 
 Each guarantee has a negative control (`CONTROLS`, tests/mechanisms.py): with its mechanism switched off the test fails.
@@ -183,8 +183,8 @@ def test_mel_domains_convert_exactly_and_refuse_other_filterbanks():
 def test_a_codec_refuses_a_vocoder_on_another_hop_at_construction():
     from acme_codec.siren_adapters import MelVocoderAsVocoder
 
+    from siren.codec import Codec
     from siren.config.schema import AudioConfig
-    from siren.models.codec import Codec
     from siren.models.mel import MelDomain, MelDomainError
 
     a = AudioConfig()
@@ -202,8 +202,8 @@ def _geo():
 def test_rate_only_entropy_model_cannot_reach_the_range_coder():
     from acme_codec.siren_adapters import ByteRateAsEntropyModel, GridAsQuantizer, TableAsSpeakerQuantizer
 
+    from siren.codec import Codec, Codes
     from siren.errors import SirenError
-    from siren.models.codec import Codec, Codes
 
     comps = {
         "sem_quantizer": GridAsQuantizer(nets.ScalarGrid(8, [3, 3])),
@@ -230,8 +230,8 @@ def test_rate_only_entropy_model_cannot_reach_the_range_coder():
 
 def test_checkpoint_whose_class_cannot_be_imported_names_the_module(tmp_path, teacher_dir):
     """A run saved with a foreign factorizer, loaded where its package is missing: the error names the module."""
-    from siren.train import checkpoint as ckpt
-    from siren.train.stages.common import load_checkpoint
+    from siren.checkpoints import layout as ckpt
+    from siren.checkpoints.load import load_checkpoint
 
     cfg = _cfg(
         f"ssl.name={teacher_dir}",
@@ -241,13 +241,14 @@ def test_checkpoint_whose_class_cannot_be_imported_names_the_module(tmp_path, te
         "factorizer.adapter_args={input_dim: 64}",
     )
     fact = build_component("factorizer", cfg)
+    from siren.checkpoints.meta import CheckpointMeta
     from siren.config.loader import to_dict
 
     tree = to_dict(cfg)
     tree["factorizer"]["target"] = "acme_codec_v2.nets:SpeechAnalyzer"  # the package the run was trained with
     tmp = ckpt.begin_step(tmp_path, 0)
     ckpt.save_components(tmp, {"factorizer": fact})
-    ckpt.commit_step(tmp_path, tmp, 0, {"step": 0, "stage": "codec", "config": tree, "fingerprints": {}})
+    ckpt.commit_step(tmp_path, tmp, 0, CheckpointMeta(step=0, stage="codec", config=tree, fingerprints={}))
     with pytest.raises(ComponentError, match=r"factorizer: cannot import module 'acme_codec_v2\.nets'"):
         load_checkpoint(str(tmp_path), ["factorizer"])
 

@@ -1,4 +1,4 @@
-"""Bring your own codec, end to end (DESIGN §18), with the foreign ACME codec in tests/acme_codec:
+"""Bring your own codec, end to end (docs/bring-your-own-codec.md), with the foreign ACME codec in tests/acme_codec:
 
 torch.save checkpoints (nested dicts, `module.` prefixes) → `siren import` (codec, flow, vocoder) → `adapt` trains only
 the foreign factorizer (frozen components bit-identical, drift metrics every step) → samples through ACME's own
@@ -18,6 +18,7 @@ import torch
 import yaml
 from helpers import ROOT, stage_config
 
+from siren.config import load_config, to_dict
 from siren.train.trainer import Trainer
 
 DIMS = {"feat_ch": 64, "width": 32, "sem_ch": 32, "pro_ch": 16, "spk_ch": 32}  # tiny preset latent dims
@@ -136,7 +137,6 @@ def acme_yaml(root, teacher) -> dict:
 @pytest.fixture(scope="module")
 def acme(corpus_dir, teacher_dir, tmp_path_factory):
     """ACME's bundle imported into three SIREN runs, then an adapt run on them."""
-    from siren.config import load_config
     from siren.importer import import_run
     from siren.models.student_ssl import TinyHubert
 
@@ -166,12 +166,14 @@ def acme(corpus_dir, teacher_dir, tmp_path_factory):
             "verify.real_clip": None,
             "tracking.mode": "disabled",
         }
-        Trainer(
-            stage_config("adapt", corpus_dir, teacher_dir, runs / "adapt", baseline=str(runs / "codec"), **extra)
-        ).fit()
+        adapt_cfg = stage_config(
+            "adapt", corpus_dir, teacher_dir, runs / "adapt", baseline=str(runs / "codec"), **extra
+        )
+        as_loaded = to_dict(adapt_cfg)
+        Trainer(adapt_cfg).fit()
     finally:
         mp.undo()
-    return {"root": root, "runs": runs, "proc": proc}
+    return {"root": root, "runs": runs, "proc": proc, "adapt_cfg": (as_loaded, to_dict(adapt_cfg))}
 
 
 def _meta(run, step):
@@ -205,10 +207,27 @@ def test_import_writes_a_normal_run_with_sources_and_targets(acme, monkeypatch):
     # Flow import recorded the code language of the codec it reads.
     assert _meta(runs / "flow", 0)["fingerprints"]["sem_quantizer"] == meta["fingerprints"]["sem_quantizer"]
     # The local artifact index resolves the import like any run.
-    from siren.artifacts import resolve_checkpoint
+    from siren.checkpoints.artifacts import resolve_checkpoint
 
     monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
     assert resolve_checkpoint("wandb:local/acme/codec-codec:latest") == (codec / "checkpoints/step_0").resolve()
+
+
+def test_building_a_run_never_changes_its_config_and_dumps_what_ran(acme):
+    """Adapt resolves the codec's classes from its baseline (here ACME's foreign targets) and the student's
+    architecture: into the run's own copy. The config the caller loaded is the same value after the run, and the run
+    dir's config.yaml is the config its checkpoints were built from."""
+    as_loaded, after = acme["adapt_cfg"]
+    assert after == as_loaded
+    assert as_loaded["factorizer"]["target"] != "acme_codec.nets:SpeechAnalyzer"  # the loaded config did not name it
+    run = acme["runs"] / "adapt"
+    ran = _meta(run, 3)["config"]
+    assert ran["factorizer"]["target"] == "acme_codec.nets:SpeechAnalyzer"  # what ran: resolved from the baseline
+    from siren.config.loader import config_from_dict, dump_config
+
+    dumped = yaml.safe_load((run / "config.yaml").read_text())
+    assert dumped == yaml.safe_load(dump_config(config_from_dict(ran)))
+    assert dumped["factorizer"]["target"] == "acme_codec.nets:SpeechAnalyzer"
 
 
 def test_adapt_trains_only_the_factorizer_and_reports_drift(acme):
@@ -269,7 +288,7 @@ def test_verify_gives_a_verdict_and_encode_refuses_the_rate_only_model(acme, cap
 
 
 def test_codec_trains_from_scratch_with_a_foreign_factorizer(corpus_dir, teacher_dir, tmp_path):
-    from siren.models.codec import Codec
+    from siren.codec import Codec
 
     run = tmp_path / "codec"
     extra = {
@@ -302,9 +321,8 @@ def test_adapt_with_a_foreign_student_imported_from_torch_save(acme, corpus_dir,
     from acme_codec import nets
     from safetensors.torch import load_file
 
-    from siren.config import load_config
+    from siren.checkpoints.load import load_checkpoint
     from siren.importer import import_run
-    from siren.train.stages.common import load_checkpoint
 
     monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(tmp_path / "artifacts"))
     torch.manual_seed(3)

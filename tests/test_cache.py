@@ -19,9 +19,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from siren.data.cache import Dist, Field, ShardCache
+from siren.data.cache import Field, ShardCache
 from siren.data.datasets import AudioDataset, collate
 from siren.data.manifest import Utterance
+from siren.ranks import Ranks
 
 SR, HOP, DIM = 16000, 320, 4
 
@@ -117,7 +118,7 @@ def test_each_rank_computes_its_share(ds, tmp_path):
     def rank(r: int) -> None:
         try:
             cache = make(ds, tmp_path / "c", shard_bytes=1)
-            reps[r] = cache.ensure(ds.load_full, comps[r], Dist(r, 2, barrier.wait), progress=False)
+            reps[r] = cache.ensure(ds.load_full, comps[r], Ranks(r, 2, barrier.wait), progress=False)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
             barrier.abort()

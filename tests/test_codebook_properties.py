@@ -1,31 +1,34 @@
-"""Properties of the codebook windows, read through `StepMetrics` as the trainer reads them: on any code layout (FSQ
+"""Properties of the codebook window, read through `StepMetrics` as the trainer reads it: on any code layout (FSQ
 streams of 1 to 16 dimensions, plain codebooks of 2 to 2^20 codes, 1 to 4 residual levels), through empty and masked
-steps, more steps than the window holds and a resume mid-way, the dense `CodebookWindow` and the sparse
-`SparseCodebookWindow` (on either backend) log what a direct count (numpy bincount) of the codes in the window gives:
-usage, perplexity, dead codes, per-digit FSQ usage and perplexity, and drift against a baseline profile."""
+steps, more steps than the window holds and a resume mid-way, `CodebookWindow` with either storage (dense, and sparse
+on either backend) logs what a direct count (numpy bincount) of the codes in the window gives: usage, perplexity, dead
+codes, per-digit FSQ usage and perplexity, and drift against a baseline profile. The storages give the same metrics as
+each other, and two ranks that each see part of every step log what one process that sees all of it logs."""
 
 from __future__ import annotations
 
 import io
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from siren.metrics.codebook import CodebookWindow, level_names
+from siren.metrics import codebook
+from siren.metrics.codebook import DENSE_MAX_CODES, CodebookWindow, level_names
 from siren.metrics.drift import DriftReference
-from siren.metrics.large_codebook import DENSE_MAX_CODES, SparseCodebookWindow
 from siren.train.stages.base import MetricSources, StepOutput
 from siren.train.step_metrics import StepMetrics
 
 RATE = "rate/bps_entropy"
 MAX_CODES = 2**20
-# The dense window holds window × rows × (widest codebook) float64 cells: it is compared on layouts up to this size
-# (the trainer gives it codebooks of at most `DENSE_MAX_CODES`); the sparse window and the direct count on every one.
+# The dense storage holds window × rows × (widest codebook) float64 cells: it is compared on layouts up to this size
+# (the window picks it for codebooks of at most `DENSE_MAX_CODES`); the sparse storage and the direct count on every one.
 DENSE_CELLS = 2**20
 SETTINGS = settings(
     max_examples=40,
@@ -37,10 +40,10 @@ SETTINGS = settings(
 
 # ------------------------------------------------------------------------------------------------------- strategies
 @st.composite
-def fsq_levels(draw) -> list[int]:
-    """1 to 16 dimensions of ≥ 2 levels each, at most 2^20 codes in all (one dimension may take nearly all)."""
-    d = draw(st.integers(1, 16))
-    levels, budget = [], MAX_CODES
+def fsq_levels(draw, most_codes: int = MAX_CODES) -> list[int]:
+    """1 to 16 dimensions of ≥ 2 levels each, at most `most_codes` codes in all (one dimension may take nearly all)."""
+    d = draw(st.integers(1, min(16, most_codes.bit_length() - 1)))
+    levels, budget = [], most_codes
     for i in range(d):
         most = budget // 2 ** (d - i - 1)  # leave ≥ 2 levels for each dimension still to draw
         v = draw(st.one_of(st.integers(2, min(most, 8)), st.integers(2, most)))
@@ -50,17 +53,18 @@ def fsq_levels(draw) -> list[int]:
 
 
 @st.composite
-def layouts(draw) -> tuple[dict[str, tuple[int, int]], dict[str, list[int]]]:
-    """Code layout (stream → (codes per level, levels)) and FSQ digits (stream → levels per dimension)."""
+def layouts(draw, most_codes: int = MAX_CODES) -> tuple[dict[str, tuple[int, int]], dict[str, list[int]]]:
+    """Code layout (stream → (codes per level, levels)) and FSQ digits (stream → levels per dimension), at most
+    `most_codes` codes per level."""
     streams = draw(st.lists(st.sampled_from(["sem", "pro", "spk"]), min_size=1, max_size=3, unique=True))
     layout, digits = {}, {}
     for s in [x for x in ("sem", "pro", "spk") if x in streams]:
         L = draw(st.integers(1, 4))
         if draw(st.booleans()):
-            digits[s] = draw(fsq_levels())
+            digits[s] = draw(fsq_levels(most_codes))
             layout[s] = (math.prod(digits[s]), L)
         else:
-            layout[s] = (draw(st.one_of(st.integers(2, 16), st.integers(2, MAX_CODES))), L)
+            layout[s] = (draw(st.one_of(st.integers(2, 16), st.integers(2, most_codes))), L)
     return layout, digits
 
 
@@ -175,17 +179,14 @@ def direct_metrics(layout, digits, in_window, profile, rate) -> dict[str, float]
 
 
 # --------------------------------------------------------------------------------------------------- the windows
-def _step_metrics(layout, digits, window: int, kind: str, profile) -> StepMetrics:
-    """`StepMetrics` as the trainer builds it, its window forced to `kind`: "dense", or "numpy" / "torch" (the sparse
-    window on host arrays, as on a CPU, or on tensors, as on an accelerator)."""
-    sparse = kind != "dense"
-    drift = DriftReference(profile, layout, sparse=sparse) if profile is not None else None
+def _step_metrics(layout, digits, window: int, kind: str, profile, world: int = 1) -> StepMetrics:
+    """`StepMetrics` as the trainer builds it, its window's storage forced to `kind`: "dense", or "numpy" / "torch"
+    (the sparse storage on host arrays, as on a CPU, or on tensors, as on an accelerator)."""
+    drift = DriftReference(profile, layout) if profile is not None else None
     sources = MetricSources(layout=layout, drift=drift, drift_rate=RATE if drift else None, digits=digits)
-    sm = StepMetrics(sources, window, torch.device("cpu"), world=1, grad_accum=1)
-    if sparse:
-        sm.window = SparseCodebookWindow(layout, window, digits=digits, backend=kind)
-    else:
-        sm.window = CodebookWindow(layout, window, digits=digits)
+    sm = StepMetrics(sources, window, torch.device("cpu"), world=world, grad_accum=1)
+    storage, backend = ("dense", None) if kind == "dense" else ("sparse", kind)
+    sm.window = CodebookWindow(layout, window, digits=digits, drift=drift, storage=storage, backend=backend)
     return sm
 
 
@@ -234,8 +235,8 @@ def check_windows(layout, digits, window, sequence, profile, resume_at, split, k
 
 
 @st.composite
-def scenarios(draw):
-    layout, digits = draw(layouts())
+def scenarios(draw, most_codes: int = MAX_CODES):
+    layout, digits = draw(layouts(most_codes))
     sequence = draw(steps(layout))
     profile = draw(st.none() | profiles(layout))
     window = draw(st.integers(1, 3))  # small: sequences of up to 7 steps evict
@@ -281,3 +282,173 @@ def test_one_dimensional_fsq_of_2_20_levels_beside_sixteen_dimensions():
         for _ in range(3)
     ]
     check_windows(layout, digits, 2, sequence, None, resume_at=None, split=False, kinds=["numpy", "torch"])
+
+
+# ------------------------------------------------------------------------- one window: either storage, any ranks
+def _logged(sm: StepMetrics, sequence, split: bool = False) -> list[dict[str, float]]:
+    """Per step the codebook and drift metrics `sm` logs."""
+    rates = [(3.0 + t, 0.5) for t in range(len(sequence))]
+    out = []
+    for step, rate in zip(sequence, rates, strict=True):
+        logged = _log_step(sm, step, rate, split)
+        out.append({k: v for k, v in logged.items() if k.startswith(("codebook/", "drift/"))})
+    return out
+
+
+def _assert_same(got: list[dict], want: list[dict], what: str) -> None:
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert list(g) == list(w), f"{what}, step {t}: names {sorted(set(g) ^ set(w))}"
+        bad = {k: (g[k], w[k]) for k in w if g[k] != pytest.approx(w[k], rel=1e-9, abs=1e-9)}
+        assert not bad, f"{what}, step {t}: {bad}"
+
+
+@st.composite
+def small_scenarios(draw):
+    """A scenario on a layout both storages hold (at most `DENSE_MAX_CODES` codes per level, ≤ `DENSE_CELLS` cells)."""
+    layout, digits = draw(layouts(DENSE_MAX_CODES))
+    window = draw(st.integers(1, 3))
+    assume(window * sum(L for _, L in layout.values()) * max(K for K, _ in layout.values()) <= DENSE_CELLS)
+    return layout, digits, window, draw(steps(layout)), draw(st.none() | profiles(layout)), draw(st.booleans())
+
+
+def check_storages_agree(layout, digits, window, sequence, profile, split) -> None:
+    """The window logs the same names and values whichever storage it holds its counts in."""
+    dense = _logged(_step_metrics(layout, digits, window, "dense", profile), sequence, split)
+    for kind in ("numpy", "torch"):
+        _assert_same(_logged(_step_metrics(layout, digits, window, kind, profile), sequence, split), dense, kind)
+
+
+@SETTINGS
+@given(small_scenarios())
+def test_the_window_logs_the_same_metrics_whichever_storage_it_picks(scenario):
+    layout, digits, window, sequence, profile, split = scenario
+    assert CodebookWindow(layout, window).storage == "dense"  # what it picks at these sizes; both are forced below
+    event(f"drift: {profile is not None}, FSQ streams: {len(digits)}, evictions: {len(sequence) > window}")
+    check_storages_agree(*scenario)
+
+
+_REPEATS = (  # one stream whose codes repeat within a step and across steps: the counts must count each code once
+    {"sem": (16, 2)},
+    {},
+    2,
+    [{"sem": (np.array([[[1, 1], [1, 3], [2, 1]]]), None)} for _ in range(3)],
+    None,
+    False,
+)
+
+
+def test_storages_agree_fails_when_the_sparse_counts_count_a_code_per_occurrence(monkeypatch):
+    """Control: the sparse storage changes each code's count-derived sums once per distinct code, at one occurrence
+    (`mark`/`ids`); with every occurrence taken as that one, repeated codes are counted again and the storages differ."""
+    real = codebook._SparseCounts._sign
+
+    def every_occurrence_first(self, n_new, n_old):
+        s32, s64, sf, ids = real(self, n_new, n_old)
+        return s32, s64, sf, ids * 0
+
+    check_storages_agree(*_REPEATS)
+    monkeypatch.setattr(codebook._SparseCounts, "_sign", every_occurrence_first)
+    with pytest.raises(AssertionError, match="numpy, step 0"):
+        check_storages_agree(*_REPEATS)
+
+
+class _InProcessRanks:
+    """The collectives `StepMetrics` and the window use (sum all-reduce, pad across processes, gather), between
+    `world` threads of one process, each holding the accelerator of its rank (`rank(r)`)."""
+
+    def __init__(self, world: int):
+        self.world, self.slots = world, [None] * world
+        self.barrier = threading.Barrier(world, timeout=60)
+
+    def exchange(self, r: int, t: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[r] = t
+        self.barrier.wait()
+        got = list(self.slots)
+        self.barrier.wait()  # nobody writes the next collective's slot before everyone has read this one's
+        return got
+
+    def rank(self, r: int):
+        ranks = self
+
+        class _Accelerator:
+            def reduce(self, t, reduction="sum"):
+                assert reduction == "sum"
+                return sum(ranks.exchange(r, t))
+
+            def pad_across_processes(self, t, dim=0, pad_index=0):
+                n = max(x.shape[dim] for x in ranks.exchange(r, t))
+                pad = torch.full((n - t.shape[0], *t.shape[1:]), pad_index, dtype=t.dtype)
+                return torch.cat([t, pad])
+
+            def gather(self, t):
+                return torch.cat(ranks.exchange(r, t))
+
+        return _Accelerator()
+
+
+def _split_step(step, cuts: dict[str, int]):
+    """A step's batch cut in two per stream (rank 0 takes the first `cuts[s]` utterances, rank 1 the rest)."""
+    parts = [{}, {}]
+    for s, (c, m) in step.items():
+        k = min(cuts[s], c.shape[0])
+        for r, sl in enumerate((slice(0, k), slice(k, c.shape[0]))):
+            parts[r][s] = (c[sl], None if m is None else m[sl])
+    return parts
+
+
+def check_two_ranks(layout, digits, window, sequence, profile, cuts, kind) -> None:
+    """Two ranks, each given its part of every step, log (both of them) what one process given all of it logs."""
+    want = _logged(_step_metrics(layout, digits, window, kind, profile), sequence)
+    ranks = _InProcessRanks(2)
+
+    def run(r: int) -> list[dict[str, float]]:
+        sm = _step_metrics(layout, digits, window, kind, profile, world=2)
+        out = []
+        for t, step in enumerate(sequence):
+            codes = {s: (torch.from_numpy(c), None if m is None else torch.from_numpy(m)) for s, (c, m) in
+                     _split_step(step, cuts[t])[r].items()}  # fmt: skip
+            rate = (torch.tensor(3.0 + t if r == 0 else 0.0), torch.tensor(0.5 if r == 0 else 0.0))
+            sm.add(StepOutput(torch.tensor(1.0), {}, codes=codes, ratios={RATE: rate}))
+            logged = sm.reduce(ranks.rank(r), torch.tensor(0.0), {})
+            out.append({k: v for k, v in logged.items() if k.startswith(("codebook/", "drift/"))})
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(run, (0, 1)))
+    for r in (0, 1):
+        _assert_same(got[r], want, f"{kind} storage, rank {r} of 2 vs one process")
+
+
+@st.composite
+def two_rank_scenarios(draw):
+    most_codes = draw(st.sampled_from([DENSE_MAX_CODES, MAX_CODES]))  # half of them on layouts both storages hold
+    layout, digits, window, sequence, profile, _, _ = draw(scenarios(most_codes))
+    cuts = [{s: draw(st.integers(0, 3)) for s in layout} for _ in sequence]
+    R, kmax = sum(L for _, L in layout.values()), max(K for K, _ in layout.values())
+    kinds = ["numpy", "torch"] + (["dense"] * 2 if window * R * kmax <= DENSE_CELLS else [])
+    return layout, digits, window, sequence, profile, cuts, draw(st.sampled_from(kinds))
+
+
+@SETTINGS
+@given(two_rank_scenarios())
+def test_two_ranks_log_what_one_window_over_the_whole_stream_logs(scenario):
+    event(f"storage: {scenario[-1]}")
+    check_two_ranks(*scenario)
+
+
+def test_two_ranks_fail_without_the_reduction_across_ranks(monkeypatch):
+    """Control: with `CodebookWindow.reduce` keeping each rank's own codes (no collective), rank 0 logs half."""
+    layout, digits = {"sem": (16, 1), "spk": (2**13, 1)}, {"sem": [4, 4]}
+    g = np.random.default_rng(0)
+    sequence = [
+        {"sem": (g.integers(0, 16, (4, 3, 1)), None), "spk": (g.integers(0, 2**13, (4, 1)), None)} for _ in range(2)
+    ]
+    cuts = [{"sem": 2, "spk": 2}] * 2
+    real = CodebookWindow.reduce
+    for kind in ("dense", "numpy"):
+        check_two_ranks({"sem": (16, 1)}, digits, 2, [{"sem": s["sem"]} for s in sequence], None, cuts, kind)
+    check_two_ranks(layout, digits, 2, sequence, None, cuts, "numpy")
+    monkeypatch.setattr(CodebookWindow, "reduce", lambda self, keys, accelerator=None: real(self, keys, None))
+    for kind in ("dense", "numpy"):
+        with pytest.raises(AssertionError, match="rank 0 of 2 vs one process"):
+            check_two_ranks({"sem": (16, 1)}, digits, 2, [{"sem": s["sem"]} for s in sequence], None, cuts, kind)

@@ -80,6 +80,13 @@ def evaluated(siren_run, tmp_path_factory):
             return _real(self, *a, **k)
 
         mp.setattr(cls, "code", spy)
+    score_threads, real_score = [], ev.score
+
+    def score_spy(*a, **k):
+        score_threads.append(torch.get_num_threads())
+        return real_score(*a, **k)
+
+    mp.setattr(ev, "score", score_spy)
     try:
         result = ev.evaluate(
             data,
@@ -94,7 +101,13 @@ def evaluated(siren_run, tmp_path_factory):
         )
     finally:
         mp.undo()
-    return {"result": result, "out": root / "out", "threads": threads, "torch_threads": torch.get_num_threads()}
+    return {
+        "result": result,
+        "out": root / "out",
+        "threads": threads,
+        "score_threads": score_threads,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _rows(result, system):
@@ -173,6 +186,7 @@ def test_real_time_factors_on_one_thread(evaluated):
         assert s[name]["encode_rtf"] > 0 and s[name]["decode_rtf"] > 0
     assert s["copy"]["encode_rtf"] is None
     assert evaluated["threads"] and set(evaluated["threads"]) == {1}  # every system coded on one torch thread
+    assert evaluated["score_threads"] and set(evaluated["score_threads"]) == {1}  # and scored on one
     assert evaluated["torch_threads"] == __import__("torch").get_num_threads()  # restored afterwards
 
 
@@ -296,3 +310,265 @@ def test_bad_data_is_an_eval_error(tmp_path):
     shutil.copy(data / "morig.wav", data / "sub" / "morig.wav")
     with pytest.raises(ev.EvalError, match="two files with id 'morig'"):
         ev.load_items(data)
+
+
+# ------------------------------------------------------------------------------------------------------ W&B tables
+WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) framed chunks
+
+
+def wandb_records(path: Path) -> list:
+    """Every protobuf `Record` of an offline `run-*.wandb` file, read back from its bytes (W&B 0.31 has no Python
+    reader): after the 7-byte `:W&B` header, chunks with a 7-byte header (checksum, little-endian length, type: 1 full,
+    2 first, 3 middle, 4 last); a block's tail shorter than a header is padding."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a .wandb file"
+    pos, records, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:  # block padding
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+    return records
+
+
+def logged_tables(out: Path) -> tuple[dict, dict]:
+    """(tables {key: {"columns", "data"}} logged in the history of the one offline run under `out/wandb`, that run's
+    record {"project", "group", "job_type", "config"}), from its .wandb file and the table files it points to."""
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    tables, run = {}, {}
+    for rec in wandb_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            fields: dict[str, dict] = {}  # a media value is stored field by field: nested_key = [KEY, FIELD]
+            for item in rec.history.item:
+                if len(item.nested_key) == 2:
+                    fields.setdefault(item.nested_key[0], {})[item.nested_key[1]] = json.loads(item.value_json)
+            for key, value in fields.items():
+                if value.get("_type") == "table-file":
+                    tables[key] = json.loads((files[0].parent / "files" / value["path"]).read_text())
+        elif kind == "run":
+            r = rec.run
+            run.update(project=r.project, group=r.run_group, job_type=r.job_type)
+            run.setdefault("config", {}).update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "config":
+            run.setdefault("config", {}).update({i.key: json.loads(i.value_json) for i in rec.config.update})
+    return tables, run
+
+
+def _trained_run_dir(root: Path, mode: str = "offline", run_id: str | None = "abc123") -> Path:
+    """A run directory as the trainer leaves it, as far as --wandb-run reads it: config.yaml's tracking, wandb_run_id."""
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(
+        f"tracking:\n  project: siren-test\n  entity: null\n  mode: {mode}\n  group: g1\n"
+    )
+    if run_id:
+        (root / "wandb_run_id").write_text(run_id + "\n")
+    return root
+
+
+def _expected_tables(result: dict) -> dict:
+    return {k: {"columns": c, "data": json.loads(json.dumps(r))} for k, (c, r) in ev.wandb_tables(result).items()}
+
+
+def test_eval_tables_logged_to_wandb_offline_and_read_back(evaluated, tmp_path):
+    """--wandb-run RUN_DIR: the systems and per-utterance tables are in the offline run's history (read back from the
+    .wandb file), with every row; the run sits in RUN's project and group, job type eval, RUN's W&B id in its config."""
+    result = evaluated["result"]
+    target = ev.WandbTarget.parse(str(_trained_run_dir(tmp_path / "run")))
+    info = ev.log_wandb(result, target, tmp_path / "out", data="clips/")
+    assert info["mode"] == "offline"
+    tables, run = logged_tables(tmp_path / "out")
+    assert set(tables) == {"eval/systems", "eval/utterances"}
+    for key, want in _expected_tables(result).items():
+        assert tables[key]["columns"] == want["columns"]
+        assert tables[key]["data"] == want["data"]
+    systems = {row[0]: row for row in tables["eval/systems"]["data"]}
+    assert list(systems) == list(result["systems"])
+    pesq = tables["eval/systems"]["columns"].index("pesq")
+    assert systems["c2_700C"][pesq] == pytest.approx(result["systems"]["c2_700C"]["pesq"])
+    assert len(tables["eval/utterances"]["data"]) == len(result["utterances"]) == len(CLIPS) * 6
+    errors = tables["eval/utterances"]["columns"].index("errors")
+    assert any("coding" in json.loads(row[errors]) for row in tables["eval/utterances"]["data"])  # failures listed
+    assert run["project"] == "siren-test" and run["group"] == "g1" and run["job_type"] == "eval"
+    assert run["config"]["evaluated_run"] == "abc123"
+
+
+def test_wandb_read_back_sees_a_switched_off_log(evaluated, tmp_path, monkeypatch):
+    """Control: with the run's log call switched off the same read-back finds no table, so the test above fails."""
+    import wandb
+
+    monkeypatch.setattr(wandb.Run, "log", lambda self, *a, **k: None)
+    target = ev.WandbTarget.parse("siren-test/abc123")
+    ev.log_wandb(evaluated["result"], target, tmp_path / "out", data="clips/")
+    tables, run = logged_tables(tmp_path / "out")  # the run itself was written
+    assert tables == {} and run["project"] == "siren-test"
+
+
+def test_eval_cli_wandb_run_end_to_end(tmp_path, capsys):
+    """`siren eval ... --wandb-run ID` logs the tables; without the flag no W&B run is made."""
+    if shutil.which("c2enc") is None:
+        pytest.skip("Debian's codec2 is not installed")
+    data = _clip_dir(tmp_path / "data")
+    base = ["eval", "--data", str(data), "--system", "c2=codec2:1200", "--max-utts", "1"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "wandb").exists()
+    assert main([*base, "--out", str(tmp_path / "out"), "--wandb-run", "team/siren-test/abc123"]) == 0
+    assert "W&B: eval tables logged to run" in capsys.readouterr().out
+    tables, run = logged_tables(tmp_path / "out")
+    assert [row[0] for row in tables["eval/systems"]["data"]] == ["original", "c2"]
+    assert len(tables["eval/utterances"]["data"]) == 2 and run["project"] == "siren-test"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not an id!", "neither a run directory nor a W&B run id"),
+        ("no_config_dir", "no config.yaml"),
+        ("missing_dir", "no such run directory"),
+        ("disabled_run", "tracking.mode=disabled"),
+        ("env_disabled", "WANDB_MODE=disabled"),
+    ],
+)
+def test_bad_wandb_run_is_an_error_before_scoring(case, message, tmp_path, capsys, monkeypatch):
+    data = _clip_dir(tmp_path / "data")
+    spec = case
+    if case == "no_config_dir":
+        (tmp_path / "bare").mkdir()
+        spec = str(tmp_path / "bare")
+    elif case == "missing_dir":
+        spec = str(tmp_path / "runs" / "adpt")  # a typo of a run dir is not an ENTITY/PROJECT/ID
+    elif case == "disabled_run":
+        spec = str(_trained_run_dir(tmp_path / "run", mode="disabled", run_id=None))
+    elif case == "env_disabled":
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        spec = "siren-test/abc123"
+    called = []
+    monkeypatch.setattr(ev, "load_items", lambda *a, **k: called.append(1))  # scoring never starts
+    args = ["eval", "--data", str(data), "--system", "c=wav:" + str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--wandb-run", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and not called
+
+
+def test_wandb_target_from_a_run_dir_and_an_id(tmp_path):
+    t = ev.WandbTarget.parse(str(_trained_run_dir(tmp_path / "r")))
+    assert (t.project, t.group, t.mode, t.run_id) == ("siren-test", "g1", "offline", "abc123")
+    assert ev.WandbTarget.parse("abc123") == ev.WandbTarget("siren", None, None, "auto", "abc123", None)
+    t = ev.WandbTarget.parse("ent/proj/abc123")
+    assert (t.entity, t.project, t.run_id) == ("ent", "proj", "abc123")
+
+
+# ------------------------------------------------------------------------------------------------ human speech set
+def _fake_package_roots(root: Path, alsa: bool = True) -> tuple[Path, Path]:
+    """Stand-ins for /usr/share/codec2/wav (8 kHz mono) and /usr/share/sounds/alsa (48 kHz, here stereo)."""
+    import soundfile as sf
+
+    from siren.data import human
+
+    c2, al = root / "codec2", root / "alsa"
+    c2.mkdir(parents=True)
+    t8 = np.arange(8000 * 3 // 2) / 8000
+    for i, n in enumerate(human.CODEC2_CLIPS):
+        sf.write(c2 / f"{n}.wav", 0.3 * np.sin(2 * np.pi * (200 + 10 * i) * t8), 8000, subtype="PCM_16")
+    sf.write(c2 / "all.wav", np.zeros(800), 8000)  # a file of the package that is not a clip
+    if alsa:
+        al.mkdir()
+        t48 = np.arange(48000) / 48000
+        for n in (*human.ALSA_CLIPS, "Noise"):
+            x = 0.2 * np.sin(2 * np.pi * 300 * t48)
+            sf.write(al / f"{n}.wav", np.stack([x, x], axis=1), 48000, subtype="PCM_16")
+    return c2, al
+
+
+def test_human_clips_found_and_resampled_to_16k_mono(tmp_path):
+    import soundfile as sf
+
+    from siren.data import human
+
+    c2, al = _fake_package_roots(tmp_path / "pkgs")
+    s = human.prepare_human_clips(tmp_path / "set", codec2_root=c2, alsa_root=al)
+    ids = [c["id"] for c in s["clips"]]
+    assert ids == [f"codec2_{n}" for n in human.CODEC2_CLIPS] + [f"alsa_{n}" for n in human.ALSA_CLIPS]
+    assert s["packages"] == ["alsa-utils", "codec2-examples"]
+    for c in s["clips"]:
+        info = sf.info(str(tmp_path / "set" / f"{c['id']}.wav"))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert info.frames == pytest.approx(16000 * (1.5 if c["package"] == "codec2-examples" else 1.0), abs=2)
+        assert c["source_rate"] == (8000 if c["package"] == "codec2-examples" else 48000)
+    assert json.loads((tmp_path / "set" / "sources.json").read_text()) == s
+    assert [i.id for i in ev.load_items(tmp_path / "set")] == sorted(ids)  # a set `siren eval --data` reads
+
+
+def test_human_clips_max_and_reuse(tmp_path):
+    from siren.data import human
+
+    c2, al = _fake_package_roots(tmp_path / "pkgs")
+    human.prepare_human_clips(tmp_path / "set", codec2_root=c2, alsa_root=al)
+    s = human.prepare_human_clips(tmp_path / "set", codec2_root=c2, alsa_root=al, max_clips=3)
+    assert [c["id"] for c in s["clips"]] == ["codec2_big_dog", "codec2_cross", "alsa_Front_Center"]  # both packages
+    assert sorted(p.stem for p in (tmp_path / "set").glob("*.wav")) == sorted(c["id"] for c in s["clips"])
+    with pytest.raises(ValueError, match="at least 1"):
+        human.prepare_human_clips(tmp_path / "set", codec2_root=c2, alsa_root=al, max_clips=0)
+
+
+def test_human_clips_missing_packages_are_named(tmp_path):
+    from siren.data import human
+
+    with pytest.raises(human.HumanClipsMissing, match="codec2-examples is not installed") as e:
+        human.prepare_human_clips(tmp_path / "set", codec2_root=tmp_path / "nowhere", alsa_root=None)
+    assert "apt-get install -y codec2-examples" in str(e.value)
+    c2, _ = _fake_package_roots(tmp_path / "pkgs", alsa=False)
+    s = human.prepare_human_clips(tmp_path / "set", codec2_root=c2, alsa_root=tmp_path / "pkgs" / "alsa")
+    assert s["packages"] == ["codec2-examples"] and len(s["clips"]) == len(human.CODEC2_CLIPS)  # alsa: when present
+    (c2 / "morig.wav").unlink()
+    with pytest.raises(human.HumanClipsMissing, match=r"codec2-examples .* lacks morig\.wav"):
+        human.find_human_clips(c2, None)
+    _, al = _fake_package_roots(tmp_path / "pkgs2")
+    (al / "Rear_Left.wav").unlink()
+    with pytest.raises(human.HumanClipsMissing, match=r"alsa-utils .* lacks Rear_Left\.wav"):
+        human.find_human_clips(tmp_path / "pkgs2" / "codec2", al)
+
+
+def test_human_clips_of_this_machine():
+    """The real packages, when installed: codec2-examples' 8 kHz clips and alsa-utils' 48 kHz ones are all found."""
+    from siren.data import human
+
+    if not human.CODEC2_ROOT.is_dir():
+        pytest.skip("Debian's codec2-examples is not installed")
+    clips = human.find_human_clips()
+    assert len(clips) >= len(human.CODEC2_CLIPS) and all(p.is_file() for _, _, p in clips)
+
+
+# ----------------------------------------------------------------------------------------------------- demo's step
+def test_demo_eval_step_on_a_trained_fixture(siren_run, tmp_path, subprocess_env, monkeypatch):
+    """`siren demo`'s last step: human clips → `siren eval` of two SIREN runs and Codec 2 700C, 450 → the table."""
+    from siren import demo
+
+    for lib in ("pesq", "pystoi", "resemblyzer", "pocketsphinx", "speechmos"):
+        pytest.importorskip(lib)
+    if shutil.which("c2enc") is None:
+        pytest.skip("Debian's codec2 (c2enc, c2dec) is not installed")
+    if not Path(CODEC2_WAVS).is_dir():
+        pytest.skip("Debian's codec2-examples (real speech clips) are not installed")
+    root = tmp_path / "runs"
+    root.mkdir()
+    for name in demo.EVAL_SIREN:
+        (root / name).symlink_to(siren_run)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    r = demo.run_eval(str(root), str(tmp_path / "data"), subprocess_env, max_clips=1, wandb=False)
+    systems = json.loads((root / "eval" / "eval.json").read_text())["systems"]
+    assert list(systems) == ["original", "adapt", "codec", "codec2_700C", "codec2_450"]
+    assert systems["codec2_450"]["bps_nominal"] == 450 and systems["adapt"]["kind"] == "siren"
+    assert "| codec2_700C |" in r["table"] and r["clips"]["clips"][0]["id"] == "codec2_big_dog"
+    assert r["wall_s"] > 0

@@ -308,7 +308,7 @@ CONTROLS = [
     (
         "test_info_reports_the_built_foreign_modules_and_the_trainers_bit_rate",
         {},
-        "siren.train.stages.common.layout_bps",
+        "siren.models.analysis.layout_bps",
         _preset_bps,
         r"assert 198\.12",
     ),
@@ -357,7 +357,7 @@ CONTROLS = [
     (
         "test_an_imported_runs_config_yaml_shows_what_was_built",
         {},
-        "siren.models.plugins.built_tree",
+        "siren.config.loader.built_tree",
         lambda tree: tree,
         r"assert 'hidden_dim' not in",
     ),

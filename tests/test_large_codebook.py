@@ -1,5 +1,5 @@
-"""Large implicit codebooks (DESIGN §7, §18): the sparse window gives the dense window's metrics and JS drift, the
-trainer picks it by codebook size, FSQ digit metrics follow the quantizer's own codes, memory does not grow with
+"""Large implicit codebooks: the codebook window's sparse storage gives the dense storage's metrics and JS drift, the
+window picks it by codebook size, FSQ digit metrics follow the quantizer's own codes, memory does not grow with
 window × codebook, and a tiny codec trains with a 2^16-code FSQ level."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from siren.metrics.codebook import CodebookWindow, stream_histograms
+from siren.metrics.codebook import DENSE_MAX_CODES, CodebookWindow, entropy_bits
 from siren.metrics.drift import DriftReference
-from siren.metrics.large_codebook import DENSE_MAX_CODES, SparseCodebookWindow, make_window
 from siren.models.quantizers import ResidualFSQ
 from siren.train.stages.base import MetricSources, StepOutput
 from siren.train.step_metrics import StepMetrics
@@ -42,37 +41,37 @@ def _profile(layout, g):
     }
 
 
+def _same(got: dict, want: dict, atol: float = 1e-9) -> None:
+    assert list(got) == list(want)
+    bad = {k: (got[k], want[k]) for k in want if abs(got[k] - want[k]) > atol}
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])  # host arrays (CPU training) / device tensors (accelerators)
-def test_sparse_window_equals_dense_window_and_drift_through_evictions(backend):
+def test_sparse_storage_equals_dense_storage_and_drift_through_evictions(backend):
     g = torch.Generator().manual_seed(0)
-    dense = CodebookWindow(LAYOUT, window=4, digits=DIGITS)
-    sparse = SparseCodebookWindow(LAYOUT, window=4, digits=DIGITS, backend=backend)
-    assert sparse.host is (backend == "numpy")
-    profile = _profile(LAYOUT, g)
-    ref_d, ref_s = DriftReference(profile, LAYOUT, sparse=False), DriftReference(profile, LAYOUT, sparse=True)
-    bps = torch.tensor(12.0, dtype=torch.float64)
+    ref = DriftReference(_profile(LAYOUT, g), LAYOUT)
+    dense = CodebookWindow(LAYOUT, window=4, digits=DIGITS, drift=ref, storage="dense")
+    sparse = CodebookWindow(LAYOUT, window=4, digits=DIGITS, drift=ref, storage="sparse", backend=backend)
+    assert sparse._counts.host is (backend == "numpy")
     for _ in range(7):  # more steps than the window: evictions happen
         codes = _step(g)
-        dense.push_flat(stream_histograms(LAYOUT, codes))
-        sparse.push(sparse.keys(codes))
-        dv, sv = dense.vector(), torch.from_numpy(sparse.vector())
-        assert dense.names() == sparse.names()
-        assert torch.allclose(dv, sv, rtol=0, atol=1e-9), (dv - sv).abs().max()
-        want = ref_d.vector(dense.running, bps, dense.stats)
-        got = torch.from_numpy(sparse.drift_vector(ref_s, float(bps)))
-        assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
+        d, s = dense.step(codes, 12.0), sparse.step(codes, 12.0)
+        _same(s, d)
+        assert {"drift/sem/js", "drift/bps_delta", "codebook/pro/l0/digit2/usage"} <= set(d)
+        assert d["drift/bps_delta"] == 2.0
 
 
 def _reduce_all(sparse: bool, layout, digits, steps, window=3, accum=1, backend=None):
-    """Per-step metric dicts from `StepMetrics` (what the trainer logs) with the window forced dense or sparse (and
-    the sparse window's backend forced: "torch" is what an accelerator gets)."""
+    """Per-step metric dicts from `StepMetrics` (what the trainer logs) with the window's storage forced dense or
+    sparse (and the sparse storage's backend forced: "torch" is what an accelerator gets)."""
     g = torch.Generator().manual_seed(1)
-    drift = DriftReference(_profile(layout, g), layout, sparse=sparse)
+    drift = DriftReference(_profile(layout, g), layout)
     sources = MetricSources(layout=layout, drift=drift, drift_rate="rate/bps_entropy", digits=digits)
     sm = StepMetrics(sources, window, torch.device("cpu"), world=1, grad_accum=accum)
-    assert sm.window.sparse is sparse
-    if backend is not None:
-        sm.window = SparseCodebookWindow(layout, window, digits=digits, backend=backend)
+    assert sm.window.drift is drift and sm.window.storage == "dense"  # 2^10 codes: what the window picks
+    storage = "sparse" if sparse else "dense"
+    sm.window = CodebookWindow(layout, window, digits=digits, drift=drift, storage=storage, backend=backend)
     out = []
     for codes in steps:
         for part in range(accum):  # a step split into micro-batches along the batch
@@ -105,16 +104,18 @@ def test_trainer_metrics_are_the_same_through_either_window_at_2_10_codes():
         assert list(h) == list(t) and all(abs(h[k] - t[k]) <= 1e-9 for k in h), {k: (h[k], t[k]) for k in h}
 
 
-def test_the_window_is_chosen_by_codebook_size():
-    assert not make_window({"sem": (DENSE_MAX_CODES, 1)}, 2).sparse
-    assert make_window({"sem": (DENSE_MAX_CODES + 1, 1)}, 2).sparse
-    assert not make_window({"sem": (2**20, 1)}, 2, sparse=False).sparse
-    # The sparse window's arrays: numpy on a CPU device (the cheaper per operation), device tensors elsewhere.
-    assert make_window({"sem": (2**20, 1)}, 2).host
-    on_meta = make_window({"sem": (2**20, 1)}, 2, device="meta", digits={"sem": [4] * 10})
-    assert not on_meta.host and on_meta.counts.device.type == "meta"
+def test_the_storage_is_chosen_by_codebook_size():
+    assert CodebookWindow({"sem": (DENSE_MAX_CODES, 1)}, 2).storage == "dense"
+    assert CodebookWindow({"sem": (DENSE_MAX_CODES + 1, 1), "spk": (16, 2)}, 2).storage == "sparse"
+    assert CodebookWindow({"sem": (2**20, 1)}, 2, storage="dense").storage == "dense"
+    # The sparse storage's arrays: numpy on a CPU device (the cheaper per operation), device tensors elsewhere.
+    assert CodebookWindow({"sem": (2**20, 1)}, 2)._counts.host
+    on_meta = CodebookWindow({"sem": (2**20, 1)}, 2, device="meta", digits={"sem": [4] * 10})
+    assert not on_meta._counts.host and on_meta._counts.counts.device.type == "meta"
     with pytest.raises(ValueError, match="backend"):
-        SparseCodebookWindow({"sem": (2**20, 1)}, 2, backend="cupy")
+        CodebookWindow({"sem": (2**20, 1)}, 2, backend="cupy")
+    with pytest.raises(ValueError, match="storage"):
+        CodebookWindow({"sem": (16, 1)}, 2, storage="hashed")
 
 
 def test_fsq_digit_metrics_follow_the_quantizers_own_codes():
@@ -126,13 +127,9 @@ def test_fsq_digit_metrics_follow_the_quantizers_own_codes():
     assert q.digit_levels == levels and q.codebook_size == K
     # The quantizer's own per-dimension values: indices_to_codes gives each dim's grid value in [-1, 1].
     values = q.fsq.indices_to_codes(codes[..., 0]).reshape(-1, 3)
-    for sparse in (False, True):
-        w = make_window({"sem": (K, 1)}, 2, digits={"sem": levels}, sparse=sparse)
-        if sparse:
-            w.push(w.keys({"sem": (codes, None)}))
-        else:
-            w.push_flat(stream_histograms({"sem": (K, 1)}, {"sem": (codes, None)}))
-        got = dict(zip(w.names(), w.vector().tolist(), strict=True))
+    for storage in ("dense", "sparse"):
+        w = CodebookWindow({"sem": (K, 1)}, 2, digits={"sem": levels}, storage=storage)
+        got = w.step({"sem": (codes, None)})
         for j, lv in enumerate(levels):
             vals, counts = torch.unique(values[:, j], return_counts=True)
             p = counts.double() / counts.sum()
@@ -144,42 +141,38 @@ def test_fsq_digit_metrics_follow_the_quantizers_own_codes():
 
 def test_digit_levels_must_make_the_codebook():
     with pytest.raises(ValueError, match="do not make its codebook"):
-        SparseCodebookWindow({"sem": (81, 1)}, 2, digits={"sem": [3, 3, 3]})
+        CodebookWindow({"sem": (81, 1)}, 2, digits={"sem": [3, 3, 3]})
 
 
-def test_sparse_window_resumes_exactly_and_ignores_code_order():
+def test_sparse_storage_resumes_exactly_and_ignores_code_order():
     g = torch.Generator().manual_seed(4)
     steps = [_step(g) for _ in range(6)]
-    a, b = SparseCodebookWindow(LAYOUT, 4, digits=DIGITS), SparseCodebookWindow(LAYOUT, 4, digits=DIGITS)
+    a, b = (CodebookWindow(LAYOUT, 4, digits=DIGITS, storage="sparse") for _ in range(2))
     for codes in steps[:5]:
-        a.push(a.keys(codes))
+        got_a = a.step(codes)
         k = b.keys(codes)
-        b.push(k[torch.randperm(k.numel(), generator=g)])  # another order of the same codes (other ranks' split)
-    assert np.array_equal(a.vector(), b.vector())
-    c = SparseCodebookWindow(LAYOUT, 4, digits=DIGITS)
+        got_b = b.metrics(b.push(k[torch.randperm(k.numel(), generator=g)]))  # the same codes in another order
+    assert got_a == got_b
+    c = CodebookWindow(LAYOUT, 4, digits=DIGITS, storage="sparse")
     c.load_state(a.state())
-    for w in (a, c):
-        w.push(w.keys(steps[5]))
-    assert np.array_equal(a.vector(), c.vector()) and a.pos == c.pos == 6
+    assert a.step(steps[5]) == c.step(steps[5]) and a.pos == c.pos == 6
     with pytest.raises(ValueError, match="dense window"):
         c.load_state(CodebookWindow(LAYOUT, 4).state())
+    with pytest.raises(ValueError, match="sparse window"):
+        CodebookWindow(LAYOUT, 4).load_state(c.state())
 
 
 def test_window_memory_is_bounded_at_2_20_codes():
     """8 steps × 800 codes at 2^20 codes per level: the window holds one int32 per code and one int32 scratch mark per code plus the step keys (8 MB),
     not window × codebook floats (the dense window's 72 MB; 400 MB at the default 50 steps)."""
     layout = {"sem": (2**20, 1)}
-    w = make_window(layout, 8)
+    w = CodebookWindow(layout, 8)
     g = torch.Generator().manual_seed(5)
     for _ in range(12):
         codes = ((torch.rand(8, 100, 1, generator=g) ** 4) * 2**20).long()
-        if w.sparse:
-            w.push(w.keys({"sem": (codes, None)}))
-        else:
-            w.push_flat(stream_histograms(layout, {"sem": (codes, None)}))
+        vec = w.step({"sem": (codes, None)})
     mb = w.nbytes() / 2**20
     assert mb < 12, f"the codebook window holds {mb:.0f} MB"
-    vec = dict(zip(w.names(), w.vector().tolist(), strict=True))
     assert all(math.isfinite(v) for v in vec.values()) and 0 < vec["codebook/sem/l0/usage"] <= 8 * 800 / 2**20
 
 
@@ -206,7 +199,7 @@ def test_codec_trains_with_a_2_16_code_fsq_level(corpus_dir, teacher_dir, tmp_pa
     assert tr.step_metrics.sources.layout["sem"][0] == 4**8
     tr.fit()
     # 2 × int32 per code + the ring: under 4 MB (a dense window: 50 steps × 6 rows × 4^8 float64 = 157 MB)
-    assert tr.step_metrics.window.sparse and tr.step_metrics.window.nbytes() < 4 * 2**20
+    assert tr.step_metrics.window.storage == "sparse" and tr.step_metrics.window.nbytes() < 4 * 2**20
     rows = [json.loads(x) for x in (Path(tmp_path / "run") / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "codebook/sem/l0/usage" in r]
     assert len(steps) == 3
@@ -234,16 +227,13 @@ def test_profile_stores_a_large_codebook_sparsely_and_drift_reads_it():
     assert sum(len(c) for c in stored["sem"]["codes"]) == int((hist > 0).sum())
     layout = {"sem": (K, 2), "spk": (16, 1)}
     prof = {**prof, "histograms": stored}
-    sparse_ref, dense_ref = DriftReference(prof, layout), DriftReference(prof, layout, sparse=False)
-    assert sparse_ref.sparse and torch.allclose(torch.from_numpy(sparse_ref.entropy), dense_ref.entropy)
-    w_s, w_d = make_window(layout, 3), make_window(layout, 3, sparse=False)
+    ref = DriftReference(prof, layout)
+    assert ref.code.size == int((hist > 0).sum()) + 16  # the baseline's support only
+    assert np.allclose(ref.entropy, torch.cat([entropy_bits(hist), entropy_bits(small)]).numpy(), rtol=0, atol=1e-12)
+    w_s, w_d = CodebookWindow(layout, 3, drift=ref), CodebookWindow(layout, 3, drift=ref, storage="dense")
+    assert w_s.storage == "sparse"
     codes = {"sem": (torch.randint(0, K, (2, 30, 2), generator=g), None), "spk": (torch.randint(0, 16, (2, 1)), None)}
-    w_s.push(w_s.keys(codes))
-    w_d.push_flat(stream_histograms(layout, codes))
-    bps = torch.tensor(0.0, dtype=torch.float64)
-    w_d.vector()  # leaves the rows' distributions in w_d.stats
-    want = dense_ref.vector(w_d.running, bps, w_d.stats)
-    assert torch.allclose(torch.from_numpy(w_s.drift_vector(sparse_ref, float(bps))), want, atol=1e-9)
+    _same(w_s.step(codes), w_d.step(codes))
 
 
 def test_two_processes_give_the_sparse_metrics_of_one(corpus_dir, teacher_dir, tmp_path, subprocess_env):
@@ -295,46 +285,38 @@ def test_drift_over_the_window_or_the_baseline_whichever_is_smaller(backend):
             "histograms": {"sem": hist.tolist(), "spk": [[1.0] * 16]},
             "bps_entropy": 5.0,
         }
-        dense_ref, sparse_ref = (
-            DriftReference(profile, layout, sparse=False),
-            DriftReference(profile, layout, sparse=True),
-        )
-        dense, sparse = CodebookWindow(layout, 3), SparseCodebookWindow(layout, 3, backend=backend)
+        ref = DriftReference(profile, layout)
+        dense = CodebookWindow(layout, 3, drift=ref, storage="dense")
+        sparse = CodebookWindow(layout, 3, drift=ref, storage="sparse", backend=backend)
         for _ in range(5):
             codes = {
                 "sem": (torch.randint(0, 40, (2, 15, 2), generator=g), torch.rand(2, 15, generator=g) > 0.3),
                 "spk": (torch.randint(0, 16, (2, 1), generator=g), None),
             }
-            dense.push_flat(stream_histograms(layout, codes))
-            sparse.push(sparse.keys(codes))
-            dense.vector()
-            want = dense_ref.vector(dense.running, torch.tensor(7.0, dtype=torch.float64), dense.stats)
-            got = torch.from_numpy(sparse.drift_vector(sparse_ref, 7.0))
-            assert torch.allclose(got, want, rtol=0, atol=1e-9), (got - want).abs().max()
-            assert (sparse_ref.keys.shape[0] > sparse._ring_n) is over_window
+            _same(sparse.step(codes, 7.0), dense.step(codes, 7.0))
+            assert (ref.code.shape[0] > sparse._counts._ring_n) is over_window
 
 
 def test_steps_of_many_sizes_keep_the_window_bounded():
     """Variable-length batches give every step another number of codes: the per-shape caches stay bounded and the
     metrics still equal the dense window's."""
     layout = {"sem": (2**13, 1)}
-    dense, sparse = CodebookWindow(layout, 4), SparseCodebookWindow(layout, 4)
+    dense, sparse = CodebookWindow(layout, 4, storage="dense"), CodebookWindow(layout, 4)
     g = torch.Generator().manual_seed(8)
     for t in range(5, 45):  # 40 different step sizes
         codes = {"sem": (torch.randint(0, 2**13, (2, t, 1), generator=g), None)}
-        dense.push_flat(stream_histograms(layout, codes))
-        sparse.push(sparse.keys(codes))
-        assert len(sparse._signs) <= 16
-    assert torch.allclose(dense.vector(), torch.from_numpy(sparse.vector()), rtol=0, atol=1e-9)
+        d, s = dense.step(codes), sparse.step(codes)
+        assert len(sparse._counts._signs) <= 16
+    _same(s, d)
 
 
 def test_a_one_dimensional_fsq_stream_beside_a_large_codebook_trains():
     """The reported crash: `pro_quantizer.levels=[9]` beside a stream of more than 4,096 codes broke the sparse
-    window at step 1 (`operands could not be broadcast`). Through `StepMetrics`, with the window it picks: every
+    window at step 1 (`operands could not be broadcast`). Through `StepMetrics`, with the storage it picks: every
     step's usage and digit metrics of the 1-D stream are those of its codes in the window (direct count)."""
     layout, digits = {"sem": (2**13, 2), "pro": (9, 1), "spk": (16, 2)}, {"pro": [9]}
     sm = StepMetrics(MetricSources(layout=layout, digits=digits), 3, torch.device("cpu"), world=1, grad_accum=1)
-    assert sm.window.sparse
+    assert sm.window.storage == "sparse"
     g = torch.Generator().manual_seed(9)
     history = []
     for _ in range(5):  # past the window of 3: evictions

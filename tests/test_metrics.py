@@ -19,30 +19,47 @@ def test_histogram_counts_only_valid_frames():
     assert h.tolist() == [[1.0, 2.0, 0.0]]
 
 
-def test_window_running_totals_equal_brute_force_and_survive_reload():
+def _codes(layout, g, n=5):
+    """A step's codes: n utterances of 4 frames per stream (`spk`: one code per utterance and group), some masked."""
+    out = {}
+    for s, (K, L) in layout.items():
+        if s == "spk":
+            out[s] = (torch.randint(0, K, (n, L), generator=g), None)
+        else:
+            out[s] = (torch.randint(0, K, (n, 4, L), generator=g), torch.rand(n, 4, generator=g) > 0.3)
+    return out
+
+
+def _counts(layout, codes) -> dict[str, torch.Tensor]:
+    return {s: histogram(c, m, layout[s][0]) for s, (c, m) in codes.items()}
+
+
+def test_dense_window_totals_equal_brute_force_and_survive_reload():
     g = torch.Generator().manual_seed(0)
     layout = {"sem": (9, 2), "spk": (4, 3)}
     w = CodebookWindow(layout, window=3)
+    assert w.storage == "dense"
     history = []
     for _ in range(7):
-        counts = {s: torch.randint(0, 5, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()}
-        history.append(counts)
-        w.push(counts)
+        codes = _codes(layout, g)
+        history.append(_counts(layout, codes))
+        metrics = w.step(codes)
+        totals = w._counts.padded.unpad(w._counts.running)
         for s in layout:
-            brute = sum(c[s] for c in history[-3:])
-            assert torch.equal(w.totals()[s], brute)
-    metrics = w.metrics()
-    K = 9
-    seen = (w.totals()["sem"][0] > 0).sum().item()
-    assert metrics["codebook/sem/l0/usage"].item() == seen / K
-    assert metrics["codebook/sem/l0/dead"].item() == K - seen
-    p = w.totals()["sem"][0] / w.totals()["sem"][0].sum()
+            assert torch.equal(totals[s], sum(c[s] for c in history[-3:]))
+    K, tot = 9, totals["sem"][0]
+    seen = (tot > 0).sum().item()
+    assert metrics["codebook/sem/l0/usage"] == seen / K
+    assert metrics["codebook/sem/l0/dead"] == K - seen
+    p = tot / tot.sum()
     ppl = math.exp(-sum(x * math.log(x) for x in p.tolist() if x > 0))
-    assert metrics["codebook/sem/l0/perplexity"].item() == pytest.approx(ppl)
+    assert metrics["codebook/sem/l0/perplexity"] == pytest.approx(ppl)
     assert set(metrics) >= {"codebook/spk/g2/usage", "codebook/sem/l1/dead"}
     w2 = CodebookWindow(layout, window=3)
-    w2.load(w.buffers, w.pos)
-    assert all(torch.equal(w2.totals()[s], w.totals()[s]) for s in layout)
+    w2.load_state(w.state())
+    assert torch.equal(w2._counts.running, w._counts.running) and w2.pos == w.pos == 7
+    nxt = _codes(layout, g)
+    assert w2.step(nxt) == w.step(nxt)
 
 
 def test_js_and_entropy_bounds():
@@ -64,15 +81,19 @@ def test_drift_reference_rejects_other_layout():
     profile = {"layout": {"sem": [81, 1]}, "histograms": {"sem": [[1.0] * 81]}, "bps_entropy": 100.0}
     with pytest.raises(LayoutMismatch, match="layout"):
         DriftReference(profile, {"sem": (81, 2)})
+    with pytest.raises(LayoutMismatch, match="not 80"):
+        DriftReference({**profile, "layout": {"sem": [80, 1]}}, {"sem": (80, 1)})
     ref = DriftReference(profile, {"sem": (81, 1)})
-    m = ref.metrics({"sem": torch.tensor([[1.0] * 81])}, torch.tensor(90.0))
-    assert m["drift/sem/js"].item() == pytest.approx(0.0, abs=1e-12)
-    assert m["drift/bps_delta"].item() == pytest.approx(-10.0)
+    for storage in ("dense", "sparse"):
+        w = CodebookWindow({"sem": (81, 1)}, 2, drift=ref, storage=storage)
+        m = w.step({"sem": (torch.arange(81).view(1, 81, 1), None)}, rate=90.0)  # every code once: the baseline's
+        assert m["drift/sem/js"] == pytest.approx(0.0, abs=1e-12)
+        assert m["drift/bps_delta"] == pytest.approx(-10.0)
 
 
-def test_stream_histograms_equal_per_stream_histograms():
-    from siren.metrics.codebook import stream_histograms
-
+def test_dense_step_tensor_is_the_streams_histograms():
+    """The dense storage's tensor to reduce across ranks (summed) is the concatenation of the streams' (L, K)
+    histograms of valid frames."""
     g = torch.Generator().manual_seed(1)
     layout = {"sem": (81, 2), "pro": (81, 1), "spk": (16, 4)}
     codes = {
@@ -81,10 +102,12 @@ def test_stream_histograms_equal_per_stream_histograms():
         "spk": (torch.randint(0, 16, (3, 4), generator=g), None),
     }
     want = torch.cat([histogram(c, m, layout[s][0]).reshape(-1) for s, (c, m) in codes.items()])
-    assert torch.equal(stream_histograms(layout, codes), want)
+    w = CodebookWindow(layout, 2)
+    assert torch.equal(w.reduce(w.keys(codes)), want)
 
 
-def test_drift_vector_equals_per_level_brute_force():
+@pytest.mark.parametrize("storage", ["dense", "sparse"])
+def test_drift_equals_per_level_brute_force(storage):
     g = torch.Generator().manual_seed(3)
     layout = {"sem": (9, 2), "spk": (4, 3)}
     hist = {s: torch.randint(0, 6, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()}
@@ -94,19 +117,17 @@ def test_drift_vector_equals_per_level_brute_force():
         "histograms": {s: h.tolist() for s, h in hist.items()},
         "bps_entropy": 100.0,
     }
-    ref = DriftReference(profile, layout)
-    w = CodebookWindow(layout, window=2)
+    w = CodebookWindow(layout, window=2, drift=DriftReference(profile, layout), storage=storage)
+    history = []
     for _ in range(3):
-        w.push({s: torch.randint(0, 4, (L, K), generator=g).to(torch.float64) for s, (K, L) in layout.items()})
-    w.vector()  # leaves the window's (p, entropy) in w.stats
-    bps = torch.tensor(103.5)
-    fast = dict(zip(ref.names(), ref.vector(w.running, bps, w.stats).tolist(), strict=True))
-    plain = dict(zip(ref.names(), ref.vector(w.running, bps).tolist(), strict=True))
-    tot = w.totals()
+        codes = _codes(layout, g)
+        history.append(_counts(layout, codes))
+        got = w.step(codes, rate=103.5)
     for s in layout:
-        js = js_divergence_bits(tot[s], hist[s]).mean().item()
-        dh = (entropy_bits(tot[s]) - entropy_bits(hist[s])).mean().item()
-        for got in (fast, plain):
-            assert got[f"drift/{s}/js"] == pytest.approx(js, abs=1e-12)
-            assert got[f"drift/{s}/entropy_delta_bits"] == pytest.approx(dh, abs=1e-12)
-    assert fast["drift/bps_delta"] == pytest.approx(3.5)
+        tot = sum(c[s] for c in history[-2:])
+        js = js_divergence_bits(tot, hist[s]).mean().item()
+        dh = (entropy_bits(tot) - entropy_bits(hist[s])).mean().item()
+        tol = 1e-12 if storage == "dense" else 1e-9  # the sparse sums round c·log2 c to 2^-32 bits per code
+        assert got[f"drift/{s}/js"] == pytest.approx(js, abs=tol)
+        assert got[f"drift/{s}/entropy_delta_bits"] == pytest.approx(dh, abs=tol)
+    assert got["drift/bps_delta"] == pytest.approx(3.5)

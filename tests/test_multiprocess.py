@@ -9,35 +9,23 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, accelerate_launch, stage_config, stage_overrides
+from helpers import ROOT, accelerate_launch, stage_overrides
 from safetensors.torch import load_file
-
-from siren.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def baseline_and_student(corpus_dir, teacher_dir, tmp_path_factory):
+def baseline_and_student(codec_run, tmp_path_factory):
+    """The session's tiny codec run as the baseline (read only) and a tiny student, under a root of this module."""
     root = tmp_path_factory.mktemp("mp")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
-    try:
-        Trainer(
-            stage_config(
-                "codec", corpus_dir, teacher_dir, root / "codec", **{"train.max_steps": 2, "samples.enabled": "false"}
-            )
-        ).fit()
-    finally:
-        mp.undo()
     from siren.models.student_ssl import TinyHubert
 
     torch.manual_seed(0)
     TinyHubert.from_config(48, 2, 4, 96, 32, teacher_dim=64).save_pretrained(root / "student")
-    return root
+    return root, codec_run
 
 
 def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subprocess_env):
-    root = baseline_and_student
+    root, codec = baseline_and_student
     run = root / "adapt_ddp"
     batch = 4
     args = stage_overrides(
@@ -45,7 +33,7 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
         corpus_dir,
         teacher_dir,
         run,
-        baseline=str(root / "codec"),
+        baseline=str(codec),
         **{
             "student_ssl.path": str(root / "student"),
             "train.max_steps": 4,
@@ -97,12 +85,12 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
     from siren.metrics.profile import profile_checkpoint
 
     prof = json.loads((run / "baseline_profile.json").read_text())
-    ref = profile_checkpoint(str(root / "codec"), str(corpus_dir / "val.jsonl"))
+    ref = profile_checkpoint(str(codec), str(corpus_dir / "val.jsonl"))
     assert prof["num_utts"] == ref["num_utts"] > 1 and prof["histograms"] == ref["histograms"]
     assert abs(prof["bps_entropy"] - ref["bps_entropy"]) < 1e-6 * ref["bps_entropy"]
 
     # Frozen fingerprints intact: the checkpoint's frozen tensors equal the baseline's.
-    base = root / "codec" / "checkpoints" / "step_2" / "components"
+    base = codec / "checkpoints" / (codec / "checkpoints" / "latest").read_text().strip() / "components"
     for name in ("decoder", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"):
         a = load_file(base / f"{name}.safetensors")
         b = load_file(run / "checkpoints" / "step_4" / "components" / f"{name}.safetensors")

@@ -16,11 +16,11 @@ import soundfile as sf
 import torch
 from helpers import ROOT, stage_config
 
+from siren.codec import Codec
 from siren.coding.bitstream import BitstreamError
 from siren.data.audio import load_audio
 from siren.data.manifest import read_manifest
 from siren.errors import SirenError
-from siren.models.codec import Codec
 from siren.train.trainer import Trainer
 
 
@@ -106,14 +106,18 @@ def _verify(pipeline, *extra, env):
 
 
 def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
-    """Verdicts through real processes (the exit code is the process's); the refusals in-process through the same
-    `main` (they exit before any model loads, so a subprocess would only add torch's import)."""
+    """One verdict through a real process (the exit code is the process's: `python -m siren verify` → 1 on FAIL); the
+    report, the passing verdict and the refusals in-process through the same `main`, which returns the code that
+    `python -m siren` exits with (a subprocess would only add torch's import and the scorers' start-up)."""
     from siren.cli import main
 
     subprocess_env["SIREN_ARTIFACT_CACHE"] = str(pipeline / "artifacts")
     monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(pipeline / "artifacts"))
-    r = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=0.0", env=subprocess_env)
-    assert r.returncode in (0, 1), r.stdout + r.stderr
+    # In this process the quality scorers (DNSMOS, ASR, ...: most of a verify's time, and no threshold here reads
+    # them) are left out, as without the eval extra; the verify in its own process below scores them for real.
+    monkeypatch.setattr("siren.verify.judge._quality_scorers", lambda: None)
+    run = ["verify", "--run", str(pipeline / "adapt")]
+    assert main([*run, "--step", "4", "--threshold", "min/agreement/sem=0.0"]) in (0, 1), capsys.readouterr().out
     report = json.loads((pipeline / "adapt" / "verify" / "step_4" / "report.json").read_text())
     for key in (
         "agreement/sem",
@@ -128,28 +132,40 @@ def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
     ):
         assert key in report["metrics"], key
     assert (pipeline / "adapt" / "verify" / "step_4" / "report.md").is_file()
-    loose = _verify(
-        pipeline,
-        "--step",
-        "4",
-        "--threshold",
-        "min/agreement/sem=0.0",
-        "--threshold",
-        "max/bps_ratio=100",
-        "--threshold",
-        "max/js/sem=1",
-        "--threshold",
-        "min/agreement/pro=0",
-        "--threshold",
-        "max/entropy_delta_bits/sem=100",
-        "--no-wandb",
-        env=subprocess_env,
-    )
-    assert loose.returncode == 0, loose.stdout
-    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb", env=subprocess_env)
-    assert strict.returncode == 1 and "FAIL" in strict.stdout
     capsys.readouterr()
-    run = ["verify", "--run", str(pipeline / "adapt"), "--no-wandb"]
+    loose = main(
+        [
+            *run,
+            "--step",
+            "4",
+            "--threshold",
+            "min/agreement/sem=0.0",
+            "--threshold",
+            "max/bps_ratio=100",
+            "--threshold",
+            "max/js/sem=1",
+            "--threshold",
+            "min/agreement/pro=0",
+            "--threshold",
+            "max/entropy_delta_bits/sem=100",
+            "--no-wandb",
+        ]
+    )
+    assert loose == 0, capsys.readouterr().out
+    # --run takes every URI form: the adapt run's W&B artifact, found through the local index, judged at its step
+    (index,) = (pipeline / "artifacts" / "index" / "local" / "siren-demo").glob("adapt*.json")
+    uri = f"wandb:local/siren-demo/{index.stem}:latest"
+    loose_args = [a for a in ("--threshold", "min/agreement/sem=0.0", "--threshold", "max/bps_ratio=100")]
+    loose_args += ["--threshold", "max/js/sem=1", "--threshold", "min/agreement/pro=0"]
+    loose_args += ["--threshold", "max/entropy_delta_bits/sem=100", "--no-wandb"]
+    assert main(["verify", "--run", uri, *loose_args]) == 0, capsys.readouterr().out
+    assert "adapt step 4" in capsys.readouterr().out
+    assert main(["verify", "--run", uri, "--step", "2", *loose_args]) == 2
+    assert "names step 4" in capsys.readouterr().out
+    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb", env=subprocess_env)
+    assert strict.returncode == 1 and "FAIL" in strict.stdout, strict.stdout[-2000:] + strict.stderr[-2000:]
+    capsys.readouterr()
+    run = [*run, "--no-wandb"]
     assert main([*run, "--step", "999"]) == 2
     out = capsys.readouterr().out
     assert "step_999" in out and "saved steps" in out
@@ -187,7 +203,8 @@ def test_decoder_side_loads_no_ssl_and_checks_the_flow(pipeline, corpus_dir):
     data = codec.to_bytes(codec.encode(wav))
     fresh = Codec.from_checkpoint(str(pipeline / "adapt"))
     out = fresh.decode(fresh.from_bytes(data))
-    assert not fresh.has("student_ssl") and out.shape[0] == 1 and torch.isfinite(out).all()
+    assert not fresh.has("student_ssl") and len(out) == 1 and torch.isfinite(out[0]).all()
+    assert out[0].shape == wav.shape  # the file carries the input's length
     # a flow that reads another code language is refused, naming both checkpoints
     meta_path = next((pipeline / "flow" / "checkpoints").glob("step_*")) / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -260,48 +277,32 @@ def test_readme_snippet_runs(pipeline, corpus_dir, tmp_path, monkeypatch):
     assert sr == 16000 and len(y) > 0 and np.isfinite(y).all() and np.abs(y).max() > 0
 
 
-def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
+def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, capsys):
+    """`siren encode` / `siren decode` through the CLI's `main` in this process: the exit code it returns is the one
+    `python -m siren` exits with, and what it prints is what the process would print (the process boundary itself is
+    tested by test_decode_in_another_process_with_two_threads and tests/test_config.py)."""
+    from siren.cli import main
+
+    adapt = ["--checkpoint", str(pipeline / "adapt")]
     utt = read_manifest(corpus_dir / "val.jsonl")[0]
     out = tmp_path / "x.siren"
-    r = subprocess.run(
-        [sys.executable, "-m", "siren", "encode", utt.path, str(out), "--checkpoint", str(pipeline / "adapt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "bit/s" in r.stdout
+    assert main(["encode", utt.path, str(out), *adapt]) == 0, capsys.readouterr().err[-2000:]
+    assert "bit/s" in capsys.readouterr().out
     wav_out = tmp_path / "y.wav"
-    r = subprocess.run(
-        [sys.executable, "-m", "siren", "decode", str(out), str(wav_out), "--checkpoint", str(pipeline / "adapt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["decode", str(out), str(wav_out), *adapt]) == 0, capsys.readouterr().err[-2000:]
     y, sr = sf.read(wav_out)
-    assert sr == 16000 and len(y) > 0 and np.isfinite(y).all()
+    assert sr == 16000 and len(y) == sf.info(utt.path).frames and np.isfinite(y).all()  # the input's length
+    # an 8 kHz file is encoded at the codec's rate, and the command says it resampled it
+    x, x_sr = sf.read(utt.path)
+    sf.write(tmp_path / "narrow.wav", x[::2], x_sr // 2)
+    assert main(["encode", str(tmp_path / "narrow.wav"), str(tmp_path / "n.siren"), *adapt]) == 0
+    assert "8000 Hz audio resampled to the codec's 16000 Hz (upsampled" in capsys.readouterr().err
     garbage = tmp_path / "g.siren"
     garbage.write_bytes(b"\x00" * 100)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "siren",
-            "decode",
-            str(garbage),
-            str(tmp_path / "z.wav"),
-            "--checkpoint",
-            str(pipeline / "adapt"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 2 and "not a SIREN bitstream" in r.stderr
+    capsys.readouterr()
+    code = main(["decode", str(garbage), str(tmp_path / "z.wav"), *adapt])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a SIREN bitstream" in err, err[-2000:]
     assert not (tmp_path / "z.wav").exists()
     # batch form: a directory and a file in, one bad file listed, the rest written, exit code 1
     src = tmp_path / "in"
@@ -310,48 +311,22 @@ def test_encode_decode_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
     shutil.copy(utts[0].path, src / "a.wav")
     shutil.copy(utts[1].path, src / "sub" / "b.wav")
     (src / "broken.wav").write_bytes(b"not audio")
-    cmd = [sys.executable, "-m", "siren"]
-    r = subprocess.run(
-        [*cmd, "encode", str(src), "--out", str(tmp_path / "enc"), "--checkpoint", str(pipeline / "adapt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 1 and "1 of 3 files failed" in r.stderr and "broken.wav" in r.stderr, r.stderr[-2000:]
+    code = main(["encode", str(src), "--out", str(tmp_path / "enc"), *adapt])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 3 files failed" in err and "broken.wav" in err, err[-2000:]
     assert (tmp_path / "enc" / "a.siren").is_file() and (tmp_path / "enc" / "sub" / "b.siren").is_file()
-    r = subprocess.run(
-        [*cmd, "decode", str(tmp_path / "enc"), "--out", str(tmp_path / "dec")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    code = main(["decode", str(tmp_path / "enc"), "--out", str(tmp_path / "dec")])
+    assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "dec" / "a.wav").is_file() and (tmp_path / "dec" / "sub" / "b.wav").is_file()
 
 
-def test_profile_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
+def test_profile_cli(pipeline, corpus_dir, tmp_path, capsys):
+    from siren.cli import main
+
     out = tmp_path / "profile.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "siren",
-            "profile",
-            "--checkpoint",
-            str(pipeline / "codec"),
-            "--data",
-            str(corpus_dir / "val.jsonl"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    args = ["--checkpoint", str(pipeline / "codec"), "--data", str(corpus_dir / "val.jsonl"), "--out", str(out)]
+    assert main(["profile", *args]) == 0, capsys.readouterr().err[-2000:]
+    assert f"wrote {out}" in capsys.readouterr().out
     prof = json.loads(out.read_text())
     assert prof["layout"] == {"sem": [81, 1], "pro": [81, 1], "spk": [16, 4]}
     sem = np.array(prof["histograms"]["sem"])
@@ -365,7 +340,7 @@ def test_profile_cli(pipeline, corpus_dir, tmp_path, subprocess_env):
 def test_adapt_refuses_a_flow_of_another_code_language_before_training(pipeline, corpus_dir, teacher_dir, tmp_path):
     """The seed's failure made impossible: a flow trained on another baseline's codes is refused at start (before
     step 1, samples on or off), naming the baseline step dir and the flow checkpoint."""
-    from siren.lineage import CodeLanguageMismatch
+    from siren.checkpoints.lineage import CodeLanguageMismatch
 
     other = tmp_path / "other_flow"
     shutil.copytree(pipeline / "flow", other)

@@ -1,4 +1,4 @@
-"""Freezing guarantees (DESIGN §5), each shown to hold with the registry and to fail when the mechanism is bypassed."""
+"""Freezing guarantees (docs/training.md#freezing), each shown to hold with the registry and to fail when the mechanism is bypassed."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, stage_config, train_cmd, with_fault
+from helpers import ROOT, isolated_tracking, stage_config, train_cmd, with_fault
 from safetensors.torch import load_file
 
 from siren.data.manifest import read_manifest, write_manifest
@@ -45,22 +45,17 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
+    """The uninterrupted run, trained in this process: the weights are a function of the config and the seeds, not of
+    the process that computed them (the killed runs compared with it are real processes)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    r = subprocess.run(
-        _cmd(corpus_dir, teacher_dir, run),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # its own W&B service, as a real run
-            "WANDB_MODE": "offline",
-            "WANDB_DIR": str(run.parent / "wandb"),
-            "SIREN_ARTIFACT_CACHE": str(run.parent / "artifacts"),  # hermetic: no index shared with other sessions
-            "PYTHONPATH": str(ROOT),
-        },
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    with isolated_tracking(run.parent):
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **OV)).fit()
     return run
+
+
+def _resume_to_the_end(corpus, teacher, run: Path) -> None:
+    """The run after its last kill, resumed in this process: only the kills need a process of their own."""
+    Trainer(stage_config("codec", corpus, teacher, run, **OV)).fit()
 
 
 def _latest(run: Path) -> int:
@@ -68,12 +63,17 @@ def _latest(run: Path) -> int:
     return int(f.read_text().strip().removeprefix("step_")) if f.is_file() else 0
 
 
-def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env):
+def test_random_kills_resume_to_identical_weights(
+    reference_run, corpus_dir, teacher_dir, tmp_path, subprocess_env, kill_after: tuple[int, ...] | None = None
+):
+    """Three SIGKILLs at random moments, then a run to the end: the weights equal the uninterrupted run's. The control
+    (no trainer state on resume) passes `kill_after=(16,)`: one kill after checkpoint 16 and one resume show the
+    same check failing at half the launches."""
     rng = random.Random(7)
     run = tmp_path / "run"
     resumed_from = []
-    # Three SIGKILLs at random moments: after a random checkpoint of the remaining run, plus a random delay.
-    targets = sorted(rng.sample([0, 8, 16, 24], 3))
+    # SIGKILLs at random moments: after a random checkpoint of the remaining run, plus a random delay.
+    targets = sorted(rng.sample([0, 8, 16, 24], 3)) if kill_after is None else list(kill_after)
     for target in targets:
         resumed_from.append(_latest(run))
         proc = subprocess.Popen(
@@ -97,8 +97,7 @@ def test_random_kills_resume_to_identical_weights(reference_run, corpus_dir, tea
             assert (p / "meta.json").is_file()  # a visible step dir is always complete
     resumed_from.append(_latest(run))
     assert 0 < resumed_from[-1] < 40, resumed_from  # the last run resumed mid-way, not from scratch
-    r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _resume_to_the_end(corpus_dir, teacher_dir, run)
     a, b = _weights(reference_run, 40), _weights(run, 40)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     losses = [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")]
@@ -124,8 +123,7 @@ def test_kill_during_checkpoint_write_resumes_from_last_complete(
     proc.wait()
     assert _latest(run) == 8  # the newest complete checkpoint; the interrupted one never became one
     assert not (run / "checkpoints" / "step_16").exists()
-    r = subprocess.run(_cmd(corpus_dir, teacher_dir, run), cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _resume_to_the_end(corpus_dir, teacher_dir, run)
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the partial dir was cleaned up
     a, b = _weights(reference_run, 40), _weights(run, 40)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
@@ -376,5 +374,5 @@ _NOT_CONTROLLED = {"test_every_reliability_test_has_a_control", "test_fails_with
 )
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
     mechanisms.assert_fails_without(
-        globals()[test_name], mechanism, failure, request, monkeypatch, {"poison": float("nan")}
+        globals()[test_name], mechanism, failure, request, monkeypatch, {"poison": float("nan"), "kill_after": (16,)}
     )

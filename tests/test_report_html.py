@@ -162,13 +162,15 @@ def test_browser_check_catches_broken_audio(media, tmp_path):
 
 def test_verify_logs_the_page_to_wandb(media, tmp_path):
     """verify's W&B run carries the page itself (a wandb.Html with the embedded media)."""
-    from siren.verify import _log_wandb
+    from siren.checkpoints.meta import CheckpointMeta
+    from siren.verify.report import log_wandb
 
     report, out = media
     write_report_html(report, out)
     tracking = SimpleNamespace(mode="offline", project="siren-test", entity=None, group=None)
-    adapted = SimpleNamespace(cfg=SimpleNamespace(tracking=tracking), meta={})
-    _log_wandb(report, adapted, tmp_path / "run", 4)
+    meta = CheckpointMeta(step=4, stage="adapt", config={}, fingerprints={})  # no baseline: no artifact to use
+    adapted = SimpleNamespace(cfg=SimpleNamespace(tracking=tracking), meta=meta)
+    log_wandb(report, adapted, tmp_path / "run", 4)
     logged = list((tmp_path / "run" / "verify").glob("wandb/offline-run-*/files/media/html/verify/report_*.html"))
     assert len(logged) == 1, sorted(str(p) for p in (tmp_path / "run").rglob("*"))
     assert logged[0].read_text() == (out / "report.html").read_text()

@@ -1,5 +1,6 @@
-"""Many processes, one result (DESIGN §17): the LR schedule, random streams, precision, micro-batch metrics,
-evaluation split across ranks, progress, preemption and hang reports — each rerun with its mechanism switched off."""
+"""Many processes, one result (a run on 1 or 2 processes, or stopped and resumed, gives the same numbers): the LR
+schedule, random streams, precision, micro-batch metrics, evaluation split across ranks, progress, preemption and hang
+reports — each rerun with its mechanism switched off."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import mechanisms
 import pytest
 import torch
-from helpers import ROOT, launch_cmd, reset_accelerate, stage_config, train_cmd, with_fault
+from helpers import ROOT, isolated_tracking, launch_cmd, reset_accelerate, stage_config, train_cmd, with_fault
 from safetensors.torch import load_file
 
 from siren.train.progress import parse_status
@@ -73,11 +74,22 @@ def _rewind(run: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- 1. the LR schedule
+@pytest.fixture(scope="module")
+def lr_one_process(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
+    """The 1-process reference of the LR test (global batch 8), trained once for the test and its control: the
+    control's mechanism (the scheduler stepped once per process) changes nothing on one process."""
+    ref = tmp_path_factory.mktemp("lr") / "one"
+    with isolated_tracking(ref.parent):
+        reset_accelerate()
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, ref, **LR, **{"train.batch_size": 8})).fit()
+        reset_accelerate()
+    return ref
+
+
 def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
-    corpus_dir, teacher_dir, tmp_path, subprocess_env
+    lr_one_process, corpus_dir, teacher_dir, tmp_path, subprocess_env
 ):
-    ref = tmp_path / "one"
-    Trainer(stage_config("codec", corpus_dir, teacher_dir, ref, **LR, **{"train.batch_size": 8})).fit()
+    ref = lr_one_process
     ddp = tmp_path / "two"
     r = _run(launch_cmd("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 4}), subprocess_env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -250,17 +262,19 @@ def test_evaluation_is_split_across_ranks_and_equals_one_process(corpus_dir, tea
 
 
 # ---------------------------------------------------------------------------------------------------- 6. progress
-def test_status_lines_off_a_terminal(corpus_dir, teacher_dir, tmp_path, subprocess_env):
-    cmd = train_cmd(
+def test_status_lines_off_a_terminal(corpus_dir, teacher_dir, tmp_path, capsys):
+    """In this process, stderr captured (not a terminal): what a process's stderr off a terminal receives."""
+    capsys.readouterr()
+    cfg = stage_config(
         "codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.status_every": 2, "train.max_steps": 5}
     )
-    r = _run(cmd, subprocess_env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    status = [parse_status(line) for line in r.stderr.splitlines()]
+    Trainer(cfg).fit()
+    err = capsys.readouterr().err
+    status = [parse_status(line) for line in err.splitlines()]
     steps = [s[0] for s in status if s is not None]
-    assert steps == [2, 4, 5], r.stderr[-2000:]
+    assert steps == [2, 4, 5], err[-2000:]
     assert all(s[1] == 5 for s in status if s is not None)
-    line = next(x for x in r.stderr.splitlines() if x.startswith("siren: step 2/5"))
+    line = next(x for x in err.splitlines() if x.startswith("siren: step 2/5"))
     assert "steps/s" in line and "s audio/s" in line and "ETA" in line
 
 
@@ -306,10 +320,6 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
 ):
     make = train_cmd if procs == 1 else launch_cmd
     ov = {**PRE, "train.batch_size": 4}
-    ref = tmp_path / "ref"
-    r = _run(make("codec", corpus_dir, teacher_dir, ref, **ov), subprocess_env)
-    assert r.returncode == 0, r.stderr[-3000:]
-
     run = tmp_path / "run"
     proc = subprocess.Popen(
         make("codec", corpus_dir, teacher_dir, run, **ov),
@@ -331,8 +341,16 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
     assert 3 <= stopped < 24 and stopped % 12 != 0, stopped  # the step it was on, not a scheduled checkpoint
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped
 
-    r = _run(make("codec", corpus_dir, teacher_dir, run, **ov), subprocess_env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # The resume and the uninterrupted reference come last: the control (no signal handlers) fails above without
+    # paying for them. On one process both run in this process (only the signalled run needs its own process).
+    ref = tmp_path / "ref"
+    for d in (run, ref):
+        if procs == 1:
+            reset_accelerate()
+            Trainer(stage_config("codec", corpus_dir, teacher_dir, d, **ov)).fit()
+        else:
+            r = _run(make("codec", corpus_dir, teacher_dir, d, **ov), subprocess_env)
+            assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(ref, 24), _weights(run, 24)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")] == [
@@ -394,8 +412,11 @@ def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teach
 
 
 # ---------------------------------------------------------------------------------------------------- 8. hangs
-def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env):
-    env = with_fault(subprocess_env, "rank_sleep:1:3:20")
+def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env, hang_s: int = 20):
+    """Rank 1 sleeps `hang_s` seconds in step 3 (train.hang_timeout_s=6): its watchdog reports the hang with its
+    stacks long before the sleep ends. The control (no watchdog) passes a shorter sleep, still past the timeout: the
+    run then outlives it and finishes, which is the failure the control must see."""
+    env = with_fault(subprocess_env, f"rank_sleep:1:3:{hang_s}")
     run = tmp_path / "run"
     ov = {"train.max_steps": 6, "train.hang_timeout_s": 6, "samples.enabled": "false"}
     t0 = time.time()
@@ -474,4 +495,8 @@ def test_every_scale_test_has_a_control():
 
 @pytest.mark.parametrize("test_name, mechanism, failure", CONTROLS, ids=[f"{m}" for _, m, _ in CONTROLS])
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
-    mechanisms.assert_fails_without(globals()[test_name], mechanism, failure, request, monkeypatch, {"procs": 1})
+    # procs=1: the one-process SIGTERM test; hang_s=8: a hang still past train.hang_timeout_s=6 that, without the
+    # watchdog, the run outlives 12 s sooner than the test's 20 s one.
+    mechanisms.assert_fails_without(
+        globals()[test_name], mechanism, failure, request, monkeypatch, {"procs": 1, "hang_s": 8}
+    )

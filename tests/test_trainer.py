@@ -21,21 +21,6 @@ from siren.train.trainer import Trainer
 FROZEN_IN_ADAPT = ["decoder", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"]
 
 
-@pytest.fixture(scope="module")
-def codec_run(corpus_dir, teacher_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "codec"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("SIREN_ARTIFACT_CACHE", str(run.parent / "artifacts"))
-    try:
-        Trainer(
-            stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6, "train.checkpoint_every": 3})
-        ).fit()
-    finally:
-        mp.undo()
-    return run
-
-
 def contract_keys(stage: str) -> set[str]:
     keys = {"train/loss", "train/grad_norm", "train/step_time_s", "frozen/ok", "rate/bps_nominal", "rate/bps_entropy"}
     for s, levels in (("sem", ["l0"]), ("pro", ["l0"]), ("spk", ["g0", "g1", "g2", "g3"])):
@@ -196,8 +181,9 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     def cmd(run: Path) -> list[str]:
         return train_cmd("codec", corpus_dir, teacher_dir, run, **ov)
 
-    ref = subprocess.run(cmd(tmp_path / "ref"), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    # The uninterrupted reference in this process: the losses are a function of the config and the seeds, not of the
+    # process; the killed run and its resume are real processes.
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "ref", **ov)).fit()
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         cmd(run), env=subprocess_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -208,8 +194,7 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "checkpoints" / "step_14").exists()
     run_id = (run / "wandb_run_id").read_text()
-    resumed = subprocess.run(cmd(run), env=subprocess_env, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **ov)).fit()  # the resume, in this process
     a = read_metrics(tmp_path / "ref" / "metrics.jsonl")
     b = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 15))
@@ -234,10 +219,14 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, capsys):
     """`siren cache` fills what training then reads, untouched; with a clip too short to encode in the manifest and
-    `data.min_seconds: 0`, both leave it out by the same derived minimum, so both compute the same keys."""
+    `data.min_seconds: 0`, both leave it out by the same derived minimum, so both compute the same keys. The command
+    runs in-process through the CLI's `main` (its 2-process form: tests/test_multiprocess.py)."""
     import soundfile as sf
+    from helpers import reset_accelerate
+
+    from siren.cli import main
 
     cache = tmp_path / "cache"
     sf.write(tmp_path / "short.wav", 0.1 * np.random.default_rng(0).standard_normal(3200).astype(np.float32), 16000)
@@ -247,16 +236,14 @@ def test_cache_cli_and_training_from_cache(corpus_dir, teacher_dir, tmp_path, su
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     short = {"data.feature_cache": str(cache), "data.train": str(tmp_path / "train.jsonl"), "data.min_seconds": 0}
     ov = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "run", **short)
-    r = subprocess.run(
-        [sys.executable, "-m", "siren", "cache", "--config", str(ROOT / "configs/demo/base.yaml"), *ov],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "features train: computed" in r.stdout and "features val: computed" in r.stdout
-    assert f"features train: computed {len(rows) - 1}, reused 0, entries {len(rows) - 1}" in r.stdout  # not the 0.2 s
+    try:
+        code = main(["cache", "--config", str(ROOT / "configs/demo/base.yaml"), *ov])
+    finally:
+        reset_accelerate()  # the command's process state: the trainer below sets up its own
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "features train: computed" in out.out and "features val: computed" in out.out
+    assert f"features train: computed {len(rows) - 1}, reused 0, entries {len(rows) - 1}" in out.out  # not the 0.2 s
     dirs = sorted(p for p in cache.iterdir() if p.is_dir())
     assert len(dirs) == 2  # train and val, each under its own key
     before = {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()}

@@ -1,12 +1,13 @@
-"""The real bitstream (DESIGN §11): a small header + semantic/prosody codes range-coded with the entropy model.
+"""The real bitstream (docs/bitstream.md): a small header + semantic/prosody codes range-coded with the entropy model.
 
-File layout (version 3, little endian)::
+File layout (version 4, little endian)::
 
-    magic "SR" | version u8 | model id (4 bytes) | n_sem (LEB128 varint) | symbol hash (4 bytes)
+    magic "SR" | version u8 | model id (4 bytes) | n_sem (LEB128 varint) | tail (LEB128 varint) | symbol hash (4 bytes)
     | spk codes (groups × ceil(log2 K) bits, byte-padded) | payload (range-coder bytes) | crc32 u32 over all before
 
 Everything else is derived: levels and codebook sizes from the model, prosody frames = n_sem / 4 (the factorizer cuts
-to whole 8-frame blocks), samples = n_sem × the semantic hop.
+to whole 8-frame blocks). The codes cover n_sem × the semantic hop samples; `tail` is how many samples the input had
+beyond them (the end that does not fill a whole block, under a second), so a decoder returns the input's length.
 
 Determinism. Both sides get next-frame logits from the same incremental path (`EntropyModel.coder`, a key/value
 cache: linear in length); the encoder, which knows every frame, runs it over windows of frames (`StreamCoder.run`: the
@@ -47,8 +48,9 @@ from siren.errors import LayoutMismatch, SirenError
 from siren.models.io import fingerprint
 
 MAGIC = b"SR"
-VERSION = 3
+VERSION = 4
 OLD_VERSIONS = {
+    3: "version 3 (no input length: decodes to whole blocks only)",
     1: "version 1 (whole-word payloads, float probabilities)",
     2: "version 2 (float probabilities recomputed over the whole prefix, no symbol hash)",
 }
@@ -168,15 +170,21 @@ def encode_codes(
     spk: torch.Tensor,
     num_samples: int,
     sample_rate: int = 16000,
+    sem_hop: int = 640,
 ) -> Encoded:
-    """sem (1, Ts, L), pro (1, Tp = Ts / 4, L), spk (1, G) → bytes. `num_samples` (the input's length) only sets the
-    duration that bit/s figures are computed over; the decoder renders Ts × (semantic hop) samples.
+    """sem (1, Ts, L), pro (1, Tp = Ts / 4, L), spk (1, G) → bytes. `num_samples` is the input's length: the file
+    records how far it reaches past the Ts × `sem_hop` samples the codes cover, and bit/s figures are over it.
 
     The streams are coded in windows of frames (`_coding_windows`), so memory holds a few windows' probability tables
     however long the stream is; the bytes are those of coding the whole stream in one call."""
     import constriction
 
     _check_codes(modules, sem, pro, spk)
+    tail_samples = int(num_samples) - sem.shape[1] * sem_hop
+    if tail_samples < 0:
+        raise BitstreamError(
+            f"the input ({num_samples} samples) is shorter than its codes cover ({sem.shape[1]} frames × {sem_hop})"
+        )
     fam = constriction.stream.model.Categorical(perfect=False)
     enc = constriction.stream.queue.RangeEncoder()
     tail = _Tail()
@@ -194,7 +202,12 @@ def encode_codes(
     payload = _shortest_payload(full, _TailCheck(full, tail, lambda: _coding_windows(modules, sem, pro)))
     K_spk = modules["spk_quantizer"].codebook_size
     n_sem = sem.shape[1]
-    head = _HEAD.pack(MAGIC, VERSION, model_id(modules)) + _varint(n_sem) + symbol_hash(n_sem, spk, sem, pro)
+    head = (
+        _HEAD.pack(MAGIC, VERSION, model_id(modules))
+        + _varint(n_sem)
+        + _varint(tail_samples)
+        + symbol_hash(n_sem, spk, sem, pro)
+    )
     body = head + _pack_bits(spk[0].tolist(), max(1, math.ceil(math.log2(K_spk)))) + payload
     data = body + struct.pack("<I", zlib.crc32(body))
     return Encoded(
@@ -261,7 +274,7 @@ def _coding_windows(modules: dict[str, nn.Module], sem: torch.Tensor, pro: torch
 
 def read_header(data: bytes) -> dict:
     """Magic, version, CRC and the fixed fields; raises BitstreamError naming the problem."""
-    if len(data) < _HEAD.size + 1 + HASH_BYTES + 4:
+    if len(data) < _HEAD.size + 2 + HASH_BYTES + 4:
         raise BitstreamError(f"file is truncated: {len(data)} bytes, shorter than the smallest header")
     magic, version, mid = _HEAD.unpack_from(data)
     if magic != MAGIC:
@@ -274,14 +287,15 @@ def read_header(data: bytes) -> dict:
     if zlib.crc32(body) != crc:
         raise BitstreamError("bitstream is corrupted or truncated (CRC mismatch)")
     n_sem, off = _read_varint(body, _HEAD.size)
+    tail, off = _read_varint(body, off)
     h = body[off : off + HASH_BYTES]
-    return {"model_id": mid, "n_sem": n_sem, "hash": h, "offset": off + HASH_BYTES, "body": body}
+    return {"model_id": mid, "n_sem": n_sem, "tail": tail, "hash": h, "offset": off + HASH_BYTES, "body": body}
 
 
 def decode_codes(
     modules: dict[str, nn.Module], data: bytes, sem_hop: int = 640
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), samples the codes cover (Ts × sem_hop).
+    """bytes → sem (1, Ts, L), pro (1, Tp, L), spk (1, G), the input's length in samples (Ts × sem_hop + tail).
     Raises BitstreamError on any inconsistency, including codes that do not match the file's symbol hash."""
     import constriction
 
@@ -320,7 +334,7 @@ def decode_codes(
     except (ValueError, RuntimeError, AssertionError) as exc:  # constriction rejects a stream it cannot read
         raise BitstreamError(f"the payload cannot be decoded ({exc}); the file is damaged") from exc
     check_symbol_hash(hd["hash"], symbol_hash(n_sem, spk, out["sem"], out["pro"]))
-    return out["sem"], out["pro"], spk, n_sem * sem_hop
+    return out["sem"], out["pro"], spk, n_sem * sem_hop + hd["tail"]
 
 
 def _words(payload: bytes) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,9 +18,10 @@ import yaml
 
 from siren.config.migrations import SCHEMA_VERSION, migrate
 from siren.config.schema import SirenConfig
+from siren.errors import SirenError
 
 
-class ConfigError(ValueError):
+class ConfigError(SirenError, ValueError):
     """One or more problems in a config; `problems` lists them, the message shows them all."""
 
     def __init__(self, problems: list[str], source: str = "config"):
@@ -216,11 +218,55 @@ def validate(tree: dict, source: str = "config") -> SirenConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SirenConfig:
-    """Load, merge (`extends`), override and validate a config file."""
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, base: str | Path | None = None
+) -> SirenConfig:
+    """Load, merge (`extends`), override and validate a config file; its relative paths are made absolute against
+    `base` (default: the current directory, where the command was started), once, here (`resolve_paths`)."""
     tree = apply_overrides(load_tree(path), list(overrides))
     # A file without `schema_version` was written against the current schema; one with an older version migrates.
-    return validate(migrate(tree, str(path), default_version=SCHEMA_VERSION), str(path))
+    cfg = validate(migrate(tree, str(path), default_version=SCHEMA_VERSION), str(path))
+    return resolve_paths(cfg, Path.cwd() if base is None else Path(base))
+
+
+# Config keys that hold a filesystem path (outputs and inputs alike), and those that hold a checkpoint URI (a path or
+# `wandb:ENTITY/PROJECT/NAME:ALIAS`). `ssl.name` is a path only when it names something on disk (else a hub id).
+PATH_KEYS = ("run_dir", "data.train", "data.val", "data.feature_cache", "verify.data", "verify.real_clip")
+URI_KEYS = ("baseline", "pipeline.flow", "pipeline.vocoder", "student_ssl.path")
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?!\\|/)")  # wandb:..., not C:\ or file paths
+
+
+def resolve_paths(cfg: SirenConfig, base: Path) -> SirenConfig:
+    """Make every relative path of `cfg` absolute against `base`, so a run records where its data, checkpoints and
+    outputs are, and every later command (verify, decode, `Codec.from_checkpoint`, a resume) finds them from any
+    directory. Absolute paths, URIs and empty values are kept. Returns `cfg` (resolved in place: it was just loaded)."""
+    from siren.config.stages import COMPONENTS
+
+    def absolute(value: str) -> str:
+        return str((base / Path(value).expanduser()).resolve()) if not Path(value).expanduser().is_absolute() else value
+
+    def visit(key: str, how: str) -> None:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, leaf)
+        if not isinstance(value, str) or not value:
+            return
+        if how == "uri" and _URI_SCHEME.match(value):
+            return
+        if how == "maybe" and not (base / value).exists():
+            return
+        setattr(node, leaf, absolute(value))
+
+    for key in PATH_KEYS:
+        visit(key, "path")
+    for key in URI_KEYS:
+        visit(key, "uri")
+    visit("ssl.name", "maybe")
+    for name in COMPONENTS:
+        visit(f"{name}.weights", "path")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
@@ -228,8 +274,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_config(cfg: SirenConfig) -> str:
-    from siren.models.plugins import built_tree  # a `target:` section shows what was built, not unread preset keys
-
+    # a `target:` section shows what was built, not unread preset keys
     return yaml.safe_dump(built_tree(to_dict(cfg)), sort_keys=False)
 
 
@@ -237,3 +282,30 @@ def config_from_dict(tree: dict, source: str = "saved config") -> SirenConfig:
     """Rebuild a config saved in a checkpoint's meta.json / config.yaml; one without `schema_version` is version 0
     (written before versions existed) and is migrated, each change logged."""
     return validate(migrate(tree, source, default_version=0), source)
+
+
+# Keys of a component section that SIREN itself reads whatever class the section builds (where the teacher and a saved
+# student live, the teacher layer the feature cache is keyed by, the flow's sampling settings). Every other native key
+# is read only by SIREN's own class, so a `target:` section that kept it would show numbers nothing used.
+SIREN_READS: dict[str, tuple[str, ...]] = {
+    "ssl": ("name", "layer"),
+    "student_ssl": ("path",),
+    "flow": ("steps", "solver"),
+}
+
+
+def built_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree (`to_dict`) as what was built: a component section with `target:` keeps the source keys (target,
+    args, adapter, adapter_args, weights, weights_key, rename, allow_*) and `SIREN_READS`, not the native preset
+    fields its class never read; sections without `target:` and the rest of the tree are unchanged."""
+    from siren.config.schema import ComponentSource
+    from siren.config.stages import COMPONENTS
+
+    source = [f.name for f in dataclasses.fields(ComponentSource)]
+    out = dict(tree)
+    for name in COMPONENTS:
+        section = tree.get(name)
+        if isinstance(section, dict) and section.get("target"):
+            keep = (*source, *SIREN_READS.get(name, ()))
+            out[name] = {k: section[k] for k in keep if k in section}
+    return out

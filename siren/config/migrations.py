@@ -20,9 +20,9 @@ from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-# The component sections of version 0 and the keys issue 12 added to each (where a component comes from, DESIGN §18).
+# The component sections of version 0 and the keys issue 12 added to each (where a component comes from, docs/bring-your-own-codec.md).
 _V0_COMPONENTS = (
     "ssl",
     "student_ssl",
@@ -92,8 +92,15 @@ def _v1_to_v2(tree: dict) -> list[str]:
     return changes
 
 
+def _v2_to_v3(tree: dict) -> list[str]:
+    """Version 2 → 3: `train.global_batch_size`, null (the batch stays `train.batch_size` per process, as before)."""
+    changes: list[str] = []
+    _add(tree, "train", "global_batch_size", None, changes)
+    return changes
+
+
 # from-version → function that edits the tree in place to the next version and returns the changes it made.
-MIGRATIONS: dict[int, Callable[[dict], list[str]]] = {0: _v0_to_v1, 1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict], list[str]]] = {0: _v0_to_v1, 1: _v1_to_v2, 2: _v2_to_v3}
 
 _logged: set[tuple[str, int]] = set()
 

@@ -12,21 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from siren.config.migrations import SCHEMA_VERSION
+from siren.config.stages import STAGES
 
-STAGES = ("codec", "flow", "vocoder", "distill", "adapt")
-COMPONENTS = (
-    "ssl",
-    "student_ssl",
-    "factorizer",
-    "sem_quantizer",
-    "pro_quantizer",
-    "spk_quantizer",
-    "entropy_model",
-    "decoder",
-    "fuser",
-    "flow",
-    "vocoder",
-)
+StageName = Literal[STAGES]  # the stages of the registry (siren.config.stages)
 
 
 # ----------------------------------------------------------------------------------------------------------------- audio
@@ -46,7 +34,7 @@ class AudioConfig:
 # ------------------------------------------------------------------------------------------------------------ components
 @dataclass
 class ComponentSource:
-    """Where a component comes from (DESIGN §18). Without `target`: SIREN's own class, built from the section's keys.
+    """Where a component comes from (docs/bring-your-own-codec.md). Without `target`: SIREN's own class, built from the section's keys.
 
     `target: "pkg.mod:Name"` builds a foreign class with `args` (constructor keyword arguments, checked against its
     signature); `adapter: "pkg.mod:Name"` wraps it to its role (`Adapter(module, **adapter_args)`). `weights` loads a
@@ -182,8 +170,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # utterances per micro-batch in EACH process (see global_batch_size)
     grad_accum: int = 1
+    # Utterances per optimizer step over all processes and micro-batches. Set, it decides the per-process batch
+    # (global ÷ (processes × grad_accum), which must divide evenly) and results do not depend on the process count;
+    # null: train.batch_size per process, so the global batch grows with the number of processes.
+    global_batch_size: int | None = None
     log_every: int = 1
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -282,7 +274,7 @@ class VerifyConfig:
 class SirenConfig:
     # Written into every dumped config and meta.json; older saved configs load through `siren.config.migrations`.
     schema_version: int = SCHEMA_VERSION
-    stage: Literal["codec", "flow", "vocoder", "distill", "adapt"] = "codec"
+    stage: StageName = "codec"
     run_dir: str = "runs/default"
     preset: str = ""
     baseline: str | None = None

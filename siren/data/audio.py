@@ -15,8 +15,10 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
+from siren.errors import SirenError
 
-class AudioError(RuntimeError):
+
+class AudioError(SirenError):
     """An audio file cannot be used: missing, unreadable, empty, non-finite or too short."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -42,6 +42,7 @@ import torch
 from siren.data.audio import AudioError
 from siren.data.manifest import ManifestTable
 from siren.errors import SirenError
+from siren.ranks import Ranks
 
 log = logging.getLogger("siren")
 
@@ -56,19 +57,6 @@ class Field:
     name: str
     axis: str
     dtype: str
-
-
-@dataclass
-class Dist:
-    """What filling needs from the process group: this rank, the world size and a barrier."""
-
-    rank: int = 0
-    world: int = 1
-    barrier: Callable[[], None] = lambda: None
-
-    @classmethod
-    def from_accelerator(cls, acc) -> Dist:
-        return cls(rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone)
 
 
 class CacheCorrupt(SirenError):
@@ -327,7 +315,7 @@ class ShardCache:
         self,
         load: Callable[[int], torch.Tensor],
         compute: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]],
-        dist: Dist | None = None,
+        ranks: Ranks | None = None,
         *,
         batch_seconds: float = 0.0,
         sample_rate: int = 16000,
@@ -335,42 +323,43 @@ class ShardCache:
         progress: bool = True,
     ) -> dict:
         """Verify (each rank a share of the shards), fill the missing entries (each rank `todo[rank::world]`), index.
+        `ranks`: this process's place in the job's process group (rank 0 of 1 when None).
 
         `load(j)` → (N,) waveform of entry j (an AudioError marks the entry unusable); `compute(wavs)` → one dict of
         field → tensor per waveform. Returns {'computed': this rank's count, 'reused': ..., 'total': ...}.
         """
-        dist = dist or Dist()
-        if dist.rank == 0 and self.dir.is_dir():
+        ranks = ranks or Ranks()
+        if ranks.is_main and self.dir.is_dir():
             self._recover()  # this job writes nothing before the barrier below; other jobs' live files are kept
-        dist.barrier()
+        ranks.barrier()
         listed = self._shards(trusted=False)
         # Every index is read (cheap) so that a damaged one is set aside like a shard failing its checksum.
-        for idx in listed[dist.rank :: dist.world]:
+        for idx in ranks.shard(listed):
             try:
                 self.verify_shard(idx, crc=verify)
             except CacheCorrupt as exc:
                 log.warning("%s; its entries will be recomputed", exc)
                 mark = idx.with_name(idx.name[: -len(".idx.npz")] + ".corrupt")
                 atomic_write(mark, lambda f, why=str(exc): f.write(why.encode()))
-        dist.barrier()
+        ranks.barrier()
         index = self._load_index()
         todo = np.nonzero(index["shard"] == -1)[0]
         # Length-sorted so each batch pads little; the stride gives every rank the same mix of lengths.
         order = np.lexsort((todo, self.table.duration[self.rows[todo]]))
-        mine = todo[order][dist.rank :: dist.world]
+        mine = ranks.shard(todo[order])
         t0 = time.perf_counter()
-        computed = self._fill(mine, load, compute, batch_seconds * sample_rate, progress and dist.rank == 0)
+        computed = self._fill(mine, load, compute, batch_seconds * sample_rate, progress and ranks.is_main)
         log.info(
             "cache %s: rank %d computed %d of %d entries (%d reused) in %.1f s",
             self.dir,
-            dist.rank,
+            ranks.rank,
             computed,
             len(self.rows),
             len(self.rows) - len(todo),
             time.perf_counter() - t0,
         )
-        dist.barrier()
-        if dist.rank == 0:
+        ranks.barrier()
+        if ranks.is_main:
             self._drop_corrupt()
         self._index = self._load_index()
         left = int((self._index["shard"] == -1).sum())

@@ -1,6 +1,6 @@
 """What the stages cache, through the one cache subsystem (`siren.data.cache`): frozen SSL features (codec, flow) and
 the adapt stage's teacher latents and codes, for the train and val datasets. Used by `siren train` at start and by
-`siren cache --config X [--what features|teacher]` (the same code, so a filled cache is simply found at start)."""
+`siren cache` (siren/train/cache_command.py: the same code, so a filled cache is simply found at start)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siren.data.cache import Dist, Field, ShardCache
+from siren.data.cache import Field, ShardCache
 from siren.data.datasets import AudioDataset
+from siren.ranks import Ranks
 
 log = logging.getLogger("siren")
 
@@ -69,11 +70,11 @@ def _datasets(train: AudioDataset, val: AudioDataset | None) -> list[tuple[str, 
     return [("train", train)] + ([("val", val)] if val is not None else [])
 
 
-def _ensure(cache: ShardCache, ds: AudioDataset, compute: Callable, dist: Dist, cfg, what: str) -> dict:
+def _ensure(cache: ShardCache, ds: AudioDataset, compute: Callable, ranks: Ranks, cfg, what: str) -> dict:
     rep = cache.ensure(
         ds.load_full,
         compute,
-        dist,
+        ranks,
         batch_seconds=cfg.data.cache_batch_seconds,
         sample_rate=cfg.audio.sample_rate,
         verify=cfg.data.cache_verify,
@@ -83,7 +84,7 @@ def _ensure(cache: ShardCache, ds: AudioDataset, compute: Callable, dist: Dist, 
 
 
 def fill_features(
-    cfg, module: nn.Module, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, *, layer
+    cfg, module: nn.Module, train: AudioDataset, val: AudioDataset | None, ranks: Ranks, device, *, layer
 ) -> dict[str, dict]:
     """Fill the feature cache of `module` for train and val and attach it to both datasets (batch key FEATURES)."""
     root = Path(cfg.data.feature_cache)
@@ -100,7 +101,7 @@ def fill_features(
 
     for split, ds in _datasets(train, val):
         cache = feature_cache(root, module, ds, layer=layer, batch_seconds=cfg.data.cache_batch_seconds)
-        reports[split] = _ensure(cache, ds, compute, dist, cfg, "feature")
+        reports[split] = _ensure(cache, ds, compute, ranks, cfg, "feature")
         seg = ds.segment_samples
         ds.attach(FEATURES, cache.view({"t": (cfg.audio.hop_length, module.num_frames(seg) if seg else None)}))
     return reports
@@ -118,7 +119,7 @@ def teacher_fields(layout: dict[str, tuple[int, int]]) -> list[Field]:
     ]
 
 
-def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, dist: Dist, device, root) -> dict:
+def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, ranks: Ranks, device, root) -> dict:
     """Fill the adapt stage's teacher cache (latents and codes of the baseline's own path on whole utterances) for
     train and val, and attach crop-aligned views (batch key TEACHER) with `sem_valid`/`pro_valid` masks."""
     cfg = stage.cfg
@@ -136,70 +137,8 @@ def fill_teacher(stage, modules, train: AudioDataset, val: AudioDataset | None, 
     for split, ds in _datasets(train, val):
         key = teacher_key(modules, cfg.ssl.layer, ds)
         cache = ShardCache(Path(root), "teacher", key, teacher_fields(layout), ds.table, ds.rows)
-        reports[split] = _ensure(cache, ds, compute, dist, cfg, "teacher")
+        reports[split] = _ensure(cache, ds, compute, ranks, cfg, "teacher")
         n_sem, n_pro = stage.frames_per_segment(modules, ds.segment_samples, device)
         geo = stage.geo  # samples per semantic / prosody frame, from the audio settings and the factorizer
         ds.attach(TEACHER, cache.view({"sem": (geo.sem_hop, n_sem), "pro": (geo.pro_hop, n_pro)}, valid=("sem", "pro")))
     return reports
-
-
-def run_cache(args) -> int:
-    """`siren cache --config X [--what features|teacher]`: fill the caches a `siren train` with X would use."""
-    from accelerate import PartialState
-
-    from siren.config import load_config
-    from siren.errors import SirenError
-    from siren.models.builders import build_component
-    from siren.train.stages import make_stage
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    what = args.what or ("teacher" if cfg.stage == "adapt" else "features")
-    state = PartialState(cpu=not torch.cuda.is_available())
-    dist = Dist(rank=state.process_index, world=state.num_processes, barrier=state.wait_for_everyone)
-    # Refusals first: they need no model, and a baseline that is not there yet is not what they are about.
-    if what == "features":
-        if not cfg.data.feature_cache:
-            raise SirenError("no feature cache directory: set data.feature_cache")
-        if cfg.stage not in ("codec", "flow", "distill"):
-            raise SirenError(f"stage {cfg.stage} reads no SSL features from a cache; use --what teacher")
-    else:
-        if cfg.stage != "adapt":
-            raise SirenError(f"--what teacher needs an adapt config (this one is stage {cfg.stage})")
-        if cfg.loss.teacher_targets != "full":
-            raise SirenError(
-                f"loss.teacher_targets is {cfg.loss.teacher_targets!r}: adapt runs the teacher on each crop and "
-                "reads no teacher cache, so there is nothing to fill; pass loss.teacher_targets=full (to the cache "
-                "command and to the adapt run) to use whole-utterance targets from the cache"
-            )
-    # The rows a `siren train` with this config would read: the stage's modules give the shortest encodable clip.
-    from siren.train.samples import clip_min_samples
-
-    stage = make_stage(cfg)
-    modules = {n: m.eval().to(state.device) for n, m in stage.build().items()}
-    train, val = _build_datasets(cfg, clip_min_samples(stage, modules))
-    try:
-        if what == "features":
-            module = build_component("ssl", cfg).eval().to(state.device)
-            reports = fill_features(cfg, module, train, val, dist, state.device, layer=cfg.ssl.layer)
-        else:
-            root = cfg.data.feature_cache or Path(cfg.run_dir) / "cache"
-            reports = fill_teacher(stage, modules, train, val, dist, state.device, root)
-        for split, rep in reports.items():
-            print(
-                f"rank {dist.rank}/{dist.world} {what} {split}: computed {rep['computed']}, reused {rep['reused']}, "
-                f"entries {rep['total']}",
-                flush=True,
-            )
-    finally:
-        state.wait_for_everyone()
-        if state.num_processes > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
-
-
-def _build_datasets(cfg, min_samples: int = 0) -> tuple[AudioDataset, AudioDataset | None]:
-    """The train and val datasets exactly as the trainer builds them (same rows → same cache keys)."""
-    from siren.data.datasets import build_dataset
-
-    return build_dataset(cfg, False, min_samples), build_dataset(cfg, True, min_samples) if cfg.data.val else None

@@ -1,4 +1,4 @@
-"""Embedded default corpus (DESIGN §15): stdlib docstring sentences spoken by Debian TTS voices, 16 kHz mono.
+"""Embedded default corpus (docs/data.md#the-embedded-corpus-demo-and-tests): stdlib docstring sentences spoken by Debian TTS voices, 16 kHz mono.
 
 Deterministic: the same (n, seed) always gives the same texts, speakers and audio. Built in a temporary directory next
 to the target and renamed into place, so an interrupted build never leaves a half corpus.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siren.data.manifest import Utterance, write_manifest
+from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 
@@ -140,7 +141,7 @@ STDLIB_MODULES = tuple(
 _SENTENCE = re.compile(r"^[A-Z][A-Za-z ,;:'\-]*[A-Za-z][.!?]$")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(SirenError):
     """The corpus cannot be built (missing TTS programs, a failed synthesis, a conflicting output directory)."""
 
 

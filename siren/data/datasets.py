@@ -2,7 +2,7 @@
 
 Start-up trusts the manifest (`duration`, and `sample_rate`/`channels` when present) and only does vectorised checks,
 so it costs the same for 1,000 or 1,000,000 rows; a file that turns out unreadable, short, non-finite or of an unusable
-format when loaded is replaced deterministically by the next usable one and counted (DESIGN §17).
+format when loaded is replaced deterministically by the next usable one and counted (docs/scale.md).
 """
 
 from __future__ import annotations

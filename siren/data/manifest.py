@@ -3,7 +3,7 @@
 
 Training reads a manifest into a `ManifestTable`: a handful of numpy arrays (strings as one byte blob plus offsets), not
 one Python object per row, so a million-row manifest costs tens of MB and DataLoader workers share it without
-copy-on-write growth (DESIGN §17). Small manifests (val, samples, verify) can still be read as a list of `Utterance`.
+copy-on-write growth (docs/scale.md). Small manifests (val, samples, verify) can still be read as a list of `Utterance`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from siren.errors import SirenError
+
 REQUIRED_FIELDS = ("path", "duration", "speaker")
 _CHUNK = 20_000  # lines parsed per json.loads call
 
 
-class ManifestError(ValueError):
+class ManifestError(SirenError, ValueError):
     """A manifest is missing or malformed; the message names the file and, where it applies, the line."""
 
 

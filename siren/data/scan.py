@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from siren.data.manifest import ManifestError, Utterance, duration_problem, write_manifest
+
+log = logging.getLogger("siren")
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au")
 LAYOUTS = ("auto", "librispeech", "libritts", "vctk", "flat")
@@ -161,6 +164,30 @@ def split_by_speaker(
     return train, val_set
 
 
+def split_notes(
+    utts: list[Utterance], val_set: list[Utterance], val: float | None, val_speakers: int | None
+) -> list[str]:
+    """What a user should know about the split they got: val goes by whole speakers, so it can hold far more (or
+    less) than the fraction asked for."""
+    if val_speakers is not None or not val:
+        return []
+    n, got = len(utts), len(val_set)
+    speakers = sorted({u.speaker for u in val_set})
+    want = float(val) * n
+    if got <= max(1.5 * want, want + 1) and (got > 0 or want < 1):
+        return []
+    who = ", ".join(speakers[:5]) + (f" and {len(speakers) - 5} more" if len(speakers) > 5 else "")
+    if got == 0:
+        return [
+            f"--val {val} asked for {want:.1f} of {n} utterances, but val is empty: the smallest speaker holds more"
+        ]
+    return [
+        f"--val {val} asked for {100 * float(val):.1f} % of the utterances ({want:.1f} of {n}); the split keeps "
+        f"speakers whole, so val holds {got} ({100 * got / n:.0f} %): all of speaker(s) {who}. Use --val-speakers N "
+        "to choose by speakers, or add speakers"
+    ]
+
+
 def build_manifest(
     sources: list[str | Path],
     out: str | Path,
@@ -214,6 +241,9 @@ def build_manifest(
         raise ManifestError(f"no readable audio in {', '.join(map(str, sources))}; see the reasons in the rejects")
     utts.sort(key=lambda u: u.id)
     train, val_set = split_by_speaker(utts, val, val_speakers)
+    notes = split_notes(utts, val_set, val, val_speakers)
+    for note in notes:
+        log.warning("siren manifest: %s", note)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "train.jsonl", train)
     write_manifest(out / "val.jsonl", val_set)
@@ -232,4 +262,5 @@ def build_manifest(
         "speakers": {"train": len({u.speaker for u in train}), "val": len({u.speaker for u in val_set})},
         "hours": round(sum(u.duration for u in utts) / 3600, 3),
         "sample_rates": dict(sorted(rates.items())),
+        "notes": notes,
     }

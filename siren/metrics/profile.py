@@ -1,4 +1,4 @@
-"""Baseline profile (DESIGN §8): code histograms per stream and level, entropy, entropy-model bit/s on a reference set.
+"""Baseline profile (docs/metrics.md#baseline-profile): code histograms per stream and level, entropy, entropy-model bit/s on a reference set.
 
 `siren profile --checkpoint URI --data MANIFEST --out FILE.json`; the `adapt` stage computes it at start on a fixed
 speaker-balanced subset (`data.profile_utts`), every rank a share, and caches it in `RUN/baseline_profile.json` under a
@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from siren.config.stages import ANALYSIS_PARTS
 from siren.errors import LayoutMismatch
-from siren.metrics.codebook import entropy_bits, histogram
-from siren.metrics.large_codebook import DENSE_MAX_CODES
+from siren.metrics.codebook import DENSE_MAX_CODES, entropy_bits, histogram
 
 
 def profile_sums(modules: dict[str, nn.Module], utterances, audio, device="cpu") -> dict:
     """Sums a profile is made of, over `utterances` (full, one at a time): per-stream histograms, bits, seconds, count.
     `audio`: the run's audio section. Sums add across ranks, so each rank can take a share and the shares are reduced."""
     from siren.data.audio import load_audio
+    from siren.models.analysis import analyse, code_layout, entropy_rate, stream_masks
     from siren.models.roles import FrameGeometry
-    from siren.train.stages.common import analyse, code_layout, entropy_rate, stream_masks
 
     geo = FrameGeometry.of(audio, modules["factorizer"])
     sample_rate = audio.sample_rate
@@ -140,22 +140,22 @@ def load_or_compute_profile(path: Path, ctx, modules, utterances, stage) -> dict
 
 
 def profile_checkpoint(uri: str, data: str, *, max_utts: int = 64, out: str | None = None) -> dict:
-    from siren.artifacts import resolve_checkpoint
+    from siren.checkpoints.artifacts import resolve_checkpoint
+    from siren.checkpoints.layout import read_meta
+    from siren.checkpoints.load import load_checkpoint
     from siren.data.manifest import read_manifest
-    from siren.train.checkpoint import read_meta
-    from siren.train.stages.common import load_checkpoint
 
     meta = read_meta(resolve_checkpoint(uri))
-    feat = "student_ssl" if meta["stage"] == "adapt" else "ssl"
-    names = [feat, "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model"]
+    feat = "student_ssl" if meta.stage == "adapt" else "ssl"
+    names = [feat, *ANALYSIS_PARTS, "entropy_model"]
     ck = load_checkpoint(uri, names)
     mods = {**ck.modules, "features": ck.modules[feat]}
     for m in mods.values():
         m.eval()
     prof = compute_profile(mods, read_manifest(data), ck.cfg.audio, max_utts=max_utts)
-    from siren.train.stages.adapt import baseline_fingerprint
+    from siren.checkpoints.lineage import checkpoint_fingerprint
 
-    prof["baseline_fingerprint"] = baseline_fingerprint(meta)
+    prof["baseline_fingerprint"] = checkpoint_fingerprint(meta)
     prof["baseline_uri"] = uri
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

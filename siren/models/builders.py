@@ -12,7 +12,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from siren.config.schema import COMPONENTS, SirenConfig
+from siren.config.schema import SirenConfig
+from siren.config.stages import COMPONENTS
+from siren.errors import SirenError
+from siren.models.plugins import ComponentError
 
 SEM, PRO, SPK = "sem", "pro", "spk"
 
@@ -45,8 +48,13 @@ def build_component(name: str, cfg: SirenConfig, ssl_dim: int | None = None, *, 
         module = build_target(name, section.target, section.args)
     else:
         if section.args:
-            raise ValueError(f"{name}.args is set but {name}.target is not: args are for a foreign class")
-        module = _build_own(name, cfg, ssl_dim)
+            raise ComponentError(f"{name}.args is set but {name}.target is not: args are for a foreign class")
+        try:
+            module = _build_own(name, cfg, ssl_dim)
+        except SirenError:
+            raise
+        except ValueError as exc:  # a config value the model cannot take (sizes, layers, levels): the user's to fix
+            raise ComponentError(f"{name}: {exc} (the `{name}:` section of the config)") from exc
     if load_weights and section.weights:
         from siren.models.weights import load_foreign_weights
 

@@ -14,10 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from siren.errors import SirenError
+
 log = logging.getLogger("siren")
 
 
-class StrictLoadError(RuntimeError):
+class StrictLoadError(SirenError):
     """A component file does not match its module (missing/unexpected/mismatched tensors) or cannot be read."""
 
 

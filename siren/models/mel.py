@@ -9,6 +9,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from siren.errors import SirenError
 from siren.models.precision import fp32_island
 
 
@@ -52,13 +53,13 @@ class MelSpectrogram(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- mel domains
-class MelDomainError(ValueError):
+class MelDomainError(SirenError, ValueError):
     """Two components exchange mels in domains that no exact conversion links (other filterbank, other hop)."""
 
 
 @dataclass(frozen=True)
 class MelDomain:
-    """What a mel tensor means (DESIGN §18): the filterbank (sample_rate, n_fft, n_mels, f_min, f_max), the frame hop,
+    """What a mel tensor means (docs/bring-your-own-codec.md): the filterbank (sample_rate, n_fft, n_mels, f_min, f_max), the frame hop,
     the log base (`ln` or `log10`), magnitude (power 1) or power (2) spectrum, and an affine normalisation
     (stored = (log value − shift) / scale). A component declares its own as a `mel_domain` attribute; one without it
     uses the run's `audio` front end (`MelDomain.of_audio`: natural-log magnitude, no normalisation)."""

@@ -1,4 +1,4 @@
-"""Foreign components by import path (DESIGN §18): `target: "pkg.mod:Name"`, `args`, optional `adapter`.
+"""Foreign components by import path (docs/bring-your-own-codec.md): `target: "pkg.mod:Name"`, `args`, optional `adapter`.
 
 A component section with `target` builds that class with `args` as keyword arguments; the arguments are checked
 against the constructor's signature first, so a typo is one error naming the argument and the closest valid one, not
@@ -9,7 +9,6 @@ a TypeError from deep inside someone else's `__init__`. An `adapter` wraps the b
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import inspect
@@ -20,7 +19,7 @@ from torch import nn
 from siren.errors import SirenError
 
 
-class ComponentError(SirenError):
+class ComponentError(SirenError, ValueError):
     """A component section names a class that cannot be imported or built with the given arguments."""
 
 
@@ -123,29 +122,3 @@ def describe(section: Any, module: nn.Module) -> dict[str, Any]:
         "adapter": getattr(section, "adapter", None),
         "args": dict(getattr(section, "args", {}) or {}),
     }
-
-
-# Keys of a component section that SIREN itself reads whatever class the section builds (where the teacher and a saved
-# student live, the teacher layer the feature cache is keyed by, the flow's sampling settings). Every other native key
-# is read only by SIREN's own class, so a `target:` section that kept it would show numbers nothing used.
-SIREN_READS: dict[str, tuple[str, ...]] = {
-    "ssl": ("name", "layer"),
-    "student_ssl": ("path",),
-    "flow": ("steps", "solver"),
-}
-
-
-def built_tree(tree: dict[str, Any]) -> dict[str, Any]:
-    """A config tree (`to_dict`) as what was built: a component section with `target:` keeps the source keys (target,
-    args, adapter, adapter_args, weights, weights_key, rename, allow_*) and `SIREN_READS`, not the native preset
-    fields its class never read; sections without `target:` and the rest of the tree are unchanged."""
-    from siren.config.schema import COMPONENTS, ComponentSource
-
-    source = [f.name for f in dataclasses.fields(ComponentSource)]
-    out = dict(tree)
-    for name in COMPONENTS:
-        section = tree.get(name)
-        if isinstance(section, dict) and section.get("target"):
-            keep = (*source, *SIREN_READS.get(name, ()))
-            out[name] = {k: section[k] for k in keep if k in section}
-    return out

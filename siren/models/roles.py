@@ -1,4 +1,4 @@
-"""Component roles as protocols (DESIGN §18): what stages, metrics, verify and the bitstream call, with shapes.
+"""Component roles as protocols (docs/bring-your-own-codec.md): what stages, metrics, verify and the bitstream call, with shapes.
 
 SIREN's own modules (factorizer.py, quantizers.py, ...) are one implementation of these roles; a foreign module plugs
 in through `target:` (and `adapter:` when its interface differs) as long as it satisfies the role. Stages and metrics

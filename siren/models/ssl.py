@@ -104,7 +104,7 @@ class SSLFeatureExtractor(nn.Module):
         super().__init__()
         n = model.config.num_hidden_layers
         if not 0 <= layer <= n:
-            raise ValueError(f"ssl layer {layer} out of range: this HuBERT has layers 0..{n}")
+            raise ValueError(f"ssl.layer={layer} is out of range: this model has hidden states 0..{n} ({n} layers)")
         self.model = model
         self.layer = layer
 

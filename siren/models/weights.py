@@ -1,4 +1,4 @@
-"""Foreign checkpoints (DESIGN §18): `.pt`/`.pth` (read with `weights_only=True`) or `.safetensors` into a module.
+"""Foreign checkpoints (docs/bring-your-own-codec.md): `.pt`/`.pth` (read with `weights_only=True`) or `.safetensors` into a module.
 
 `weights_key` picks a nested dict (`model`, `state_dict`, `ema`, or a dotted path such as `model.ema`); `rename`
 rewrites tensor names with regex → replacement rules, applied in order to every name; `allow_missing` and

@@ -1,4 +1,4 @@
-"""The data order: one seeded permutation per epoch cut into global batches; rank r takes its slice (DESIGN §6, §17).
+"""The data order: one seeded permutation per epoch cut into global batches; rank r takes its slice (docs/training.md#checkpoints-and-resume, docs/scale.md).
 
 Every process computes the same permutation, so resuming at any step reproduces the data order exactly, and the
 micro-batch index `step × grad_accum + k` alone says where in which epoch a batch comes from.
@@ -6,9 +6,36 @@ micro-batch index `step × grad_accum + k` alone says where in which epoch a bat
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from siren.errors import SirenError
+
+log = logging.getLogger("siren")
+
+
+def per_process_batch(train, world: int) -> int:
+    """The micro-batch of each of `world` processes: `train.global_batch_size` ÷ (world × grad_accum) when that is
+    set, else `train.batch_size` (per process, so the global batch then grows with the process count)."""
+    g = train.global_batch_size
+    if g is None:
+        return train.batch_size
+    per = world * train.grad_accum
+    if g <= 0 or g % per:
+        raise SirenError(
+            f"train.global_batch_size={g} does not split evenly over {world} process(es) × train.grad_accum "
+            f"{train.grad_accum}; use a multiple of {per}"
+        )
+    if g // per != train.batch_size:
+        log.info(
+            "train.global_batch_size=%d over %d process(es) × grad_accum %d: train.batch_size %d per process",
+            g,
+            world,
+            train.grad_accum,
+            g // per,
+        )
+    return g // per
 
 
 class ShardedBatches:

@@ -1,8 +1,9 @@
 """What a stage may see of the run: the narrow context the trainer hands to `Stage.setup` (and to the hooks).
 
 Stages never touch the trainer: device, rank, world size, a barrier, the run dir and the utterance lists are all they
-get. `shard` is the one way to split work across ranks (DESIGN §17: `items[rank::world]`, then a reduction — never one
-rank working while the others wait at a barrier).
+get. `shard` is the one way to split work across ranks (`items[rank::world]`, then a reduction — never one rank
+working while the others wait at a barrier; docs/scale.md). The rank facts are `siren.ranks.Ranks`, the one helper the
+trainer, the caches and verify share.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from siren.ranks import Ranks
 
 T = TypeVar("T")
 
@@ -36,20 +39,14 @@ class StageContext:
         return self.rank == 0
 
     @property
-    def dist(self):
-        """The same process-group facts in the form the cache subsystem takes."""
-        from siren.data.cache import Dist
-
-        return Dist(rank=self.rank, world=self.world, barrier=self.barrier)
+    def ranks(self) -> Ranks:
+        """This process's place in the run's process group (rank, world, barrier, device)."""
+        return Ranks(rank=self.rank, world=self.world, barrier=self.barrier, device=self.device)
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of `items`: every world-th item from position `rank` (disjoint, covering, stable)."""
-        return list(items[self.rank :: self.world])
+        return list(self.ranks.shard(items))
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (small picklable objects only: counts, dicts of floats)."""
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
+        return self.ranks.gather(obj)

@@ -28,7 +28,7 @@ class Evaluator:
     def batches(self) -> list[int]:
         """The eval batches this rank runs: batch b of the fixed list goes to rank b % world."""
         n = min(self.max_batches, max(1, len(self._val) // self.batch_size))
-        return list(range(n))[self.ctx.rank :: self.ctx.world]
+        return self.ctx.shard(range(n))
 
     @torch.no_grad()
     def partial(self, modules: dict, trainable_root: torch.nn.Module) -> tuple[dict[str, float], int] | None:

@@ -1,4 +1,4 @@
-"""`frozen/ok` every step: a cheap check that no frozen component moved (DESIGN §5, §7).
+"""`frozen/ok` every step: a cheap check that no frozen component moved (docs/training.md#freezing, docs/metrics.md).
 
 The full guarantee is the sha256 fingerprint, recomputed at every checkpoint; hashing every step would cost more than
 the step. In between, every `train.frozen_check_every` steps (default 1):

@@ -1,6 +1,6 @@
 """Optimizer, learning-rate schedule and the update of one step.
 
-The schedule is a function of the global optimizer step only (DESIGN §17): the scheduler steps once per optimizer step
+The schedule is a function of the global optimizer step only (docs/scale.md): the scheduler steps once per optimizer step
 whatever the number of processes (Accelerate's default would step it once per process), and also on a skipped step,
 so warmup and cosine end where `train.max_steps` says on 1 GPU or 64.
 """

@@ -1,4 +1,4 @@
-"""Parameter-group registry: freeze components by name and guarantee they stay frozen (DESIGN §5).
+"""Parameter-group registry: freeze components by name and guarantee they stay frozen (docs/training.md#freezing).
 
 For every frozen module SIREN guarantees:
 1. `requires_grad=False` and absent from every optimizer group (asserted when the optimizer is built);

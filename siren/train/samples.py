@@ -1,4 +1,4 @@
-"""Audio samples at every checkpoint (DESIGN §9).
+"""Audio samples at every checkpoint (docs/training.md#samples).
 
 A fixed list of eval utterances is rendered through the inference pipeline (factorizer → quantizers → fuser → flow →
 vocoder; `pipeline.flow` and `pipeline.vocoder` name the checkpoints) and written to `step_N/samples/` as wavs and mel
@@ -16,30 +16,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from siren.config.stages import PIPELINE_PARTS
 from siren.errors import SirenError
 
 log = logging.getLogger("siren")
 SAMPLE_SEED = 1234  # flow noise for samples: fixed, and drawn from its own generator so training RNG is untouched
 
 
-def load_pipeline(trainer, which: str) -> nn.Module | dict[str, nn.Module] | None:
+def load_pipeline(renderer, which: str) -> nn.Module | dict[str, nn.Module] | None:
     """`flow` → {"fuser", "flow"} from `pipeline.flow`; `vocoder` → the vocoder from `pipeline.vocoder`; None if absent."""
-    cache = trainer.__dict__.setdefault("_pipeline", {})
+    cache = renderer.__dict__.setdefault("_pipeline", {})
     if which in cache:
         return cache[which]
-    from siren.train.stages.common import load_checkpoint
+    from siren.checkpoints.load import load_checkpoint
 
-    uri = trainer.pipeline_paths.get(which) or getattr(trainer.cfg.pipeline, which)
-    own = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}[which]
+    uri = renderer.pipeline_paths.get(which) or getattr(renderer.cfg.pipeline, which)
+    own = PIPELINE_PARTS[which]
     result = None
-    if all(n in trainer.modules for n in own):  # the stage trains these itself: render with the live weights
-        result = trainer.modules["vocoder"] if which == "vocoder" else {n: trainer.modules[n] for n in own}
+    if all(n in renderer.modules for n in own):  # the stage trains these itself: render with the live weights
+        result = renderer.modules["vocoder"] if which == "vocoder" else {n: renderer.modules[n] for n in own}
     elif uri is None:
         log.warning("samples: pipeline.%s is not set; samples render without %s", which, "/".join(own))
     else:  # a failure here is an error: the trainer checked this checkpoint before step 1
         ck = load_checkpoint(str(uri), list(own))
         for m in ck.modules.values():
-            m.to(trainer.device).eval().requires_grad_(False)
+            m.to(renderer.device).eval().requires_grad_(False)
         result = ck.modules["vocoder"] if which == "vocoder" else ck.modules
     cache[which] = result
     return result
@@ -50,20 +51,20 @@ def mel_of(stage, wav: torch.Tensor) -> torch.Tensor:
     return stage.mel.to(wav.device)(wav[None])[0]
 
 
-def pipeline_codec(trainer, modules, *, features: str, factorizer: str = "factorizer", flow: bool = True):
+def pipeline_codec(renderer, modules, *, features: str, factorizer: str = "factorizer", flow: bool = True):
     """A `Codec` over the live modules being rendered (features, factorizer, quantizers, decoder head if any) and the
     pipeline checkpoints (`pipeline.flow` unless `flow=False`, `pipeline.vocoder`); samples render through it."""
-    from siren.models.codec import Codec
+    from siren.codec import Codec
 
-    cfg = trainer.cfg
+    cfg = renderer.cfg
     comps = {features: modules[features], "factorizer": modules[factorizer]}
     comps.update({n: modules[n] for n in ("sem_quantizer", "pro_quantizer", "spk_quantizer")})
     if "decoder" in modules:
         comps["decoder"] = modules["decoder"]
-    fl = load_pipeline(trainer, "flow") if flow else None
+    fl = load_pipeline(renderer, "flow") if flow else None
     if fl is not None:
         comps.update(fl)
-    vocoder = load_pipeline(trainer, "vocoder")
+    vocoder = load_pipeline(renderer, "vocoder")
     if vocoder is not None:
         comps["vocoder"] = vocoder
     return Codec.from_config(comps, cfg, features)
@@ -81,7 +82,7 @@ def clip_min_samples(stage, modules: dict[str, nn.Module]) -> int:
     """Fewest samples every analysis path of `stage` can encode (one prosody frame of features from each feature
     extractor it holds), from the stage's frame geometry and the extractors' `num_frames`; 0 for a stage that encodes
     nothing (no `geo`)."""
-    from siren.models.codec import min_encodable_samples
+    from siren.codec import min_encodable_samples
 
     geo = getattr(stage, "geo", None)
     if geo is None:
@@ -142,14 +143,14 @@ def save_mel_png(path: Path, mel: torch.Tensor, title: str) -> None:
     plt.close(fig)
 
 
-def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
+def render_samples(renderer, out_dir: Path, step: int) -> list[Path]:
     from siren.data.audio import save_audio
 
-    cfg = trainer.cfg
-    dev = trainer.device
-    least = clip_min_samples(trainer.stage, trainer.modules)
+    cfg = renderer.cfg
+    dev = renderer.device
+    least = clip_min_samples(renderer.stage, renderer.modules)
     utts = eval_utterances(cfg, least)
-    geo = getattr(trainer.stage, "geo", None)  # stages without codes (vocoder, distill) cut to whole mel frames
+    geo = getattr(renderer.stage, "geo", None)  # stages without codes (vocoder, distill) cut to whole mel frames
     pro_hop = geo.pro_hop if geo is not None else cfg.audio.hop_length
     inputs = []
     for u in utts:
@@ -164,7 +165,7 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
             continue
         inputs.append((u, wav.to(dev)))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        samples = trainer.stage.render(trainer, trainer.modules, inputs)
+        samples = renderer.stage.render(renderer, renderer.modules, inputs)
     written = []
     if samples:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
         for variant in (*s.audio, *s.mels):
             if variant != "original" and not s.paths.get(variant):
                 raise SirenError(
-                    f"{trainer.stage.name}.render gave variant {variant!r} of {s.id} without the path that rendered it "
+                    f"{renderer.stage.name}.render gave variant {variant!r} of {s.id} without the path that rendered it "
                     "(Sample.paths): a sample must name its pipeline"
                 )
         for variant, wav in s.audio.items():
@@ -186,10 +187,10 @@ def render_samples(trainer, out_dir: Path, step: int) -> list[Path]:
             written.append(p)
         index.append({"id": s.id, "paths": {v: s.paths.get(v, "input") for v in (*s.audio, *s.mels)}})
     if samples:  # which checkpoints the pipeline parts came from, beside the files they rendered
-        sources = {k: str(v) for k, v in trainer.pipeline_paths.items()}
+        sources = {k: str(v) for k, v in renderer.pipeline_paths.items()}
         (out_dir / "index.json").write_text(json.dumps({"step": step, "pipeline": sources, "samples": index}, indent=1))
-    if trainer.tracker.media_enabled and samples:  # building media costs time: only when W&B is on
-        trainer.tracker.log_media({"samples": samples_table(out_dir)}, step)
+    if renderer.tracker.media_enabled and samples:  # building media costs time: only when W&B is on
+        renderer.tracker.log_media({"samples": samples_table(out_dir)}, step)
     return written
 
 

@@ -1,21 +1,18 @@
-"""A step's metrics: every micro-batch accumulated, one all-reduce across ranks, one host copy (DESIGN §7, §17).
+"""A step's metrics: every micro-batch accumulated, one all-reduce across ranks, one host copy.
 
-Per micro-batch the stage's loss terms (as means over ranks × micro-batches), ratio sums (numerator, denominator) and
-code histograms are added into one float64 vector (for large codebooks, `siren.metrics.large_codebook`, the codes are
-kept instead and gathered across ranks); `reduce` appends the step's counters, all-reduces the vector once
-(sum), then derives ratios, the codebook window's usage/perplexity/dead and — when the stage handed over a drift
-reference — the drift metrics, and copies everything to the host in one go. A large codebook's window adds its
-O(rows) summary to that copy (on a CPU: the step's codes, pushed into its host arrays after the copy) and its metrics
-are finished on the host from those few numbers.
+Per micro-batch the stage's loss terms (as means over ranks × micro-batches) and ratio sums (numerator, denominator)
+are added into one float64 vector, and the codes are turned into the codebook window's keys
+(`siren.metrics.codebook.CodebookWindow`); `reduce` appends the step's counters, all-reduces the vector once (sum),
+derives the ratios, has the window reduce the step's keys across ranks and push them, and copies everything, the
+window's readout (O(rows) numbers) included, to the host in one go. The window then reads its codebook metrics (and,
+when the stage handed over a drift reference, the drift metrics) from its readout on the host.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from siren.metrics.codebook import stream_histograms
-from siren.metrics.large_codebook import make_window
+from siren.metrics.codebook import CodebookWindow
 from siren.train.stages.base import MetricSources, StepOutput
 
 
@@ -24,21 +21,18 @@ class StepMetrics:
 
     def __init__(self, sources: MetricSources, window: int, device: torch.device, world: int, grad_accum: int):
         self.sources, self.device, self.world, self.grad_accum = sources, device, world, grad_accum
-        # Dense window for small codebooks; above `DENSE_MAX_CODES` codes per level the sparse one (the drift
-        # reference, when there is one, made the same choice for the same layout).
-        sparse = sources.drift.sparse if sources.drift is not None else None
         self.window = (
-            make_window(sources.layout, window, device, digits=sources.digits, sparse=sparse)
+            CodebookWindow(sources.layout, window, device, digits=sources.digits, drift=sources.drift)
             if sources.layout
             else None
         )
         self._vec: torch.Tensor | None = None
-        self._keys: list[torch.Tensor] = []  # sparse window: the step's code keys, one tensor per micro-batch
+        self._keys: list[torch.Tensor] = []  # the step's code keys for the window, one tensor per micro-batch
         self._scalar_names: list[str] = []
         self._ratio_names: list[str] = []
 
     def add(self, out: StepOutput) -> None:
-        """One micro-batch: loss terms count 1 / (world × grad_accum) each, ratio sums and histograms in full."""
+        """One micro-batch: loss terms count 1 / (world × grad_accum) each, ratio sums and codes in full."""
         scalars = {"train/loss": out.loss, **{f"train/{k}": v for k, v in out.terms.items()}}
         parts = [torch.stack([v.detach().to(torch.float64) for v in scalars.values()]) / (self.world * self.grad_accum)]
         if out.ratios:
@@ -47,10 +41,8 @@ class StepMetrics:
                 .detach()
                 .reshape(-1)
             )
-        if self.window is not None and self.window.sparse:
+        if self.window is not None:
             self._keys.append(self.window.keys(out.codes))
-        elif self.window is not None:
-            parts.append(stream_histograms(self.sources.layout, out.codes))
         vec = torch.cat([p.to(self.device) for p in parts])
         if self._vec is None:
             self._vec, self._scalar_names, self._ratio_names = vec, list(scalars), list(out.ratios)
@@ -75,59 +67,29 @@ class StepMetrics:
             pairs = vec[n_s : n_s + 2 * n_r].view(n_r, 2)
             ratios = pairs[:, 0] / pairs[:, 1].clamp_min(1e-12)
             outs.append(ratios)
-        i = n_s + 2 * n_r
         window, drift = self.window, self.sources.drift
         if drift is not None and (ratios is None or self.sources.drift_rate not in self._ratio_names):
             raise RuntimeError(f"the stage's drift rate {self.sources.drift_rate!r} is not among its ratios")
-        if window is not None and not window.sparse:
-            k = window.padded.flat_idx.numel()
-            window.push_flat(vec[i : i + k])
-            i += k
-            names += window.names()
-            outs.append(window.vector())
-            if drift is not None:
-                names += drift.names()
-                outs.append(
-                    drift.vector(window.running, ratios[self._ratio_names.index(self.sources.drift_rate)], window.stats)
-                )
         names += [*counters, "train/grad_norm"]
-        outs += [vec[i:], grad_norm.detach().to(torch.float64).reshape(1).to(self.device)]
+        outs += [vec[n_s + 2 * n_r :], grad_norm.detach().to(torch.float64).reshape(1).to(self.device)]
         n_dev = len(names)
-        if window is not None and window.sparse:  # its O(rows) summary (or, on the host backend, the step's codes)
-            keys = self._gather_keys(accelerator)
-            if window.host:
-                outs.append(keys.to(torch.float64))  # pushed after the copy (`_sparse_metrics`)
-            else:
-                window.push(keys)
-                outs.append(window.summary(drift))
+        if window is not None:  # the step's codes of every rank into the window; its readout rides in the host copy
+            outs.append(window.push(self._gather_keys(accelerator)))
         host = torch.cat(outs).cpu().numpy()  # the one host sync of the step
         values = host[:n_dev].tolist()
         self._vec = None
-        if window is not None and window.sparse:  # between the ratios and the counters, as in the dense path
+        if window is not None:  # between the ratios and the counters
+            rate = values[n_s + self._ratio_names.index(self.sources.drift_rate)] if drift is not None else 0.0
+            book = window.metrics(host[n_dev:], rate)
             at = n_s + n_r
-            names[at:at], values[at:at] = self._sparse_metrics(host[n_dev:], values[n_s:at])
+            names[at:at], values[at:at] = list(book), list(book.values())
         return dict(zip(names, values, strict=True))
 
-    def _sparse_metrics(self, tail, ratios: list[float]) -> tuple[list[str], list[float]]:
-        """The sparse window's codebook (and drift) metrics from what followed the step's values in its host copy: the
-        window's summary, or on the host backend the step's codes, pushed here first."""
-        window, drift = self.window, self.sources.drift
-        if window.host:
-            window.push(tail.astype(np.int64))
-            tail = window.summary(drift)
-        rate = ratios[self._ratio_names.index(self.sources.drift_rate)] if drift is not None else 0.0
-        book, drifted = window.finish(tail, drift, rate)
-        if drift is None:
-            return window.names(), book
-        return window.names() + drift.names(), book + drifted
-
     def _gather_keys(self, accelerator) -> torch.Tensor:
-        """The step's code keys of every micro-batch and rank (the sparse window's counts are merged by gathering
-        codes, not by summing histograms; the metrics depend only on the counts, not on the order)."""
+        """The step's code keys of every micro-batch, reduced across ranks by the window (`CodebookWindow.reduce`):
+        what it pushes covers every rank's codes."""
         if not self._keys:
-            raise RuntimeError("StepMetrics: no codes were added for the sparse codebook window this step")
+            raise RuntimeError("StepMetrics: no codes were added for the codebook window this step")
         keys = torch.cat(self._keys)
         self._keys = []
-        if self.world > 1:
-            keys = accelerator.gather(accelerator.pad_across_processes(keys, dim=0, pad_index=self.window.trash))
-        return keys
+        return self.window.reduce(keys, accelerator if self.world > 1 else None)

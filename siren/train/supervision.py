@@ -1,4 +1,4 @@
-"""Preemption and hang detection for every rank (DESIGN §17).
+"""Preemption and hang detection for every rank (docs/scale.md).
 
 `Preemption`: SIGTERM or SIGUSR1 (SLURM's warning before the time limit, a spot-instance reclaim, `kill`) only sets a
 flag. The flag travels in the step's one all-reduce, so every rank sees it at the same step, finishes that step, writes

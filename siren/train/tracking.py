@@ -1,4 +1,4 @@
-"""Tracking (DESIGN §7): every logged step goes to `RUN/metrics.jsonl` and to W&B with the same keys.
+"""Tracking (docs/metrics.md): every logged step goes to `RUN/metrics.jsonl` and to W&B with the same keys.
 
 W&B runs online when the user is logged in and `WANDB_MODE` does not say otherwise, offline otherwise, and not at all when
 disabled. W&B failing (at init or mid-run) prints a warning and training goes on with metrics.jsonl. Non-main ranks get a
@@ -24,6 +24,8 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Any
+
+from siren.checkpoints.layout import RunDir
 
 log = logging.getLogger("siren")
 
@@ -70,11 +72,11 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
 
 def replayable_samples(run_dir: str | Path, last_step: int) -> list[tuple[int, Path]]:
     """(step, samples dir) of the complete checkpoints up to `last_step` that hold rendered samples, in step order."""
-    from siren.train import checkpoint as ckpt
+    from siren.checkpoints import layout as ckpt
 
     out = []
     for step in ckpt.list_steps(run_dir):
-        samples = ckpt.step_dir(run_dir, step) / "samples"
+        samples = ckpt.RunDir(run_dir).samples(step)
         if step <= last_step and (samples / "index.json").is_file():
             out.append((step, samples))
     return out
@@ -125,7 +127,7 @@ class Tracker(NullTracker):
         rewind_to: int | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(self.run_dir).metrics
         self.project, self.entity = project, entity
         self.mode = wandb_mode(mode)
         self.run = None
@@ -156,7 +158,7 @@ class Tracker(NullTracker):
                 self._replay(rewind_to)
             self.run_id = self.run.id
             self.entity = self.entity or (self.run.entity if self.mode == "online" else None)
-        except Exception as exc:  # W&B must never stop training (DESIGN §7)
+        except Exception as exc:  # W&B must never stop training (docs/metrics.md)
             self._disable(f"wandb.init failed: {exc!r}")
             return
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -1,4 +1,4 @@
-"""The one training loop, for every stage, on `accelerate.Accelerator` (DESIGN §6, §17).
+"""The one training loop, for every stage, on `accelerate.Accelerator` (docs/training.md#checkpoints-and-resume, docs/scale.md).
 
 Set-up builds the stage's components, freezes them through the registry, and hands the stage a narrow context
 (`StageContext`): stages never see the trainer. Per step, the loop reads top to bottom: seed this rank's stream →
@@ -26,13 +26,18 @@ import torch
 from torch import nn
 
 from siren import __version__
+from siren.checkpoints import layout as ckpt
+from siren.checkpoints.layout import RunDir
+from siren.checkpoints.meta import CheckpointMeta
 from siren.config.loader import dump_config, load_config, to_dict
 from siren.config.schema import SirenConfig
+from siren.config.stages import PIPELINE_PARTS
 from siren.errors import FrozenViolation, SirenError
 from siren.models.builders import component_targets
 from siren.models.io import fingerprint
-from siren.train import checkpoint as ckpt
-from siren.train.batches import BatchStream, ShardedBatches
+from siren.models.precision import reduced_precision_warning
+from siren.train.batches import BatchStream, ShardedBatches, per_process_batch
+from siren.train.checkpoint_hook import CheckpointHook
 from siren.train.context import StageContext
 from siren.train.evaluation import Evaluator
 from siren.train.frozen_guard import FrozenGuard, ranks_that_failed
@@ -40,7 +45,6 @@ from siren.train.optim import Updater, lr_factor
 from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
 from siren.train.samples import SamplesHook
-from siren.train.saving import CheckpointHook
 from siren.train.sharing import ShareHook, default_run_name
 from siren.train.stages import make_stage
 from siren.train.stages.base import Stage, StepOutput
@@ -90,7 +94,7 @@ def write_pid_file(run_dir: Path, rank: int) -> Path:
     send them SIGUSR1 before the time limit (the launcher between them does not forward signals it does not handle)."""
     import socket
 
-    d = run_dir / ".pids"
+    d = RunDir(run_dir).pids
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{socket.gethostname()}-rank{rank}.pid"
     path.write_text(f"{os.getpid()}\n")
@@ -126,6 +130,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.cfg, self.init_from, self.run_dir, self.fresh = cfg, init_from, Path(cfg.run_dir), fresh
+        self.layout = RunDir(self.run_dir)
         t = cfg.train
         # mixed_precision None: the launcher's setting (accelerate config / ACCELERATE_MIXED_PRECISION) applies.
         # The scheduler steps once per optimizer step, not once per process (see siren.train.optim).
@@ -136,6 +141,9 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        slow = reduced_precision_warning(acc.device.type, acc.mixed_precision)
+        if slow and self.is_main:
+            log.warning(slow)
         if self.is_main:
             preflight_run_dir(self.run_dir, t.min_free_mb)
             if fresh:
@@ -148,22 +156,27 @@ class Trainer:
         set_seed(t.seed)
         self.stage = stage or make_stage(cfg)
         self.modules = self.stage.build()
+        # What runs from here on, and what config.yaml and meta.json record: the loaded config plus what building
+        # resolved (the stage's own copy; the caller's config is left as it was).
+        self.cfg = self.stage.cfg
+        cfg, t = self.cfg, self.cfg.train
+        t.batch_size = per_process_batch(t, self.world)  # what ran: recorded in config.yaml and meta.json
         self.consumed: dict[str, dict] = dict(self.stage.consumed)
         self.resume_step = 0 if fresh else (ckpt.latest_step(self.run_dir) or 0)
-        self.resume_meta: dict = {}
+        self.resume_meta: CheckpointMeta | None = None
         if self.resume_step:
             self.resume_meta = ckpt.read_meta(ckpt.step_dir(self.run_dir, self.resume_step))
             ckpt.load_components(ckpt.step_dir(self.run_dir, self.resume_step), self._saved_modules())
         elif init_from:
             self._init_from(init_from, init_components)
 
-        # Lineage (DESIGN §19): pipeline checkpoints resolved, recorded and checked against this codec's code language,
+        # Lineage (docs/sharing.md#lineage): pipeline checkpoints resolved, recorded and checked against this codec's code language,
         # and the eval files the samples read, all before step 1.
         self.pipeline_paths = self._preflight_pipeline()
         if cfg.samples.enabled and self.is_main:
             self._preflight_samples()
 
-        # Freezing (DESIGN §5): the registry decides what trains; everything else is pinned frozen.
+        # Freezing (docs/training.md#freezing): the registry decides what trains; everything else is pinned frozen.
         self.registry = Registry(self.modules)
         trainable = cfg.trainable or list(self.stage.default_trainable)
         self.plan = self.registry.apply(
@@ -200,7 +213,7 @@ class Trainer:
         # Distinct files that failed to load, by row, the same on every rank (siren.data.datasets.LoadFailures).
         from siren.data.datasets import restored_failures
 
-        self.dataset.failures.add(restored_failures(self.dataset, self.resume_meta.get("data", {})))
+        self.dataset.failures.add(restored_failures(self.dataset, self.resume_meta.data if self.resume_meta else {}))
         self.load_failures = self.dataset.failures.count
         self._failed_all = self._gather_failed()
 
@@ -244,7 +257,7 @@ class Trainer:
             keep_steps=t.keep_steps,
             best_metric=t.best_metric,
             best_mode=t.best_mode,
-            best=self.resume_meta.get("best"),
+            best=self.resume_meta.best if self.resume_meta else None,
             meta=self._meta,
             window_state=(lambda: window.state()) if window is not None else (lambda: None),
             samples=samples if self.is_main else None,
@@ -278,7 +291,7 @@ class Trainer:
                 bad_in_row = bad_in_row + 1 if bad else 0
                 preempt = metrics.pop("signal/preempt") > 0
                 is_ckpt = step % t.checkpoint_every == 0 or step == t.max_steps
-                # frozen/ok (DESIGN §7): the on-device check every N steps, the full sha256 where a checkpoint is written;
+                # frozen/ok (docs/metrics.md): the on-device check every N steps, the full sha256 where a checkpoint is written;
                 # a violation is logged as 0 before the run stops.
                 violation = self._check_frozen(step, full=is_ckpt or preempt)
                 metrics["frozen/ok"] = self.frozen_ok
@@ -387,13 +400,13 @@ class Trainer:
 
     def _archive_previous(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        for name in ("checkpoints", "metrics.jsonl", "baseline_profile.json", "wandb_run_id"):
+        for name in ckpt.RUN_STATE:
             p = self.run_dir / name
             if p.exists():
                 p.rename(self.run_dir / f"{name}.before-fresh-{stamp}")
 
     def _init_from(self, uri: str, names: list[str] | None) -> None:
-        from siren.artifacts import resolve_checkpoint
+        from siren.checkpoints.artifacts import resolve_checkpoint
 
         path = resolve_checkpoint(uri)
         avail = set(ckpt.available_components(path))
@@ -402,7 +415,7 @@ class Trainer:
         if unknown:
             raise SirenError(f"--init-components names {unknown}, which stage {self.stage.name} does not have")
         ckpt.load_components(path, {n: self.modules[n] for n in names})
-        from siren.lineage import checkpoint_record
+        from siren.checkpoints.lineage import checkpoint_record
 
         self.consumed["init_from"] = {**checkpoint_record(uri, path, ckpt.read_meta(path)), "components": names}
         log.info("initialised %s from %s", ", ".join(names), path)
@@ -410,11 +423,11 @@ class Trainer:
     def _preflight_pipeline(self) -> dict[str, Path]:
         """Resolve the `pipeline.*` checkpoints this stage renders through (a missing one is an error now, not a
         skipped sample later), record them, and refuse a flow that reads another code language than these codes."""
-        from siren.artifacts import resolve_checkpoint
-        from siren.lineage import check_flow_reads, checkpoint_record
+        from siren.checkpoints.artifacts import resolve_checkpoint
+        from siren.checkpoints.lineage import check_flow_reads, checkpoint_record
         from siren.models.io import fingerprint
 
-        own = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}
+        own = PIPELINE_PARTS
         paths: dict[str, Path] = {}
         for role in self.stage.pipeline_roles:
             uri = getattr(self.cfg.pipeline, role)
@@ -473,15 +486,15 @@ class Trainer:
         if not self.is_main:
             return NullTracker()
         # A killed run may have logged past its last checkpoint (or before any): keep the history consistent.
-        if (self.run_dir / "metrics.jsonl").is_file():
-            dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.resume_step)
+        if self.layout.metrics.is_file():
+            dropped = truncate_metrics(self.layout.metrics, self.resume_step)
             if dropped:
                 log.info("dropped %d metrics.jsonl lines logged after step %d", dropped, self.resume_step)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.layout.config.write_text(dump_config(self.cfg))
         tc = self.cfg.tracking
         # `--fresh` is a new W&B run; otherwise the run this directory has been logging to, rewound to the resume step.
-        resume_id = None if self.fresh else self.resume_meta.get("wandb", {}).get("id")
-        id_file = self.run_dir / "wandb_run_id"
+        resume_id = None if self.fresh or not self.resume_meta else self.resume_meta.wandb.get("id")
+        id_file = self.layout.wandb_run_id
         if resume_id is None and not self.fresh and id_file.is_file():
             resume_id = id_file.read_text().strip()
         tracker = Tracker(
@@ -498,9 +511,9 @@ class Trainer:
             rewind_to=self.resume_step if resume_id else None,
         )
         if tracker.run_id:
-            (self.run_dir / "wandb_run_id").write_text(tracker.run_id)
+            self.layout.wandb_run_id.write_text(tracker.run_id)
         # Lineage: online, every checkpoint this run consumes is declared with use_artifact (no-op offline).
-        from siren.artifacts import use_checkpoint_artifact
+        from siren.checkpoints.artifacts import use_checkpoint_artifact
 
         consumed = [
             self.cfg.baseline,
@@ -520,48 +533,48 @@ class Trainer:
         tr = self.cfg.tracking
         if tr.run_name:
             return tr.run_name
-        if self.resume_meta.get("run_name"):
-            return self.resume_meta["run_name"]
+        if self.resume_meta and self.resume_meta.run_name:
+            return self.resume_meta.run_name
         return default_run_name(tr.entity, tr.project, self.stage.name, self.run_dir)
 
-    def _meta(self, step: int, metrics: dict[str, float]) -> dict:
+    def _meta(self, step: int, metrics: dict[str, float]) -> CheckpointMeta:
         fps = {n: fingerprint(m) for n, m in self.modules.items()}
-        return {
-            "step": step,
-            "stage": self.stage.name,
-            "run_name": self.run_name,
-            "config": to_dict(self.cfg),
-            "fingerprints": fps,
-            "targets": component_targets(self.modules, self.cfg),
-            "frozen": self.plan.frozen,
-            "frozen_fingerprints": self.registry.fingerprints(),
-            "trainable": self.plan.trainable_components,
-            "code_layout": {k: list(v) for k, v in self.step_metrics.sources.layout.items()},
-            **self.stage.lineage(),
-            "consumed": self.consumed,
-            "ssl": self._ssl_record(fps.get("ssl")),
-            "code_language": self.stage.code_language(self.modules),
-            "wandb": {
+        return CheckpointMeta(
+            step=step,
+            stage=self.stage.name,
+            run_name=self.run_name,
+            config=to_dict(self.cfg),
+            fingerprints=fps,
+            targets=component_targets(self.modules, self.cfg),
+            frozen=self.plan.frozen,
+            frozen_fingerprints=self.registry.fingerprints(),
+            trainable=self.plan.trainable_components,
+            code_layout={k: list(v) for k, v in self.step_metrics.sources.layout.items()},
+            baseline=self.stage.lineage()["baseline"],
+            consumed=self.consumed,
+            ssl=self._ssl_record(fps.get("ssl")),
+            code_language=self.stage.code_language(self.modules),
+            wandb={
                 "id": self.tracker.run_id,
                 "project": self.tracker.project,
                 "entity": self.tracker.entity,
                 "mode": self.tracker.mode,
             },
-            "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-            "best": self.checkpoint.best,
-            "version": __version__,
-            "world_size": self.world,
-            "mixed_precision": self.accelerator.mixed_precision,
-            "data": {
+            metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+            best=self.checkpoint.best,
+            version=__version__,
+            world_size=self.world,
+            mixed_precision=self.accelerator.mixed_precision,
+            data={
                 "excluded": self.excluded,
                 "load_failures": self.load_failures,
                 "load_failed": self._failed_all,
                 "load_failed_rows": [int(r) for r in self.dataset.failures.rows()],
             },
-        }
+        )
 
     def _ssl_record(self, ssl_fingerprint: str | None) -> dict | None:
-        from siren.lineage import ssl_record
+        from siren.checkpoints.lineage import ssl_record
 
         if ssl_fingerprint is None:
             return None

@@ -10,40 +10,29 @@ codes' values, through the frozen quantizers). The frozen entropy model scores t
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from siren.checkpoints.layout import RunDir
+from siren.checkpoints.lineage import (
+    check_ssl_matches,
+    checkpoint_fingerprint,
+    checkpoint_record,
+    verified_code_language,
+)
+from siren.checkpoints.load import load_checkpoint
+from siren.config.stages import CODEC_PARTS, STAGE_SPECS
 from siren.errors import LayoutMismatch, SirenError
-from siren.lineage import check_ssl_matches, checkpoint_record, verified_code_language
+from siren.models.analysis import analyse, code_layout, entropy_rate, frame_mask, layout_bps, stream_codes, stream_masks
 from siren.models.roles import FrameGeometry
 from siren.models.ssl import check_frame_contract
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import (
-    analyse,
-    code_layout,
-    entropy_rate,
-    frame_mask,
-    layout_bps,
-    load_checkpoint,
-    masked_l1,
-    masked_mse,
-    stream_codes,
-    stream_masks,
-)
+from siren.train.stages.common import masked_l1, masked_mse
 
 log = logging.getLogger("siren")
-
-CODEC_PARTS = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder"]
-
-
-def baseline_fingerprint(meta: dict) -> str:
-    """One fingerprint for a whole baseline checkpoint: sha256 over its per-component fingerprints."""
-    return hashlib.sha256(json.dumps(meta["fingerprints"], sort_keys=True).encode()).hexdigest()
 
 
 def load_student(cfg) -> tuple[nn.Module, dict]:
@@ -92,20 +81,7 @@ def describe_student(cfg, student, source=None) -> None:
 
 
 class AdaptStage(Stage):
-    name = "adapt"
-    components = ("ssl", "student_ssl", "teacher_factorizer", *CODEC_PARTS)
-    default_trainable = ("factorizer",)
-    pipeline_roles = ("flow", "vocoder")
-    required_frozen = (
-        "ssl",
-        "student_ssl",
-        "teacher_factorizer",
-        "sem_quantizer",
-        "pro_quantizer",
-        "spk_quantizer",
-        "entropy_model",
-        "decoder",
-    )
+    spec = STAGE_SPECS["adapt"]
 
     def build(self) -> dict[str, nn.Module]:
         from siren.models.mel import MelSpectrogram
@@ -115,14 +91,12 @@ class AdaptStage(Stage):
         base = load_checkpoint(self.cfg.baseline, ["ssl", *CODEC_PARTS], ssl_cfg_from=self.cfg)
         self.base_cfg = base.cfg
         self.baseline_uri = self.cfg.baseline
-        self.baseline_fingerprint = baseline_fingerprint(base.meta)
+        self.baseline_fingerprint = checkpoint_fingerprint(base.meta)
         self.consumed["baseline"] = checkpoint_record(self.cfg.baseline, base.path, base.meta)
         check_ssl_matches(self.cfg, base.meta, str(base.path))
         self.baseline_language = verified_code_language(base.modules, base.meta, str(base.path))
-        if base.meta.get("stage") != "codec":
-            raise SirenError(
-                f"baseline {base.path} is a {base.meta.get('stage')!r} checkpoint; adapt needs a codec one"
-            )
+        if base.meta.stage != "codec":
+            raise SirenError(f"baseline {base.path} is a {base.meta.stage!r} checkpoint; adapt needs a codec one")
         # The adapted checkpoint must rebuild exactly the baseline's classes (foreign targets included).
         for n in CODEC_PARTS:
             setattr(self.cfg, n, getattr(base.cfg, n))
@@ -186,10 +160,10 @@ class AdaptStage(Stage):
 
         # Teacher latents and codes for train and val (which the evaluation reads), each rank its share.
         if self.cfg.loss.teacher_targets == "full":
-            root = Path(self.cfg.data.feature_cache or ctx.run_dir / "cache")
-            fill_teacher(self, modules, ctx.train_dataset, ctx.val_dataset, ctx.dist, ctx.device, root)
+            root = Path(self.cfg.data.feature_cache or RunDir(ctx.run_dir).cache)
+            fill_teacher(self, modules, ctx.train_dataset, ctx.val_dataset, ctx.ranks, ctx.device, root)
         reference = ctx.val_utterances if len(ctx.val_utterances) else ctx.train_utterances
-        profile = load_or_compute_profile(ctx.run_dir / "baseline_profile.json", ctx, modules, reference, self)
+        profile = load_or_compute_profile(RunDir(ctx.run_dir).baseline_profile, ctx, modules, reference, self)
         self.drift_ref = DriftReference(profile, self.code_layout(modules), ctx.device)
 
     def metric_sources(self, modules):

@@ -6,6 +6,7 @@ No stage has its own loop: the `Trainer` builds the stage's components, freezes 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from siren.config.schema import SirenConfig
+from siren.config.stages import StageSpec
 from siren.models.roles import fsq_digit_levels
 
 if TYPE_CHECKING:
@@ -65,18 +67,35 @@ class Sample:
 
 
 class Stage:
-    name: str = ""
-    components: tuple[str, ...] = ()  # built by this stage and saved in its checkpoints
-    default_trainable: tuple[str, ...] = ()
-    required_frozen: tuple[str, ...] = ()
-    pipeline_roles: tuple[str, ...] = ("vocoder",)  # `pipeline.*` checkpoints its samples render through
-    not_saved: tuple[str, ...] = ("ssl",)  # loaded by name (`ssl.name`), fingerprint recorded in meta.json instead
+    """One training stage. A subclass sets `spec` (its entry in `siren.config.stages.STAGE_SPECS`); its name and
+    component lists are read from there, never restated."""
+
+    spec: StageSpec
+    name: str
+    components: tuple[str, ...]  # built by this stage
+    default_trainable: tuple[str, ...]
+    required_frozen: tuple[str, ...]
+    pipeline_roles: tuple[str, ...]  # `pipeline.*` checkpoints its samples render through
+    not_saved: tuple[str, ...]  # loaded by name (`ssl.name`), fingerprint recorded in meta.json instead
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:
+            cls.name, cls.components, cls.default_trainable = spec.name, spec.components, spec.trainable
+            cls.required_frozen, cls.pipeline_roles, cls.not_saved = (
+                spec.required_frozen,
+                spec.pipeline_roles,
+                spec.not_saved,
+            )
 
     def __init__(self, cfg: SirenConfig):
-        self.cfg = cfg
+        # The stage's own copy: building resolves into it (a baseline's component classes, the student's
+        # architecture) and never into the config the caller loaded. The trainer runs, saves and dumps this one.
+        self.cfg = copy.deepcopy(cfg)
         self.baseline_uri: str | None = None
         self.baseline_fingerprint: str | None = None
-        self.consumed: dict[str, dict] = {}  # role → checkpoint record (siren.lineage.checkpoint_record)
+        self.consumed: dict[str, dict] = {}  # role → checkpoint record (siren.checkpoints.lineage.checkpoint_record)
 
     # Components ------------------------------------------------------------------------------------------------------
     def build(self) -> dict[str, nn.Module]:
@@ -113,7 +132,8 @@ class Stage:
 
     def code_language(self, modules: dict[str, nn.Module]) -> str | None:
         """The code language this stage's codes are in (or, for `flow`, the one it reads); None without codes."""
-        from siren.lineage import CODE_LANGUAGE_PARTS, code_language_id
+        from siren.checkpoints.lineage import code_language_id
+        from siren.config.stages import CODE_LANGUAGE_PARTS
 
         if all(n in modules for n in CODE_LANGUAGE_PARTS):
             return code_language_id(modules)

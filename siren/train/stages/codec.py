@@ -8,27 +8,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from siren.config.stages import STAGE_SPECS
+from siren.models.analysis import analyse, code_layout, entropy_rate, frame_mask, layout_bps, stream_codes, stream_masks
 from siren.models.builders import build_component
 from siren.models.roles import FrameGeometry
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import (
-    FrozenFeatures,
-    analyse,
-    code_layout,
-    entropy_rate,
-    frame_mask,
-    layout_bps,
-    masked_l1,
-    stream_codes,
-    stream_masks,
-)
+from siren.train.stages.common import FrozenFeatures, masked_l1
 
 
 class CodecStage(Stage):
-    name = "codec"
-    components = ("ssl", "factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder")
-    default_trainable = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model", "decoder")
-    required_frozen = ("ssl",)
+    spec = STAGE_SPECS["codec"]
 
     def build(self) -> dict[str, nn.Module]:
         from siren.models.mel import MelSpectrogram

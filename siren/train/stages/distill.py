@@ -9,19 +9,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from siren.config.stages import STAGE_SPECS
 from siren.errors import LayoutMismatch
+from siren.models.analysis import frame_mask
 from siren.models.builders import build_component
 from siren.models.ssl import check_frame_contract
 from siren.train.stages.base import Stage, StepOutput
-from siren.train.stages.common import FrozenFeatures, frame_mask
+from siren.train.stages.common import FrozenFeatures
 
 
 class DistillStage(Stage):
-    name = "distill"
-    pipeline_roles = ()
-    components = ("ssl", "student_ssl")
-    default_trainable = ("student_ssl",)
-    required_frozen = ("ssl",)
+    spec = STAGE_SPECS["distill"]
 
     def build(self) -> dict[str, nn.Module]:
         ssl = build_component("ssl", self.cfg)

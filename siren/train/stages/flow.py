@@ -5,48 +5,41 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from siren.checkpoints.lineage import (
+    check_ssl_matches,
+    checkpoint_fingerprint,
+    checkpoint_record,
+    verified_code_language,
+)
+from siren.checkpoints.load import load_checkpoint
+from siren.config.stages import ANALYSIS_PARTS, STAGE_SPECS
 from siren.errors import SirenError
-from siren.lineage import check_ssl_matches, checkpoint_record, verified_code_language
+from siren.models.analysis import analyse, code_layout, layout_bps, stream_codes, stream_masks
 from siren.models.builders import build_component
 from siren.models.roles import FrameGeometry
-from siren.train.stages.adapt import baseline_fingerprint
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import (
-    FrozenFeatures,
-    analyse,
-    code_layout,
-    layout_bps,
-    load_checkpoint,
-    stream_codes,
-    stream_masks,
-)
-
-FROZEN_CODEC = ["factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer"]
+from siren.train.stages.common import FrozenFeatures
 
 
 class FlowStage(Stage):
-    name = "flow"
-    components = ("ssl", *FROZEN_CODEC, "fuser", "flow")
-    default_trainable = ("fuser", "flow")
-    pipeline_roles = ("vocoder",)
-    required_frozen = ("ssl", *FROZEN_CODEC)
+    spec = STAGE_SPECS["flow"]
 
     def build(self) -> dict[str, nn.Module]:
         from siren.models.mel import MelSpectrogram
 
         if not self.cfg.baseline:
             raise SirenError("the flow stage needs `baseline:` — the URI of the codec checkpoint whose codes it reads")
-        base = load_checkpoint(self.cfg.baseline, ["ssl", *FROZEN_CODEC, "entropy_model"], ssl_cfg_from=self.cfg)
+        base = load_checkpoint(self.cfg.baseline, ["ssl", *ANALYSIS_PARTS, "entropy_model"], ssl_cfg_from=self.cfg)
         self.base_cfg = base.cfg
-        self.baseline_uri, self.baseline_fingerprint = self.cfg.baseline, baseline_fingerprint(base.meta)
+        self.baseline_uri, self.baseline_fingerprint = self.cfg.baseline, checkpoint_fingerprint(base.meta)
         self.consumed["baseline"] = checkpoint_record(self.cfg.baseline, base.path, base.meta)
         check_ssl_matches(self.cfg, base.meta, str(base.path))
-        # The code language this flow learns to read (DESIGN §19): the baseline's quantizers + entropy model.
+        # The code language this flow learns to read (docs/sharing.md#lineage): the baseline's quantizers + entropy model.
         self.reads = verified_code_language(base.modules, base.meta, str(base.path))
         base.modules.pop("entropy_model")
         # Fuser/flow are built with the baseline's latent dims, so they read exactly its quantized latents.
         build_cfg = self.cfg
-        for n in FROZEN_CODEC:  # and its checkpoints rebuild exactly the baseline's classes (foreign targets too)
+        for n in ANALYSIS_PARTS:  # and its checkpoints rebuild exactly the baseline's classes (foreign targets too)
             setattr(build_cfg, n, getattr(base.cfg, n))
         a = self.cfg.audio
         self.mel = MelSpectrogram(a.sample_rate, a.n_mels, a.hop_length, a.n_fft, a.win_length, a.f_min, a.f_max)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from siren.config.stages import STAGE_SPECS
+from siren.models.analysis import frame_mask
 from siren.models.builders import build_component
 from siren.train.stages.base import Sample, Stage, StepOutput
-from siren.train.stages.common import frame_mask, masked_l1
+from siren.train.stages.common import masked_l1
 
 
 class VocoderStage(Stage):
-    name = "vocoder"
-    pipeline_roles = ()
-    components = ("vocoder",)
-    default_trainable = ("vocoder",)
-    not_saved = ()
+    spec = STAGE_SPECS["vocoder"]
 
     def build(self) -> dict[str, nn.Module]:
         from siren.models.mel import MelSpectrogram

@@ -18,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from siren.errors import SirenError
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 SIREN_SUFFIX = ".siren"
 
 
 def _model_registry() -> Path:
-    from siren.artifacts import artifact_cache_dir
+    from siren.checkpoints.artifacts import artifact_cache_dir
 
     return artifact_cache_dir() / "models"
 
@@ -102,23 +104,22 @@ def _report(jobs: int, failed: list[tuple[Path, str]], what: str, t0: float) -> 
 
 
 def _jobs(args, in_suffixes: tuple[str, ...], out_suffix: str) -> list[tuple[Path, Path]]:
-    from siren.cli import UserError
 
     if args.out is None:
         if len(args.inputs) != 2:
-            raise UserError(
+            raise SirenError(
                 f"give INPUT OUTPUT for one file, or INPUT... --out DIR for several (got {len(args.inputs)} paths)"
             )
         return [(Path(args.inputs[0]), Path(args.inputs[1]))]
     jobs = expand(args.inputs, in_suffixes)
     if not jobs:
-        raise UserError(f"no input files found in {', '.join(args.inputs)} (looking for {', '.join(in_suffixes)})")
+        raise SirenError(f"no input files found in {', '.join(args.inputs)} (looking for {', '.join(in_suffixes)})")
     return [(src, Path(args.out) / rel.with_suffix(out_suffix)) for src, rel in jobs]
 
 
 def encode_cli(args) -> int:
+    from siren.codec import Codec
     from siren.data.audio import load_audio
-    from siren.models.codec import Codec
 
     jobs = _jobs(args, AUDIO_SUFFIXES, SIREN_SUFFIX)
     codec = Codec.from_checkpoint(args.checkpoint, use_pipeline=False)
@@ -126,6 +127,15 @@ def encode_cli(args) -> int:
     t0 = time.time()
 
     def work(src: Path, dst: Path) -> None:
+        import soundfile as sf
+
+        try:
+            rate = int(sf.info(str(src)).samplerate)
+        except Exception:  # unreadable: load_audio below names the problem
+            rate = codec.sample_rate
+        if rate != codec.sample_rate:  # training skips such files; encoding converts them, and says so
+            up = f" (upsampled: nothing above {rate // 2} Hz)" if rate < codec.sample_rate else ""
+            print(f"{src}: {rate} Hz audio resampled to the codec's {codec.sample_rate} Hz{up}", file=sys.stderr)
         enc = codec.to_encoded(codec.encode(load_audio(src, codec.sample_rate)))
         _write_atomic(dst, enc.data)
         if len(jobs) == 1:
@@ -139,9 +149,9 @@ def encode_cli(args) -> int:
 
 
 def decode_cli(args) -> int:
+    from siren.codec import Codec
     from siren.data.audio import save_audio
     from siren.errors import SirenError
-    from siren.models.codec import Codec
 
     jobs = _jobs(args, (SIREN_SUFFIX,), ".wav")
     codecs: dict[str, Codec] = {}

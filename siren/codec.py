@@ -1,4 +1,4 @@
-"""The assembled codec (DESIGN §20): wav → codes → bytes → codes → wav, from checkpoint URIs.
+"""The assembled codec (docs/bitstream.md#the-python-api): wav → codes → bytes → codes → wav, from checkpoint URIs.
 
 Encoder side: features (SSL teacher for a `codec` checkpoint, TinyHubert student for an `adapt` one) → factorizer →
 quantizers; the entropy model range-codes the codes (`siren.coding.bitstream`). Decoder side: dequantize → fuser →
@@ -6,8 +6,8 @@ flow → vocoder, or the training-time decoder head when no flow checkpoint is g
 SSL model: features are built on the first `encode`.
 
     codec = Codec.from_checkpoint("runs/demo/adapt")
-    codes = codec.encode(wav)                # wav (N,) or (B, N) at codec.sample_rate
-    wav_hat = codec.decode(codes)            # (B, N')
+    codes = codec.encode(wav)                # wav (N,), (B, N) or a list, at codec.sample_rate (else sample_rate=)
+    wav_hat = codec.decode(codes)            # a list: one (N_i,) per utterance, each as long as its input
 
 Long inputs are analysed in overlapping chunks (`max_chunk_seconds`), so memory does not grow with the square of
 the length through the attention layers of the feature extractor and factorizer.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from siren.config.stages import ANALYSIS_PARTS
 from siren.errors import SirenError
 from siren.models.roles import FrameGeometry, can_range_code
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("siren")
 FLOW_SEED = 0  # flow noise for decoding: fixed, from its own generator, so a decode is reproducible
-ANALYSIS_PARTS = ("factorizer", "sem_quantizer", "pro_quantizer", "spk_quantizer")
 CODE_LANGUAGE = ("sem_quantizer", "pro_quantizer", "spk_quantizer")
 
 
@@ -70,13 +70,24 @@ class Codes:
     sem_hop: int
     pro_hop: int
     extras: dict = field(default_factory=dict)
+    # (B,) the length in samples of each input (≥ what its codes cover: the end that fills no whole block is not
+    # coded); `decode` returns audio of this length. None: the codes' own coverage.
+    input_samples: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sem.shape[0]
 
     @property
     def num_samples(self) -> list[int]:
+        """Samples each item's codes cover (whole semantic frames)."""
         return [int(n) * self.sem_hop for n in self.sem_frames.tolist()]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each item's input length in samples: what `decode` returns."""
+        if self.input_samples is None:
+            return self.num_samples
+        return [int(n) for n in self.input_samples.tolist()]
 
     def item(self, i: int) -> Codes:
         """The i-th utterance alone, cut to its valid frames."""
@@ -89,6 +100,7 @@ class Codes:
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
             pro_hop=self.pro_hop,
+            input_samples=None if self.input_samples is None else self.input_samples[i : i + 1],
         )
 
     def split(self) -> list[Codes]:
@@ -138,7 +150,7 @@ class Codec(nn.Module):
         self.geometry = g
         self.sem_hop, self.pro_hop = g.sem_hop, g.pro_hop
         # The run's mel front end: what `decode_mel` returns; components declaring another domain are converted
-        # exactly to and from it, or refused at construction (DESIGN §18).
+        # exactly to and from it, or refused at construction (docs/bring-your-own-codec.md).
         self.mel_domain = mel_domain
         self._check_mel_domains()
         self.max_chunk_seconds, self.context_seconds = max_chunk_seconds, context_seconds
@@ -162,25 +174,21 @@ class Codec(nn.Module):
         `use_pipeline`; without a flow the decoder head renders the mel. The flow checkpoint must read the codes of
         these quantizers (same fingerprints), or this raises naming both checkpoints.
         """
-        from siren.artifacts import resolve_checkpoint
-        from siren.train.checkpoint import available_components, read_meta
-        from siren.train.stages.common import load_checkpoint
+        from siren.checkpoints.lineage import verified_code_language
+        from siren.checkpoints.load import load_checkpoint, open_checkpoint
 
-        path = resolve_checkpoint(uri)
-        meta = read_meta(path)
-        if meta["stage"] not in ("adapt", "codec"):
+        ref = open_checkpoint(uri)  # resolved and read once; every load below reuses it
+        if ref.meta.stage not in ("adapt", "codec"):
             raise SirenError(
-                f"{uri} is a {meta['stage']!r} checkpoint; a codec is built from a codec or adapt checkpoint"
+                f"{uri} is a {ref.meta.stage!r} checkpoint; a codec is built from a codec or adapt checkpoint"
             )
         names = [*ANALYSIS_PARTS, "entropy_model"]
-        if "decoder" in available_components(path):
+        if "decoder" in ref.components:
             names.append("decoder")
-        ck = load_checkpoint(str(path), names)
+        ck = load_checkpoint(ref, names)
         cfg = ck.cfg
         mods = dict(ck.modules)
-        from siren.lineage import verified_code_language
-
-        verified_code_language(mods, meta, str(ck.path))  # rebuilt grid constants = the ones it was trained with
+        verified_code_language(mods, ref.meta, str(ref.path))  # rebuilt grid constants = the ones it was trained with
         if use_pipeline:
             flow = flow or cfg.pipeline.flow
             vocoder = vocoder or cfg.pipeline.vocoder
@@ -194,10 +202,10 @@ class Codec(nn.Module):
             vc = load_checkpoint(vocoder, ["vocoder"])
             mods["vocoder"] = vc.modules["vocoder"]
             source["vocoder"] = str(vc.path)
-        feat = "student_ssl" if meta["stage"] == "adapt" else "ssl"
+        feat = "student_ssl" if ref.meta.stage == "adapt" else "ssl"
 
-        def load_features() -> nn.Module:
-            return load_checkpoint(str(path), [feat]).modules[feat]
+        def load_features() -> nn.Module:  # on first use: decoding codes needs no feature extractor
+            return load_checkpoint(ref, [feat]).modules[feat]
 
         codec = cls.from_config(mods, cfg, feat, features_loader=load_features, source=source)
         return codec.to(device).eval().requires_grad_(False)
@@ -267,7 +275,7 @@ class Codec(nn.Module):
 
     def analyse(self, feats: torch.Tensor):
         """feats (B, T, D) → Analysis (factorizer output + sem/pro/spk QuantizedResult)."""
-        from siren.train.stages.common import Analysis
+        from siren.models.analysis import Analysis
 
         fact_m, sq, pq, kq = self._need(*ANALYSIS_PARTS)
         fact = fact_m(feats)
@@ -314,12 +322,17 @@ class Codec(nn.Module):
         return out, torch.tensor(lengths)
 
     @torch.no_grad()
-    def encode(self, wav: torch.Tensor | list[torch.Tensor]) -> Codes:
-        """wav (N,), (B, N) or a list of (N_i,) at `sample_rate` → Codes. Each item covers the whole prosody frames
-        its features yield (the feature extractor's edge frames are dropped, as in training).
+    def encode(self, wav: torch.Tensor | list[torch.Tensor], sample_rate: int | None = None) -> Codes:
+        """wav (N,), (B, N) or a list of (N_i,) → Codes. Each item's codes cover the whole prosody frames its features
+        yield (the feature extractor's edge frames are dropped, as in training); its input length is kept, so `decode`
+        and the bitstream give back as many samples as were given.
 
+        `sample_rate`: the rate of `wav` when it is not the codec's; it is then resampled, with a warning that says so.
         Items of equal length are analysed as one batch; long items in overlapping chunks (see `analyse_long`).
         """
+        if sample_rate is not None and int(sample_rate) != self.sample_rate:
+            wav = self._resampled(wav, int(sample_rate))
+        given = [int(w.shape[-1]) for w in (list(wav) if isinstance(wav, (list, tuple)) or wav.dim() == 2 else [wav])]
         wav, lengths = self.prepare(wav)
         B = wav.shape[0]
         max_chunk = int(self.max_chunk_seconds * self.sample_rate) // self.pro_hop * self.pro_hop
@@ -343,7 +356,21 @@ class Codec(nn.Module):
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
             pro_hop=self.pro_hop,
+            input_samples=torch.tensor(given),
         )
+
+    def _resampled(self, wav, rate: int):
+        import torchaudio.functional as AF
+
+        log.warning(
+            "encode: audio at %d Hz resampled to the codec's %d Hz%s",
+            rate,
+            self.sample_rate,
+            f" (upsampled: the band above {rate // 2} Hz is empty)" if rate < self.sample_rate else "",
+        )
+        if isinstance(wav, (list, tuple)):
+            return [AF.resample(w.float(), rate, self.sample_rate) for w in wav]
+        return AF.resample(wav.float(), rate, self.sample_rate)
 
     def analyse_long(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """wav (1, N), N a multiple of the prosody hop → sem, pro, spk codes, analysing chunks of at most
@@ -400,7 +427,7 @@ class Codec(nn.Module):
             raise ValueError(f"a bitstream holds one utterance, got a batch of {len(codes)}: use codes.split()")
         c = codes.item(0)
         return encode_codes(
-            self._code_modules(), c.sem, c.pro, c.spk, int(c.sem_frames[0]) * self.sem_hop, self.sample_rate
+            self._code_modules(), c.sem, c.pro, c.spk, c.lengths[0], self.sample_rate, sem_hop=self.sem_hop
         )
 
     def from_bytes(self, data: bytes) -> Codes:
@@ -411,7 +438,7 @@ class Codec(nn.Module):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             hint = ": pass its `.data`" if hasattr(data, "data") and isinstance(data.data, bytes) else ""
             raise TypeError(f"from_bytes takes the bytes of a .siren file, got {type(data).__name__}{hint}")
-        sem, pro, spk, _ = decode_codes(self._code_modules(), bytes(data), self.sem_hop)
+        sem, pro, spk, n = decode_codes(self._code_modules(), bytes(data), self.sem_hop)
         return Codes(
             sem=sem,
             pro=pro,
@@ -420,6 +447,7 @@ class Codec(nn.Module):
             sample_rate=self.sample_rate,
             sem_hop=self.sem_hop,
             pro_hop=self.pro_hop,
+            input_samples=torch.tensor([n]),
         )
 
     # -------------------------------------------------------------------------------------------------------- decoder
@@ -460,14 +488,15 @@ class Codec(nn.Module):
         return f"{mel}-vocoder" if self.has("vocoder") else mel
 
     @torch.no_grad()
-    def decode(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> torch.Tensor:
-        """Codes → wav (B, N) at `sample_rate`, N = max valid samples; items past their length are zero."""
+    def decode(self, codes: Codes, steps: int | None = None, seed: int = FLOW_SEED) -> list[torch.Tensor]:
+        """Codes → one wav (N_i,) at `sample_rate` per utterance, N_i = its input's length (`codes.lengths`). The
+        codes cover whole blocks: the input's last samples that fill no whole block come back as silence."""
         wav = self.vocode(self.decode_mel(codes, steps=steps, seed=seed))
-        n = codes.num_samples
-        wav = wav[:, : max(n)]
-        for i, ni in enumerate(n):
-            wav[i, ni:] = 0
-        return wav
+        out = []
+        for i, (covered, n) in enumerate(zip(codes.num_samples, codes.lengths, strict=True)):
+            w = wav[i, : min(covered, n)]
+            out.append(torch.nn.functional.pad(w, (0, n - w.shape[0])))
+        return out
 
     def bps_nominal(self) -> float:
         """sem + pro bit/s from the quantizers' layout (speaker bits are per utterance and not included)."""
@@ -480,8 +509,8 @@ class Codec(nn.Module):
 
 def _check_code_language(mods: dict[str, nn.Module], flow_ck, codec_path: str) -> None:
     """The flow checkpoint reads the code language of exactly these quantizers and entropy model, grid constants
-    included (DESIGN §19), or this raises naming both checkpoints (`CodeLanguageMismatch`)."""
-    from siren.lineage import check_flow_reads, code_language_id
+    included (docs/sharing.md#lineage), or this raises naming both checkpoints (`CodeLanguageMismatch`)."""
+    from siren.checkpoints.lineage import check_flow_reads, code_language_id
     from siren.models.io import fingerprint
 
     fps = {n: fingerprint(mods[n]) for n in CODE_LANGUAGE}

@@ -1,9 +1,16 @@
-"""Run-directory checkpoints (DESIGN §6): atomic step dirs, `latest`, retention, strict self-contained loading.
+"""The run directory and its checkpoints: atomic step dirs, `latest`, retention, strict self-contained loading.
 
-Layout::
+Layout (`RunDir` names every path; nothing else spells them)::
 
+    RUN/config.yaml            the config the run was started with (as loaded, after overrides)
+    RUN/metrics.jsonl          one JSON line per logged step
+    RUN/baseline_profile.json  adapt: the baseline's codebook profile (drift reference)
+    RUN/wandb_run_id           the W&B run id, so a resume continues the same W&B run
+    RUN/.pids/                 one pid file per process (for schedulers that signal before a time limit)
+    RUN/cache/                 adapt's teacher cache when data.feature_cache is not set
+    RUN/verify/step_{N}/       `siren verify` records of step N
     RUN/checkpoints/step_{N}/components/<name>.safetensors
-                             meta.json
+                             meta.json       (`CheckpointMeta`)
                              trainer/        (accelerator.save_state: optimizer, scheduler, scaler, RNG)
                              samples/
     RUN/checkpoints/latest   (text file: the newest complete step dir name)
@@ -19,14 +26,70 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from siren.checkpoints.meta import CheckpointMeta
 from siren.errors import SirenError
 from siren.models.io import load_component, save_component
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+# What a `--fresh` start moves aside (renamed `<name>.before-fresh-<stamp>`): everything a previous run left that a new
+# one would otherwise read as its own.
+RUN_STATE = ("checkpoints", "metrics.jsonl", "baseline_profile.json", "wandb_run_id")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths inside one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def baseline_profile(self) -> Path:
+        return self.root / "baseline_profile.json"
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.root / "wandb_run_id"
+
+    @property
+    def pids(self) -> Path:
+        return self.root / ".pids"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def checkpoints(self) -> Path:
+        return checkpoints_dir(self.root)
+
+    def step(self, step: int) -> Path:
+        return step_dir(self.root, step)
+
+    def samples(self, step: int) -> Path:
+        return step_dir(self.root, step) / "samples"
+
+    def verify(self, step: int) -> Path:
+        return self.root / "verify" / f"step_{step}"
+
+    def is_run(self) -> bool:
+        """Whether this looks like a run directory (a started run writes its config and metrics first)."""
+        return self.checkpoints.is_dir() or self.config.is_file() or self.metrics.is_file()
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -70,14 +133,16 @@ def list_steps(run_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def read_meta(step_path: str | Path) -> dict:
+def read_meta(step_path: str | Path) -> CheckpointMeta:
+    """The step's `meta.json`, checked against the schema (`CheckpointMeta.from_dict`)."""
     path = Path(step_path) / "meta.json"
     if not path.is_file():
         raise SirenError(f"{step_path} is not a checkpoint: {path} is missing")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SirenError(f"{path} is corrupt: {exc}") from exc
+    return CheckpointMeta.from_dict(raw, path)
 
 
 def begin_step(run_dir: str | Path, step: int) -> Path:
@@ -97,9 +162,11 @@ def save_components(tmp: Path, components: Mapping[str, nn.Module]) -> None:
         save_component(module, tmp / "components" / f"{name}.safetensors")
 
 
-def commit_step(run_dir: str | Path, tmp: Path, step: int, meta: dict) -> Path:
+def commit_step(run_dir: str | Path, tmp: Path, step: int, meta: CheckpointMeta) -> Path:
     """Write meta.json last, rename the temp dir into place, then point `latest` at it."""
-    write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
+    if meta.step != step:
+        raise SirenError(f"checkpoint meta says step {meta.step}, but it is being committed as step {step}")
+    write_text_atomic(tmp / "meta.json", meta.to_json())
     final = step_dir(run_dir, step)
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         trash = final.with_name(f".old-{final.name}-{os.getpid()}")

@@ -1,4 +1,4 @@
-"""Checkpoint hook: frozen fingerprints checked, `step_N` written atomically, samples rendered, shared (DESIGN §6).
+"""Checkpoint hook: frozen fingerprints checked, `step_N` written atomically, samples rendered, shared (docs/training.md#checkpoints-and-resume).
 
 All ranks take part in `accelerator.save_state` (optimizer, scheduler, scaler and each rank's RNG); only rank 0 writes
 components, `meta.json`, samples and the `latest` pointer, and applies retention.
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siren.train import checkpoint as ckpt
+from siren.checkpoints import layout as ckpt
 
 
 class CheckpointHook:

@@ -1,4 +1,4 @@
-"""Checkpoint URIs, the local artifact index and W&B checkpoint artifacts (DESIGN §12).
+"""Checkpoint URIs, the local artifact index and W&B checkpoint artifacts (docs/sharing.md).
 
 A checkpoint URI is one of:
 - a step directory `RUN/checkpoints/step_N/` (holds `meta.json`);
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from siren.checkpoints.layout import RunDir
 from siren.errors import SirenError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _NAME_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _MAX_NAME_LEN = 128
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(SirenError, FileNotFoundError):
     """A checkpoint URI that is well formed but names nothing usable (missing, incomplete, deleted, not indexed)."""
 
 
@@ -124,7 +125,7 @@ def resolve_checkpoint(uri: str | os.PathLike[str]) -> Path:
         return path
     if (path / "latest").is_file() or path.name == "checkpoints":
         return _latest_step(path, run_dir=path.parent)
-    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+    if RunDir(path).is_run():
         return _latest_step(path / "checkpoints", run_dir=path)
     raise CheckpointNotFound(
         f"checkpoint {text!r}: {path} is neither a step directory (no meta.json) nor a run directory "

@@ -1,4 +1,4 @@
-"""Lineage (DESIGN §19): what a checkpoint consumed, the code language it speaks, and the checks that use them.
+"""Lineage (docs/sharing.md#lineage): what a checkpoint consumed, the code language it speaks, and the checks that use them.
 
 - The **code language id** of a codec is a sha256 over the quantizers' and the entropy model's tensors — weights *and*
   every buffer, including the non-persistent grid constants (FSQ levels, bases, residual scales) that a state dict
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from siren.checkpoints.meta import CheckpointMeta
+from siren.config.stages import CODE_LANGUAGE_PARTS
 from siren.errors import SirenError
 
 log = logging.getLogger("siren")
-
-CODE_LANGUAGE_PARTS = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entropy_model")
 
 
 class CodeLanguageMismatch(SirenError):
@@ -60,20 +60,20 @@ def code_language_id(modules: Mapping[str, nn.Module]) -> str:
     return h.hexdigest()
 
 
-def checkpoint_fingerprint(meta: Mapping) -> str:
+def checkpoint_fingerprint(meta: CheckpointMeta) -> str:
     """One fingerprint for a whole checkpoint: sha256 over its per-component fingerprints."""
-    return hashlib.sha256(json.dumps(meta["fingerprints"], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(meta.fingerprints, sort_keys=True).encode()).hexdigest()
 
 
-def checkpoint_record(uri: str, path: str | Path, meta: Mapping) -> dict:
+def checkpoint_record(uri: str, path: str | Path, meta: CheckpointMeta) -> dict:
     """What `meta.json` keeps about a consumed checkpoint: URI as typed, resolved step dir, fingerprint, stage."""
     return {
         "uri": str(uri),
         "path": str(Path(path).resolve()),
         "fingerprint": checkpoint_fingerprint(meta),
-        "stage": meta.get("stage"),
-        "step": meta.get("step"),
-        "code_language": meta.get("code_language"),
+        "stage": meta.stage,
+        "step": meta.step,
+        "code_language": meta.code_language,
     }
 
 
@@ -96,12 +96,12 @@ def ssl_preprocessing(cfg) -> dict:
     return {"sample_rate": int(cfg.audio.sample_rate), "hop_length": int(cfg.audio.hop_length), "normalize": False}
 
 
-def check_ssl_matches(consumer_cfg, producer_meta: Mapping, producer_where: str) -> None:
+def check_ssl_matches(consumer_cfg, producer_meta: CheckpointMeta, producer_where: str) -> None:
     """The consumer's SSL layer and preprocessing must equal those the producer (a baseline) was trained with."""
-    pcfg = producer_meta.get("config", {})
-    want_layer = producer_meta.get("ssl", {}).get("layer", pcfg.get("ssl", {}).get("layer"))
+    pcfg = producer_meta.config
+    want_layer = (producer_meta.ssl or {}).get("layer", pcfg.get("ssl", {}).get("layer"))
     audio = pcfg.get("audio", {})
-    want_pre = producer_meta.get("ssl", {}).get("preprocessing") or {
+    want_pre = (producer_meta.ssl or {}).get("preprocessing") or {
         "sample_rate": audio.get("sample_rate", consumer_cfg.audio.sample_rate),
         "hop_length": audio.get("hop_length", consumer_cfg.audio.hop_length),
         "normalize": False,
@@ -132,9 +132,9 @@ def check_flow_reads(
     A flow written before code languages were recorded is checked by its quantizers' weight fingerprints
     (`quantizer_fingerprints`, the codec's); that older check does not see grid constants, which is logged.
     """
-    reads = flow_meta.get("code_language")
+    reads = flow_meta.code_language
     if reads is None:
-        recorded = flow_meta.get("fingerprints", {})
+        recorded = flow_meta.fingerprints
         names = [n for n in CODE_LANGUAGE_PARTS[:3] if n in recorded]
         if quantizer_fingerprints is None or not names:
             raise CodeLanguageMismatch(
@@ -160,14 +160,14 @@ def check_flow_reads(
         )
 
 
-def verified_code_language(modules: Mapping[str, nn.Module], meta: Mapping, where: str) -> str:
+def verified_code_language(modules: Mapping[str, nn.Module], meta: CheckpointMeta, where: str) -> str:
     """The code language of a loaded codec checkpoint, checked against the one its meta.json recorded.
 
     A difference means the code that rebuilt the modules sets other grid constants (FSQ levels, residual scales) than
     the code that trained them: the same weights would then produce other codes, silently.
     """
     got = code_language_id(modules)
-    want = meta.get("code_language")
+    want = meta.code_language
     if want is not None and want != got:
         raise LineageError(
             f"{where} records code language {want[:12]} but its components, rebuilt by this version of SIREN, speak "
@@ -182,8 +182,8 @@ def resolve_recorded(record: Mapping, role: str, where: str) -> Path:
     The recorded step dir is used while it exists (a run dir or `:latest` moves on; a step dir does not). When it is
     gone (another machine, pruned), the URI is resolved again and accepted only with the same fingerprint.
     """
-    from siren.artifacts import CheckpointNotFound, resolve_checkpoint
-    from siren.train.checkpoint import read_meta
+    from siren.checkpoints.artifacts import CheckpointNotFound, resolve_checkpoint
+    from siren.checkpoints.layout import read_meta
 
     want = record.get("fingerprint")
     path = record.get("path")
