@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tracking_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,15 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def hermetic_wandb(tmp_path, monkeypatch):
     wb = tmp_path / "_wandb"
-    for var, sub in (
-        ("WANDB_DIR", "dir"),
-        ("WANDB_DATA_DIR", "data"),
-        ("WANDB_CACHE_DIR", "cache"),
-        ("WANDB_CONFIG_DIR", "config"),
-        ("SIREN_ARTIFACT_CACHE", "artifacts"),
-    ):
-        (wb / sub).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(var, str(wb / sub))
+    for var, path in tracking_dirs(wb).items():
+        monkeypatch.setenv(var, path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB__DISABLE_STATS", "true")
     monkeypatch.setenv("WANDB_SILENT", "true")

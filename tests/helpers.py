@@ -68,6 +68,24 @@ def siren_train(args: list[str], env: dict | None = None, **kw) -> subprocess.Co
     )
 
 
+TRACKING_DIRS = (
+    ("WANDB_DIR", "dir"),
+    ("WANDB_DATA_DIR", "data"),
+    ("WANDB_CACHE_DIR", "cache"),
+    ("WANDB_CONFIG_DIR", "config"),
+    ("SIREN_ARTIFACT_CACHE", "artifacts"),
+)
+
+
+def tracking_dirs(root: Path) -> dict[str, str]:
+    """W&B's folders and SIREN's artifact index, all under `root` (made here): environment variable → folder."""
+    out = {}
+    for var, sub in TRACKING_DIRS:
+        (Path(root) / sub).mkdir(parents=True, exist_ok=True)
+        out[var] = str(Path(root) / sub)
+    return out
+
+
 @contextlib.contextmanager
 def isolated_tracking(root: Path):
     """For module- and session-scoped fixtures (set up before the per-test hermetic W&B of conftest.py): offline W&B
@@ -75,13 +93,8 @@ def isolated_tracking(root: Path):
     mp = pytest.MonkeyPatch()
     root = Path(root)
     try:
-        for var, sub in (
-            ("WANDB_DIR", "wandb"),
-            ("WANDB_DATA_DIR", "wandb_data"),
-            ("SIREN_ARTIFACT_CACHE", "artifacts"),
-        ):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            mp.setenv(var, str(root / sub))
+        for var, path in tracking_dirs(root).items():
+            mp.setenv(var, path)
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.delenv("WANDB_API_KEY", raising=False)

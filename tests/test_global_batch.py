@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, accelerate_launch, reset_accelerate, stage_config, stage_overrides
+from helpers import ROOT, launch_cmd, reset_accelerate, stage_config
 
 STEPS = 3
 COMMON = {
@@ -34,17 +33,8 @@ def test_one_and_two_processes_log_the_same_losses(stage, corpus_dir, teacher_di
     Trainer(stage_config(stage, corpus_dir, teacher_dir, one, **COMMON)).fit()
     reset_accelerate()
     two = tmp_path / "two"
-    args = stage_overrides(stage, corpus_dir, teacher_dir, two, **COMMON)
-    cmd = [
-        sys.executable,
-        *accelerate_launch(),
-        "-m",
-        "siren",
-        "train",
-        "--config",
-        str(ROOT / "configs/demo/base.yaml"),
-    ]
-    r = subprocess.run([*cmd, *args], env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = launch_cmd(stage, corpus_dir, teacher_dir, two, **COMMON)
+    r = subprocess.run(cmd, env=subprocess_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((two / "checkpoints" / f"step_{STEPS}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["config"]["train"]["batch_size"] == 4  # 8 over 2 processes

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import yaml
+from helpers import tracking_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -237,15 +238,7 @@ def recipe_env(base: Path) -> dict:
     """What a recipe's commands see: `siren` on the PATH (the venv's), W&B and the artifact index under `base`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SIREN_", "ACCELERATE_"))}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    for var, sub in (
-        ("WANDB_DIR", "dir"),
-        ("WANDB_DATA_DIR", "data"),
-        ("WANDB_CACHE_DIR", "cache"),
-        ("WANDB_CONFIG_DIR", "config"),
-        ("SIREN_ARTIFACT_CACHE", "artifacts"),
-    ):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(base / sub)
+    env.update(tracking_dirs(base))
     env.update(
         WANDB_MODE="disabled",
         WANDB_SILENT="true",
