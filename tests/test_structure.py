@@ -158,20 +158,23 @@ def test_the_checker_sees_circles_and_lazy_imports(tmp_path):
     assert graph["pkg.e"] == {"pkg.a"}
 
 
+# How a citation of the design brief that lives outside the repository reads (spelled in pieces so this file does
+# not match itself).
+OUTSIDE_DOC = ("DESIGN" + ".md", "DESIGN" + " §")
+
+
 def test_no_source_file_cites_a_document_outside_the_repository():
     """Comments and docstrings point into docs/; a design document that is not in the repository helps no one."""
     offenders = []
     for folder in ("siren", "tests", "benchmarks", "experiments", "configs", "launch", "docs"):
         for path in (ROOT / folder).rglob("*"):
             if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".yml", ".sh", ".sbatch", ".cfg", ".toml"):
-                if path == Path(__file__):
-                    continue
                 text = path.read_text(errors="replace")
-                if "DESIGN.md" in text or "DESIGN §" in text:
+                if any(mark in text for mark in OUTSIDE_DOC):
                     offenders.append(str(path.relative_to(ROOT)))
     for name in ("README.md", "Makefile", "setup.cfg", "BENCHMARKS.md"):
         text = (ROOT / name).read_text()
-        if "DESIGN.md" in text or "DESIGN §" in text:
+        if any(mark in text for mark in OUTSIDE_DOC):
             offenders.append(name)
     assert offenders == []
 
