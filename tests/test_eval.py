@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import stage_config
+from helpers import isolated_tracking, stage_config
 from test_quality import CODEC2_WAVS, codec2_clip
 
 import siren.evaluation as ev
@@ -36,21 +36,16 @@ def siren_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     from siren.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("eval_siren")
-    mp = pytest.MonkeyPatch()  # module scope: the per-test hermetic W&B is not set up yet
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
     common = {
         "train.max_steps": 2,
         "train.checkpoint_every": 2,
         "samples.enabled": "false",
         "tracking.mode": "disabled",
     }
-    try:
+    with isolated_tracking(root):  # module scope: the per-test hermetic W&B is not set up yet
         Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
         extra = {**common, "pipeline.vocoder": str(root / "vocoder")}  # eval decodes through the run's own pipeline
         Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **extra)).fit()
-    finally:
-        mp.undo()
     return root / "codec"
 
 

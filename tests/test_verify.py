@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import mechanisms
 import pytest
 import torch
-from helpers import ROOT, accelerate_launch, stage_config, with_fault
+from helpers import ROOT, accelerate_launch, isolated_tracking, stage_config, with_fault
 from report_page import CHROMIUM, NO_BROWSER, assert_media_playable, media_status, parse_page
 
 from siren.config.loader import load_config
@@ -29,16 +29,13 @@ from siren.verify import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, VerifyError, judge, t
 @pytest.fixture(scope="module")
 def adapt_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify_wav")
-    mp = pytest.MonkeyPatch()  # module scope: the per-test hermetic W&B and artifact cache are not set up yet
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("SIREN_ARTIFACT_CACHE", str(root / "artifacts"))
     common = {
         "train.max_steps": 2,
         "train.checkpoint_every": 2,
         "samples.enabled": "false",
         "tracking.mode": "disabled",
     }
-    try:
+    with isolated_tracking(root):  # module scope: the per-test hermetic W&B is not set up yet
         Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **common)).fit()
         Trainer(stage_config("distill", corpus_dir, teacher_dir, root / "distill", **common)).fit()
         Trainer(stage_config("vocoder", corpus_dir, teacher_dir, root / "vocoder", **common)).fit()
@@ -51,8 +48,6 @@ def adapt_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
         Trainer(
             stage_config("adapt", corpus_dir, teacher_dir, root / "adapt", baseline=str(root / "codec"), **extra)
         ).fit()
-    finally:
-        mp.undo()
     return root / "adapt"
 
 

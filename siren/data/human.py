@@ -93,7 +93,7 @@ def prepare_human_clips(
         by_pkg: dict[str, list] = {}
         for c in clips:
             by_pkg.setdefault(c[1], []).append(c)
-        rounds = [c for group in zip(*by_pkg.values(), strict=False) for c in group]  # alternate the packages
+        rounds = [c for group in zip(*by_pkg.values()) for c in group]  # alternate the packages, as far as the shortest
         rest = [c for c in clips if c not in rounds]
         keep = {c[0] for c in (rounds + rest)[:max_clips]}
         clips = [c for c in clips if c[0] in keep]
