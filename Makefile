@@ -12,6 +12,8 @@ STEP ?=
 RUN ?= runs/demo/adapt
 SWEEP ?= launch/sweeps/adapt_lr.yaml
 COUNT ?= 3
+# pytest-xdist workers for `make test` (a module to a worker; tests/conftest.py gives each its share of the cores)
+TEST_WORKERS ?= 2
 export WANDB_SILENT ?= true
 
 .PHONY: install venv lock voices test test-all lint format demo verify bench sweep clean
@@ -84,10 +86,10 @@ $(STAMP)/browser:
 	@touch $@
 
 test: install $(STAMP)/browser
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not gpu" --durations=15 tests
 
 test-all: install $(STAMP)/browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)/install
 	$(BIN)/ruff check siren tests benchmarks

@@ -17,25 +17,28 @@ import sys
 import time
 from pathlib import Path
 
-# Stages in waves. The stages of one wave depend on nothing in it and run side by side, each with its share of the CPU
-# threads: two small trainers on 2 cores, one thread each, finish about 1.3× sooner than one after the other with two
-# threads each (measured: vocoder + distill, 300 steps each). Every later wave needs the one before it.
-WAVES = (("vocoder", "distill"), ("codec",), ("flow",), ("adapt",))
+from siren.checkpoints.layout import RunDir
+from siren.config.stages import CHECKPOINT_INPUTS, PIPELINE_PARTS, STAGE_SPECS, stage_waves
+
+# Stages in waves, from the registry: each after the stages whose checkpoints it reads. The stages of one wave run side
+# by side, each with its share of the CPU threads: two small trainers on 2 cores, one thread each, finish about 1.3×
+# sooner than one after the other with two threads each (measured: vocoder + distill, 300 steps each).
+WAVES = stage_waves()
 STAGES = tuple(s for wave in WAVES for s in wave)
 
 
 def stage_overrides(stage: str, root: str, data: str) -> list[str]:
-    """Point a demo config at `--root` (runs) and `--data` (corpus + teacher), so both flags mean what they say."""
+    """Point a demo config at `--root` (runs) and `--data` (corpus + teacher), so both flags mean what they say: every
+    checkpoint a stage reads (`StageSpec.reads`, and the pipeline for its samples) is the run of the stage that writes
+    it under `--root`."""
     return [
         f"run_dir={root}/{stage}",
         f"data.train={data}/train.jsonl",
         f"data.val={data}/val.jsonl",
         f"ssl.name={data}/tiny_hubert",
         f"data.feature_cache={data}/cache",  # the teacher's SSL features, computed once for codec, flow and distill
-        f"pipeline.flow={root}/flow",
-        f"pipeline.vocoder={root}/vocoder",
-        *([f"baseline={root}/codec"] if stage in ("flow", "adapt") else []),
-        *([f"student_ssl.path={root}/distill"] if stage == "adapt" else []),
+        *(f"pipeline.{role}={root}/{CHECKPOINT_INPUTS[f'pipeline.{role}']}" for role in PIPELINE_PARTS),
+        *(f"{key}={root}/{CHECKPOINT_INPUTS[key]}" for key in STAGE_SPECS[stage].reads),
     ]
 
 
@@ -78,7 +81,7 @@ class _Stage:
         from siren.train.progress import parse_status
 
         with (
-            open(self.run_dir / "train.log", "a") as logf,
+            open(RunDir(self.run_dir).train_log, "a") as logf,
             tqdm(total=self.total, desc=f"{self.stage:<8}", unit="step", position=position, dynamic_ncols=True) as bar,
         ):
             for line in self.proc.stdout:
@@ -103,7 +106,7 @@ class _Stage:
     def result(self) -> dict:
         from siren.train.tracking import read_metrics
 
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        rows = read_metrics(RunDir(self.run_dir).metrics)
         last = rows[-1] if rows else {}
         return {
             "stage": self.stage,
@@ -171,10 +174,10 @@ def run_wave(wave: tuple[str, ...], env: dict, root: str, data: str) -> list[dic
     failed = next((name for name, code in codes.items() if code != 0), None)  # in the order they ended: the cause
     for st in stages:
         if st.stage == failed:
-            tail = (st.run_dir / "train.log").read_text().splitlines()[-25:]
+            log = RunDir(st.run_dir).train_log
+            tail = log.read_text().splitlines()[-25:]
             raise RuntimeError(
-                f"stage {st.stage} failed (exit {codes[st.stage]}); last lines of {st.run_dir}/train.log:\n"
-                + "\n".join(tail)
+                f"stage {st.stage} failed (exit {codes[st.stage]}); last lines of {log}:\n" + "\n".join(tail)
             )
     return [st.result() for st in stages]
 
@@ -259,7 +262,7 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> 
         capture_output=True,
         text=True,
     )
-    report_path = adapt_run / "verify" / f"step_{step}" / "report.json"
+    report_path = RunDir(adapt_run).verify(step) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if v.returncode == 2 or report is None:
         print(v.stdout[-3000:], v.stderr[-3000:])
@@ -292,10 +295,10 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> 
     print(f"   report: {report_path.with_suffix('.html')} (open in a browser; also {report_path.with_suffix('.md')})")
     print("\n== where things are")
     for r in results:
-        rd = Path(r["run_dir"])
-        s = latest_step(rd)
-        if s is not None and any((rd / "checkpoints" / f"step_{s}" / "samples").glob("*.wav")):
-            print(f"   samples {r['stage']:<8} {rd / 'checkpoints' / f'step_{s}' / 'samples'}")
+        rd = RunDir(r["run_dir"])
+        s = latest_step(rd.root)
+        if s is not None and any(rd.samples(s).glob("*.wav")):
+            print(f"   samples {r['stage']:<8} {rd.samples(s)}")
     offline = sorted(Path(root).glob("*/wandb/offline-run-*"))
     if offline:
         print(f"   W&B offline runs: {len(offline)} under {root}/*/wandb/ — upload with:")

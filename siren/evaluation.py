@@ -640,7 +640,10 @@ class WandbTarget:
         if p.is_dir():
             import yaml
 
-            cfg_path = p / "config.yaml"
+            from siren.checkpoints.layout import RunDir
+
+            run = RunDir(p)
+            cfg_path = run.config
             if not cfg_path.is_file():
                 raise EvalError(f"--wandb-run {spec}: a directory but not a SIREN run (no config.yaml in it)")
             tracking = (yaml.safe_load(cfg_path.read_text()) or {}).get("tracking") or {}
@@ -650,7 +653,7 @@ class WandbTarget:
                     f"--wandb-run {spec}: that run was trained with tracking.mode=disabled, so it has no W&B project "
                     "to log beside; pass a W&B run id ([[ENTITY/]PROJECT/]ID) or leave --wandb-run out"
                 )
-            id_file = p / "wandb_run_id"
+            id_file = run.wandb_run_id
             run_id = id_file.read_text().strip() or None if id_file.is_file() else None
             target = cls(
                 tracking.get("project") or DEFAULT_PROJECT,

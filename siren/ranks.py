@@ -74,6 +74,19 @@ class Ranks:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def which_failed(self, ok: bool) -> list[int]:
+        """The ranks whose `ok` is False, agreed on by all (a collective: every rank calls it at the same point).
+
+        One small all-reduce of a `world`-long flag vector on the group's device; nothing when `world` is 1. Used where
+        each rank checks its own copy of something (the trainer's frozen weights) and a failure on one rank must stop
+        every rank at the same step, not leave rank 0 reporting success while the others die."""
+        if self.world == 1:
+            return [] if ok else [self.rank]
+        flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
+        flags[self.rank] = 0 if ok else 1
+        torch.distributed.all_reduce(flags)
+        return [r for r, bad in enumerate(flags.tolist()) if bad]
+
     def agree(
         self, fn: Callable[[], T], *, gather: bool = False, failed: Callable[[str], Exception] = _peer_failed
     ) -> Any:

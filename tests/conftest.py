@@ -1,15 +1,85 @@
-"""Shared fixtures: hermetic W&B (offline, everything under the test's tmp dir), a tiny teacher and a tiny corpus."""
+"""Shared fixtures: hermetic W&B (offline, everything under the test's tmp dir), a tiny teacher and a tiny corpus.
+
+`make test` runs the suite in 2 pytest-xdist workers, a module to a worker (`--dist loadfile`, so a module's fixtures
+are built once). The session fixtures below are built once for all workers (`shared_dir`: the first worker to need
+one builds it under a file lock, the other waits and reads it), and each worker computes on its share of the cores
+(`pytest_configure`), so two workers never oversubscribe the machine.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import tracking_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under xdist, each worker's PyTorch (and every process it starts, through OMP_NUM_THREADS) gets its share of the
+    cores: threads beyond the free cores do not speed a step up but stall it (docs/scale.md)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# The longest modules (`pytest --durations`), longest first: run first, so under xdist no long module starts last while
+# the other worker sits idle. Every other module keeps its place after them.
+LONGEST_FIRST = (
+    "test_scale.py",
+    "test_recipes.py",
+    "test_verify.py",
+    "test_quality.py",
+    "test_eval.py",
+    "test_reliability.py",
+    "test_trust.py",
+    "test_large_codebook.py",
+    "test_pipeline_e2e.py",
+    "test_sweep.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+def shared_dir(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """`name`'s directory, built once by `build(path)` for the whole test session, workers included: under xdist
+    every worker's base temp dir sits in one session dir, where a file lock lets the first worker build and the
+    others wait. A build that failed leaves no `.done` mark, so the next worker to ask builds it again (and fails
+    the same way, in its own test)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's dir, shared by the workers' base dirs
+    root = base / "shared" / name
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root.parent / f"{name}.done").exists():
+                if root.exists():
+                    import shutil
+
+                    shutil.rmtree(root)
+                root.mkdir()
+                build(root)
+                (root.parent / f"{name}.done").touch()
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return root
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +100,16 @@ def corpus_dir(tmp_path_factory) -> Path:
     """A 24-utterance corpus from the Debian voices (built once per session)."""
     from siren.data.corpus import build_corpus
 
-    out = tmp_path_factory.mktemp("corpus") / "c"
-    build_corpus(out, n=24, seed=0, progress=False)
-    return out
+    return shared_dir(tmp_path_factory, "corpus", lambda d: build_corpus(d / "c", n=24, seed=0, progress=False)) / "c"
 
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> Path:
     from siren.models.ssl import save_tiny_teacher
 
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny_hubert", seed=0)
+    return (
+        shared_dir(tmp_path_factory, "teacher", lambda d: save_tiny_teacher(d / "tiny_hubert", seed=0)) / "tiny_hubert"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +121,19 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
 
     from siren.train.trainer import Trainer
 
-    run = tmp_path_factory.mktemp("runs") / "codec"
-    with isolated_tracking(run.parent):
-        Trainer(
-            stage_config("codec", corpus_dir, teacher_dir, run, **{"train.max_steps": 6, "train.checkpoint_every": 3})
-        ).fit()
-    return run
+    def build(root: Path) -> None:
+        with isolated_tracking(root):
+            Trainer(
+                stage_config(
+                    "codec",
+                    corpus_dir,
+                    teacher_dir,
+                    root / "codec",
+                    **{"train.max_steps": 6, "train.checkpoint_every": 3},
+                )
+            ).fit()
+
+    return shared_dir(tmp_path_factory, "codec_run", build) / "codec"
 
 
 @pytest.fixture

@@ -326,6 +326,25 @@ def _verify_quality_stub(arg: str) -> None:
     siren.verify.judge._quality_scorers = stub_quality_scorers
 
 
+def _eval_quality_stub(arg: str) -> None:
+    """`eval_quality_stub`: `siren eval` scores every metric it asks for with a deterministic function of the audio
+    (a level ratio; WER through the real WER scorer with a fake ASR): the command's wiring without the scorers' cost.
+    The real scorers are tested in tests/test_quality.py and tests/test_eval.py."""
+    import numpy as np
+
+    import siren.metrics.quality as quality
+
+    def level(uid, ref, deg, text=None):
+        return float(np.abs(deg).mean() / max(np.abs(ref).mean(), 1e-9))
+
+    def build_scorers(metrics=quality.METRICS):
+        return {
+            m: quality._wer_scorer(transcribe=lambda wav: "one two three") if m == "wer" else level for m in metrics
+        }
+
+    quality.build_scorers = build_scorers
+
+
 def _verify_rank_crash(arg: str) -> None:
     """`verify_rank_crash:R`: rank R (the launcher's RANK) raises when verify loads its first utterance's audio."""
     import os
@@ -347,15 +366,18 @@ FAULTS: dict[str, Callable[[str], None]] = {
     "rank_sleep": _rank_sleep,
     "frozen_tamper": _frozen_tamper,
     "verify_quality_stub": _verify_quality_stub,
+    "eval_quality_stub": _eval_quality_stub,
     "verify_rank_crash": _verify_rank_crash,
 }
 
 
-def inject(spec: str) -> None:
-    name, _, arg = spec.partition(":")
-    if name not in FAULTS:
-        raise KeyError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
-    FAULTS[name](arg)
+def inject(specs: str) -> None:
+    """Inject each fault of `specs`, comma-separated `NAME[:ARG]`s."""
+    for spec in specs.split(","):
+        name, _, arg = spec.partition(":")
+        if name not in FAULTS:
+            raise KeyError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        FAULTS[name](arg)
 
 
 # ------------------------------------------------------------------------------------------- issue 13: trust controls
@@ -375,8 +397,8 @@ def _rank_keys_only(self, accelerator):
     return keys
 
 
-def _own_rank_only(ok, rank, world, device):
-    return [] if ok else [rank]  # each rank judges its own copy; the others never hear of it
+def _own_rank_only(self, ok):
+    return [] if ok else [self.rank]  # each rank judges its own copy; the others never hear of it
 
 
 def _naive_verdict(fn):
@@ -428,7 +450,7 @@ MECHANISMS.update(
     {
         "code_language_grid_constants": [("siren.checkpoints.lineage:_all_tensors", _state_dict_only)],
         "frozen_step_check": [("siren.train.frozen_guard:FrozenGuard.check", _guard_never_checks)],
-        "frozen_check_all_ranks": [("siren.train.trainer:ranks_that_failed", _own_rank_only)],
+        "frozen_check_all_ranks": [("siren.ranks:Ranks.which_failed", _own_rank_only)],
         "verify_exit_guard": [("siren.verify.run:guarded_verdict", _naive_verdict)],
         "wandb_rewind": [("siren.train.tracking:Tracker._init_run", _naive_init_run)],
         "artifact_name_claim": [("siren.train.sharing:ShareHook.claim_name", _no_claim)],

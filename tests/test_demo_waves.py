@@ -81,3 +81,35 @@ def test_busy_cores_sees_a_busy_process():
         assert demo.busy_cores(0.5) > 0.5
     finally:
         proc.kill()
+
+
+def test_the_waves_come_from_what_each_stage_reads():
+    """The demo's order is derived from the registry: every stage runs in a wave after each stage whose checkpoint it
+    reads (`StageSpec.needs`), and its overrides point each of those config keys at that stage's run."""
+    from siren.config.stages import CHECKPOINT_INPUTS, STAGE_SPECS, stage_waves
+
+    assert demo.WAVES == stage_waves() and sorted(demo.STAGES) == sorted(STAGE_SPECS)
+    wave_of = {s: i for i, wave in enumerate(demo.WAVES) for s in wave}
+    for name, spec in STAGE_SPECS.items():
+        assert all(wave_of[need] < wave_of[name] for need in spec.needs), (name, spec.needs, demo.WAVES)
+        overrides = dict(o.split("=", 1) for o in demo.stage_overrides(name, "R", "D"))
+        for key in spec.inputs:
+            assert overrides[key] == f"R/{CHECKPOINT_INPUTS[key]}", (name, key)
+    assert demo.WAVES == (("vocoder", "distill"), ("codec",), ("flow",), ("adapt",))  # what the demo has always run
+    assert "baseline" not in dict(o.split("=", 1) for o in demo.stage_overrides("codec", "R", "D"))
+
+
+def test_waves_refuse_a_circle(monkeypatch):
+    """A stage that needs itself through another (a registry mistake) is named, not looped on."""
+    import dataclasses
+
+    from siren.config import stages
+
+    specs = dict(stages.STAGE_SPECS)
+    specs["codec"] = dataclasses.replace(specs["codec"], reads=("baseline",))  # codec reading codec
+    monkeypatch.setattr(stages, "STAGE_SPECS", specs)
+    with pytest.raises(ValueError, match=r"need one another in a circle"):
+        stages.stage_waves()
+    # A control: without the circle the same call orders every stage.
+    specs["codec"] = dataclasses.replace(specs["codec"], reads=())
+    assert sum(len(w) for w in stages.stage_waves()) == len(stages.STAGES)

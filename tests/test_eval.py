@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import isolated_tracking, stage_config
+from helpers import isolated_tracking, stage_config, with_fault
 from test_quality import CODEC2_WAVS, codec2_clip
 
 import siren.evaluation as ev
@@ -561,7 +561,10 @@ def test_demo_eval_step_on_a_trained_fixture(siren_run, tmp_path, subprocess_env
     for name in demo.EVAL_SIREN:
         (root / name).symlink_to(siren_run)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    r = demo.run_eval(str(root), str(tmp_path / "data"), subprocess_env, max_clips=1, wandb=False)
+    # The scorers are stubbed in the subprocess (tests/mechanisms.py): what is tested here is the step's wiring; the
+    # `evaluated` fixture above scores every system with the real ones.
+    env = with_fault(subprocess_env, "eval_quality_stub")
+    r = demo.run_eval(str(root), str(tmp_path / "data"), env, max_clips=1, wandb=False)
     systems = json.loads((root / "eval" / "eval.json").read_text())["systems"]
     assert list(systems) == ["original", "adapt", "codec", "codec2_700C", "codec2_450"]
     assert systems["codec2_450"]["bps_nominal"] == 450 and systems["adapt"]["kind"] == "siren"

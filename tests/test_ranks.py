@@ -40,6 +40,7 @@ def test_one_process_needs_no_group():
     assert ranks.agree(lambda: 7) == 7 and ranks.agree(lambda: 7, gather=True) == [7]
     with pytest.raises(ZeroDivisionError):  # its own error, unchanged
         ranks.agree(lambda: 1 / 0)
+    assert ranks.which_failed(True) == [] and ranks.which_failed(False) == [0]
 
 
 def test_the_stage_context_splits_and_gathers_through_ranks(monkeypatch, tmp_path):
@@ -77,6 +78,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/group", rank=rank, world_size=world)
     ranks = Ranks(rank, world, torch.distributed.barrier)
     out = {"sum": _reduce(ranks), "gathered": ranks.agree(lambda: rank * 10, gather=True)}
+    out["which_failed"] = [ranks.which_failed(True), ranks.which_failed(rank != 1), ranks.which_failed(False)]
 
     def fails_on_rank_1():
         if rank == 1:
@@ -98,5 +100,6 @@ def test_two_processes_agree_and_reduce_as_one(tmp_path):
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert out[0]["sum"] == out[1]["sum"] == _reduce(Ranks())  # bit-identical to the one-process result
     assert out[0]["gathered"] == out[1]["gathered"] == [0, 10]  # rank order, on every rank
+    assert out[0]["which_failed"] == out[1]["which_failed"] == [[], [1], [0, 1]]  # every rank hears of every failure
     assert out[1]["agree"] == "RuntimeError: injected on rank 1"  # the failed rank raises its own error
     assert out[0]["agree"] == "PeerFailed: the job failed elsewhere (rank 1: RuntimeError: injected on rank 1)"

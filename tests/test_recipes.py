@@ -22,8 +22,8 @@ Every recipe named in the docs has an entry in FILLS and a runner, so a new reci
 Cost: the `own-data` recipe runs once (module fixture: manifest of a folder of audio built from the session corpus,
 the tiny preset, 2 steps per stage, then verify), and every other recipe reuses its runs through its placeholders,
 two at a time. W&B is disabled in these processes (the offline path is tested elsewhere; a sweep's trials run offline
-as the sweep runner makes them) and verify's quality scorers are stubbed (tests/mechanisms.py
-`verify_quality_stub`; the real scorers are tested in tests/test_quality.py).
+as the sweep runner makes them) and the quality scorers of verify and eval are stubbed (tests/mechanisms.py
+`verify_quality_stub`, `eval_quality_stub`; the real scorers are tested in tests/test_quality.py and test_eval.py).
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def recipe_env(base: Path) -> dict:
         WANDB_SILENT="true",
         WANDB__DISABLE_STATS="true",
         NETRC=str(base / "no-netrc"),
-        # verify's quality scorers stubbed in the subprocesses (tests/controls/sitecustomize.py)
-        SIREN_TEST_FAULT="verify_quality_stub",
+        # verify's and eval's quality scorers stubbed in the subprocesses (tests/controls/sitecustomize.py)
+        SIREN_TEST_FAULT="verify_quality_stub,eval_quality_stub",
         PYTHONPATH=str(ROOT / "tests" / "controls"),
     )
     env.pop("PYTHONHOME", None)

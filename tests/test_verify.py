@@ -56,9 +56,11 @@ def _verify(run: Path, *, wav=None, data=None, threshold=("min/agreement/sem=0.0
     return verify_cli(args)
 
 
-def test_verify_one_wav(adapt_run, corpus_dir, capsys):
+def test_verify_one_wav(adapt_run, corpus_dir, capsys, monkeypatch):
     """The report judges exactly that file (one utterance, named by its stem) and the verdict follows the thresholds;
-    a missing file, or a file together with a manifest, is an error (exit 2) naming the problem."""
+    a missing file, or a file together with a manifest, is an error (exit 2) naming the problem. Quality is scored by
+    the stub scorers (tests/mechanisms.py): the real ones are `test_quality_on_every_utterance_and_wer_against_the_text`'s."""
+    monkeypatch.setattr("siren.verify.judge._quality_scorers", mechanisms.stub_quality_scorers)
     utts = read_manifest(corpus_dir / "val.jsonl")
     wav = Path(utts[0].path)
     assert _verify(adapt_run, wav=str(wav)) == EXIT_PASS, capsys.readouterr().out
@@ -268,21 +270,39 @@ def _verify_cmd(run: Path, data: Path, launch: bool) -> list[str]:
     return [sys.executable, *(launcher if launch else []), "-m", "siren", "verify", *args, "--no-wandb"]
 
 
-def test_two_processes_give_the_one_process_report(adapt_run, corpus_dir, tmp_path, subprocess_env):
+@pytest.fixture(scope="module")
+def one_process_report(adapt_run, corpus_dir, tmp_path_factory) -> dict:
+    """The single-process report the 2-process launch must reproduce: verify in this process, on one thread as the
+    launched ranks (OMP_NUM_THREADS=1), with the stub scorers the launch injects. Once per module, so the test and
+    its negative control pay only for the launch."""
+    data = _eval_manifest(corpus_dir, tmp_path_factory.mktemp("one_process") / "eval.jsonl", n=5, untexted=2)
+    out = adapt_run / "verify" / "step_2"
+    shutil.rmtree(out, ignore_errors=True)
+    mp, threads = pytest.MonkeyPatch(), torch.get_num_threads()
+    mp.setattr("siren.verify.judge._quality_scorers", mechanisms.stub_quality_scorers)
+    torch.set_num_threads(1)
+    try:
+        assert _verify(adapt_run, data=str(data)) == EXIT_PASS
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    return {"data": data, "report": json.loads((out / "report.json").read_text())}
+
+
+def test_two_processes_give_the_one_process_report(adapt_run, one_process_report, subprocess_env):
     """`accelerate launch` with 2 gloo processes: each judges utterances i % 2, rank 0 reduces, and the report (metrics,
     quality included, and per-utterance rows in utterance order) is the single-process one; the media files of the
     first utterances are written by the rank that judged them."""
-    data = _eval_manifest(corpus_dir, tmp_path / "eval.jsonl", n=5, untexted=2)  # odd: ranks get 3 and 2
-    env = {**with_fault(subprocess_env, "verify_quality_stub"), "OMP_NUM_THREADS": "1"}  # same threads in both runs
+    data = one_process_report["data"]  # 5 utterances, odd: ranks get 3 and 2
+    env = {**with_fault(subprocess_env, "verify_quality_stub"), "OMP_NUM_THREADS": "1"}  # one thread, as the reference
     out = adapt_run / "verify" / "step_2"
-    reports = {}
-    for launch in (False, True):
-        shutil.rmtree(out, ignore_errors=True)
-        r = subprocess.run(
-            _verify_cmd(adapt_run, data, launch), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        reports[launch] = json.loads((out / "report.json").read_text())
+    reports = {False: one_process_report["report"]}
+    shutil.rmtree(out, ignore_errors=True)
+    r = subprocess.run(
+        _verify_cmd(adapt_run, data, launch=True), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    reports[True] = json.loads((out / "report.json").read_text())
     _compare_reports(reports[False], reports[True])
     assert reports[True]["metrics"]["quality/num_utts"] == 5
     assert "rank 0/2 judged 3 of 5 utterances" in r.stdout and "rank 1/2 judged 2 of 5 utterances" in r.stdout, r.stdout

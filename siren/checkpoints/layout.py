@@ -67,6 +67,11 @@ class RunDir:
         return self.root / "wandb_run_id"
 
     @property
+    def train_log(self) -> Path:
+        """The trainer's console output where `siren demo` keeps it."""
+        return self.root / "train.log"
+
+    @property
     def pids(self) -> Path:
         return self.root / ".pids"
 
@@ -145,12 +150,17 @@ def read_meta(step_path: str | Path) -> CheckpointMeta:
     return CheckpointMeta.from_dict(raw, path)
 
 
+def tmp_step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where step `step` is written before `commit_step` renames it: the same name on every rank, since
+    `accelerator.save_state` writes per-rank RNG files into it."""
+    return checkpoints_dir(run_dir) / f".tmp-step_{step}"
+
+
 def begin_step(run_dir: str | Path, step: int) -> Path:
     """A fresh temporary directory for step `step`; call `commit_step` once everything is written in it."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    # Same name on every rank: accelerator.save_state writes per-rank RNG files into it.
-    tmp = root / f".tmp-step_{step}"
+    tmp = tmp_step_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "components").mkdir(parents=True)

@@ -37,6 +37,15 @@ CODE_LANGUAGE_PARTS = ("sem_quantizer", "pro_quantizer", "spk_quantizer", "entro
 PIPELINE_PARTS: dict[str, tuple[str, ...]] = {"flow": ("fuser", "flow"), "vocoder": ("vocoder",)}
 
 
+# The config keys through which one stage reads another's checkpoint, and the stage whose run writes it.
+CHECKPOINT_INPUTS: dict[str, str] = {
+    "baseline": "codec",
+    "student_ssl.path": "distill",
+    "pipeline.flow": "flow",
+    "pipeline.vocoder": "vocoder",
+}
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -46,6 +55,18 @@ class StageSpec:
     not_saved: tuple[str, ...] = ("ssl",)
     pipeline_roles: tuple[str, ...] = ("vocoder",)
     importable: bool = True  # `siren import --stage NAME` brings a foreign checkpoint of this stage in
+    reads: tuple[str, ...] = ()  # config keys naming other stages' checkpoints it builds from (CHECKPOINT_INPUTS)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every config key through which it reads another stage's checkpoint: what it builds from, then the
+        `pipeline.*` checkpoints its samples render through."""
+        return (*self.reads, *(f"pipeline.{role}" for role in self.pipeline_roles))
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The stages whose checkpoints it reads (CHECKPOINT_INPUTS), in the order of `inputs`."""
+        return tuple(dict.fromkeys(CHECKPOINT_INPUTS[key] for key in self.inputs))
 
     @property
     def saved(self) -> tuple[str, ...]:
@@ -62,6 +83,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
             ("ssl", *ANALYSIS_PARTS, *PIPELINE_PARTS["flow"]),
             PIPELINE_PARTS["flow"],
             required_frozen=("ssl", *ANALYSIS_PARTS),
+            reads=("baseline",),
         ),
         StageSpec("vocoder", PIPELINE_PARTS["vocoder"], PIPELINE_PARTS["vocoder"], not_saved=(), pipeline_roles=()),
         StageSpec("distill", ("ssl", "student_ssl"), ("student_ssl",), required_frozen=("ssl",), pipeline_roles=()),
@@ -73,8 +95,23 @@ STAGE_SPECS: dict[str, StageSpec] = {
             required_frozen=("ssl", "student_ssl", "teacher_factorizer", *CODEC_PARTS[1:]),
             pipeline_roles=("flow", "vocoder"),
             importable=False,
+            reads=("baseline", "student_ssl.path"),
         ),
     )
 }
 STAGES = tuple(STAGE_SPECS)
 IMPORTABLE_STAGES = tuple(n for n, s in STAGE_SPECS.items() if s.importable)
+
+
+def stage_waves(stages: tuple[str, ...] = STAGES) -> tuple[tuple[str, ...], ...]:
+    """`stages` in waves: each stage after every stage it needs (`StageSpec.needs`, among `stages`); the stages of a
+    wave need nothing from one another, so they can train side by side. Within a wave, registry order."""
+    left, done, waves = list(stages), set(), []
+    while left:
+        wave = tuple(s for s in left if all(n in done or n not in stages for n in STAGE_SPECS[s].needs))
+        if not wave:
+            raise ValueError(f"stages {left} need one another in a circle")
+        waves.append(wave)
+        done.update(wave)
+        left = [s for s in left if s not in done]
+    return tuple(waves)

@@ -65,7 +65,7 @@ class CheckpointHook:
         if not frozen_checked:  # the trainer checks (and logs frozen/ok) before it calls the hook
             self.check_frozen()
         is_main = acc.is_main_process
-        tmp = ckpt.checkpoints_dir(self.run_dir) / f".tmp-step_{step}"
+        tmp = ckpt.tmp_step_dir(self.run_dir, step)
         if is_main:
             tmp = ckpt.begin_step(self.run_dir, step)
         acc.wait_for_everyone()

@@ -114,17 +114,3 @@ class FrozenGuard:
             f"frozen component(s) changed during training: {', '.join(comps)} "
             f"({', '.join(names[:5])}{' …' if len(names) > 5 else ''} differ from the checksums taken at start)"
         )
-
-
-def ranks_that_failed(ok: bool, rank: int, world: int, device: torch.device) -> list[int]:
-    """All ranks' frozen-check outcomes, agreed on by all (a collective: every rank calls it at the same step).
-
-    Each rank checks its own copy of the frozen weights; a copy that moved on one rank only (a rank-local bug, a bad
-    device) must stop every rank at the same step with `frozen/ok` = 0 logged, not leave rank 0 logging 1 while the
-    others die. One small all-reduce of a `world`-long flag vector; nothing when `world` is 1."""
-    if world == 1:
-        return [] if ok else [rank]
-    flags = torch.zeros(world, dtype=torch.int32, device=device)
-    flags[rank] = 0 if ok else 1
-    torch.distributed.all_reduce(flags)
-    return [r for r, bad in enumerate(flags.tolist()) if bad]

@@ -36,11 +36,12 @@ from siren.errors import FrozenViolation, SirenError
 from siren.models.builders import component_targets
 from siren.models.io import fingerprint
 from siren.models.precision import reduced_precision_warning
+from siren.ranks import Ranks
 from siren.train.batches import BatchStream, ShardedBatches, per_process_batch
 from siren.train.checkpoint_hook import CheckpointHook
 from siren.train.context import StageContext
 from siren.train.evaluation import Evaluator
-from siren.train.frozen_guard import FrozenGuard, ranks_that_failed
+from siren.train.frozen_guard import FrozenGuard
 from siren.train.optim import Updater, lr_factor
 from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
@@ -141,6 +142,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
+        self.ranks = Ranks.of(acc)
         slow = reduced_precision_warning(acc.device.type, acc.mixed_precision)
         if slow and self.is_main:
             log.warning(slow)
@@ -215,7 +217,7 @@ class Trainer:
 
         self.dataset.failures.add(restored_failures(self.dataset, self.resume_meta.data if self.resume_meta else {}))
         self.load_failures = self.dataset.failures.count
-        self._failed_all = self._gather_failed()
+        self._failed_all = self._failed_paths()
 
         # The stage's set-up sees only the narrow context; it hands back its per-step metric sources.
         self.ctx = StageContext(
@@ -311,7 +313,7 @@ class Trainer:
                     )
                 if is_ckpt or preempt:
                     watchdog.arm(f"checkpoint at step {step}")
-                    self._failed_all = self._gather_failed()
+                    self._failed_all = self._failed_paths()
                     self.checkpoint(step, metrics, consider_best=is_ckpt, frozen_checked=True)
                 self.progress.update(step, metrics)
                 last = metrics
@@ -381,7 +383,7 @@ class Trainer:
                 self.registry.check_frozen()
         except FrozenViolation as exc:
             local = exc
-        failed = ranks_that_failed(local is None, self.rank, self.world, self.accelerator.device)
+        failed = self.ranks.which_failed(local is None)
         if not failed:
             self.frozen_ok = 1.0
             return None
@@ -580,8 +582,9 @@ class Trainer:
             return None
         return {**ssl_record(self.cfg), "fingerprint": ssl_fingerprint}
 
-    def _gather_failed(self) -> list[str]:
-        """Paths that failed to load on any rank (agreed on every rank at each step: no collective)."""
+    def _failed_paths(self) -> list[str]:
+        """Paths that failed to load on any rank (the failure set is agreed on every rank at each step: no collective
+        here)."""
         return [self.dataset.table.path(int(r)) for r in self.dataset.failures.rows()]
 
     def finish(self) -> None:
