@@ -252,8 +252,9 @@ def _wandb_summary(run_dir: Path) -> dict:
 
 
 def test_ddp_sweep_runs_trials_of_two_processes(corpus_dir, teacher_dir, tmp_path):
-    """The shipped data-parallel sweep's command (accelerate launch, 2 CPU processes) runs two offline trials on the tiny
-    codec stage; each trial ran with world size 2, and its ranked value is the summary W&B holds for it."""
+    """The shipped data-parallel sweep's command (accelerate launch, 2 CPU processes) runs an offline trial on the tiny
+    codec stage: it ran with world size 2, and its ranked value is the summary W&B holds for it. One trial: ranking
+    several is `test_offline_sweep_runs_trials_and_ranks_them`'s; what is tested here is the launch."""
     from helpers import free_port, stage_overrides
 
     shipped = yaml.safe_load(ADAPT_LR_DDP.read_text())
@@ -276,9 +277,9 @@ def test_ddp_sweep_runs_trials_of_two_processes(corpus_dir, teacher_dir, tmp_pat
     path.write_text(yaml.safe_dump(sweep))
     ov = {"train.max_steps": 2, "train.checkpoint_every": 2, "samples.enabled": "false", "train.batch_size": 2}
     extra = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "unused", **ov)
-    ranked = run_sweep(path, 2, online=False, runs_root=tmp_path / "runs", extra_overrides=extra)
-    assert [t["error"] for t in ranked] == [None, None], ranked
-    assert ranked[0]["metric"] <= ranked[1]["metric"]
+    ranked = run_sweep(path, 1, online=False, runs_root=tmp_path / "runs", extra_overrides=extra)
+    assert [t["error"] for t in ranked] == [None], ranked
+    assert [t["params"] for t in ranked] == [{"optim.lr": 1.0e-3}], ranked  # the grid's first point
     for t in ranked:
         run_dir = Path(t["run_dir"])
         meta = json.loads((run_dir / "checkpoints" / "step_2" / "meta.json").read_text())
