@@ -122,16 +122,9 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     from siren.train.trainer import Trainer
 
     def build(root: Path) -> None:
+        steps = {"train.max_steps": 6, "train.checkpoint_every": 3}
         with isolated_tracking(root):
-            Trainer(
-                stage_config(
-                    "codec",
-                    corpus_dir,
-                    teacher_dir,
-                    root / "codec",
-                    **{"train.max_steps": 6, "train.checkpoint_every": 3},
-                )
-            ).fit()
+            Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **steps)).fit()
 
     return shared_dir(tmp_path_factory, "codec_run", build) / "codec"
 
