@@ -1,7 +1,7 @@
 """`siren demo` (`make demo`): the whole pipeline on the embedded corpus, on a CPU, then verify and eval.
 
 Order: vocoder and distill side by side (they depend on nothing; the vocoder first, so every later checkpoint's samples
-are audible) → codec → flow → adapt → verify → eval (`siren eval` of the adapted codec and its baseline against
+are audible) → codec → flow → adapt → verify beside eval (`siren eval` of the adapted codec and its baseline against
 Codec 2 700C and 450 on human speech Debian ships, `siren.data.human`; its table is printed last). Each stage runs as
 `python -m siren train --config configs/demo/<stage>.yaml` in a subprocess (its log in `RUN/train.log`) while this
 process copies its output there and draws a progress bar from the trainer's status lines. A stage whose latest
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -252,22 +253,37 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> 
     for wave in WAVES:
         results.extend(run_wave(wave, env, root, data))
 
-    # Verify the newest adapt checkpoint against its baseline.
+    # Verify the newest adapt checkpoint against its baseline, and eval beside it: both only read the finished runs
+    # and write apart (RUN/verify/, ROOT/eval), so they run side by side, the free cores split between them.
     adapt_run = Path(root) / "adapt"
     step = latest_step(adapt_run)
-    print(f"== verify {adapt_run} step {step}")
-    v = subprocess.run(
-        [sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    side = dict(env)
+    threads = wave_threads(2, env)
+    if threads is not None:
+        side["OMP_NUM_THREADS"] = str(threads)
+    print(f"== verify {adapt_run} step {step} (beside the eval)", flush=True)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it until the eval is done
+        verifying = subprocess.Popen(
+            [sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
+            env=side,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            evaluated = run_eval(root, data, side)
+        except BaseException:  # the eval failed or was interrupted: stop the verify too
+            verifying.terminate()
+            raise
+        finally:
+            verifying.wait()
+        log.seek(0)
+        v_out = log.read()
     report_path = RunDir(adapt_run).verify(step) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if v.returncode == 2 or report is None:
-        print(v.stdout[-3000:], v.stderr[-3000:])
+    if verifying.returncode == 2 or report is None:
+        print(v_out[-6000:])
         raise RuntimeError("verify failed with an error")
-    evaluated = run_eval(root, data, env)
 
     print("\n== summary")
     print(f"{'stage':<9}{'steps':>7}{'final loss':>12}{'wall s':>9}")
