@@ -229,6 +229,39 @@ def run_eval(root: str, data: str, env: dict, max_clips: int = EVAL_CLIPS, wandb
     }
 
 
+def verify_command(run: Path, step: int) -> list[str]:
+    return [sys.executable, "-m", "siren", "verify", "--run", str(run), "--step", str(step)]
+
+
+def verify_beside_eval(adapt_run: Path, step: int, root: str, data: str, env: dict) -> tuple[Path, dict]:
+    """Verify step `step` of the adapt run against its baseline in a subprocess while `run_eval` runs: both only read
+    the finished runs and write apart (RUN/verify/, ROOT/eval), so they run side by side, the free cores split
+    between them. → (the verify report's path, `run_eval`'s result). A failed or interrupted eval stops the verify;
+    a verify that errs (exit 2, or no report) is a RuntimeError with the end of its output."""
+    side = dict(env)
+    threads = wave_threads(2, env)
+    if threads is not None:
+        side["OMP_NUM_THREADS"] = str(threads)
+    print(f"== verify {adapt_run} step {step} (beside the eval)", flush=True)
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it until the eval is done
+        verifying = subprocess.Popen(
+            verify_command(adapt_run, step), env=side, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            evaluated = run_eval(root, data, side)
+        except BaseException:  # the eval failed or was interrupted: stop the verify too
+            verifying.terminate()
+            raise
+        finally:
+            verifying.wait()
+        log.seek(0)
+        out = log.read()
+    report_path = RunDir(adapt_run).verify(step) / "report.json"
+    if verifying.returncode == 2 or not report_path.is_file():
+        raise RuntimeError(f"verify failed with an error (exit {verifying.returncode}):\n{out[-6000:]}")
+    return report_path, evaluated
+
+
 def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> int:
     from siren.checkpoints.layout import latest_step
     from siren.data.corpus import build_corpus
@@ -253,37 +286,10 @@ def run_demo(root: str = "runs/demo", data: str = "data/demo", n: int = 800) -> 
     for wave in WAVES:
         results.extend(run_wave(wave, env, root, data))
 
-    # Verify the newest adapt checkpoint against its baseline, and eval beside it: both only read the finished runs
-    # and write apart (RUN/verify/, ROOT/eval), so they run side by side, the free cores split between them.
     adapt_run = Path(root) / "adapt"
     step = latest_step(adapt_run)
-    side = dict(env)
-    threads = wave_threads(2, env)
-    if threads is not None:
-        side["OMP_NUM_THREADS"] = str(threads)
-    print(f"== verify {adapt_run} step {step} (beside the eval)", flush=True)
-    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it until the eval is done
-        verifying = subprocess.Popen(
-            [sys.executable, "-m", "siren", "verify", "--run", str(adapt_run), "--step", str(step)],
-            env=side,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            evaluated = run_eval(root, data, side)
-        except BaseException:  # the eval failed or was interrupted: stop the verify too
-            verifying.terminate()
-            raise
-        finally:
-            verifying.wait()
-        log.seek(0)
-        v_out = log.read()
-    report_path = RunDir(adapt_run).verify(step) / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if verifying.returncode == 2 or report is None:
-        print(v_out[-6000:])
-        raise RuntimeError("verify failed with an error")
+    report_path, evaluated = verify_beside_eval(adapt_run, step, root, data, env)
+    report = json.loads(report_path.read_text())
 
     print("\n== summary")
     print(f"{'stage':<9}{'steps':>7}{'final loss':>12}{'wall s':>9}")

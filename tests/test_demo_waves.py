@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from siren import demo
+from siren.checkpoints.layout import RunDir
 
 
 class FakeStage:
@@ -113,3 +114,48 @@ def test_waves_refuse_a_circle(monkeypatch):
     # A control: without the circle the same call orders every stage.
     specs["codec"] = dataclasses.replace(specs["codec"], reads=())
     assert sum(len(w) for w in stages.stage_waves()) == len(stages.STAGES)
+
+
+def _fake_verify(tmp_path, monkeypatch, script: str) -> Path:
+    """`verify_command` replaced by a shell script; the run's verify dir where a real verify writes its report."""
+    run = tmp_path / "adapt"
+    monkeypatch.setattr(demo, "verify_command", lambda r, step: ["bash", "-c", script])
+    monkeypatch.setattr(demo, "wave_threads", lambda n, env: 1)
+    return run
+
+
+def test_verify_runs_beside_the_eval(tmp_path, monkeypatch):
+    """The demo's verify is started before the eval and is still running while it scores; its report is returned."""
+    report = RunDir(tmp_path / "adapt").verify(600) / "report.json"
+    run = _fake_verify(tmp_path, monkeypatch, f"sleep 1; mkdir -p {report.parent}; echo '{{}}' > {report}")
+    seen = {}
+
+    def eval_while_verifying(root, data, env):
+        seen["threads"] = env["OMP_NUM_THREADS"]
+        seen["report_during_eval"] = report.exists()  # the verify sleeps 1 s before it writes: not yet
+        return {"table": "t"}
+
+    monkeypatch.setattr(demo, "run_eval", eval_while_verifying)
+    t0 = time.perf_counter()
+    path, evaluated = demo.verify_beside_eval(run, 600, str(tmp_path), "data", {})
+    assert path == report and evaluated == {"table": "t"}
+    assert seen == {"threads": "1", "report_during_eval": False}, "the eval waited for the verify"
+    assert time.perf_counter() - t0 >= 1.0  # and the verify was waited for, not left behind
+
+
+def test_a_failed_eval_stops_the_verify_and_a_failed_verify_is_named(tmp_path, monkeypatch):
+    run = _fake_verify(tmp_path, monkeypatch, "sleep 60")
+
+    def failing_eval(root, data, env):
+        raise RuntimeError("siren eval failed (exit 2)")
+
+    monkeypatch.setattr(demo, "run_eval", failing_eval)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"siren eval failed"):
+        demo.verify_beside_eval(run, 600, str(tmp_path), "data", {})
+    assert time.perf_counter() - t0 < 20, "the verify was waited out, not stopped"
+
+    monkeypatch.setattr(demo, "verify_command", lambda r, step: ["bash", "-c", "echo no such run; exit 2"])
+    monkeypatch.setattr(demo, "run_eval", lambda root, data, env: {})
+    with pytest.raises(RuntimeError, match=r"verify failed with an error \(exit 2\):\nno such run"):
+        demo.verify_beside_eval(run, 600, str(tmp_path), "data", {})
