@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -236,17 +235,11 @@ def run(work: Path, corpus: Path, teacher: Path, train_steps: int = 300) -> dict
 
 
 def main() -> int:
-    from siren.data.corpus import build_corpus
-    from siren.models.ssl import save_tiny_teacher
+    from common import bench_workdir, setup_corpus
 
     steps = int(os.environ.get("SIREN_BENCH_CODEC_STEPS", "300"))
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        os.environ["SIREN_ARTIFACT_CACHE"] = str(work / "artifacts")
-        os.environ["WANDB_DIR"] = str(work / "wandb")
-        corpus = work / "corpus"
-        build_corpus(corpus, n=48, seed=0, progress=False)
-        teacher = save_tiny_teacher(work / "teacher", seed=0)
+    with bench_workdir() as work:
+        corpus, teacher = setup_corpus(work)
         rows = run(work, corpus, teacher, train_steps=steps)
     for k, v in rows.items():
         print(f"| {k} | {v} |")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -218,6 +217,8 @@ def run(work: Path, corpus: Path, repeats: int = REPEATS) -> list[tuple[str, str
 def main() -> int:
     import argparse
 
+    from common import bench_workdir
+
     from siren.data.corpus import build_corpus
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -226,10 +227,7 @@ def main() -> int:
     p.add_argument("--note", default="", help="a line printed under the section's command (e.g. the machine's load)")
     args = p.parse_args()
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        os.environ["SIREN_ARTIFACT_CACHE"] = str(work / "artifacts")
-        os.environ["WANDB_DIR"] = str(work / "wandb")
+    with bench_workdir() as work:
         corpus = work / "corpus"
         build_corpus(corpus, n=48, seed=0, progress=False)
         rows = run(work, corpus, args.repeats)

@@ -3,12 +3,14 @@ loop measurement, and the writer of BENCHMARKS.md sections (newest first, under 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +28,17 @@ WARMUP = 5  # steps dropped at the start of every timed loop
 
 def _median(xs):
     return statistics.median(xs)
+
+
+@contextlib.contextmanager
+def bench_workdir():
+    """A temporary work directory for one benchmark run, with the artifact index and W&B's files inside it (so a run
+    leaves nothing behind); removed on exit."""
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        os.environ["SIREN_ARTIFACT_CACHE"] = str(work / "artifacts")
+        os.environ["WANDB_DIR"] = str(work / "wandb")
+        yield work
 
 
 def setup_corpus(work: Path) -> tuple[Path, Path]:

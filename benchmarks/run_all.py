@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from common import (  # noqa: E402
     _median,
     _metrics,
     bench_trainer_overhead,
+    bench_workdir,
     cfg_for,
     make_student,
     setup_corpus,
@@ -203,12 +203,9 @@ def bench_codec_speed(preset: str, corpus: Path, teacher: Path, work: Path) -> d
 
 def main() -> int:
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
+    with bench_workdir() as work:
         (work / "b8").mkdir()
         (work / "b32").mkdir()
-        os.environ["SIREN_ARTIFACT_CACHE"] = str(work / "artifacts")
-        os.environ["WANDB_DIR"] = str(work / "wandb")
         corpus, teacher = setup_corpus(work)
         bs = bench_bitstream(corpus, teacher, work)  # trains the codec that adapt below uses as its baseline
         student = make_student(work)

@@ -23,6 +23,7 @@ from torch import nn
 from siren.checkpoints.meta import CheckpointMeta
 from siren.config.stages import CODE_LANGUAGE_PARTS
 from siren.errors import SirenError
+from siren.models.io import hash_tensors
 
 log = logging.getLogger("siren")
 
@@ -51,12 +52,7 @@ def code_language_id(modules: Mapping[str, nn.Module]) -> str:
     h = hashlib.sha256(b"siren-code-language-v1")
     for part in CODE_LANGUAGE_PARTS:
         h.update(part.encode())
-        for name, t in sorted(_all_tensors(modules[part]).items()):
-            t = t.cpu().contiguous()
-            h.update(name.encode())
-            h.update(str(t.dtype).encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensors(h, _all_tensors(modules[part]))
     return h.hexdigest()
 
 

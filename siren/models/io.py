@@ -27,16 +27,21 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha256 hex over the state dict (parameters and persistent buffers): sorted names, dtype, shape, raw bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(_state(module).items()):
+def hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed `tensors` into the hash `h`, in name order: each one's name, dtype, shape and raw bytes."""
+    for name, t in sorted(tensors.items()):
         t = t.cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         # Byte view instead of .numpy(): works for bfloat16 and 0-dim tensors too.
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 hex over the state dict (parameters and persistent buffers): sorted names, dtype, shape, raw bytes."""
+    h = hashlib.sha256()
+    hash_tensors(h, _state(module))
     return h.hexdigest()
 
 
