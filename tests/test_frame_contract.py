@@ -11,7 +11,8 @@ from helpers import stage_config
 from torch import nn
 
 from siren.errors import LayoutMismatch
-from siren.models.ssl import SSLFeatureExtractor, check_frame_contract, frame_probe_lengths
+from siren.models.frame_contract import check_frame_contract, frame_probe_lengths
+from siren.models.ssl import SSLFeatureExtractor
 from siren.models.student_ssl import TinyHubert
 from siren.train.stages import make_stage
 

@@ -153,7 +153,9 @@ def test_verify_without_thresholds_is_an_error(tmp_path, monkeypatch):
     fake = SimpleNamespace(cfg=cfg, modules={"ssl": None, "student_ssl": None}, meta={})
     monkeypatch.setattr("siren.verify.load.load_pair", lambda run, step: (fake, fake))
     monkeypatch.setattr("siren.models.analysis.code_layout", lambda modules: {"sem": (81, 1)})
-    monkeypatch.setattr("siren.models.ssl.check_frame_contract", lambda *a, **k: None)  # no real modules in the fake
+    monkeypatch.setattr(
+        "siren.models.frame_contract.check_frame_contract", lambda *a, **k: None
+    )  # no real modules in the fake
 
     def went_on(*a, **k):
         raise AssertionError("verify went on without thresholds")

@@ -313,11 +313,12 @@ def test_two_processes_give_the_one_process_report(adapt_run, one_process_report
 
 
 def test_a_crash_on_one_rank_is_exit_2_on_every_rank(adapt_run, corpus_dir, tmp_path, subprocess_env):
-    """An exception on rank 1 alone: both ranks exit 2 (rank 0 names rank 1's error) and nobody waits for the other."""
+    """An exception on rank 1 alone: both ranks exit 2 (rank 0 names rank 1's error) and nobody waits for the other.
+    Rank 0 scores quality with the stub scorers: the crash, not the scoring, is what this test is about."""
     data = _eval_manifest(corpus_dir, tmp_path / "eval.jsonl", n=3, untexted=0)
     r = subprocess.run(
         _verify_cmd(adapt_run, data, launch=True),
-        env=with_fault(subprocess_env, "verify_rank_crash:1"),
+        env=with_fault(subprocess_env, "verify_rank_crash:1,verify_quality_stub"),
         cwd=ROOT,
         capture_output=True,
         text=True,

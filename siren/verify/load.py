@@ -134,7 +134,7 @@ def prepare(run, step, data, thresholds, wav) -> Job:
     from siren.data.datasets import speaker_balanced_subset
     from siren.data.manifest import ManifestError, Utterance, log_excluded, read_manifest, usable_utterances
     from siren.models.analysis import code_layout
-    from siren.models.ssl import check_frame_contract
+    from siren.models.frame_contract import check_frame_contract
 
     run = Path(run)
     if wav is not None:

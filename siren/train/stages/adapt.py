@@ -27,8 +27,8 @@ from siren.checkpoints.load import load_checkpoint
 from siren.config.stages import CODEC_PARTS, STAGE_SPECS
 from siren.errors import LayoutMismatch, SirenError
 from siren.models.analysis import analyse, code_layout, entropy_rate, frame_mask, layout_bps, stream_codes, stream_masks
+from siren.models.frame_contract import check_frame_contract
 from siren.models.roles import FrameGeometry
-from siren.models.ssl import check_frame_contract
 from siren.train.stages.base import Sample, Stage, StepOutput
 from siren.train.stages.common import masked_l1, masked_mse
 

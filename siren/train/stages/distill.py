@@ -13,7 +13,7 @@ from siren.config.stages import STAGE_SPECS
 from siren.errors import LayoutMismatch
 from siren.models.analysis import frame_mask
 from siren.models.builders import build_component
-from siren.models.ssl import check_frame_contract
+from siren.models.frame_contract import check_frame_contract
 from siren.train.stages.base import Stage, StepOutput
 from siren.train.stages.common import FrozenFeatures
 
