@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mechanisms
@@ -65,7 +67,6 @@ def _latest(run: Path) -> int:
 
 def _rewind(run: Path, step: int) -> None:
     """Make `step` the run's newest checkpoint, as if it had been stopped there."""
-    import shutil
 
     for p in (run / "checkpoints").glob("step_*"):
         if int(p.name.removeprefix("step_")) > step:
@@ -86,13 +87,33 @@ def lr_one_process(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     return ref
 
 
+@pytest.fixture(scope="module")
+def two_process_run(corpus_dir, teacher_dir, tmp_path_factory) -> Callable[[dict], Path]:
+    """The 2-process LR run (2 gloo ranks, batch 4 each), launched once for the module: the LR test reads it, and the
+    2-process SIGTERM test compares its resumed run with it (the uninterrupted reference). `get(env)` launches it
+    with `env` on first use; under a negative control (a mechanism switched off in `env`) it launches a run of the
+    control's own, never handing out the shared one. Readers that write (the LR test's resume) work on a copy."""
+    root = tmp_path_factory.mktemp("two_process")
+    runs: dict[str, Path] = {}
+
+    def get(env: dict) -> Path:
+        key = env.get(mechanisms.ENV, "")
+        if key not in runs:
+            run = root / (f"without-{key}" if key else "run")
+            r = _run(launch_cmd("codec", corpus_dir, teacher_dir, run, **LR, **{"train.batch_size": 4}), env)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+            runs[key] = run
+        return runs[key]
+
+    return get
+
+
 def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
-    lr_one_process, corpus_dir, teacher_dir, tmp_path, subprocess_env
+    lr_one_process, two_process_run, corpus_dir, teacher_dir, tmp_path, subprocess_env
 ):
     ref = lr_one_process
     ddp = tmp_path / "two"
-    r = _run(launch_cmd("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 4}), subprocess_env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    shutil.copytree(two_process_run(subprocess_env), ddp)
     assert json.loads((ddp / "checkpoints" / "step_12" / "meta.json").read_text())["world_size"] == 2
     one, two = _lrs(ref), _lrs(ddp)
     assert sorted(one) == sorted(two) == list(range(1, 13))
@@ -104,7 +125,8 @@ def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
     # Resume the 2-process run from step 6 with ONE process: the schedule continues from the global step.
     _rewind(ddp, 6)
     reset_accelerate()
-    Trainer(stage_config("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 8})).fit()
+    with isolated_tracking(tmp_path / "copy"):  # a copy of the shared run: its artifact index is not the original's
+        Trainer(stage_config("codec", corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 8})).fit()
     resumed = _lrs(ddp)
     assert {s: resumed[s] for s in range(7, 13)} == {s: one[s] for s in range(7, 13)}, "resumed LR differs"
 
@@ -316,10 +338,13 @@ PRE = {"train.max_steps": 24, "train.checkpoint_every": 12, "samples.enabled": "
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
-    procs, corpus_dir, teacher_dir, tmp_path, subprocess_env
+    procs, two_process_run, corpus_dir, teacher_dir, tmp_path, subprocess_env
 ):
+    """SIGTERM to every process of a run at step 3 or later: it checkpoints the step it is on (not a scheduled one)
+    and exits; resumed, it ends on the weights and losses of the uninterrupted run. The runs are the LR test's (12
+    steps, checkpoints every 6), so on 2 processes the uninterrupted one is `two_process_run`, launched once."""
     make = train_cmd if procs == 1 else launch_cmd
-    ov = {**PRE, "train.batch_size": 4}
+    ov = {**LR, "train.batch_size": 4}
     run = tmp_path / "run"
     proc = subprocess.Popen(
         make("codec", corpus_dir, teacher_dir, run, **ov),
@@ -338,20 +363,22 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
         assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert "preempted: checkpoint written at step" in err, err[-3000:]
     stopped = _latest(run)
-    assert 3 <= stopped < 24 and stopped % 12 != 0, stopped  # the step it was on, not a scheduled checkpoint
+    last, every = LR["train.max_steps"], LR["train.checkpoint_every"]
+    assert 3 <= stopped < last and stopped % every != 0, stopped  # the step it was on, not a scheduled checkpoint
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped
 
     # The resume and the uninterrupted reference come last: the control (no signal handlers) fails above without
     # paying for them. On one process both run in this process (only the signalled run needs its own process).
-    ref = tmp_path / "ref"
-    for d in (run, ref):
-        if procs == 1:
+    if procs == 1:
+        ref = tmp_path / "ref"
+        for d in (run, ref):
             reset_accelerate()
             Trainer(stage_config("codec", corpus_dir, teacher_dir, d, **ov)).fit()
-        else:
-            r = _run(make("codec", corpus_dir, teacher_dir, d, **ov), subprocess_env)
-            assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _weights(ref, 24), _weights(run, 24)
+    else:
+        r = _run(make("codec", corpus_dir, teacher_dir, run, **ov), subprocess_env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ref = two_process_run(subprocess_env)
+    a, b = _weights(ref, last), _weights(run, last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")] == [
         x["train/loss"] for x in read_metrics(ref / "metrics.jsonl")
