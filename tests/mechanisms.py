@@ -330,6 +330,14 @@ def _eval_quality_stub(arg: str) -> None:
     """`eval_quality_stub`: `siren eval` scores every metric it asks for with a deterministic function of the audio
     (a level ratio; WER through the real WER scorer with a fake ASR): the command's wiring without the scorers' cost.
     The real scorers are tested in tests/test_quality.py and tests/test_eval.py."""
+    import siren.metrics.quality as quality
+
+    quality.build_scorers = stub_eval_scorers
+
+
+def stub_eval_scorers(metrics=None) -> dict:
+    """`siren eval`'s scorers, stubbed: every metric a level ratio of the audio, WER through the real WER scorer with
+    a fake ASR (`eval_quality_stub` in a subprocess; `monkeypatch.setattr(quality, "build_scorers", ...)` in-process)."""
     import numpy as np
 
     import siren.metrics.quality as quality
@@ -337,12 +345,10 @@ def _eval_quality_stub(arg: str) -> None:
     def level(uid, ref, deg, text=None):
         return float(np.abs(deg).mean() / max(np.abs(ref).mean(), 1e-9))
 
-    def build_scorers(metrics=quality.METRICS):
-        return {
-            m: quality._wer_scorer(transcribe=lambda wav: "one two three") if m == "wer" else level for m in metrics
-        }
-
-    quality.build_scorers = build_scorers
+    return {
+        m: quality._wer_scorer(transcribe=lambda wav: "one two three") if m == "wer" else level
+        for m in (quality.METRICS if metrics is None else metrics)
+    }
 
 
 def _verify_rank_crash(arg: str) -> None:

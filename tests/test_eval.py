@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mechanisms
 import numpy as np
 import pytest
 from helpers import isolated_tracking, stage_config, with_fault
@@ -252,14 +253,18 @@ def test_missing_codec2_binary_and_missing_scorer_are_errors(tmp_path, capsys, m
 
 
 def test_cli_smoke(tmp_path, subprocess_env):
-    """`python -m siren eval` end to end: exit 0, the table on stdout, eval.json written."""
+    """`python -m siren eval` end to end: exit 0, the table on stdout, eval.json written. The scorers are stubbed in
+    the process (the real ones score the `evaluated` fixture): this is the command's wiring through a real process."""
     if shutil.which("c2enc") is None:
         pytest.skip("Debian's codec2 is not installed")
     data = _clip_dir(tmp_path / "data")
     out = tmp_path / "out"
     cmd = ["eval", "--data", str(data), "--system", "c2=codec2:1200", "--out", str(out), "--max-utts", "1"]
     res = subprocess.run(
-        [__import__("sys").executable, "-m", "siren", *cmd], env=subprocess_env, capture_output=True, text=True
+        [__import__("sys").executable, "-m", "siren", *cmd],
+        env=with_fault(subprocess_env, "eval_quality_stub"),
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     assert "| c2 |" in res.stdout and "| original |" in res.stdout
@@ -410,10 +415,12 @@ def test_wandb_read_back_sees_a_switched_off_log(evaluated, tmp_path, monkeypatc
     assert tables == {} and run["project"] == "siren-test"
 
 
-def test_eval_cli_wandb_run_end_to_end(tmp_path, capsys):
-    """`siren eval ... --wandb-run ID` logs the tables; without the flag no W&B run is made."""
+def test_eval_cli_wandb_run_end_to_end(tmp_path, capsys, monkeypatch):
+    """`siren eval ... --wandb-run ID` logs the tables; without the flag no W&B run is made. Stub scorers: what is
+    logged, not how it was scored, is tested here."""
     if shutil.which("c2enc") is None:
         pytest.skip("Debian's codec2 is not installed")
+    monkeypatch.setattr("siren.metrics.quality.build_scorers", mechanisms.stub_eval_scorers)
     data = _clip_dir(tmp_path / "data")
     base = ["eval", "--data", str(data), "--system", "c2=codec2:1200", "--max-utts", "1"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
