@@ -245,7 +245,12 @@ def test_two_processes_give_the_sparse_metrics_of_one(corpus_dir, teacher_dir, t
     from siren.train.trainer import Trainer
     from tests.helpers import ROOT, launch_cmd, reset_accelerate, stage_config
 
-    ov = {"train.max_steps": 1, "samples.enabled": "false", "sem_quantizer.levels": "[4,4,4,4,4,4,4,4]"}
+    ov = {
+        "train.max_steps": 1,
+        "samples.enabled": "false",
+        "sem_quantizer.levels": "[4,4,4,4,4,4,4,4]",
+        "tracking.mode": "disabled",  # the metrics are read from metrics.jsonl; W&B would only add its start-up
+    }
     reset_accelerate()
     Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "one", **ov, **{"train.batch_size": 8})).fit()
     reset_accelerate()

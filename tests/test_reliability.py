@@ -24,7 +24,9 @@ from siren.errors import FrozenViolation, SirenError
 from siren.train.tracking import read_metrics
 from siren.train.trainer import Trainer, TrainingAborted
 
-OV = {"train.max_steps": 40, "train.checkpoint_every": 8, "samples.enabled": "false"}
+# No W&B in these runs: what is killed and resumed here is the checkpoint; a killed run's W&B run is resumed and
+# compared with its metrics in tests/test_trust.py. (W&B's start costs each process ~2 s of CPU.)
+OV = {"train.max_steps": 40, "train.checkpoint_every": 8, "samples.enabled": "false", "tracking.mode": "disabled"}
 
 
 def _codec(corpus: Path, teacher: Path, tmp_path: Path, **overrides):
