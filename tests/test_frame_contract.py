@@ -127,3 +127,20 @@ def test_adapt_build_refuses_a_padded_student(corpus_dir, teacher_dir, tmp_path,
         make_stage(cfg).build()
     monkeypatch.setattr(adapt, "load_student", lambda cfg: (AlignedStudent(), {"uri": "aligned"}))
     assert "student_ssl" in make_stage(cfg).build()
+
+
+def test_stages_and_the_decoder_side_import_no_transformers():
+    """Every stage class and the frame contract load without `transformers` (~3 s of a process's start): a vocoder
+    run or a decode never builds a HuBERT, so it never imports one. A stage that imported `siren.models.ssl` at module
+    level (as distill and adapt did for the contract) would fail this."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from siren.train.stages import stage_classes; stage_classes(); "
+        "import siren.models.frame_contract, siren.codec, siren.verify; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')[:3])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", r.stdout
