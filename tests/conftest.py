@@ -117,7 +117,7 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     """A tiny codec run trained once for every file that only reads it: 6 steps, checkpoints at steps 3 and 6 with
     samples, an offline W&B run. The baseline of adapt tests, weights to init from, a W&B history to read back.
     Tests read it and never write into it (a run of their own goes under their tmp_path)."""
-    from helpers import isolated_tracking, stage_config
+    from helpers import finished_wandb_records, isolated_tracking, stage_config
 
     from siren.train.trainer import Trainer
 
@@ -125,6 +125,8 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
         steps = {"train.max_steps": 6, "train.checkpoint_every": 3}
         with isolated_tracking(root):
             Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **steps)).fit()
+        (offline,) = (root / "codec" / "wandb").glob("offline-run-*/run-*.wandb")
+        finished_wandb_records(offline)  # readers see the whole file
 
     return shared_dir(tmp_path_factory, "codec_run", build) / "codec"
 

@@ -166,3 +166,53 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------- offline W&B files
+WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) framed chunks
+
+
+def wandb_records(path: Path) -> list:
+    """Every protobuf `Record` of an offline `run-*.wandb` file, read back from its bytes (W&B 0.31 has no Python
+    reader): after the 7-byte `:W&B` header, chunks with a 7-byte header (checksum, little-endian length, type: 1 full,
+    2 first, 3 middle, 4 last); a block's tail shorter than a header is padding."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a .wandb file"
+    pos, records, buf = 7, [], b""
+    while pos + 7 <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:  # block padding
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+    return records
+
+
+def finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of an offline run's .wandb file once W&B has written all of them. `run.finish()` returns when the
+    W&B service has taken the run's exit; the service writes the file through a buffer that it flushes on its own
+    time, so under load the file can still be short then (seen: a file with no run record yet). A finished run's
+    last record is its `exit`."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = wandb_records(path)
+        except DecodeError:  # the last record is still being written
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record {timeout:.0f} s after the run finished"
+        time.sleep(0.1)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import finished_wandb_records
 
 from siren.checkpoints import artifacts
 from siren.checkpoints.artifacts import (
@@ -191,6 +192,7 @@ def test_log_checkpoint_artifact_offline_is_recorded(tmp_path):
     assert ok is True
     files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
+    finished_wandb_records(files[0])
     assert name.encode() in files[0].read_bytes()
 
 

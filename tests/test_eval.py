@@ -12,7 +12,7 @@ from pathlib import Path
 import mechanisms
 import numpy as np
 import pytest
-from helpers import isolated_tracking, stage_config, with_fault
+from helpers import finished_wandb_records, isolated_tracking, stage_config, with_fault
 from test_quality import CODEC2_WAVS, codec2_clip
 
 import siren.evaluation as ev
@@ -313,41 +313,13 @@ def test_bad_data_is_an_eval_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ W&B tables
-WANDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) framed chunks
-
-
-def wandb_records(path: Path) -> list:
-    """Every protobuf `Record` of an offline `run-*.wandb` file, read back from its bytes (W&B 0.31 has no Python
-    reader): after the 7-byte `:W&B` header, chunks with a 7-byte header (checksum, little-endian length, type: 1 full,
-    2 first, 3 middle, 4 last); a block's tail shorter than a header is padding."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a .wandb file"
-    pos, records, buf = 7, [], b""
-    while pos + 7 <= len(data):
-        left = WANDB_BLOCK - pos % WANDB_BLOCK
-        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if left < 7 or kind == 0:  # block padding
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + n]
-        pos += 7 + n
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            records.append(rec)
-    return records
-
-
 def logged_tables(out: Path) -> tuple[dict, dict]:
     """(tables {key: {"columns", "data"}} logged in the history of the one offline run under `out/wandb`, that run's
     record {"project", "group", "job_type", "config"}), from its .wandb file and the table files it points to."""
     files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     tables, run = {}, {}
-    for rec in wandb_records(files[0]):
+    for rec in finished_wandb_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             fields: dict[str, dict] = {}  # a media value is stored field by field: nested_key = [KEY, FIELD]

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import ROOT, stage_config, train_cmd, with_fault
+from helpers import ROOT, finished_wandb_records, stage_config, train_cmd, with_fault
 
 from siren.data.manifest import read_manifest, write_manifest
 from siren.train.trainer import Trainer
@@ -41,6 +41,8 @@ def synced_samples(run_dir: Path) -> dict[int, set[tuple[str, str]]]:
     tables: dict[int, str] = {}  # step → client id of the table's artifact
     media: dict[str, set[tuple[str, str]]] = {}  # artifact client id → its media files
     for i, d in enumerate(dirs):
+        if i == len(dirs) - 1:  # the resume's, in this process: read it once W&B has written all of it
+            finished_wandb_records(next(d.glob("run-*.wandb")))
         recs = _records(d)
         if recs is None:
             assert i < len(dirs) - 1, f"the newest offline run {d} cannot be read back"

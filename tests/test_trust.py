@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import mechanisms
 import pytest
 import torch
-from helpers import ROOT, siren_main, stage_config, train_cmd, with_fault
+from helpers import ROOT, finished_wandb_records, siren_main, stage_config, train_cmd, with_fault
 
 from siren.checkpoints.lineage import code_language_id
 from siren.errors import FrozenViolation
@@ -175,6 +175,8 @@ def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
     for d in dirs:
         if not list(d.glob("run-*.wandb")):  # a process killed before W&B created its file: nothing to sync
             continue
+        if d == dirs[-1]:  # the newest run finished (in this process): read it once W&B has written all of it
+            finished_wandb_records(next(d.glob("run-*.wandb")))
         r = subprocess.run(
             [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(d)],
             capture_output=True,
