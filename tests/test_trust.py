@@ -219,12 +219,17 @@ def synced_history(run_dir: Path) -> tuple[set[str], dict[int, dict]]:
     return ids, history
 
 
+STAGE = "vocoder"
+
+
 def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     corpus_dir, teacher_dir, tmp_path, subprocess_env, monkeypatch
 ):
+    """Killed mid-checkpoint and resumed: one W&B run whose history equals metrics.jsonl. On the vocoder stage: W&B's
+    resume is the trainer's, whatever the stage, and the vocoder builds no HuBERT (a faster process start)."""
     run = tmp_path / "run"
     ov = {"train.max_steps": 12, "train.checkpoint_every": 4, "samples.enabled": "false", "train.keep_last": 5}
-    cmd = train_cmd("codec", corpus_dir, teacher_dir, run, **ov)
+    cmd = train_cmd(STAGE, corpus_dir, teacher_dir, run, **ov)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=with_fault(subprocess_env, "slow_checkpoint_write:8"), stderr=subprocess.PIPE, text=True
     )
@@ -238,7 +243,7 @@ def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     proc.wait()
     # The resume in this process (only the kill needs a process of its own): its W&B run is finished, its offline
     # file complete, when fit() returns.
-    Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **ov)).fit()
+    Trainer(stage_config(STAGE, corpus_dir, teacher_dir, run, **ov)).fit()
     rows = {row["step"]: row for row in read_metrics(run / "metrics.jsonl")}
     assert sorted(rows) == list(range(1, 13))
     ids, history = synced_history(run)
@@ -261,7 +266,7 @@ def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     assert not any(p.startswith("trainer/") for p in paths), "trainer state uploaded without upload_trainer_state"
     # --fresh starts another W&B run
     old_id = (run / "wandb_run_id").read_text().strip()
-    fresh = train_cmd("codec", corpus_dir, teacher_dir, run, **{**ov, "train.max_steps": 2})
+    fresh = train_cmd(STAGE, corpus_dir, teacher_dir, run, **{**ov, "train.max_steps": 2})
     assert siren_main(["train", "--fresh", *fresh[fresh.index("train") + 1 :]], monkeypatch) == 0
     assert (run / "wandb_run_id").read_text().strip() != old_id, "--fresh reused the old W&B run id"
 
