@@ -34,10 +34,11 @@ LR = {
     "optim.scheduler": "cosine",
     "optim.warmup_steps": 4,
     "optim.lr": 1e-3,
-    "train.max_steps": 12,
-    "train.checkpoint_every": 6,
+    "train.max_steps": 24,  # a SIGTERM after step 3 lands mid-run however fast the steps are
+    "train.checkpoint_every": 12,
     "samples.enabled": "false",
 }
+LAST, EVERY = LR["train.max_steps"], LR["train.checkpoint_every"]
 
 
 @pytest.fixture(autouse=True)
@@ -119,21 +120,22 @@ def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
     ref = lr_one_process
     ddp = tmp_path / "two"
     shutil.copytree(two_process_run(subprocess_env), ddp)
-    assert json.loads((ddp / "checkpoints" / "step_12" / "meta.json").read_text())["world_size"] == 2
+    assert json.loads((ddp / "checkpoints" / f"step_{LAST}" / "meta.json").read_text())["world_size"] == 2
     one, two = _lrs(ref), _lrs(ddp)
-    assert sorted(one) == sorted(two) == list(range(1, 13))
+    assert sorted(one) == sorted(two) == list(range(1, LAST + 1))
     assert two == one, "the 2-process LR schedule differs from the 1-process one"
     peak = max(v for row in one.values() for v in row.values())
     assert one[4]["train/lr/default"] == pytest.approx(peak)  # warmup ends at step 4, not at 4 / world
-    assert one[12]["train/lr/default"] > 0  # cosine reaches 0 only after the last step
+    assert one[LAST]["train/lr/default"] > 0  # cosine reaches 0 only after the last step
 
-    # Resume the 2-process run from step 6 with ONE process: the schedule continues from the global step.
-    _rewind(ddp, 6)
+    # Resume the 2-process run from its first checkpoint with ONE process: the schedule continues from the global step.
+    _rewind(ddp, EVERY)
     reset_accelerate()
     with isolated_tracking(tmp_path / "copy"):  # a copy of the shared run: its artifact index is not the original's
         Trainer(stage_config(TRAINER_STAGE, corpus_dir, teacher_dir, ddp, **LR, **{"train.batch_size": 8})).fit()
     resumed = _lrs(ddp)
-    assert {s: resumed[s] for s in range(7, 13)} == {s: one[s] for s in range(7, 13)}, "resumed LR differs"
+    later = range(EVERY + 1, LAST + 1)
+    assert {s: resumed[s] for s in later} == {s: one[s] for s in later}, "resumed LR differs"
 
 
 # --------------------------------------------------------------------------------------------- 2. per-rank streams
@@ -346,8 +348,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
     procs, two_process_run, corpus_dir, teacher_dir, tmp_path, subprocess_env
 ):
     """SIGTERM to every process of a run at step 3 or later: it checkpoints the step it is on (not a scheduled one)
-    and exits; resumed, it ends on the weights and losses of the uninterrupted run. The runs are the LR test's (12
-    steps, checkpoints every 6), so on 2 processes the uninterrupted one is `two_process_run`, launched once."""
+    and exits; resumed, it ends on the weights and losses of the uninterrupted run. The runs are the LR test's (24
+    steps, checkpoints every 12), so on 2 processes the uninterrupted one is `two_process_run`, launched once."""
     make = train_cmd if procs == 1 else launch_cmd
     ov = {**LR, "train.batch_size": 4}
     run = tmp_path / "run"
@@ -368,8 +370,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
         assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert "preempted: checkpoint written at step" in err, err[-3000:]
     stopped = _latest(run)
-    last, every = LR["train.max_steps"], LR["train.checkpoint_every"]
-    assert 3 <= stopped < last and stopped % every != 0, stopped  # the step it was on, not a scheduled checkpoint
+    assert 3 <= stopped < LAST and stopped % EVERY != 0, stopped  # the step it was on, not a scheduled checkpoint
     assert read_metrics(run / "metrics.jsonl")[-1]["step"] == stopped
 
     # The resume and the uninterrupted reference come last: the control (no signal handlers) fails above without
@@ -383,7 +384,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(
         r = _run(make(TRAINER_STAGE, corpus_dir, teacher_dir, run, **ov), subprocess_env)
         assert r.returncode == 0, r.stderr[-3000:]
         ref = two_process_run(subprocess_env)
-    a, b = _weights(ref, last), _weights(run, last)
+    a, b = _weights(ref, LAST), _weights(run, LAST)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     assert [x["train/loss"] for x in read_metrics(run / "metrics.jsonl")] == [
         x["train/loss"] for x in read_metrics(ref / "metrics.jsonl")
