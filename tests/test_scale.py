@@ -25,10 +25,11 @@ from siren.train.supervision import HANG_EXIT_CODE, PREEMPTED_EXIT_CODE
 from siren.train.tracking import read_metrics
 from siren.train.trainer import Trainer
 
-# The trainer's own mechanisms (the LR schedule, preemption, the hang watchdog) are tested on the vocoder stage: it
-# builds no HuBERT, so a launched process starts ~3 s sooner and steps faster. The codec stage is killed and resumed
-# bitwise in tests/test_reliability.py, and the frozen check below needs the codec's frozen decoder.
-TRAINER_STAGE = "vocoder"
+# The stage the trainer's own mechanisms (the LR schedule, preemption, the hang watchdog) are tested on. The vocoder
+# stage would start each process ~3 s sooner (no HuBERT), but on it 2 of ~10 loaded runs of the 2-process SIGTERM
+# test lost rank 1 (exit 1, rank 0 then failing at a gloo barrier), once in the signalled run and once in its resume;
+# the codec has passed every run. Until that is understood, the codec.
+TRAINER_STAGE = "codec"
 
 LR = {
     "optim.scheduler": "cosine",
