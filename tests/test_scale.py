@@ -74,7 +74,6 @@ def _latest(run: Path) -> int:
 
 def _rewind(run: Path, step: int) -> None:
     """Make `step` the run's newest checkpoint, as if it had been stopped there."""
-
     for p in (run / "checkpoints").glob("step_*"):
         if int(p.name.removeprefix("step_")) > step:
             shutil.rmtree(p)
