@@ -122,7 +122,7 @@ def codec_run(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
     from siren.train.trainer import Trainer
 
     def build(root: Path) -> None:
-        steps = {"train.max_steps": 6, "train.checkpoint_every": 3}
+        steps = {"train.max_steps": 6, "train.checkpoint_every": 3, "tracking.mode": "offline"}
         with isolated_tracking(root):
             Trainer(stage_config("codec", corpus_dir, teacher_dir, root / "codec", **steps)).fit()
         (offline,) = (root / "codec" / "wandb").glob("offline-run-*/run-*.wandb")

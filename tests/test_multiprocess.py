@@ -38,6 +38,7 @@ def test_two_process_adapt(baseline_and_student, corpus_dir, teacher_dir, subpro
             "student_ssl.path": str(root / "student"),
             "train.max_steps": 4,
             "train.checkpoint_every": 2,
+            "tracking.mode": "offline",  # one W&B run for the two ranks
             "train.batch_size": batch,
             "samples.enabled": "false",
             "loss.teacher_targets": "full",  # whole-utterance targets from the cache that `siren cache` fills

@@ -252,7 +252,7 @@ def test_wandb_init_failure_does_not_stop_training(corpus_dir, teacher_dir, tmp_
         corpus_dir,
         teacher_dir,
         tmp_path,
-        **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false"},
+        **{"train.max_steps": 3, "train.checkpoint_every": 3, "samples.enabled": "false", "tracking.mode": "offline"},
     )
     with pytest.warns(UserWarning, match="W&B disabled"):
         Trainer(cfg).fit()
@@ -264,7 +264,7 @@ def test_wandb_failing_mid_run_does_not_stop_training(corpus_dir, teacher_dir, t
         corpus_dir,
         teacher_dir,
         tmp_path,
-        **{"train.max_steps": 4, "train.checkpoint_every": 4, "samples.enabled": "false"},
+        **{"train.max_steps": 4, "train.checkpoint_every": 4, "samples.enabled": "false", "tracking.mode": "offline"},
     )
     tr = Trainer(cfg)
     assert tr.tracker.run is not None

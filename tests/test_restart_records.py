@@ -88,7 +88,7 @@ def test_killed_and_resumed_run_keeps_the_samples_logged_before_the_kill(
     """Checkpoint step 2 renders samples; the process is killed while writing step 4 and resumed from step 2. The
     resumed W&B run rewinds to step 0, so step 2's samples reach W&B only if the resume logs them again."""
     run = tmp_path / "run"
-    ov = {"train.max_steps": 4, "train.checkpoint_every": 2, "samples.num": 1}
+    ov = {"train.max_steps": 4, "train.checkpoint_every": 2, "samples.num": 1, "tracking.mode": "offline"}
     cmd = train_cmd("codec", corpus_dir, teacher_dir, run, **ov)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=with_fault(subprocess_env, "slow_checkpoint_write:4"), stderr=subprocess.PIPE, text=True

@@ -193,7 +193,6 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "checkpoints" / "step_14").exists()
-    run_id = (run / "wandb_run_id").read_text()
     Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **ov)).fit()  # the resume, in this process
     a = read_metrics(tmp_path / "ref" / "metrics.jsonl")
     b = read_metrics(run / "metrics.jsonl")
@@ -212,8 +211,6 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(corpus_dir, teacher_dir, t
                 )
             ):
                 assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
-    meta = json.loads((run / "checkpoints" / "step_14" / "meta.json").read_text())
-    assert meta["wandb"]["id"] == run_id  # the same W&B run continues
     wa = load_file(tmp_path / "ref" / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
     wb = load_file(run / "checkpoints" / "step_14" / "components" / "factorizer.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

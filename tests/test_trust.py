@@ -228,7 +228,13 @@ def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     """Killed mid-checkpoint and resumed: one W&B run whose history equals metrics.jsonl. On the vocoder stage: W&B's
     resume is the trainer's, whatever the stage, and the vocoder builds no HuBERT (a faster process start)."""
     run = tmp_path / "run"
-    ov = {"train.max_steps": 12, "train.checkpoint_every": 4, "samples.enabled": "false", "train.keep_last": 5}
+    ov = {
+        "train.max_steps": 12,
+        "train.checkpoint_every": 4,
+        "samples.enabled": "false",
+        "train.keep_last": 5,
+        "tracking.mode": "offline",
+    }
     cmd = train_cmd(STAGE, corpus_dir, teacher_dir, run, **ov)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=with_fault(subprocess_env, "slow_checkpoint_write:8"), stderr=subprocess.PIPE, text=True
