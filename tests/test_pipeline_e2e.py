@@ -105,7 +105,7 @@ def _verify(pipeline, *extra, env):
     )
 
 
-def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
+def test_verify_exit_codes(pipeline, corpus_dir, subprocess_env, capsys, monkeypatch):
     """One verdict through a real process (the exit code is the process's: `python -m siren verify` → 1 on FAIL); the
     report, the passing verdict and the refusals in-process through the same `main`, which returns the code that
     `python -m siren` exits with (a subprocess would only add torch's import and the scorers' start-up)."""
@@ -162,7 +162,19 @@ def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
     assert "adapt step 4" in capsys.readouterr().out
     assert main(["verify", "--run", uri, "--step", "2", *loose_args]) == 2
     assert "names step 4" in capsys.readouterr().out
-    strict = _verify(pipeline, "--step", "4", "--threshold", "min/agreement/sem=1.01", "--no-wandb", env=subprocess_env)
+    # The real scorers score one utterance (`--wav`): that a process scores them and exits 1 on a FAIL is the subject.
+    one = read_manifest(corpus_dir / "val.jsonl")[0].path
+    strict = _verify(
+        pipeline,
+        "--step",
+        "4",
+        "--wav",
+        str(one),
+        "--threshold",
+        "min/agreement/sem=1.01",
+        "--no-wandb",
+        env=subprocess_env,
+    )
     assert strict.returncode == 1 and "FAIL" in strict.stdout, strict.stdout[-2000:] + strict.stderr[-2000:]
     capsys.readouterr()
     run = [*run, "--no-wandb"]
