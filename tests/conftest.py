@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     """Under xdist, each worker's PyTorch (and every process it starts, through OMP_NUM_THREADS) gets its share of the
-    cores: threads beyond the free cores do not speed a step up but stall it (docs/scale.md)."""
+    cores: threads beyond the free cores do not speed a step up but stall it (docs/scale.md). The controller hands
+    modules out in the collected order (LONGEST_FIRST below), not xdist's default of most tests first."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -33,19 +36,32 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# The longest modules (`pytest --durations`), longest first: run first, so under xdist no long module starts last while
-# the other worker sits idle. Every other module keeps its place after them.
+# The longest modules (wall seconds per module in a 2-worker run, measured), longest first: run first, so under xdist
+# no long module starts last while the other worker sits idle. Every other module (a few seconds each) keeps its place
+# after them and fills the ends. xdist would reorder modules by their number of tests (`--loadscope-reorder`, its
+# default): `pytest_configure` above keeps this order.
 LONGEST_FIRST = (
     "test_scale.py",
     "test_recipes.py",
+    "test_reliability.py",
     "test_verify.py",
     "test_quality.py",
-    "test_eval.py",
-    "test_reliability.py",
-    "test_trust.py",
-    "test_large_codebook.py",
     "test_pipeline_e2e.py",
+    "test_large_codebook.py",
+    "test_eval.py",
+    "test_trust.py",
+    "test_multiprocess.py",
     "test_sweep.py",
+    "test_trainer.py",
+    "test_restart_records.py",
+    "test_short_clips.py",
+    "test_report_html.py",
+    "test_byoc_e2e.py",
+    "test_errors.py",
+    "test_bitstream.py",
+    "test_codebook_properties.py",
+    "test_install.py",
+    "test_global_batch.py",
 )
 
 

@@ -27,6 +27,10 @@ from siren.train.trainer import Trainer, TrainingAborted
 # No W&B in these runs: what is killed and resumed here is the checkpoint; a killed run's W&B run is resumed and
 # compared with its metrics in tests/test_trust.py. (W&B's start costs each process ~2 s of CPU.)
 OV = {"train.max_steps": 40, "train.checkpoint_every": 8, "samples.enabled": "false", "tracking.mode": "disabled"}
+# The killed runs: the trainer's checkpoint and resume are the same whatever the stage, and the vocoder stage builds
+# no HuBERT (each killed process starts ~2 s sooner). The codec stage's own kill and bitwise resume (its quantizers
+# and entropy model) is tests/test_trainer.py's test_sigkill_and_resume_reproduces_losses_bitwise.
+KILL_STAGE = "vocoder"
 
 
 def _codec(corpus: Path, teacher: Path, tmp_path: Path, **overrides):
@@ -35,7 +39,7 @@ def _codec(corpus: Path, teacher: Path, tmp_path: Path, **overrides):
 
 
 def _cmd(corpus, teacher, run: Path, **extra) -> list[str]:
-    return train_cmd("codec", corpus, teacher, run, **{**OV, **extra})
+    return train_cmd(KILL_STAGE, corpus, teacher, run, **{**OV, **extra})
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -51,13 +55,13 @@ def reference_run(corpus_dir, teacher_dir, tmp_path_factory):
     the process that computed them (the killed runs compared with it are real processes)."""
     run = tmp_path_factory.mktemp("ref") / "run"
     with isolated_tracking(run.parent):
-        Trainer(stage_config("codec", corpus_dir, teacher_dir, run, **OV)).fit()
+        Trainer(stage_config(KILL_STAGE, corpus_dir, teacher_dir, run, **OV)).fit()
     return run
 
 
 def _resume_to_the_end(corpus, teacher, run: Path) -> None:
     """The run after its last kill, resumed in this process: only the kills need a process of their own."""
-    Trainer(stage_config("codec", corpus, teacher, run, **OV)).fit()
+    Trainer(stage_config(KILL_STAGE, corpus, teacher, run, **OV)).fit()
 
 
 def _latest(run: Path) -> int:
