@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, stage_config
+from helpers import ROOT, stage_config, with_fault
 
 from siren.codec import Codec
 from siren.coding.bitstream import BitstreamError
@@ -105,7 +105,7 @@ def _verify(pipeline, *extra, env):
     )
 
 
-def test_verify_exit_codes(pipeline, corpus_dir, subprocess_env, capsys, monkeypatch):
+def test_verify_exit_codes(pipeline, subprocess_env, capsys, monkeypatch):
     """One verdict through a real process (the exit code is the process's: `python -m siren verify` → 1 on FAIL); the
     report, the passing verdict and the refusals in-process through the same `main`, which returns the code that
     `python -m siren` exits with (a subprocess would only add torch's import and the scorers' start-up)."""
@@ -113,8 +113,9 @@ def test_verify_exit_codes(pipeline, corpus_dir, subprocess_env, capsys, monkeyp
 
     subprocess_env["SIREN_ARTIFACT_CACHE"] = str(pipeline / "artifacts")
     monkeypatch.setenv("SIREN_ARTIFACT_CACHE", str(pipeline / "artifacts"))
-    # In this process the quality scorers (DNSMOS, ASR, ...: most of a verify's time, and no threshold here reads
-    # them) are left out, as without the eval extra; the verify in its own process below scores them for real.
+    # The quality scorers (DNSMOS, ASR, ...: most of a verify's time, and no threshold here reads them) are left out
+    # in this process, as without the eval extra, and stubbed in the process below (`verify_quality_stub`). A verify
+    # scoring them for real: tests/test_verify.py::test_verify_report_opens_in_a_browser.
     monkeypatch.setattr("siren.verify.judge._quality_scorers", lambda: None)
     run = ["verify", "--run", str(pipeline / "adapt")]
     assert main([*run, "--step", "4", "--threshold", "min/agreement/sem=0.0"]) in (0, 1), capsys.readouterr().out
@@ -162,18 +163,14 @@ def test_verify_exit_codes(pipeline, corpus_dir, subprocess_env, capsys, monkeyp
     assert "adapt step 4" in capsys.readouterr().out
     assert main(["verify", "--run", uri, "--step", "2", *loose_args]) == 2
     assert "names step 4" in capsys.readouterr().out
-    # The real scorers score one utterance (`--wav`): that a process scores them and exits 1 on a FAIL is the subject.
-    one = read_manifest(corpus_dir / "val.jsonl")[0].path
     strict = _verify(
         pipeline,
         "--step",
         "4",
-        "--wav",
-        str(one),
         "--threshold",
         "min/agreement/sem=1.01",
         "--no-wandb",
-        env=subprocess_env,
+        env=with_fault(subprocess_env, "verify_quality_stub"),
     )
     assert strict.returncode == 1 and "FAIL" in strict.stdout, strict.stdout[-2000:] + strict.stderr[-2000:]
     capsys.readouterr()

@@ -99,13 +99,21 @@ def test_verify_one_wav(adapt_run, corpus_dir, capsys, monkeypatch):
 
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
 def test_verify_report_opens_in_a_browser(adapt_run, corpus_dir):
-    """The report.html a real verify wrote opens in headless Chromium with playable audio and decoded mel images."""
+    """The report.html a real verify wrote opens in headless Chromium with playable audio and decoded mel images. The
+    suite's one verify with the real quality scorers (the eval extra): every other verify stubs or drops them."""
     wav = Path(read_manifest(corpus_dir / "val.jsonl")[1].path)
     assert _verify(adapt_run, wav=str(wav)) == EXIT_PASS
     out = adapt_run / "verify" / "step_2" / "wav" / wav.stem
     report = json.loads((out / "report.json").read_text())
     audio = 3 if "vocoder" in report["pipeline"] else 1  # this run has no vocoder: the original plays, mels show
     assert_media_playable(media_status(out / "report.html"), audio=audio, images=3)
+    from siren.metrics.quality import METRICS, missing_eval_libraries
+
+    if not missing_eval_libraries():  # the real scorers scored the utterance (a metric's failures are counted)
+        m = report["metrics"]
+        assert m["quality/num_utts"] == 1
+        assert all(f"quality/{n}/failed" in m for n in METRICS), sorted(m)
+        assert "quality/dnsmos/adapted" in m and "quality/stoi/adapted" in m, sorted(m)
 
 
 def _eval_manifest(corpus_dir: Path, path: Path, n: int, untexted: int) -> Path:
