@@ -27,9 +27,10 @@ from siren.train.trainer import Trainer
 
 # The trainer's own mechanisms (the LR schedule, preemption, the hang watchdog) are tested on the vocoder stage: it
 # builds no HuBERT, so a launched process starts ~2 s sooner. The codec stage is killed and resumed bitwise in
-# tests/test_reliability.py, and the frozen check below needs the codec's frozen decoder. (Two loaded 2-process runs on
-# the vocoder once lost rank 1 with exit 1 while W&B ran offline in them; 19 loaded runs with W&B off, as here, did
-# not. A failed launch's message carries the first traceback of its output, `_why`, so a rank's own error is kept.)
+# tests/test_trainer.py, and the frozen check below needs the codec's frozen decoder. (Two loaded 2-process runs on
+# the vocoder once lost rank 1 with exit 1 while W&B ran offline in them; none of the 26 loaded runs of the 2-process
+# SIGTERM test since, with W&B off as here, did. A failed launch's message carries the first traceback of its output,
+# `_why`, so a rank's own error is kept.)
 TRAINER_STAGE = "vocoder"
 
 LR = {
