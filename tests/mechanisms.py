@@ -40,6 +40,11 @@ def _inplace_commit_step(run_dir, tmp, step, meta):
     return Path(tmp)
 
 
+def _save_trainer_state_no_barrier(self, path):
+    """accelerate's `save_state` alone: rank 0 goes on to commit the step while other ranks may still be writing."""
+    self.accelerator.save_state(str(path))
+
+
 def _no_trainer_state(self, path):
     """Resume restores the component weights only: optimizer moments, scheduler and RNG start afresh."""
 
@@ -181,6 +186,9 @@ MECHANISMS: dict[str, list[tuple[str, Callable]]] = {
         ("siren.checkpoints.layout:begin_step", _inplace_begin_step),
         ("siren.checkpoints.layout:commit_step", _inplace_commit_step),
     ],
+    "state_saved_before_commit": [
+        ("siren.train.checkpoint_hook:CheckpointHook.save_trainer_state", _save_trainer_state_no_barrier)
+    ],
     "resume_trainer_state": [("siren.train.trainer:Trainer._restore_trainer_state", _no_trainer_state)],
     "bad_audio_skip": [("siren.data.datasets:read_audio", _trusting_read_audio)],
     "nonfinite_step_skip": [("siren.train.trainer:Trainer._step_is_finite", staticmethod(_always_finite))],
@@ -277,6 +285,28 @@ def _rank_sleep(arg: str) -> None:
     BatchStream.next = next_or_hang
 
 
+def _late_rank_state(arg: str) -> None:
+    """`late_rank_state:R`: rank R starts writing its trainer state only once rank 0 has committed the step, or after
+    2 s (the step is committed only after every rank's state is written, so with that order kept it waits the 2 s)."""
+    import os
+    import time
+
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def late(self, output_dir=None, **kwargs):
+        if int(os.environ.get("RANK", "0")) == int(arg):
+            tmp = Path(output_dir).parent  # checkpoints/.tmp-step_N
+            committed = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+            deadline = time.monotonic() + 2.0
+            while not committed.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return real(self, output_dir, **kwargs)
+
+    Accelerator.save_state = late
+
+
 def _frozen_tamper(arg: str) -> None:
     """`frozen_tamper:R:S`: rank R nudges one weight of its frozen `decoder` copy during step S (the others do not)."""
     import os
@@ -370,6 +400,7 @@ def _verify_rank_crash(arg: str) -> None:
 FAULTS: dict[str, Callable[[str], None]] = {
     "slow_checkpoint_write": _slow_checkpoint_write,
     "rank_sleep": _rank_sleep,
+    "late_rank_state": _late_rank_state,
     "frozen_tamper": _frozen_tamper,
     "verify_quality_stub": _verify_quality_stub,
     "eval_quality_stub": _eval_quality_stub,

@@ -108,7 +108,8 @@ def two_process_run(corpus_dir, teacher_dir, tmp_path_factory) -> Callable[[dict
     """The 2-process LR run (2 gloo ranks, batch 4 each), launched once for the module: the LR test reads it, and the
     2-process SIGTERM test compares its resumed run with it (the uninterrupted reference). `get(env)` launches it
     with `env` on first use; under a negative control (a mechanism switched off in `env`) it launches a run of the
-    control's own, never handing out the shared one. Readers that write (the LR test's resume) work on a copy."""
+    control's own, never handing out the shared one. Readers that write (the LR test's resume) work on a copy. Rank 1
+    writes its trainer state late at each checkpoint (`late_rank_state`), for the checkpoint-completeness test."""
     root = tmp_path_factory.mktemp("two_process")
     runs: dict[str, Path] = {}
 
@@ -116,7 +117,8 @@ def two_process_run(corpus_dir, teacher_dir, tmp_path_factory) -> Callable[[dict
         key = env.get(mechanisms.ENV, "")
         if key not in runs:
             run = root / (f"without-{key}" if key else "run")
-            r = _run(launch_cmd(TRAINER_STAGE, corpus_dir, teacher_dir, run, **LR, **{"train.batch_size": 4}), env)
+            cmd = launch_cmd(TRAINER_STAGE, corpus_dir, teacher_dir, run, **LR, **{"train.batch_size": 4})
+            r = _run(cmd, with_fault(env, "late_rank_state:1"))
             assert r.returncode == 0, _why(r.stdout + r.stderr)
             runs[key] = run
         return runs[key]
@@ -146,6 +148,18 @@ def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
     resumed = _lrs(ddp)
     later = range(EVERY + 1, LAST + 1)
     assert {s: resumed[s] for s in later} == {s: one[s] for s in later}, "resumed LR differs"
+
+
+def test_a_step_is_committed_only_with_every_rank_state_in_it(two_process_run, subprocess_env):
+    """accelerate's `save_state` returns on rank 0 while rank 1 may still be writing its part. In the shared 2-process
+    run rank 1 writes late at each checkpoint (until rank 0 commits the step, or 2 s): each committed step holds both
+    ranks' states, and no temporary directory is left. (Committed under rank 1, its write crashed the run.)"""
+    run = two_process_run(subprocess_env)
+    for step in (EVERY, LAST):
+        names = sorted(p.name for p in (run / "checkpoints" / f"step_{step}" / "trainer").iterdir())
+        missing = {f"random_states_{r}.pkl" for r in (0, 1)} - set(names)
+        assert not missing, f"step_{step} was committed without rank 1's trainer state: it holds {names}"
+    assert not list((run / "checkpoints").glob(".tmp-*")), "a rank wrote into a temporary directory after the commit"
 
 
 # --------------------------------------------------------------------------------------------- 2. per-rank streams
@@ -504,6 +518,11 @@ CONTROLS = [
         "test_lr_follows_the_global_step_on_two_processes_and_across_a_resume",
         "lr_per_global_step",
         r"2-process LR schedule differs",
+    ),
+    (
+        "test_a_step_is_committed_only_with_every_rank_state_in_it",
+        "state_saved_before_commit",
+        r"without rank 1's trainer state",
     ),
     ("test_each_rank_draws_its_own_stream_and_a_step_redraws_the_same", "per_rank_streams", r"rank 1 drew the same"),
     ("test_bf16_makes_the_same_codes_as_fp32", "fp32_islands", r"differ under bf16"),

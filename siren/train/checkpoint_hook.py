@@ -1,7 +1,9 @@
 """Checkpoint hook: frozen fingerprints checked, `step_N` written atomically, samples rendered, shared (docs/training.md#checkpoints-and-resume).
 
 All ranks take part in `accelerator.save_state` (optimizer, scheduler, scaler and each rank's RNG); only rank 0 writes
-components, `meta.json`, samples and the `latest` pointer, and applies retention.
+components, `meta.json`, samples and the `latest` pointer, and applies retention. Rank 0 commits (renames the temporary
+directory into place) only once every rank has written its state: accelerate's `save_state` ends without a barrier, so a
+rank still writing its RNG file would otherwise write into a directory that has just been renamed away.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class CheckpointHook:
         if is_main:
             tmp = ckpt.begin_step(self.run_dir, step)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / "trainer"))
+        self.save_trainer_state(tmp / "trainer")
         final = None
         if is_main:
             window = self.window_state()
@@ -88,6 +90,11 @@ class CheckpointHook:
             ckpt.apply_retention(self.run_dir, self.keep_last, self.keep_steps, self.best["step"])
         acc.wait_for_everyone()
         return final
+
+    def save_trainer_state(self, path: Path) -> None:
+        """Every rank writes its part of the trainer state into `path`; returns when all ranks have."""
+        self.accelerator.save_state(str(path))
+        self.accelerator.wait_for_everyone()
 
     def _update_best(self, step: int, metrics: dict[str, float]) -> bool:
         key, mode = self.best_metric, self.best_mode
