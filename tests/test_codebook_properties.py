@@ -452,3 +452,19 @@ def test_two_ranks_fail_without_the_reduction_across_ranks(monkeypatch):
     for kind in ("dense", "numpy"):
         with pytest.raises(AssertionError, match="rank 0 of 2 vs one process"):
             check_two_ranks({"sem": (16, 1)}, digits, 2, [{"sem": s["sem"]} for s in sequence], None, cuts, kind)
+
+
+def test_two_ranks_fail_without_the_sparse_gather(monkeypatch):
+    """Control of `sparse_window_gather` (tests/mechanisms.py), the step metrics handing the window this rank's keys
+    without the collective: rank 0 logs its own half of the global batch. The launched 2-process codec run of
+    tests/test_large_codebook.py relies on the same mechanism; this is its negative control, without a launch."""
+    import mechanisms
+
+    g = np.random.default_rng(1)
+    layout, digits = {"spk": (2**13, 1)}, {}
+    sequence = [{"spk": (g.integers(0, 2**13, (4, 1)), None)} for _ in range(2)]
+    cuts = [{"spk": 2}] * 2
+    check_two_ranks(layout, digits, 2, sequence, None, cuts, "numpy")
+    mechanisms.disable("sparse_window_gather", monkeypatch)
+    with pytest.raises(AssertionError, match="rank 0 of 2 vs one process"):
+        check_two_ranks(layout, digits, 2, sequence, None, cuts, "numpy")

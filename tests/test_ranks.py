@@ -1,6 +1,12 @@
 """`siren.ranks.Ranks`, the one rank helper of the trainer's StageContext, the caches and verify: shares that are
 disjoint, cover everything and keep their order; gather in rank order; `agree` turning a failure on any rank into an
-error on every rank; and a result that does not depend on the number of processes (two real gloo processes here)."""
+error on every rank; and a result that does not depend on the number of processes (two real gloo processes here).
+
+These are the negative controls of the two `Ranks` mechanisms the launched tests rely on: the split (`verify_split`,
+for verify's 2-process report in test_verify) and the failure vote (`frozen_check_all_ranks`, for a frozen weight moved
+on one rank in test_scale). Switched off, the tests here fail; the launches then need no control launch of their own,
+and their own positive checks (each rank judged its share; rank 0 logged the other rank's failure) fail without them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import mechanisms
 import numpy as np
 import pytest
 import torch
@@ -20,7 +27,7 @@ from siren.train.context import StageContext
 def test_shares_are_disjoint_covering_and_ordered(world):
     items = [f"u{i}" for i in range(11)]
     shares = [Ranks(r, world).shard(items) for r in range(world)]
-    assert sorted(x for s in shares for x in s) == sorted(items)  # covering, nothing twice
+    assert sorted(x for s in shares for x in s) == sorted(items), f"the shares overlap or miss items: {shares}"
     assert sum(len(s) for s in shares) == len(items)
     for r, s in enumerate(shares):
         assert s == items[r::world] and s == sorted(s, key=items.index)  # every world-th, in order
@@ -75,6 +82,10 @@ def _reduce(ranks: Ranks) -> float:
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
+    import os
+
+    if os.environ.get(mechanisms.ENV):  # a negative control: the mechanism is off in the spawned ranks too
+        mechanisms.disable(os.environ[mechanisms.ENV])
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/group", rank=rank, world_size=world)
     ranks = Ranks(rank, world, torch.distributed.barrier)
     out = {"sum": _reduce(ranks), "gathered": ranks.agree(lambda: rank * 10, gather=True)}
@@ -100,6 +111,18 @@ def test_two_processes_agree_and_reduce_as_one(tmp_path):
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert out[0]["sum"] == out[1]["sum"] == _reduce(Ranks())  # bit-identical to the one-process result
     assert out[0]["gathered"] == out[1]["gathered"] == [0, 10]  # rank order, on every rank
-    assert out[0]["which_failed"] == out[1]["which_failed"] == [[], [1], [0, 1]]  # every rank hears of every failure
+    heard = [o["which_failed"] for o in out]
+    assert heard == [[[], [1], [0, 1]]] * 2, f"a rank did not hear of the other's failure: {heard}"
     assert out[1]["agree"] == "RuntimeError: injected on rank 1"  # the failed rank raises its own error
     assert out[0]["agree"] == "PeerFailed: the job failed elsewhere (rank 1: RuntimeError: injected on rank 1)"
+
+
+CONTROLS = [
+    ("test_shares_are_disjoint_covering_and_ordered", "verify_split", r"the shares overlap or miss items"),
+    ("test_two_processes_agree_and_reduce_as_one", "frozen_check_all_ranks", r"did not hear of the other's failure"),
+]
+
+
+@pytest.mark.parametrize("test_name, mechanism, failure", CONTROLS, ids=[m for _, m, _ in CONTROLS])
+def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
+    mechanisms.assert_fails_without(globals()[test_name], mechanism, failure, request, monkeypatch, {"world": 2})
