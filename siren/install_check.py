@@ -4,10 +4,11 @@
 
 - every package pinned in the lock (for this interpreter and platform) is installed at exactly the pinned version, and
 - every compiled library the project uses loads and does one small piece of real work: torch, torchaudio's
-  extension, soundfile's libsndfile, constriction, onnxruntime and the other extensions of the `eval` extra.
+  extension, soundfile's libsndfile, constriction, onnxruntime and the other extensions of the `eval` extra, and
+  numba compiles librosa's kernels into their cache (so the first verify or eval does not).
 
 Otherwise it prints one line per problem, naming the package and its installed version, and exits 1. It takes a few
-seconds, so a broken wheel (a torchaudio built against another torch, say) stops `make install` instead of the test
+seconds (about 20 the first time, while numba compiles), so a broken wheel (a torchaudio built against another torch, say) stops `make install` instead of the test
 collection minutes later. It imports nothing of SIREN beyond this module.
 """
 
@@ -119,6 +120,20 @@ def _onnxruntime() -> None:
         raise RuntimeError(f"onnxruntime offers no CPU provider: {onnxruntime.get_available_providers()}")
 
 
+def _librosa() -> None:
+    """numba compiles librosa's kernels on first use and caches them in the venv: done here, the first `siren verify`
+    or `siren eval` does not pay it (~15 s of CPU on a 2-core machine). The calls are those of the scorers' mel
+    spectrograms (DNSMOS, resemblyzer)."""
+    import librosa
+    import numpy as np
+
+    y = (0.1 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    mel = librosa.feature.melspectrogram(y=y, sr=16000, n_fft=321, hop_length=160, n_mels=120)
+    db = librosa.power_to_db(mel, ref=np.max)
+    if db.shape[0] != 120 or not np.isfinite(db).all():
+        raise RuntimeError(f"librosa {librosa.__version__}: melspectrogram gave shape {db.shape}, or non-finite values")
+
+
 def _import(module: str) -> Callable[[], None]:
     def load() -> None:
         __import__(module)
@@ -138,6 +153,7 @@ CHECKS: list[tuple[str, str, Callable[[], None]]] = [
     ("pesq (eval)", "pesq", _import("pesq")),
     ("webrtcvad (eval)", "webrtcvad", _import("webrtcvad")),
     ("pocketsphinx (eval)", "pocketsphinx", _import("pocketsphinx")),
+    ("librosa / numba (eval)", "librosa", _librosa),
 ]
 
 
