@@ -162,6 +162,57 @@ def test_a_step_is_committed_only_with_every_rank_state_in_it(two_process_run, s
     assert not list((run / "checkpoints").glob(".tmp-*")), "a rank wrote into a temporary directory after the commit"
 
 
+def _hook_on_threads(run: Path, world: int = 2) -> None:
+    """`CheckpointHook` writing step 1 on `world` threads, each holding a stand-in for its rank's accelerator:
+    `save_state` writes the rank's RNG file into the directory and returns without a barrier, as accelerate's does.
+    Rank 1 writes only once rank 0 has either committed the step or stopped at a barrier, so without the hook's own
+    barrier after `save_state` its file lands after the commit. No launch: the control of the 2-process test above."""
+    import threading
+
+    from siren.checkpoints import layout as ckpt
+    from siren.checkpoints.meta import CheckpointMeta
+    from siren.train.checkpoint_hook import CheckpointHook
+
+    barrier = threading.Barrier(world, timeout=30)
+    committed = ckpt.step_dir(run, 1)
+
+    class Accelerator:
+        def __init__(self, rank: int):
+            self.rank, self.is_main_process = rank, rank == 0
+
+        def wait_for_everyone(self):
+            barrier.wait()
+
+        def save_state(self, path: str):
+            if self.rank == 1:
+                deadline = time.monotonic() + 20
+                while not committed.exists() and barrier.n_waiting == 0 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            Path(path).mkdir(parents=True, exist_ok=True)
+            torch.save({"rank": self.rank}, Path(path) / f"random_states_{self.rank}.pkl")
+
+    def rank(r: int) -> None:
+        hook = CheckpointHook(
+            run, Accelerator(r), None, {"decoder": torch.nn.Linear(2, 2)}, keep_last=2, keep_steps=[],
+            best_metric="train/loss", best_mode="min", best=None, window_state=lambda: None, samples=None,
+            share=None, meta=lambda step, metrics: CheckpointMeta(step=step, stage="vocoder", config={}, fingerprints={}),
+        )  # fmt: skip
+        hook(1, {}, consider_best=False, frozen_checked=True)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def test_a_step_is_committed_after_every_rank_has_written_in_one_process(tmp_path):
+    _hook_on_threads(tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_1" / "trainer").iterdir())
+    assert names == ["random_states_0.pkl", "random_states_1.pkl"], f"step_1 was committed holding {names}"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "rank 1 wrote after the commit"
+
+
 # --------------------------------------------------------------------------------------------- 2. per-rank streams
 def test_each_rank_draws_its_own_stream_and_a_step_redraws_the_same(corpus_dir, teacher_dir, tmp_path):
     tr = Trainer(stage_config("codec", corpus_dir, teacher_dir, tmp_path / "run", **{"train.max_steps": 2}))
@@ -520,9 +571,9 @@ CONTROLS = [
         r"2-process LR schedule differs",
     ),
     (
-        "test_a_step_is_committed_only_with_every_rank_state_in_it",
+        "test_a_step_is_committed_after_every_rank_has_written_in_one_process",
         "state_saved_before_commit",
-        r"without rank 1's trainer state",
+        r"step_1 was committed holding \['random_states_0.pkl'\]",
     ),
     ("test_each_rank_draws_its_own_stream_and_a_step_redraws_the_same", "per_rank_streams", r"rank 1 drew the same"),
     ("test_bf16_makes_the_same_codes_as_fp32", "fp32_islands", r"differ under bf16"),
@@ -550,6 +601,9 @@ _NOT_CONTROLLED = {
     # two gloo processes, which then fail. Without it, rank 0 never logs the other rank's failure, which this test
     # asserts, so a control launch would add nothing but its ~12 s of CPU.
     "test_a_frozen_weight_moved_on_one_rank_stops_every_rank",
+    # Its mechanism (`state_saved_before_commit`) is switched off in the same hook on two threads, which then fails
+    # (`test_a_step_is_committed_after_every_rank_has_written_in_one_process`); the launch checks rank 1's state is in.
+    "test_a_step_is_committed_only_with_every_rank_state_in_it",
 }
 
 
