@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -522,8 +523,7 @@ def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teach
 # ---------------------------------------------------------------------------------------------------- 8. hangs
 def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env, hang_s: int = 20):
     """Rank 1 sleeps `hang_s` seconds in step 3 (train.hang_timeout_s=6): its watchdog reports the hang with its
-    stacks long before the sleep ends. The control (no watchdog) passes a shorter sleep, still past the timeout: the
-    run then outlives it and finishes, which is the failure the control must see."""
+    stacks long before the sleep ends."""
     env = with_fault(subprocess_env, f"rank_sleep:1:3:{hang_s}")
     run = tmp_path / "run"
     ov = {"train.max_steps": 6, "train.hang_timeout_s": 6, "samples.enabled": "false"}
@@ -537,6 +537,32 @@ def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_pa
     assert report.is_file() and "next_or_hang" in report.read_text()
     assert time.time() - t0 < 40 + 60, "the hang was waited out, not reported"
     assert str(HANG_EXIT_CODE) in out
+
+
+WATCHED = """
+import sys, time
+from siren.train.supervision import Watchdog
+
+def stuck_in_a_collective():
+    time.sleep(5)
+
+with Watchdog(0.5, rank=1, run_dir=sys.argv[1], poll_s=0.05) as dog:
+    dog.arm("step 3")
+    stuck_in_a_collective()
+"""
+
+
+def test_the_watchdog_ends_a_stuck_process_with_its_stacks(tmp_path, subprocess_env):
+    """The watchdog on its own, in a small process that imports no torch: an armed phase that overruns its timeout ends
+    the process with HANG_EXIT_CODE, its stacks on stderr and in the run's logs, before the phase ends (the phase
+    ending first leaves the watchdog nothing to report: exit 0). It is the negative control of the watchdog (`hang_watchdog`) the launched test above relies on."""
+    r = subprocess.run(
+        [sys.executable, "-c", WATCHED, str(tmp_path)], env=subprocess_env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == HANG_EXIT_CODE, f"exit {r.returncode}: the stuck process was not ended\n{r.stderr[-2000:]}"
+    assert "rank 1: step 3 did not finish within train.hang_timeout_s=0.5 s" in r.stderr
+    assert "stuck_in_a_collective" in r.stderr
+    assert "stuck_in_a_collective" in (tmp_path / "logs" / "hang-rank1-step3.txt").read_text()
 
 
 # -------------------------------------------------------------------------------- frozen/ok agreed by every rank
@@ -584,7 +610,7 @@ CONTROLS = [
     ),
     ("test_grad_accum_metrics_cover_every_micro_batch", "micro_batch_metrics", r"codebook counts differ"),
     ("test_sigterm_checkpoints_the_current_step_and_resumes_bitwise", "preemption_signals", r"assert -15 == 75"),
-    ("test_a_hung_rank_is_reported_with_its_stacks", "hang_watchdog", r"the run finished although rank 1 hung"),
+    ("test_the_watchdog_ends_a_stuck_process_with_its_stacks", "hang_watchdog", r"the stuck process was not ended"),
     (
         "test_slurm_script_forwards_usr1_to_every_rank_and_requeues",
         "preemption_signals",
@@ -604,6 +630,9 @@ _NOT_CONTROLLED = {
     # Its mechanism (`state_saved_before_commit`) is switched off in the same hook on two threads, which then fails
     # (`test_a_step_is_committed_after_every_rank_has_written_in_one_process`); the launch checks rank 1's state is in.
     "test_a_step_is_committed_only_with_every_rank_state_in_it",
+    # Its mechanism (`hang_watchdog`) is switched off in the watchdog's own small process, which then fails; without
+    # it no launch prints rank 1's stacks or writes the hang report this test reads.
+    "test_a_hung_rank_is_reported_with_its_stacks",
 }
 
 
@@ -614,8 +643,5 @@ def test_every_scale_test_has_a_control():
 
 @pytest.mark.parametrize("test_name, mechanism, failure", CONTROLS, ids=[f"{m}" for _, m, _ in CONTROLS])
 def test_fails_with_mechanism_disabled(test_name, mechanism, failure, request, monkeypatch):
-    # procs=1: the one-process SIGTERM test; hang_s=8: a hang still past train.hang_timeout_s=6 that, without the
-    # watchdog, the run outlives 12 s sooner than the test's 20 s one.
-    mechanisms.assert_fails_without(
-        globals()[test_name], mechanism, failure, request, monkeypatch, {"procs": 1, "hang_s": 8}
-    )
+    # procs=1: the one-process SIGTERM test (only the signalled run needs its own process).
+    mechanisms.assert_fails_without(globals()[test_name], mechanism, failure, request, monkeypatch, {"procs": 1})
