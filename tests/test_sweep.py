@@ -253,15 +253,16 @@ def _wandb_summary(run_dir: Path) -> dict:
 
 def test_ddp_sweep_runs_trials_of_two_processes(corpus_dir, teacher_dir, tmp_path):
     """The shipped data-parallel sweep's command (accelerate launch, 2 CPU processes) runs an offline trial on the tiny
-    codec stage: it ran with world size 2, and its ranked value is the summary W&B holds for it. One trial: ranking
-    several is `test_offline_sweep_runs_trials_and_ranks_them`'s; what is tested here is the launch."""
+    vocoder stage (the one stage without HuBERT: ~3 s less start-up per rank): it ran with world size 2, and its
+    ranked value is the summary W&B holds for it. One trial: ranking several is
+    `test_offline_sweep_runs_trials_and_ranks_them`'s; what is tested here is the launch."""
     from helpers import free_port, stage_overrides
 
     shipped = yaml.safe_load(ADAPT_LR_DDP.read_text())
     command = list(shipped["command"])
     at = command.index("--config_file")
     assert command[at - 1] == "accelerate.commands.launch" and command[at + 1] == "launch/accelerate/cpu_ddp.yaml"
-    # The demo's adapt needs a trained baseline: the same launch on the tiny codec stage, paths made absolute.
+    # The demo's adapt needs a trained baseline: the same launch on the tiny vocoder stage, paths made absolute.
     command = [str(REPO / c) if c.startswith(("launch/", "configs/")) else c for c in command]
     command[command.index(str(REPO / "configs/demo/adapt.yaml"))] = str(REPO / "configs/demo/base.yaml")
     command[at + 2 : at + 2] = ["--main_process_port", str(free_port())]
@@ -276,7 +277,7 @@ def test_ddp_sweep_runs_trials_of_two_processes(corpus_dir, teacher_dir, tmp_pat
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(sweep))
     ov = {"train.max_steps": 2, "train.checkpoint_every": 2, "samples.enabled": "false", "train.batch_size": 2}
-    extra = stage_overrides("codec", corpus_dir, teacher_dir, tmp_path / "unused", **ov)
+    extra = stage_overrides("vocoder", corpus_dir, teacher_dir, tmp_path / "unused", **ov)
     ranked = run_sweep(path, 1, online=False, runs_root=tmp_path / "runs", extra_overrides=extra)
     assert [t["error"] for t in ranked] == [None], ranked
     assert [t["params"] for t in ranked] == [{"optim.lr": 1.0e-3}], ranked  # the grid's first point
