@@ -287,7 +287,7 @@ def _rank_sleep(arg: str) -> None:
 
 def _late_rank_state(arg: str) -> None:
     """`late_rank_state:R`: rank R starts writing its trainer state only once rank 0 has committed the step, or after
-    2 s (the step is committed only after every rank's state is written, so with that order kept it waits the 2 s)."""
+    1 s (the step is committed only after every rank's state is written, so with that order kept it waits the 1 s)."""
     import os
     import time
 
@@ -299,7 +299,7 @@ def _late_rank_state(arg: str) -> None:
         if int(os.environ.get("RANK", "0")) == int(arg):
             tmp = Path(output_dir).parent  # checkpoints/.tmp-step_N
             committed = tmp.with_name(tmp.name.removeprefix(".tmp-"))
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + 1.0
             while not committed.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
         return real(self, output_dir, **kwargs)

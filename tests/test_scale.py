@@ -153,7 +153,7 @@ def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
 
 def test_a_step_is_committed_only_with_every_rank_state_in_it(two_process_run, subprocess_env):
     """accelerate's `save_state` returns on rank 0 while rank 1 may still be writing its part. In the shared 2-process
-    run rank 1 writes late at each checkpoint (until rank 0 commits the step, or 2 s): each committed step holds both
+    run rank 1 writes late at each checkpoint (until rank 0 commits the step, or 1 s): each committed step holds both
     ranks' states, and no temporary directory is left. (Committed under rank 1, its write crashed the run.)"""
     run = two_process_run(subprocess_env)
     for step in (EVERY, LAST):
