@@ -8,8 +8,8 @@
   numba compiles librosa's kernels into their cache (so the first verify or eval does not).
 
 Otherwise it prints one line per problem, naming the package and its installed version, and exits 1. It takes a few
-seconds (about 20 the first time, while numba compiles), so a broken wheel (a torchaudio built against another torch, say) stops `make install` instead of the test
-collection minutes later. It imports nothing of SIREN beyond this module.
+seconds (about 20 the first time, while numba compiles), so a broken wheel (a torchaudio built against another torch,
+say) stops `make install` instead of the test collection minutes later. It imports nothing of SIREN beyond this module.
 """
 
 from __future__ import annotations
