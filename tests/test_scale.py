@@ -28,10 +28,10 @@ from siren.train.trainer import Trainer
 
 # The trainer's own mechanisms (the LR schedule, preemption, the hang watchdog) are tested on the vocoder stage: it
 # builds no HuBERT, so a launched process starts ~2 s sooner. The codec stage is killed and resumed bitwise in
-# tests/test_trainer.py, and the frozen check below needs the codec's frozen decoder. (Two loaded 2-process runs on
-# the vocoder once lost rank 1 with exit 1 while W&B ran offline in them; none of the 26 loaded runs of the 2-process
-# SIGTERM test since, with W&B off as here, did. A failed launch's message carries the first traceback of its output,
-# `_why`, so a rank's own error is kept.)
+# tests/test_trainer.py, and the frozen check below needs the codec's frozen decoder. (Loaded 2-process runs on the
+# vocoder once lost rank 1 with exit 1: rank 0 committed a checkpoint while rank 1 was still writing its trainer
+# state into it. The checkpoint hook now waits for every rank; see the commit test below. A failed launch's message
+# carries the first traceback of its output, `_why`, so a rank's own error is kept.)
 TRAINER_STAGE = "vocoder"
 
 LR = {
@@ -521,10 +521,10 @@ def test_slurm_script_forwards_usr1_to_every_rank_and_requeues(corpus_dir, teach
 
 
 # ---------------------------------------------------------------------------------------------------- 8. hangs
-def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env, hang_s: int = 20):
-    """Rank 1 sleeps `hang_s` seconds in step 3 (train.hang_timeout_s=6): its watchdog reports the hang with its
+def test_a_hung_rank_is_reported_with_its_stacks(corpus_dir, teacher_dir, tmp_path, subprocess_env):
+    """Rank 1 sleeps 20 seconds in step 3 (train.hang_timeout_s=6): its watchdog reports the hang with its
     stacks long before the sleep ends."""
-    env = with_fault(subprocess_env, f"rank_sleep:1:3:{hang_s}")
+    env = with_fault(subprocess_env, "rank_sleep:1:3:20")
     run = tmp_path / "run"
     ov = {"train.max_steps": 6, "train.hang_timeout_s": 6, "samples.enabled": "false"}
     t0 = time.time()
