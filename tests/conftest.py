@@ -60,7 +60,6 @@ LONGEST_FIRST = (
     "test_byoc_e2e.py",
     "test_errors.py",
     "test_bitstream_properties.py",
-    "test_global_batch.py",
     "test_ranks.py",
 )
 

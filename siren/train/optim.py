@@ -13,6 +13,26 @@ from collections.abc import Sequence
 import torch
 
 
+def make_accelerator(mixed_precision: str | None):
+    """The run's Accelerator. `step_scheduler_with_optimizer=False` is half of the schedule's guarantee above (the
+    other half is `Updater.apply` stepping the scheduler once); mixed_precision None: the launcher's setting
+    (accelerate config / ACCELERATE_MIXED_PRECISION) applies."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, launched CPU ranks do not join one gloo group
+        mixed_precision=mixed_precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, scheduler: str, warmup_steps: int, max_steps: int):
+    """The LR schedule as a LambdaLR over the global optimizer step (`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, scheduler, warmup_steps, max_steps))
+
+
 def lr_factor(step: int, scheduler: str, warmup_steps: int, max_steps: int) -> float:
     """Multiplier of the base LR for global optimizer step `step` (0-based): linear warmup, then constant or cosine."""
     total = max(1, max_steps)

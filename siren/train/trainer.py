@@ -42,7 +42,7 @@ from siren.train.checkpoint_hook import CheckpointHook
 from siren.train.context import StageContext
 from siren.train.evaluation import Evaluator
 from siren.train.frozen_guard import FrozenGuard
-from siren.train.optim import Updater, lr_factor
+from siren.train.optim import Updater, make_accelerator, make_scheduler
 from siren.train.progress import Progress
 from siren.train.registry import Registry, assert_optimizer_excludes_frozen
 from siren.train.samples import SamplesHook
@@ -127,20 +127,13 @@ class Trainer:
         init_components: list[str] | None = None,
         stage: Stage | None = None,
     ):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg, self.init_from, self.run_dir, self.fresh = cfg, init_from, Path(cfg.run_dir), fresh
         self.layout = RunDir(self.run_dir)
         t = cfg.train
-        # mixed_precision None: the launcher's setting (accelerate config / ACCELERATE_MIXED_PRECISION) applies.
         # The scheduler steps once per optimizer step, not once per process (see siren.train.optim).
-        self.accelerator = acc = Accelerator(
-            cpu=not torch.cuda.is_available(),  # without it, launched CPU ranks do not join one gloo group
-            mixed_precision=t.mixed_precision,
-            step_scheduler_with_optimizer=False,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-        )
+        self.accelerator = acc = make_accelerator(t.mixed_precision)
         self.is_main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.ranks = Ranks.of(acc)
         slow = reduced_precision_warning(acc.device.type, acc.mixed_precision)
@@ -195,9 +188,7 @@ class Trainer:
         impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "auto": {}}[cfg.optim.impl]
         optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas), **impl)
         o = cfg.optim
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, o.scheduler, o.warmup_steps, t.max_steps)
-        )
+        scheduler = make_scheduler(optimizer, o.scheduler, o.warmup_steps, t.max_steps)
         self.core, self.optimizer, self.scheduler = acc.prepare(core, optimizer, scheduler)
         assert_optimizer_excludes_frozen(self.optimizer, self.registry)
         self.frozen = {n: m for n, m in self.modules.items() if n not in self.plan.trainable_components}
