@@ -197,12 +197,12 @@ def _wandb_records(run_dir: Path) -> list[tuple[str, list[dict]]]:
     return sorted(out, key=lambda t: t[0])
 
 
-def synced_history(run_dir: Path) -> tuple[set[str], dict[int, dict]]:
-    """What W&B holds after `wandb sync` of all of a run's offline dirs: they are uploaded in start order to one run
-    id; a dir that starts with a rewind (`branch_point`) drops the history after that step; otherwise W&B ignores
-    re-logged steps that do not increase."""
+def synced_history(records: list[tuple[str, list[dict]]]) -> tuple[set[str], dict[int, dict]]:
+    """What W&B holds after `wandb sync` of all of a run's offline dirs (`records`, from `_wandb_records`): they are
+    uploaded in start order to one run id; a dir that starts with a rewind (`branch_point`) drops the history after
+    that step; otherwise W&B ignores re-logged steps that do not increase."""
     ids, history = set(), {}
-    for _, recs in _wandb_records(run_dir):
+    for _, recs in records:
         run = next(x["run"] for x in recs if x.get("type") == "run")
         ids.add(run["run_id"])
         bp = run.get("branch_point")
@@ -252,7 +252,8 @@ def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     Trainer(stage_config(STAGE, corpus_dir, teacher_dir, run, **ov)).fit()
     rows = {row["step"]: row for row in read_metrics(run / "metrics.jsonl")}
     assert sorted(rows) == list(range(1, 13))
-    ids, history = synced_history(run)
+    records = _wandb_records(run)
+    ids, history = synced_history(records)
     assert len(ids) == 1, f"the resumed run is not the same W&B run: {ids}"
     assert sorted(history) == sorted(rows), f"W&B steps {sorted(history)} ≠ metrics.jsonl steps {sorted(rows)}"
     for s, row in rows.items():
@@ -262,7 +263,7 @@ def test_killed_and_resumed_run_is_one_wandb_run_equal_to_metrics(
     # checkpoint artifacts: components + meta.json, no optimizer/trainer state by default
     entries = [
         e
-        for _, recs in _wandb_records(run)
+        for _, recs in records
         for x in recs
         if x.get("type") == "artifact"
         for e in x["artifact"]["manifest"]["contents"]
