@@ -159,6 +159,47 @@ def test_score_utterance_and_pool_count_failures_and_references():
     assert pool_quality([], ("stoi",)) == {}
 
 
+def test_audio_already_heard_is_not_decoded_again():
+    """A clip's transcript is cached by its audio, whichever side it is on: the coded audio of eval's `original` row
+    (the original itself) is not decoded a second time, and the score is the one a decode would give."""
+    heard = []
+
+    def transcribe(wav):
+        heard.append(len(wav))
+        return "a b c" if len(wav) == 100 else "a b d"
+
+    score = _wer_scorer(transcribe)
+    a, b = np.full(100, 0.1, np.float32), np.full(90, 0.1, np.float32)
+    assert score("u", a, a) == 0.0 and heard == [100], heard  # one decode for the original row
+    assert score("v", b, a) == pytest.approx(1 / 3) and heard == [100, 90], heard  # b is new, a was heard
+    assert score("w", a, b) == pytest.approx(1 / 3) and heard == [100, 90], heard  # both heard
+    assert score("x", b, a.copy()) == pytest.approx(1 / 3) and heard == [100, 90], heard  # the samples, not the array
+
+
+def test_audio_already_embedded_is_not_embedded_again(monkeypatch):
+    """The speaker embedding likewise: the original row's coded audio reuses the original's embedding."""
+    resemblyzer = pytest.importorskip("resemblyzer")
+    from siren.metrics.quality import _spk_sim_scorer
+
+    embedded = []
+
+    class Encoder:
+        def __init__(self, *a, **k):
+            pass
+
+        def embed_utterance(self, x):
+            embedded.append(len(x))
+            v = np.ones(4) if len(x) > 8000 else np.array([1.0, 1.0, 1.0, -1.0])
+            return v / np.linalg.norm(v)
+
+    monkeypatch.setattr(resemblyzer, "VoiceEncoder", Encoder)
+    monkeypatch.setattr(resemblyzer, "preprocess_wav", lambda wav, source_sr: wav)
+    score = _spk_sim_scorer()
+    tone = np.sin(np.arange(16000) / 5).astype(np.float32) * 0.3
+    assert score("u", tone, tone) == pytest.approx(1.0) and embedded == [16000]
+    assert score("v", tone[:4000], tone) == pytest.approx(0.5) and embedded == [16000, 4000]
+
+
 def test_import_loads_no_eval_library():
     code = (
         "import sys, siren.metrics.quality; "
