@@ -162,6 +162,16 @@ def launch_cmd(stage: str, corpus: Path, teacher: Path, run_dir: Path, **extra) 
     ]
 
 
+def rewind(run: Path, step: int) -> None:
+    """Make checkpoint `step` the run's newest, as if the run had been stopped there."""
+    import shutil
+
+    for p in (run / "checkpoints").glob("step_*"):
+        if int(p.name.removeprefix("step_")) > step:
+            shutil.rmtree(p)
+    (run / "checkpoints" / "latest").write_text(f"step_{step}\n")
+
+
 def reset_accelerate() -> None:
     """Forget the process-wide Accelerate state, so the next Trainer in this process may use another precision."""
     from accelerate.state import AcceleratorState, GradientState

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, isolated_tracking, stage_config, train_cmd, with_fault
+from helpers import ROOT, isolated_tracking, rewind, stage_config, train_cmd, with_fault
 from safetensors.torch import load_file
 
 from siren.data.manifest import read_manifest, write_manifest
@@ -138,10 +138,7 @@ def test_a_resume_restores_the_whole_trainer_state(reference_run, corpus_dir, te
 
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
-    for p in (run / "checkpoints").glob("step_*"):
-        if int(p.name.removeprefix("step_")) > 32:
-            shutil.rmtree(p)
-    (run / "checkpoints" / "latest").write_text("step_32\n")
+    rewind(run, 32)
     with isolated_tracking(tmp_path / "copy"):  # a copy of the shared run: its artifact index is not the original's
         _resume_to_the_end(corpus_dir, teacher_dir, run)
     a, b = _weights(reference_run, 40), _weights(run, 40)

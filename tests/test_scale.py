@@ -18,7 +18,16 @@ from pathlib import Path
 import mechanisms
 import pytest
 import torch
-from helpers import ROOT, isolated_tracking, launch_cmd, reset_accelerate, stage_config, train_cmd, with_fault
+from helpers import (
+    ROOT,
+    isolated_tracking,
+    launch_cmd,
+    reset_accelerate,
+    rewind,
+    stage_config,
+    train_cmd,
+    with_fault,
+)
 from safetensors.torch import load_file
 
 from siren.train.progress import parse_status
@@ -84,14 +93,6 @@ def _latest(run: Path) -> int:
     return int(f.read_text().strip().removeprefix("step_")) if f.is_file() else 0
 
 
-def _rewind(run: Path, step: int) -> None:
-    """Make `step` the run's newest checkpoint, as if it had been stopped there."""
-    for p in (run / "checkpoints").glob("step_*"):
-        if int(p.name.removeprefix("step_")) > step:
-            shutil.rmtree(p)
-    (run / "checkpoints" / "latest").write_text(f"step_{step}\n")
-
-
 # ----------------------------------------------------------------------------------------------- 1. the LR schedule
 @pytest.fixture(scope="module")
 def lr_one_process(corpus_dir, teacher_dir, tmp_path_factory) -> Path:
@@ -142,7 +143,7 @@ def test_lr_follows_the_global_step_on_two_processes_and_across_a_resume(
     assert one[LAST]["train/lr/default"] > 0  # cosine reaches 0 only after the last step
 
     # Resume the 2-process run from its first checkpoint with ONE process: the schedule continues from the global step.
-    _rewind(ddp, EVERY)
+    rewind(ddp, EVERY)
     reset_accelerate()
     with isolated_tracking(tmp_path / "copy"):  # a copy of the shared run: its artifact index is not the original's
         Trainer(stage_config(TRAINER_STAGE, corpus_dir, teacher_dir, ddp, **LR, **GLOBAL)).fit()
