@@ -217,6 +217,26 @@ def test_persistent_workers_follow_the_epoch_without_a_new_loader(utts):
     assert ds.epoch == 0 and len({tuple(b["offsets"].tolist()) for b in got}) > 1
 
 
+def test_more_workers_than_cpus_are_capped_and_give_the_same_batches(utts, monkeypatch, caplog):
+    """A recipe's `data.num_workers: 8` on a 2-CPU machine starts 2 loader processes, says so, and the batches are
+    those of loading in the training process."""
+    import os
+
+    from siren.train.batches import BatchStream
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    ds = AudioDataset(utts, SR, segment_samples=SR // 2, min_samples=100, seed=1)
+    with caplog.at_level(logging.INFO, logger="siren"):
+        many = BatchStream(ds, _Batches(), grad_accum=1, num_workers=8)
+    assert many.loader.num_workers == 2
+    assert "data.num_workers=8 capped at 2" in caplog.text
+    assert BatchStream(ds, _Batches(), grad_accum=1, num_workers=1).loader.num_workers == 1  # within the CPUs: as asked
+    inline = BatchStream(ds, _Batches(), grad_accum=1, num_workers=0)
+    for step in range(3):
+        a, b = many.next(step, 0), inline.next(step, 0)
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["index"], b["index"])
+
+
 # ------------------------------------------------------------------------------ failures: distinct, remembered, shared
 def _with_bad(tmp_path, utts) -> tuple[list[Utterance], set[str]]:
     """utts with bad rows between them (missing, corrupt, NaN), each claiming a usable duration."""

@@ -7,6 +7,7 @@ micro-batch index `step × grad_accum + k` alone says where in which epoch a bat
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -61,6 +62,20 @@ class ShardedBatches:
         return out
 
 
+def usable_workers(asked: int) -> int:
+    """`data.num_workers`, capped at the CPUs this process may run on: more loader processes than CPUs only compete
+    with the training process for them (a recipe written for a GPU node, run on a laptop). Which batch a step gets never
+    depends on the number of workers."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this platform
+        cpus = os.cpu_count() or 1
+    if asked > cpus:
+        log.info("data.num_workers=%d capped at %d: this process may use %d CPU(s)", asked, cpus, cpus)
+        return cpus
+    return asked
+
+
 class BatchStream:
     """`next(step, k)` → the collated micro-batch k of optimizer step `step` (0-based), host tensors.
 
@@ -73,6 +88,7 @@ class BatchStream:
 
         self.batches, self.grad_accum = batches, grad_accum
         self.sampler = EpochBatchSampler(batches)
+        num_workers = usable_workers(num_workers)
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=self.sampler,
