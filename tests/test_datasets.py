@@ -354,13 +354,12 @@ def _two_rank_worker(rank: int, port: int, rows: list, bad_rows: list, out_dir: 
 def test_two_ranks_with_workers_count_distinct_files(tmp_path, utts):
     import json
 
-    import torch.multiprocessing as mp
-    from helpers import free_port
+    from helpers import fork_ranks, free_port
 
     rows, bad = _with_bad(tmp_path, utts)
     bad_rows = [i for i, u in enumerate(rows) if u.path in bad]
     args = (free_port(), rows, bad_rows, str(tmp_path))
-    mp.start_processes(_two_rank_worker, args=args, nprocs=2, join=True, start_method="fork")
+    fork_ranks(_two_rank_worker, 2, *args)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0 == r1  # the same count at every step and the same rows on both ranks
     assert r0["rows"] == bad_rows and r0["counts"][-1] == len(bad_rows)  # distinct files, not attempts or ranks

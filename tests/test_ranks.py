@@ -18,6 +18,7 @@ import mechanisms
 import numpy as np
 import pytest
 import torch
+from helpers import fork_ranks
 
 from siren.ranks import PeerFailed, Ranks
 from siren.train.context import StageContext
@@ -82,10 +83,8 @@ def _reduce(ranks: Ranks) -> float:
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    import os
 
-    if os.environ.get(mechanisms.ENV):  # a negative control: the mechanism is off in the spawned ranks too
-        mechanisms.disable(os.environ[mechanisms.ENV])
+    # Forked from the test process: in a negative control, the mechanism it switched off is off in this rank too.
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/group", rank=rank, world_size=world)
     ranks = Ranks(rank, world, torch.distributed.barrier)
     out = {"sum": _reduce(ranks), "gathered": ranks.agree(lambda: rank * 10, gather=True)}
@@ -107,7 +106,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 
 def test_two_processes_agree_and_reduce_as_one(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_worker, 2, 2, str(tmp_path))
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert out[0]["sum"] == out[1]["sum"] == _reduce(Ranks())  # bit-identical to the one-process result
     assert out[0]["gathered"] == out[1]["gathered"] == [0, 10]  # rank order, on every rank

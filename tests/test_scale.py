@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import (
     ROOT,
+    fork_ranks,
     isolated_tracking,
     launch_cmd,
     reset_accelerate,
@@ -156,7 +157,7 @@ SCHEDULE_STEPS = 8
 
 
 def _schedule_rank(rank: int, world: int, tmp: str) -> None:
-    """One of two spawned gloo ranks stepping a one-weight model through the trainer's own accelerator, scheduler and
+    """One of two forked gloo ranks stepping a one-weight model through the trainer's own accelerator, scheduler and
     updater (siren.train.optim); writes the LR after each optimizer step."""
     os.environ.update(
         RANK=str(rank),
@@ -167,10 +168,10 @@ def _schedule_rank(rank: int, world: int, tmp: str) -> None:
         OMP_NUM_THREADS="1",
         CUDA_VISIBLE_DEVICES="",  # CPU ranks, as Accelerate's gloo launch makes them
     )
-    if os.environ.get(mechanisms.ENV):  # a negative control: the mechanism is off in the spawned ranks too
-        mechanisms.disable(os.environ[mechanisms.ENV])
+    # Forked from the test process: in a negative control, the mechanism it switched off is off in this rank too.
     from siren.train.optim import Updater, make_accelerator, make_scheduler
 
+    reset_accelerate()  # forked from a test process that may have made a 1-process Accelerator: not this rank's state
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/group", rank=rank, world_size=world)
     acc = make_accelerator(None)
     model = torch.nn.Linear(1, 1)
@@ -188,12 +189,12 @@ def _schedule_rank(rank: int, world: int, tmp: str) -> None:
 
 
 def test_the_scheduler_steps_once_per_optimizer_step_on_two_ranks(tmp_path):
-    """The mechanism under the launched LR test above, on two spawned gloo ranks: after optimizer step k the LR is the
+    """The mechanism under the launched LR test above, on two forked gloo ranks: after optimizer step k the LR is the
     schedule's value at global step k on every rank (Accelerate's default steps a prepared scheduler once per process,
     which on 2 ranks reaches the end of warmup at step 2)."""
     from siren.train.optim import lr_factor
 
-    torch.multiprocessing.spawn(_schedule_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_schedule_rank, 2, 2, str(tmp_path))
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     want = [1e-3 * lr_factor(k, "cosine", 4, SCHEDULE_STEPS) for k in range(1, SCHEDULE_STEPS + 1)]
     assert got[0] == got[1], "the ranks disagree on the LR"
@@ -711,7 +712,7 @@ _NOT_CONTROLLED = {
     "test_evaluation_is_split_across_ranks_and_equals_one_process",  # checks the split itself (disjoint, covering)
     "test_status_lines_off_a_terminal",  # an output format, not a mechanism that can be switched off
     # Launched tests whose mechanism is switched off in a cheaper test of its own, which then fails: the LR schedule
-    # (`lr_per_global_step`) on two spawned ranks, the preemption handlers (`preemption_signals`) in a small process.
+    # (`lr_per_global_step`) on two forked ranks, the preemption handlers (`preemption_signals`) in a small process.
     # Without them these fail too (measured: the 2-process LR schedule differs; the signalled process dies at once,
     # exit -15; the SLURM run leaves no checkpoint at the step it was on), but each such launch costs 4-12 s of CPU.
     "test_lr_follows_the_global_step_on_two_processes_and_across_a_resume",
