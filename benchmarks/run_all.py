@@ -14,6 +14,8 @@ Figures (goal in brackets):
   8. throughput card (bench_throughput.py): adapt at real sizes (HuBERT-base-sized teacher, ultra200bps) — audio
      seconds trained per second, trainer ÷ bare loop, the teacher's share of a step, teacher_targets full ÷ crop and
      full's one-off cache
+  9. a checkpoint's mel images (bench_samples.py): a process saving 8 of them with siren's writer ÷ with matplotlib
+     [< 1], CPU and wall
 """
 
 from __future__ import annotations
@@ -251,6 +253,10 @@ def main() -> int:
         from bench_throughput import run as throughput_rows
 
         throughput = throughput_rows(work / "throughput", corpus)
+        # A checkpoint's mel images, as whole processes: siren's writer ÷ the matplotlib one (bench_samples.py).
+        from bench_samples import run as samples_rows
+
+        samples = samples_rows(REPEATS, 8)
     rows = [
         (
             f"frozen/ok check every step ÷ step time ({frozen['frozen_tensors']} frozen tensors, "
@@ -319,6 +325,7 @@ def main() -> int:
     rows += [(k.split(" [")[0], v, k.split(" [")[1][:-1] if " [" in k else "—") for k, v in product.items()]
     rows += codebooks
     rows += throughput
+    rows += samples
     write_section(
         rows,
         None,
