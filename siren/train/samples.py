@@ -144,20 +144,26 @@ _STOPS = (
 MEL_RANGE = (-11.5, 2.0)  # log-mel values mapped to the two ends of the scale; outside it they are clipped
 
 
-def _palette() -> list[int]:
-    out = []
+MEL_IMAGE_MAX_WIDTH = 1200  # px: a longer mel is shrunk to it (an hour of frames would be a 500,000-px-wide image)
+
+
+def _palette() -> list[list[int]]:
+    """The colour scale as three 256-entry lookup tables (red, green, blue) for `Image.point`."""
+    out = [[], [], []]
     for i in range(256):
         x = i / 255 * (len(_STOPS) - 1)
         k = min(int(x), len(_STOPS) - 2)
         f = x - k
-        out += [round(a + (b - a) * f) for a, b in zip(_STOPS[k], _STOPS[k + 1], strict=True)]
+        for c in range(3):
+            out[c].append(round(_STOPS[k][c] + (_STOPS[k + 1][c] - _STOPS[k][c]) * f))
     return out
 
 
 def save_mel_png(path: Path, mel: torch.Tensor, title: str) -> None:
-    """A log-mel (n_mels, frames) as a PNG: low bins at the bottom, 3 px per frame and 2 px per bin, under a strip
-    that holds the title and the axes' units. Drawn with Pillow (a palette image), which costs a checkpoint a few
-    milliseconds where a plotting library's import and layout cost most of a short run's checkpoint time."""
+    """A log-mel (n_mels, frames) as a PNG: low bins at the bottom, 2 px per bin, 3 px per frame up to
+    `MEL_IMAGE_MAX_WIDTH` (a longer mel is averaged down to it), under a strip that holds the title and the axes'
+    units. Drawn with Pillow, which costs a checkpoint a few milliseconds where a plotting library's import and layout
+    cost most of a short run's checkpoint time."""
     from PIL import Image, ImageDraw, ImageFont
 
     lo, hi = MEL_RANGE
@@ -166,9 +172,10 @@ def save_mel_png(path: Path, mel: torch.Tensor, title: str) -> None:
         raise ValueError(f"save_mel_png: expected a non-empty (n_mels, frames) mel, got shape {tuple(m.shape)}")
     idx = ((m.nan_to_num(lo).clamp(lo, hi) - lo) / (hi - lo) * 255).round().to(torch.uint8).flip(0)
     bins, frames = idx.shape
-    img = Image.fromarray(idx.numpy(), mode="P")
-    img.putpalette(_palette())
-    img = img.resize((frames * 3, bins * 2), Image.Resampling.NEAREST).convert("RGB")
+    width = min(frames * 3, MEL_IMAGE_MAX_WIDTH)
+    shade = Image.fromarray(idx.numpy(), mode="L")
+    shade = shade.resize((width, bins * 2), Image.Resampling.NEAREST if width >= frames else Image.Resampling.BOX)
+    img = Image.merge("RGB", [shade.point(lut) for lut in _palette()])
     font = ImageFont.load_default()
     strip = 28
     page = Image.new("RGB", (max(img.width, 320), img.height + strip), "white")
