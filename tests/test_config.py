@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from siren.config.loader import ConfigError, load_config
 
@@ -88,3 +90,59 @@ def test_help_imports_no_heavy_library():
     assert r.returncode == 0 and "train" in r.stdout
     imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "wandb", "accelerate", "torchaudio"}, imported
+
+
+# ------------------------------------------------------------------------------------------------ value ranges
+def _bounded_keys() -> list[tuple[str, type, float, bool]]:
+    """(dotted key, number type, lower bound, strictly) of every schema field that declares a bound."""
+    import dataclasses
+    import typing
+
+    from siren.config.schema import SirenConfig
+
+    out = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif "low" in f.metadata:
+                num = float if float in (tp, *typing.get_args(tp)) else int
+                out.append((prefix + f.name, num, f.metadata["low"], f.metadata["strictly"]))
+
+    walk(SirenConfig, "")
+    return out
+
+
+BOUNDED = _bounded_keys()
+
+
+def test_counts_sizes_and_rates_declare_their_bounds():
+    keys = {k for k, *_ in BOUNDED}
+    assert {"train.batch_size", "train.max_steps", "data.num_workers", "optim.lr", "audio.hop_length"} <= keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.sampled_from(BOUNDED), below=st.integers(1, 10**6), above=st.integers(0, 10**6))
+def test_a_value_out_of_range_is_named_at_load_and_one_in_range_loads(tmp_path_factory, which, below, above):
+    """Any value under a field's bound (or at it, for a strict one) is a config error naming the key, the bound and
+    the value, before anything runs; any value from the bound up (above it, for a strict one) loads as given."""
+    key, num, low, strictly = which
+    base = tmp_path_factory.mktemp("bounds") / "c.yaml"
+    base.write_text("stage: codec\n")
+    bad = low - below if num is int else low - below / 1000
+    with pytest.raises(ConfigError) as e:
+        load_config(base, [f"{key}={bad}"])
+    assert f"`{key}` must be {'>' if strictly else '>='} {low}, got {bad!r}" in str(e.value)
+    if strictly:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(base, [f"{key}={num(low)}"])
+    good = low + above + (1 if strictly else 0) if num is int else low + above / 1000 + (0.5 if strictly else 0)
+    cfg = load_config(base, [f"{key}={good}"])
+    section, field = key.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+        node = getattr(node, part)
+    assert getattr(node, field) == good

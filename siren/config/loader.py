@@ -194,17 +194,27 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
+def _check_bound(f: dataclasses.Field, value: Any, key: str, problems: list[str]) -> None:
+    """The lower bound a schema field declares (`siren.config.schema.at_least`), on a converted number."""
+    if "low" not in f.metadata or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, strictly = f.metadata["low"], f.metadata["strictly"]
+    if value < low or (strictly and value == low) or value != value:  # NaN is never in range
+        problems.append(f"`{key}` must be {'>' if strictly else '>='} {low}, got {value!r}")
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(names)}"
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(fields)}"
             problems.append(f"unknown key `{prefix}{key}`{hint}")
             continue
         kwargs[key] = _convert(value, hints[key], prefix + key, problems)
+        _check_bound(fields[key], kwargs[key], prefix + key, problems)
     if problems:
         return None
     return cls(**kwargs)

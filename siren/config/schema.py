@@ -17,18 +17,25 @@ from siren.config.stages import STAGES
 StageName = Literal[STAGES]  # the stages of the registry (siren.config.stages)
 
 
+def at_least(default: Any, low: float, *, strictly: bool = False) -> Any:
+    """A numeric field whose values the loader checks against a lower bound: `>= low`, or `> low` when `strictly`
+    (a count of 0, a negative rate or size is a mistake to name at load, not an error deep inside a run). `None`, where
+    the field allows it, is not checked."""
+    return field(default=default, metadata={"low": low, "strictly": strictly})
+
+
 # ----------------------------------------------------------------------------------------------------------------- audio
 @dataclass
 class AudioConfig:
     """Signal front end shared by every component: 16 kHz mono, 80-bin log-mel at 50 frames/s (hop 320)."""
 
-    sample_rate: int = 16000
-    n_mels: int = 80
-    hop_length: int = 320
-    n_fft: int = 1024
-    win_length: int = 1024
-    f_min: float = 0.0
-    f_max: float = 8000.0
+    sample_rate: int = at_least(16000, 1)
+    n_mels: int = at_least(80, 1)
+    hop_length: int = at_least(320, 1)
+    n_fft: int = at_least(1024, 1)
+    win_length: int = at_least(1024, 1)
+    f_min: float = at_least(0.0, 0)
+    f_max: float = at_least(8000.0, 0, strictly=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ components
@@ -153,32 +160,32 @@ class VocoderConfig(ComponentSource):
 class DataConfig:
     train: str = ""
     val: str = ""
-    segment_seconds: float = 2.0
-    min_seconds: float = 0.5
+    segment_seconds: float = at_least(2.0, 0, strictly=True)
+    min_seconds: float = at_least(0.5, 0)
     # A file at another sample rate or with more than one channel: `resample_down` (higher rates resampled to
     # audio.sample_rate and mixed to mono, lower rates skipped and counted), `skip` (anything else skipped and counted,
     # like a corrupt file) or `convert` (every rate resampled, narrowband upsampled too).
     on_format_mismatch: Literal["resample_down", "skip", "convert"] = "resample_down"
-    num_workers: int = 0
+    num_workers: int = at_least(0, 0)
     # Root of the cache subsystem (`siren cache`): SSL features when set; adapt's teacher cache (default RUN/cache).
     feature_cache: str | None = None
-    cache_batch_seconds: float = 0.0  # padded seconds per forward when filling; 0 = one utterance (exact)
+    cache_batch_seconds: float = at_least(0.0, 0)  # padded seconds per forward when filling; 0 = one utterance (exact)
     cache_verify: bool = True  # check every shard's CRC-32 at start (each rank a share)
-    profile_utts: int = 256  # speaker-balanced reference subset of the baseline profile (adapt)
+    profile_utts: int = at_least(256, 1)  # speaker-balanced reference subset of the baseline profile (adapt)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 8  # utterances per micro-batch in EACH process (see global_batch_size)
-    grad_accum: int = 1
+    max_steps: int = at_least(1000, 0)
+    batch_size: int = at_least(8, 1)  # utterances per micro-batch in EACH process (see global_batch_size)
+    grad_accum: int = at_least(1, 1)
     # Utterances per optimizer step over all processes and micro-batches. Set, it decides the per-process batch
     # (global ÷ (processes × grad_accum), which must divide evenly) and results do not depend on the process count;
     # null: train.batch_size per process, so the global batch grows with the number of processes.
-    global_batch_size: int | None = None
-    log_every: int = 1
-    checkpoint_every: int = 500
-    keep_last: int = 3
+    global_batch_size: int | None = at_least(None, 1)
+    log_every: int = at_least(1, 1)
+    checkpoint_every: int = at_least(500, 1)
+    keep_last: int = at_least(3, 0)
     keep_steps: list[int] = field(default_factory=list)
     best_metric: str = "train/loss"
     best_mode: Literal["min", "max"] = "min"
@@ -186,13 +193,15 @@ class TrainConfig:
     # None: the launcher's setting applies (accelerate config / ACCELERATE_MIXED_PRECISION); set: it wins.
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     max_grad_norm: float = 1.0
-    max_bad_steps: int = 5
-    codebook_window: int = 50
-    min_free_mb: int = 200
-    status_every: int = 50  # off a terminal: one status line every N steps (rank 0)
+    max_bad_steps: int = at_least(5, 0)
+    codebook_window: int = at_least(50, 1)
+    min_free_mb: int = at_least(200, 0)
+    status_every: int = at_least(50, 1)  # off a terminal: one status line every N steps (rank 0)
     # frozen/ok: cheap on-device checksum of every frozen tensor every N steps (0: only the sha256 at checkpoints)
-    frozen_check_every: int = 1
-    hang_timeout_s: float | None = 1800.0  # a step or hook unfinished after this long dumps stacks and exits; null: off
+    frozen_check_every: int = at_least(1, 0)
+    hang_timeout_s: float | None = at_least(
+        1800.0, 0, strictly=True
+    )  # a step or hook unfinished after this long dumps stacks and exits; null: off
 
 
 @dataclass
@@ -203,11 +212,11 @@ class GroupConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.0
+    lr: float = at_least(3e-4, 0)
+    weight_decay: float = at_least(0.0, 0)
     betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
     scheduler: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = at_least(0, 0)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     # AdamW's implementation: `fused` (one kernel over all tensors, CPU and CUDA; ~4× faster than the per-tensor loop
     # on CPU), `foreach`, or `auto` (PyTorch's own choice: the per-tensor loop on CPU, foreach on CUDA).
@@ -256,15 +265,15 @@ class PipelineConfig:
 @dataclass
 class SamplesConfig:
     enabled: bool = True
-    num: int = 2
-    max_seconds: float = 4.0
+    num: int = at_least(2, 0)
+    max_seconds: float = at_least(4.0, 0, strictly=True)
     utterances: list[str] = field(default_factory=list)
 
 
 @dataclass
 class VerifyConfig:
     data: str | None = None
-    max_utts: int = 64  # speaker-balanced subset of the eval manifest
+    max_utts: int = at_least(64, 1)  # speaker-balanced subset of the eval manifest
     thresholds: dict[str, float] = field(default_factory=dict)
     real_clip: str | None = "/usr/share/codec2/raw/speech_orig_16k.wav"
 
