@@ -94,9 +94,26 @@ def load_sweep(path: str | os.PathLike[str]) -> dict[str, Any]:
             problems.append(f"parameter {key!r}: nested parameters are not supported, use dotted keys ({key}.<field>)")
         elif (problem := config_key_problem(key)) is not None:
             problems.append(f"parameter {key!r}: {problem}")
+        elif isinstance(spec, dict):
+            problems += [f"parameter {key!r}: {p}" for p in _out_of_range(key, spec)]
     if problems:
         raise SweepError(f"invalid sweep file {path}:\n" + "\n".join(f"  - {p}" for p in problems))
     return config
+
+
+# Distributions whose `min` is the lowest value a trial can get (W&B infers int_uniform / uniform from a bare min/max).
+_MIN_IS_LOWEST = {None, "int_uniform", "uniform", "q_uniform", "log_uniform_values", "q_log_uniform_values"}
+
+
+def _out_of_range(key: str, spec: Mapping[str, Any]) -> list[str]:
+    """The values a parameter can give that its config field refuses (`value`, each of `values`, the lowest of a
+    distribution): found when the sweep is read, not in a failed trial each."""
+    from siren.config.loader import bound_problem
+
+    candidates = [spec["value"]] if "value" in spec else list(spec.get("values") or [])
+    if "min" in spec and spec.get("distribution") in _MIN_IS_LOWEST:
+        candidates.append(spec["min"])
+    return [p for v in candidates if (p := bound_problem(key, v)) is not None]
 
 
 def swept_keys(config: Mapping[str, Any]) -> list[str]:

@@ -91,6 +91,33 @@ def test_unknown_config_key_suggests_the_closest(tmp_path):
     assert "optim.groups" not in str(err.value)  # dict sections accept any group name
 
 
+def test_values_a_config_field_refuses_are_named_when_the_sweep_is_read(tmp_path):
+    """A parameter whose value, one of whose values, or whose lowest value is out of its config field's range is
+    refused with the sweep file, before any trial (each would only fail at its own start)."""
+    bad = {
+        "optim.lr": {"distribution": "uniform", "min": -1.0e-3, "max": 1.0e-3},
+        "train.batch_size": {"values": [4, 0]},
+        "samples.max_seconds": {"value": 0.0},
+        "optim.warmup_steps": {"min": -2, "max": 4},
+    }
+    with pytest.raises(SweepError) as err:
+        load_sweep(write_sweep(tmp_path, parameters=bad))
+    text = str(err.value)
+    for key, why in [
+        ("optim.lr", "must be >= 0, got -0.001"),
+        ("train.batch_size", "must be >= 1, got 0"),
+        ("samples.max_seconds", "must be > 0, got 0.0"),
+        ("optim.warmup_steps", "must be >= 0, got -2"),
+    ]:
+        assert f"parameter {key!r}: `{key}` {why}" in text, text
+    # in range from its lowest value up: loads; a field without a bound is not checked
+    fine = {
+        "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "loss.mel": {"values": [-1.0]},
+    }
+    load_sweep(write_sweep(tmp_path, parameters=fine))
+
+
 def test_command_without_args_macro_is_rejected(tmp_path):
     path = write_sweep(tmp_path, command=["${interpreter}", "-m", "siren", "train", "${args}"])
     with pytest.raises(SweepError, match=r"args_no_hyphens"):

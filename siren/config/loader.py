@@ -203,6 +203,26 @@ def _check_bound(f: dataclasses.Field, value: Any, key: str, problems: list[str]
         problems.append(f"`{key}` must be {'>' if strictly else '>='} {low}, got {value!r}")
 
 
+def bound_problem(key: str, value: Any) -> str | None:
+    """Why `value` is out of the range the schema declares for dotted `key`, or None (in range, an unbounded field,
+    or not a schema key: other checks name those)."""
+
+    cls: Any = SirenConfig
+    *sections, leaf = key.split(".")
+    for part in sections:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(part)
+        if cls is None:
+            return None
+    if not dataclasses.is_dataclass(cls):
+        return None
+    field = next((f for f in dataclasses.fields(cls) if f.name == leaf), None)
+    problems: list[str] = []
+    if field is not None:
+        _check_bound(field, value, key, problems)
+    return problems[0] if problems else None
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
