@@ -206,7 +206,6 @@ def _check_bound(f: dataclasses.Field, value: Any, key: str, problems: list[str]
 def bound_problem(key: str, value: Any) -> str | None:
     """Why `value` is out of the range the schema declares for dotted `key`, or None (in range, an unbounded field,
     or not a schema key: other checks name those)."""
-
     cls: Any = SirenConfig
     *sections, leaf = key.split(".")
     for part in sections:
@@ -216,10 +215,10 @@ def bound_problem(key: str, value: Any) -> str | None:
             return None
     if not dataclasses.is_dataclass(cls):
         return None
-    field = next((f for f in dataclasses.fields(cls) if f.name == leaf), None)
+    declared = next((f for f in dataclasses.fields(cls) if f.name == leaf), None)
     problems: list[str] = []
-    if field is not None:
-        _check_bound(field, value, key, problems)
+    if declared is not None:
+        _check_bound(declared, value, key, problems)
     return problems[0] if problems else None
 
 
