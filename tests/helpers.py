@@ -175,7 +175,8 @@ def rewind(run: Path, step: int) -> None:
 def fork_ranks(fn, world: int, *args) -> None:
     """`fn(rank, *args)` in `world` processes forked from this one, joined; a rank that raises fails the caller.
     Forked, not spawned: each rank starts with this process's torch already imported (a spawned one pays ~2.5 s of
-    imports). A rank sets up its own process group and its own Accelerate state (`reset_accelerate`)."""
+    imports). A rank sets up its own process group; one that uses Accelerate resets the state it inherited
+    (`reset_accelerate`)."""
     import torch.multiprocessing as mp
 
     mp.start_processes(fn, args=args, nprocs=world, join=True, start_method="fork")
